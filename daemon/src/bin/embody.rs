@@ -1,0 +1,298 @@
+//! `embody`: the command-line tool. Generates text from a model file, measures
+//! perplexity, and inspects GGUF files. Generated text goes to stdout and
+//! nothing else does; progress and errors go to stderr.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+use embody_engine::backend::{self, BackendKind};
+use embody_engine::chat_template::{ChatMessage, ChatTemplate};
+use embody_engine::generate::{generate, GenerateRequest};
+use embody_engine::gguf::Gguf;
+use embody_engine::kv_cache::KvCache;
+use embody_engine::models::{self, LoadOptions, Model};
+use embody_engine::perplexity::perplexity;
+use embody_engine::sampling::SamplingParams;
+use embody_engine::tokenizer::Tokenizer;
+
+#[derive(Parser)]
+#[command(name = "embody", version, about = "embodyd's command-line tool")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct ModelArgs {
+    /// A GGUF model file.
+    #[arg(long, short = 'm')]
+    model: PathBuf,
+    /// Compute threads (0: one per core).
+    #[arg(long, short = 't', default_value_t = 0)]
+    threads: usize,
+    /// Backend: cpu, cuda or vulkan.
+    #[arg(long, default_value = "cpu")]
+    backend: String,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt, streaming only the generated text to stdout.
+    Generate {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The prompt (raw text, or the user message with --chat).
+        #[arg(long, short = 'p')]
+        prompt: String,
+        /// Format the prompt with the model's chat template.
+        #[arg(long)]
+        chat: bool,
+        /// System message for --chat.
+        #[arg(long)]
+        system: Option<String>,
+        /// Most tokens to generate.
+        #[arg(long, short = 'n', default_value_t = 256)]
+        max_tokens: usize,
+        /// Sampling temperature (0: greedy).
+        #[arg(long, default_value_t = 0.8)]
+        temperature: f32,
+        /// Keep the K most likely tokens (0: off).
+        #[arg(long, default_value_t = 40)]
+        top_k: usize,
+        /// Nucleus sampling threshold (1: off).
+        #[arg(long, default_value_t = 0.95)]
+        top_p: f32,
+        /// Drop tokens below this fraction of the top probability (0: off).
+        #[arg(long, default_value_t = 0.05)]
+        min_p: f32,
+        /// Penalty for recently seen tokens (1: off).
+        #[arg(long, default_value_t = 1.0)]
+        repeat_penalty: f32,
+        /// Random seed, for reproducible sampling.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// A string that ends generation (repeatable).
+        #[arg(long)]
+        stop: Vec<String>,
+        /// Context length to serve (0: the model's, capped at 4096).
+        #[arg(long, default_value_t = 0)]
+        ctx: usize,
+    },
+    /// Perplexity of a text file, by llama.cpp's method (second half of each chunk).
+    Perplexity {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The text file.
+        #[arg(long, short = 'f')]
+        file: PathBuf,
+        /// Tokens per chunk.
+        #[arg(long, short = 'c', default_value_t = 512)]
+        ctx: usize,
+        /// Score at most this many chunks (0: all).
+        #[arg(long, default_value_t = 0)]
+        chunks: usize,
+    },
+    /// List a GGUF file's metadata and tensors.
+    Inspect {
+        /// The GGUF file.
+        file: PathBuf,
+    },
+    /// Print the token ids of a text, one line, comma-separated.
+    Tokenize {
+        /// A GGUF model file.
+        #[arg(long, short = 'm')]
+        model: PathBuf,
+        /// The text.
+        #[arg(long, short = 'p')]
+        prompt: String,
+        /// Do not add BOS/EOS.
+        #[arg(long)]
+        no_special: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+struct Loaded {
+    gguf: Gguf,
+    tokenizer: Tokenizer,
+    model: Box<dyn Model>,
+}
+
+fn load(args: &ModelArgs, ctx: usize) -> Result<Loaded> {
+    let gguf = Gguf::open(&args.model)?;
+    let tokenizer = Tokenizer::from_gguf(&gguf)?;
+    let kind: BackendKind = args.backend.parse()?;
+    let backend: Arc<dyn backend::Backend> = backend::create(kind, args.threads)?.into();
+    let opts = LoadOptions {
+        context_length: ctx,
+        ..LoadOptions::default()
+    };
+    let model = models::load_gguf(&gguf, backend, opts)?;
+    Ok(Loaded {
+        gguf,
+        tokenizer,
+        model,
+    })
+}
+
+/// The model's trained context, capped so the CLI does not reserve KV for 128k positions.
+fn serving_ctx(path: &Path, asked: usize) -> Result<usize> {
+    if asked > 0 {
+        return Ok(asked);
+    }
+    let g = Gguf::open(path)?;
+    let arch = g.get_str("general.architecture")?.to_string();
+    let trained = g.get_u32(&format!("{arch}.context_length")).unwrap_or(4096) as usize;
+    Ok(trained.min(4096))
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Inspect { file } => inspect(&file),
+        Command::Tokenize {
+            model,
+            prompt,
+            no_special,
+        } => {
+            let g = Gguf::open(&model)?;
+            let tok = Tokenizer::from_gguf(&g)?;
+            let ids = tok.encode(&prompt, !no_special, true)?;
+            let s: Vec<String> = ids.iter().map(u32::to_string).collect();
+            println!("{}", s.join(","));
+            Ok(())
+        }
+        Command::Perplexity {
+            model,
+            file,
+            ctx,
+            chunks,
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let mut m = load(&model, ctx)?;
+            // As llama-perplexity: BOS when the vocabulary adds one, no special-token parsing.
+            let tokens = m.tokenizer.encode(&text, true, false)?;
+            let bos = if tokens.first().is_some() && tokens.first() == m.tokenizer.bos_id().as_ref() {
+                m.tokenizer.bos_id()
+            } else {
+                None
+            };
+            eprintln!("perplexity: {} tokens, ctx {ctx}", tokens.len());
+            let r = perplexity(m.model.as_mut(), &tokens, ctx, bos, chunks, |c, p| {
+                eprint!("[{c}]{p:.4} ");
+            })?;
+            eprintln!();
+            println!("PPL = {:.4} +/- {:.5}", r.ppl, r.stderr);
+            drop(m.gguf);
+            Ok(())
+        }
+        Command::Generate {
+            model,
+            prompt,
+            chat,
+            system,
+            max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            repeat_penalty,
+            seed,
+            stop,
+            ctx,
+        } => {
+            let ctx = serving_ctx(&model.model, ctx)?;
+            let mut m = load(&model, ctx)?;
+            let ids = if chat {
+                let mut messages = Vec::new();
+                if let Some(s) = system {
+                    messages.push(ChatMessage {
+                        role: "system".into(),
+                        content: s,
+                    });
+                }
+                messages.push(ChatMessage {
+                    role: "user".into(),
+                    content: prompt,
+                });
+                chat_prompt(&m.tokenizer, &messages)?
+            } else {
+                m.tokenizer.encode(&prompt, true, true)?
+            };
+            let sampling = SamplingParams {
+                temperature,
+                top_k,
+                top_p,
+                min_p,
+                repeat_penalty,
+                seed,
+                ..SamplingParams::default()
+            };
+            let info = m.model.info().clone();
+            let mut kv = KvCache::new(info.kv, info.kv.blocks_for_tokens(info.context_length));
+            let req = GenerateRequest {
+                prompt: ids,
+                sampling,
+                max_tokens,
+                stop,
+            };
+            let mut out = std::io::stdout().lock();
+            let g = generate(m.model.as_mut(), &mut kv, &m.tokenizer, &req, |piece| {
+                out.write_all(piece.as_bytes()).and_then(|_| out.flush()).is_ok()
+            })?;
+            writeln!(out)?;
+            eprintln!(
+                "[{} prompt tokens, {} generated, finish: {:?}]",
+                g.prompt_tokens,
+                g.tokens.len(),
+                g.finish
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Renders messages through the model's chat template and tokenizes the result.
+fn chat_prompt(tok: &Tokenizer, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+    let Some(src) = tok.chat_template() else {
+        bail!("the model file has no chat template (tokenizer.chat_template); run without --chat");
+    };
+    let template = ChatTemplate::new(src)?;
+    let bos = tok.bos_id().and_then(|b| tok.token_text(b)).unwrap_or("");
+    let eos = tok.eos_id().and_then(|e| tok.token_text(e)).unwrap_or("");
+    let text = template.render(messages, true, bos, eos, None)?;
+    Ok(embody_engine::generate::encode_chat(tok, &text)?)
+}
+
+fn inspect(path: &Path) -> Result<()> {
+    let g = Gguf::open(path)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}: GGUF v{}", path.display(), g.version())?;
+    writeln!(out, "metadata ({} keys):", g.metadata().len())?;
+    for (k, v) in g.metadata() {
+        writeln!(out, "  {k} = {}", v.summary())?;
+    }
+    writeln!(out, "tensors ({}):", g.tensors().len())?;
+    let mut total = 0usize;
+    for t in g.tensors() {
+        total += t.size;
+        writeln!(out, "  {:<40} {:<5} {:?} {} bytes", t.name, t.ty.name(), t.shape, t.size)?;
+    }
+    writeln!(out, "total tensor bytes: {total}")?;
+    Ok(())
+}

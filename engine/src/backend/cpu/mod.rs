@@ -1,0 +1,302 @@
+//! The CPU backend: a persistent thread pool running the quant kernels.
+//!
+//! Matrix products quantize the activation rows once into the weight type's
+//! dot-product format, then split the weight's rows between threads so each
+//! thread streams its own part of the matrix and reuses every row it loads for
+//! all tokens of the batch.
+
+pub mod pool;
+
+use half::f16;
+
+use super::{AttnParams, AttnSeq, Backend, Workspace};
+use crate::kv_cache::KvCache;
+use crate::quant::{self, GgmlType};
+use crate::tensor::QTensor;
+use pool::{split, Pool};
+
+/// A raw pointer that threads may share when each writes disjoint elements.
+#[derive(Clone, Copy)]
+struct SharedMut<T>(*mut T);
+// SAFETY: used only where every thread writes a disjoint index set.
+unsafe impl<T> Send for SharedMut<T> {}
+unsafe impl<T> Sync for SharedMut<T> {}
+
+impl<T> SharedMut<T> {
+    /// # Safety
+    /// `i` is in bounds and no other thread touches element `i` meanwhile.
+    unsafe fn write(self, i: usize, v: T) {
+        unsafe { self.0.add(i).write(v) }
+    }
+
+    /// # Safety
+    /// The range is in bounds and owned by the calling thread meanwhile.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice(&self, start: usize, len: usize) -> &mut [T] {
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(start), len) }
+    }
+}
+
+/// The CPU backend.
+pub struct CpuBackend {
+    pool: Pool,
+}
+
+impl CpuBackend {
+    /// A backend on `threads` threads (0: one per available core).
+    pub fn new(threads: usize) -> Self {
+        let n = if threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            threads
+        };
+        Self { pool: Pool::new(n) }
+    }
+}
+
+impl Backend for CpuBackend {
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn threads(&self) -> usize {
+        self.pool.threads()
+    }
+
+    fn workspace(&self, max_tokens: usize, max_cols: usize, max_ctx: usize) -> Workspace {
+        // The widest activation format per element is f32 (4 bytes); Q8_K adds
+        // 36 bytes of header per 256 values, less than f32's 768 extra.
+        let act = max_tokens * max_cols * 4 + 1024;
+        Workspace {
+            act: vec![0; act],
+            scores: vec![0.0; self.threads() * max_ctx],
+            max_ctx,
+        }
+    }
+
+    fn matmul(&self, w: &QTensor, x: &[f32], n: usize, y: &mut [f32], ws: &mut Workspace) {
+        let (k, rows) = (w.cols(), w.rows());
+        assert_eq!(x.len(), n * k, "matmul {}: input shape", w.name);
+        assert!(y.len() >= n * rows, "matmul {}: output too small", w.name);
+        let act_ty = w.ty.vec_dot_type();
+        let act_row = act_ty.row_bytes(k).expect("activation row size");
+        assert!(ws.act.len() >= n * act_row, "workspace too small for {}", w.name);
+
+        let act = SharedMut(ws.act.as_mut_ptr());
+        self.pool.run(&|i, nt| {
+            for t in split(n, i, nt) {
+                // SAFETY: each thread quantizes its own token rows.
+                let dst = unsafe { act.slice(t * act_row, act_row) };
+                quant::quantize_row(act_ty, &x[t * k..(t + 1) * k], dst);
+            }
+        });
+
+        let act = &ws.act[..n * act_row];
+        let out = SharedMut(y.as_mut_ptr());
+        self.pool.run(&|i, nt| {
+            for r in split(rows, i, nt) {
+                let wr = w.row(r);
+                for t in 0..n {
+                    let v = quant::vec_dot(w.ty, wr, &act[t * act_row..(t + 1) * act_row], k);
+                    // SAFETY: row r belongs to this thread alone.
+                    unsafe { out.write(t * rows + r, v) };
+                }
+            }
+        });
+    }
+
+    fn attention(
+        &self,
+        p: &AttnParams,
+        q: &[f32],
+        kv: &KvCache,
+        seqs: &[AttnSeq<'_>],
+        out: &mut [f32],
+        ws: &mut Workspace,
+    ) {
+        let hd = p.head_dim;
+        let row_len = p.n_heads * hd;
+        let n_tokens: usize = seqs.iter().map(|s| s.n_tokens).sum();
+        assert_eq!(q.len(), n_tokens * row_len);
+        assert!(out.len() >= n_tokens * row_len);
+        let group = p.n_heads / p.n_kv_heads;
+        let bs = kv.layout().block_size;
+        let max_ctx = ws.max_ctx;
+        for s in seqs {
+            assert!(
+                s.start_pos + s.n_tokens <= max_ctx.min(s.table.capacity(bs)),
+                "attention past the workspace context or the block table"
+            );
+        }
+        let scores = SharedMut(ws.scores.as_mut_ptr());
+        let out_ptr = SharedMut(out.as_mut_ptr());
+        let items = n_tokens * p.n_heads;
+        self.pool.run(&|ti, nt| {
+            // SAFETY: each thread has its own scores row.
+            let sc = unsafe { scores.slice(ti * max_ctx, max_ctx) };
+            let mut seq_idx = 0;
+            let mut seq_first_row = 0;
+            for item in split(items, ti, nt) {
+                let (row, h) = (item / p.n_heads, item % p.n_heads);
+                while row >= seq_first_row + seqs[seq_idx].n_tokens {
+                    seq_first_row += seqs[seq_idx].n_tokens;
+                    seq_idx += 1;
+                }
+                let s = &seqs[seq_idx];
+                let pos = s.start_pos + (row - seq_first_row);
+                let first = p.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                let qh = &q[row * row_len + h * hd..row * row_len + (h + 1) * hd];
+                let kvh = h / group;
+                // SAFETY: (row, head) items are disjoint between threads.
+                let o = unsafe { out_ptr.slice(row * row_len + h * hd, hd) };
+                attend_one(kv, p.layer, s, kvh, qh, p.scale, first, pos, sc, o);
+            }
+        });
+    }
+}
+
+/// Attention of one query head at position `last` over positions `first..=last`.
+#[allow(clippy::too_many_arguments)]
+fn attend_one(
+    kv: &KvCache,
+    layer: usize,
+    s: &AttnSeq<'_>,
+    kvh: usize,
+    qh: &[f32],
+    scale: f32,
+    first: usize,
+    last: usize,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let hd = qh.len();
+    let bs = kv.layout().block_size;
+    let mut max = f32::NEG_INFINITY;
+    for pos in first..=last {
+        let kb = kv.k_block(layer, s.table.blocks[pos / bs], kvh);
+        let kr = &kb[(pos % bs) * hd..(pos % bs + 1) * hd];
+        let d = dot_f16(qh, kr) * scale;
+        scores[pos] = d;
+        max = max.max(d);
+    }
+    let mut sum = 0f64;
+    for sc in &mut scores[first..=last] {
+        *sc = (*sc - max).exp();
+        sum += *sc as f64;
+    }
+    let inv = (1.0 / sum) as f32;
+    out.fill(0.0);
+    for pos in first..=last {
+        let vb = kv.v_block(layer, s.table.blocks[pos / bs], kvh);
+        let vr = &vb[(pos % bs) * hd..(pos % bs + 1) * hd];
+        let w = scores[pos] * inv;
+        for (o, v) in out.iter_mut().zip(vr) {
+            *o += w * v.to_f32();
+        }
+    }
+}
+
+fn dot_f16(a: &[f32], b: &[f16]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y.to_f32()).sum()
+}
+
+/// Dequantizes one row of a weight (embedding lookups).
+pub fn dequantize_row(w: &QTensor, r: usize, out: &mut [f32]) {
+    debug_assert_ne!(w.ty, GgmlType::Q8_K);
+    quant::dequantize_row(w.ty, w.row(r), out);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Workspace;
+    use crate::kv_cache::{BlockTable, KvLayout};
+    use crate::tensor::Bytes;
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((*seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+    }
+
+    #[test]
+    fn f32_matmul_matches_naive_on_several_threads() {
+        let (k, rows, n) = (64, 37, 5);
+        let mut s = 1;
+        let wf: Vec<f32> = (0..k * rows).map(|_| lcg(&mut s)).collect();
+        let x: Vec<f32> = (0..k * n).map(|_| lcg(&mut s)).collect();
+        let w = QTensor {
+            name: "w".into(),
+            ty: GgmlType::F32,
+            shape: vec![k, rows],
+            data: Bytes::from_vec(wf.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        };
+        for threads in [1, 3] {
+            let b = CpuBackend::new(threads);
+            let mut ws: Workspace = b.workspace(n, k, 16);
+            let mut y = vec![0.0; n * rows];
+            b.matmul(&w, &x, n, &mut y, &mut ws);
+            for t in 0..n {
+                for r in 0..rows {
+                    let want: f64 = (0..k)
+                        .map(|i| wf[r * k + i] as f64 * x[t * k + i] as f64)
+                        .sum();
+                    assert!((y[t * rows + r] as f64 - want).abs() < 1e-4, "t{t} r{r}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn attention_is_causal_softmax_over_the_block_table() {
+        let layout = KvLayout {
+            n_layers: 1,
+            n_kv_heads: 1,
+            head_dim: 2,
+            block_size: 2,
+        };
+        let mut kv = KvCache::new(layout, 4);
+        let _hole = kv.allocate().unwrap();
+        let mut table = BlockTable::new();
+        table.reserve(&mut kv, 3).unwrap();
+        // Keys along x with growing length, values one-hot-ish per position.
+        let keys = [[0.0, 0.0], [1.0, 0.0], [2.0, 0.0]];
+        let vals = [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]];
+        for p in 0..3 {
+            kv.write(0, &table, p, &keys[p], &vals[p]);
+        }
+        let b = CpuBackend::new(2);
+        let mut ws = b.workspace(3, 4, 8);
+        // Two query heads sharing the KV head (GQA), all three positions new.
+        let q = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0];
+        let mut out = vec![0.0; 12];
+        let p = AttnParams {
+            layer: 0,
+            n_heads: 2,
+            n_kv_heads: 1,
+            head_dim: 2,
+            scale: 1.0,
+            window: None,
+        };
+        let seqs = [AttnSeq {
+            table: &table,
+            start_pos: 0,
+            n_tokens: 3,
+        }];
+        b.attention(&p, &q, &kv, &seqs, &mut out, &mut ws);
+        // Position 0 sees only itself.
+        assert_eq!(&out[0..2], &[1.0, 0.0]);
+        // Position 1, head 0: softmax(0, 1) over v0, v1.
+        let e = 1f32.exp();
+        let w1 = e / (1.0 + e);
+        assert!((out[4] - (1.0 - w1)).abs() < 1e-5 && (out[5] - w1).abs() < 1e-5);
+        // Head 1 has a zero query: uniform weights over the three positions.
+        assert!((out[10] - 2.0 / 3.0).abs() < 1e-5 && (out[11] - 2.0 / 3.0).abs() < 1e-5);
+        // A window of one sees only the current position.
+        let p1 = AttnParams {
+            window: Some(1),
+            ..p
+        };
+        b.attention(&p1, &q, &kv, &seqs, &mut out, &mut ws);
+        assert_eq!(&out[8..10], &[1.0, 1.0]);
+    }
+}

@@ -1,0 +1,114 @@
+//! Compute backends behind one trait.
+//!
+//! The model code calls the heavy operations (matrix products over stacked
+//! token rows, attention through block tables) through [`Backend`]; each backend
+//! decides how to run them. The CPU backend is always built; GPU backends are
+//! cargo features, and asking for one that is not compiled in gives
+//! [`Error::NotCompiled`](crate::Error::NotCompiled).
+
+pub mod cpu;
+
+use crate::kv_cache::{BlockTable, KvCache};
+use crate::tensor::QTensor;
+use crate::{Error, Result};
+
+/// One sequence's slice of a batched attention call.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnSeq<'a> {
+    /// The sequence's KV blocks.
+    pub table: &'a BlockTable,
+    /// Absolute position of the first new token.
+    pub start_pos: usize,
+    /// New tokens of this sequence in the batch.
+    pub n_tokens: usize,
+}
+
+/// Shape and options of one attention call.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnParams {
+    /// KV layer to read.
+    pub layer: usize,
+    /// Query heads.
+    pub n_heads: usize,
+    /// KV heads (query head `h` reads KV head `h / (n_heads / n_kv_heads)`).
+    pub n_kv_heads: usize,
+    /// Elements per head.
+    pub head_dim: usize,
+    /// Multiplier applied to q·k.
+    pub scale: f32,
+    /// Attend only to the last `window` positions (sliding-window layers).
+    pub window: Option<usize>,
+}
+
+/// Buffers a backend needs for one forward pass, sized once at load.
+pub struct Workspace {
+    /// Activations quantized for the integer dot products.
+    pub(crate) act: Vec<u8>,
+    /// Attention scores, one row of `max_ctx` per thread.
+    pub(crate) scores: Vec<f32>,
+    pub(crate) max_ctx: usize,
+}
+
+/// The operations a model needs from a device.
+pub trait Backend: Send + Sync {
+    /// A short name ("cpu").
+    fn name(&self) -> &'static str;
+
+    /// Threads (or streams) the backend runs on.
+    fn threads(&self) -> usize;
+
+    /// A workspace for batches of up to `max_tokens` rows of at most `max_cols`
+    /// elements, attending over at most `max_ctx` positions.
+    fn workspace(&self, max_tokens: usize, max_cols: usize, max_ctx: usize) -> Workspace;
+
+    /// `y[t][r] = w.row(r) · x[t]` for `t < n`: x is `[n, w.cols()]`, y is `[n, w.rows()]`.
+    fn matmul(&self, w: &QTensor, x: &[f32], n: usize, y: &mut [f32], ws: &mut Workspace);
+
+    /// Causal attention of the batch's queries `q` (`[tokens, n_heads * head_dim]`,
+    /// sequences in order) over the cache, whose K/V for these tokens are already
+    /// written; the result goes to `out` (same shape as `q`).
+    fn attention(
+        &self,
+        p: &AttnParams,
+        q: &[f32],
+        kv: &KvCache,
+        seqs: &[AttnSeq<'_>],
+        out: &mut [f32],
+        ws: &mut Workspace,
+    );
+}
+
+/// Which backend to run on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum BackendKind {
+    /// The CPU, with the best SIMD path the processor supports.
+    #[default]
+    Cpu,
+    /// NVIDIA GPUs through CUDA.
+    Cuda,
+    /// GPUs through Vulkan compute.
+    Vulkan,
+}
+
+impl std::str::FromStr for BackendKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda),
+            "vulkan" => Ok(Self::Vulkan),
+            other => Err(Error::InvalidRequest(format!(
+                "unknown backend '{other}' (cpu, cuda, vulkan)"
+            ))),
+        }
+    }
+}
+
+/// Creates a backend; `threads` of 0 means one per available core.
+pub fn create(kind: BackendKind, threads: usize) -> Result<Box<dyn Backend>> {
+    match kind {
+        BackendKind::Cpu => Ok(Box::new(cpu::CpuBackend::new(threads))),
+        BackendKind::Cuda => Err(Error::NotCompiled("cuda")),
+        BackendKind::Vulkan => Err(Error::NotCompiled("vulkan")),
+    }
+}

@@ -1,0 +1,30 @@
+//! The embodyd inference engine: synchronous Rust, no async runtime.
+//!
+//! The one decision to understand first: **every forward pass is batched, ragged
+//! and paged.** A forward takes a batch of sequences, each with its new tokens,
+//! its start position and its KV block table, and returns logits only for the rows
+//! asked for. A single-sequence generate is the batch of one, so continuous
+//! batching and prefix reuse add scheduling on top, never new model code.
+//!
+//! Layers, bottom up: [`gguf`] reads model files over mmap with every offset
+//! bounds-checked; [`quant`] holds the block formats with a scalar reference for
+//! every kernel; [`backend`] runs the heavy operations; [`models`] are one file
+//! per architecture; [`kv_cache`] is the paged block pool; [`tokenizer`],
+//! [`chat_template`] and [`sampling`] turn logits into text.
+#![warn(missing_docs)]
+
+pub mod backend;
+pub mod chat_template;
+pub mod error;
+pub mod generate;
+pub mod gguf;
+pub mod kv_cache;
+pub mod models;
+pub mod ops;
+pub mod perplexity;
+pub mod quant;
+pub mod sampling;
+pub mod tensor;
+pub mod tokenizer;
+
+pub use error::{Error, Result};

@@ -1,0 +1,140 @@
+//! Element-wise operations of the transformer layers (normalization, rotary
+//! embeddings, activations). They cost little next to the matrix products and
+//! run on the calling thread; the arithmetic follows llama.cpp's reference
+//! (f64 sums in norms, iterated rotary frequencies) so greedy outputs agree.
+
+/// RMSNorm of each `dim`-wide row of `x` into `out`, scaled by `weight`.
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let dim = weight.len();
+    for (xr, or) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
+        let ss: f64 = xr.iter().map(|&v| (v as f64) * (v as f64)).sum();
+        let scale = 1.0 / ((ss / dim as f64) as f32 + eps).sqrt();
+        for ((o, &v), &w) in or.iter_mut().zip(xr).zip(weight) {
+            *o = v * scale * w;
+        }
+    }
+}
+
+/// RMSNorm in place on each `weight.len()`-wide row.
+pub fn rms_norm_inplace(x: &mut [f32], weight: &[f32], eps: f32) {
+    let dim = weight.len();
+    for xr in x.chunks_exact_mut(dim) {
+        let ss: f64 = xr.iter().map(|&v| (v as f64) * (v as f64)).sum();
+        let scale = 1.0 / ((ss / dim as f64) as f32 + eps).sqrt();
+        for (v, &w) in xr.iter_mut().zip(weight) {
+            *v = *v * scale * w;
+        }
+    }
+}
+
+/// How rotary embeddings pair up a head's elements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Adjacent pairs `(2i, 2i+1)`: llama.cpp's "normal" rope, used for Llama in GGUF
+    /// (the converter permuted Q and K into this order).
+    Interleaved,
+    /// Halves `(i, i + d/2)`: GPT-NeoX / Hugging Face `rotate_half`.
+    Halves,
+}
+
+/// Fills `cs` (`[rope_dim / 2]` pairs of cos, sin) for position `pos`.
+///
+/// The angle for pair `i` is `pos * base^(-2i/rope_dim) / factor_i`, with the
+/// power built by repeated multiplication in f32 as llama.cpp does.
+pub fn rope_angles(pos: f32, base: f32, rope_dim: usize, freq_factors: Option<&[f32]>, cs: &mut [(f32, f32)]) {
+    let theta_scale = base.powf(-2.0 / rope_dim as f32);
+    let mut theta = pos;
+    for (i, c) in cs.iter_mut().enumerate().take(rope_dim / 2) {
+        let t = theta / freq_factors.map_or(1.0, |f| f[i]);
+        *c = (t.cos(), t.sin());
+        theta *= theta_scale;
+    }
+}
+
+/// Rotates each head (`head_dim` wide) of one token row by the angles in `cs`;
+/// only the first `2 * cs.len()` elements of a head rotate.
+pub fn rope_apply(row: &mut [f32], head_dim: usize, style: RopeStyle, cs: &[(f32, f32)]) {
+    let half = cs.len();
+    for head in row.chunks_exact_mut(head_dim) {
+        for (i, &(c, s)) in cs.iter().enumerate() {
+            let (a, b) = match style {
+                RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                RopeStyle::Halves => (i, i + half),
+            };
+            let (x0, x1) = (head[a], head[b]);
+            head[a] = x0 * c - x1 * s;
+            head[b] = x0 * s + x1 * c;
+        }
+    }
+}
+
+/// SiLU.
+#[inline]
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// `gate = silu(gate) * up`, element-wise (SwiGLU).
+pub fn swiglu_inplace(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = silu(*g) * u;
+    }
+}
+
+/// `x += y`, element-wise.
+pub fn add_inplace(x: &mut [f32], y: &[f32]) {
+    for (a, &b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rms_norm_unit_rms() {
+        let x = [3.0, 4.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0];
+        let w = [1.0, 2.0, 1.0, 1.0];
+        let mut out = [0.0; 8];
+        rms_norm(&x, &w, 0.0, &mut out);
+        // rms of row 0 = sqrt(25/4) = 2.5
+        assert!((out[0] - 1.2).abs() < 1e-6 && (out[1] - 3.2).abs() < 1e-6);
+        assert!((out[4] - 1.0).abs() < 1e-6);
+        let mut y = x;
+        rms_norm_inplace(&mut y, &w, 0.0);
+        assert_eq!(y, out);
+    }
+
+    #[test]
+    fn rope_rotates_pairs_and_keeps_norm() {
+        let mut cs = [(0.0, 0.0); 2];
+        rope_angles(3.0, 10000.0, 4, None, &mut cs);
+        assert!((cs[0].0 - 3f32.cos()).abs() < 1e-6);
+        assert!((cs[1].1 - (3.0f32 * 0.01).sin()).abs() < 1e-6);
+        let mut a = [1.0, 2.0, 3.0, 4.0];
+        rope_apply(&mut a, 4, RopeStyle::Interleaved, &cs);
+        assert!((a[0] - (3f32.cos() - 2.0 * 3f32.sin())).abs() < 1e-6);
+        let mut b = [1.0, 3.0, 2.0, 4.0];
+        rope_apply(&mut b, 4, RopeStyle::Halves, &cs);
+        // The halves layout of the same pairs gives the same rotated values.
+        assert!((b[0] - a[0]).abs() < 1e-6 && (b[2] - a[1]).abs() < 1e-6);
+        let n0: f32 = [1.0f32, 2.0, 3.0, 4.0].iter().map(|v| v * v).sum();
+        let n1: f32 = a.iter().map(|v| v * v).sum();
+        assert!((n0 - n1).abs() < 1e-4);
+        // Position 0 is the identity.
+        rope_angles(0.0, 10000.0, 4, None, &mut cs);
+        let mut c = [1.0, 2.0, 3.0, 4.0];
+        rope_apply(&mut c, 4, RopeStyle::Interleaved, &cs);
+        assert_eq!(c, [1.0, 2.0, 3.0, 4.0]);
+    }
+
+    #[test]
+    fn swiglu_matches_formula() {
+        let mut g = [0.0, 1.0, -2.0];
+        swiglu_inplace(&mut g, &[5.0, 2.0, 1.0]);
+        assert_eq!(g[0], 0.0);
+        assert!((g[1] - 2.0 / (1.0 + (-1f32).exp())).abs() < 1e-6);
+        assert!((g[2] - (-2.0 / (1.0 + 2f32.exp()))).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,162 @@
+//! Tensor element formats: plain floats and llama.cpp's block quantizations.
+//!
+//! Every format has a scalar reference implementation (dequantize, quantize and
+//! dot product) that is the test oracle for every faster kernel. A quantized
+//! weight row is multiplied with an activation row that was itself quantized once
+//! into the weight type's [`GgmlType::vec_dot_type`] (Q8_0, Q8_1 or Q8_K), exactly
+//! as llama.cpp does, so integer dot products do the work.
+
+pub mod blocks;
+mod reference;
+#[cfg(test)]
+mod tests;
+
+pub use reference::{dequantize_row, dot_f32, quantize_row, vec_dot};
+
+/// A tensor element format, numbered as in GGUF files (`ggml_type`).
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+#[allow(non_camel_case_types)]
+pub enum GgmlType {
+    /// 32-bit float.
+    F32,
+    /// IEEE half.
+    F16,
+    /// 32 weights, f16 scale, 4-bit values.
+    Q4_0,
+    /// 32 weights, f16 scale and min, 4-bit values.
+    Q4_1,
+    /// 32 weights, f16 scale, 5-bit values.
+    Q5_0,
+    /// 32 weights, f16 scale and min, 5-bit values.
+    Q5_1,
+    /// 32 weights, f16 scale, 8-bit values.
+    Q8_0,
+    /// 32 values, f16 scale and scaled sum, 8-bit values (activations for Q4_1/Q5_1).
+    Q8_1,
+    /// 256-weight super-blocks, 4-bit values with 6-bit sub-block scales and mins.
+    Q4_K,
+    /// 256-weight super-blocks, 5-bit values with 6-bit sub-block scales and mins.
+    Q5_K,
+    /// 256-weight super-blocks, 6-bit values with 8-bit sub-block scales.
+    Q6_K,
+    /// 256 values, f32 scale, 8-bit values and 16-value sums (activations for K-quants).
+    Q8_K,
+    /// bfloat16.
+    BF16,
+}
+
+impl GgmlType {
+    /// The type for a GGUF `ggml_type` id, or `None` for an id this build does not support.
+    pub fn from_id(id: u32) -> Option<Self> {
+        Some(match id {
+            0 => Self::F32,
+            1 => Self::F16,
+            2 => Self::Q4_0,
+            3 => Self::Q4_1,
+            6 => Self::Q5_0,
+            7 => Self::Q5_1,
+            8 => Self::Q8_0,
+            9 => Self::Q8_1,
+            12 => Self::Q4_K,
+            13 => Self::Q5_K,
+            14 => Self::Q6_K,
+            15 => Self::Q8_K,
+            30 => Self::BF16,
+            _ => return None,
+        })
+    }
+
+    /// The GGUF `ggml_type` id.
+    pub fn id(self) -> u32 {
+        match self {
+            Self::F32 => 0,
+            Self::F16 => 1,
+            Self::Q4_0 => 2,
+            Self::Q4_1 => 3,
+            Self::Q5_0 => 6,
+            Self::Q5_1 => 7,
+            Self::Q8_0 => 8,
+            Self::Q8_1 => 9,
+            Self::Q4_K => 12,
+            Self::Q5_K => 13,
+            Self::Q6_K => 14,
+            Self::Q8_K => 15,
+            Self::BF16 => 30,
+        }
+    }
+
+    /// The name llama.cpp uses for the type.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "F32",
+            Self::F16 => "F16",
+            Self::Q4_0 => "Q4_0",
+            Self::Q4_1 => "Q4_1",
+            Self::Q5_0 => "Q5_0",
+            Self::Q5_1 => "Q5_1",
+            Self::Q8_0 => "Q8_0",
+            Self::Q8_1 => "Q8_1",
+            Self::Q4_K => "Q4_K",
+            Self::Q5_K => "Q5_K",
+            Self::Q6_K => "Q6_K",
+            Self::Q8_K => "Q8_K",
+            Self::BF16 => "BF16",
+        }
+    }
+
+    /// Elements per block.
+    pub const fn block_size(self) -> usize {
+        match self {
+            Self::F32 | Self::F16 | Self::BF16 => 1,
+            Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 | Self::Q8_0 | Self::Q8_1 => 32,
+            Self::Q4_K | Self::Q5_K | Self::Q6_K | Self::Q8_K => 256,
+        }
+    }
+
+    /// Bytes per block.
+    pub const fn type_size(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::F16 | Self::BF16 => 2,
+            Self::Q4_0 => 18,
+            Self::Q4_1 => 20,
+            Self::Q5_0 => 22,
+            Self::Q5_1 => 24,
+            Self::Q8_0 => 34,
+            Self::Q8_1 => 36,
+            Self::Q4_K => 144,
+            Self::Q5_K => 176,
+            Self::Q6_K => 210,
+            Self::Q8_K => 292,
+        }
+    }
+
+    /// Bytes of a row of `n` elements, or `None` when `n` is not a whole number of
+    /// blocks (or the size overflows).
+    pub fn row_bytes(self, n: usize) -> Option<usize> {
+        let blocks = n / self.block_size();
+        if blocks * self.block_size() != n {
+            return None;
+        }
+        blocks.checked_mul(self.type_size())
+    }
+
+    /// The format activations are quantized into before a dot product with a row
+    /// of this type (llama.cpp's `vec_dot_type`).
+    pub fn vec_dot_type(self) -> GgmlType {
+        match self {
+            Self::F32 => Self::F32,
+            Self::F16 => Self::F16,
+            Self::BF16 => Self::BF16,
+            Self::Q4_0 | Self::Q5_0 | Self::Q8_0 => Self::Q8_0,
+            Self::Q4_1 | Self::Q5_1 | Self::Q8_1 => Self::Q8_1,
+            Self::Q4_K | Self::Q5_K | Self::Q6_K | Self::Q8_K => Self::Q8_K,
+        }
+    }
+}
+
+impl std::fmt::Display for GgmlType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}

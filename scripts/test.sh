@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs what the tests need and runs every test: formatting, lints, unit
+# tests, the fuzz corpora, and the end-to-end tests on the real models.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# The real models (idempotent: verified files are not fetched again).
+scripts/fetch-models.sh all
+
+export EMBODY_MODELS="${EMBODY_MODELS:-$HOME/.cache/embody/models}"
+
+echo "== cargo fmt"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+echo "== cargo test"
+cargo test --workspace 2>&1 | tee "${TMPDIR:-/tmp}/embody-test.log"
+# One summary line for CI readers.
+python3 - "${TMPDIR:-/tmp}/embody-test.log" <<'PY'
+import re, sys
+passed = failed = ignored = 0
+for line in open(sys.argv[1], errors="replace"):
+    m = re.match(r"test result: \w+\. (\d+) passed; (\d+) failed; (\d+) ignored", line)
+    if m:
+        passed += int(m[1]); failed += int(m[2]); ignored += int(m[3])
+print(f"{passed} passed, {failed} failed, {ignored} skipped")
+sys.exit(1 if failed else 0)
+PY
