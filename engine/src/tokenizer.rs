@@ -95,7 +95,9 @@ impl GgufVocab {
         let opt_u32 = |key: &str| g.get(key).map(|_| g.get_u32(key)).transpose();
         let opt_bool = |key: &str| g.get(key).map(|_| g.get_bool(key)).transpose();
         let opt_str = |key: &str| -> Result<Option<String>> {
-            g.get(key).map(|_| g.get_str(key).map(str::to_owned)).transpose()
+            g.get(key)
+                .map(|_| g.get_str(key).map(str::to_owned))
+                .transpose()
         };
         let opt_str_array = |key: &str| -> Result<Option<Vec<String>>> {
             g.get(key)
@@ -228,8 +230,8 @@ fn pre_preset(name: &str) -> Option<PrePreset> {
             r"\p{N}+",
             r"[0-9][0-9][0-9]",
         ]),
-        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral"
-        | "midm-2.0" | "lfm2" | "jina-v5-nano" => LLAMA3,
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0"
+        | "lfm2" | "jina-v5-nano" => LLAMA3,
         "dbrx" | "smaug-bpe" => preset(&[LLAMA3_RE]),
         "chatglm-bpe" => PrePreset {
             no_bos: true,
@@ -258,17 +260,14 @@ fn pre_preset(name: &str) -> Option<PrePreset> {
         "deepseek-v3" | "hunyuan-dense" | "joyai-llm" | "hy_v4" => {
             preset(&[r"\p{N}{1,3}", "[一-龥぀-ゟ゠-ヿ]+", DEEPSEEK3_RE])
         }
-        "falcon" => preset(&[
-            r"[\p{P}\$\+<=>\^~\|`]+",
-            GPT2_RE,
-            r"[0-9][0-9][0-9]",
-        ]),
-        "starcoder" | "refact" | "command-r" | "smollm" | "codeshell" | "exaone"
-        | "minerva-7b" | "mellum2" => preset(&[r"\p{N}", GPT2_RE]),
+        "falcon" => preset(&[r"[\p{P}\$\+<=>\^~\|`]+", GPT2_RE, r"[0-9][0-9][0-9]"]),
+        "starcoder" | "refact" | "command-r" | "smollm" | "codeshell" | "exaone" | "minerva-7b"
+        | "mellum2" => preset(&[r"\p{N}", GPT2_RE]),
         "gpt-2" | "phi-2" | "jina-es" | "jina-de" | "gigachat" | "jina-v2-es" | "jina-v2-de"
-        | "a.x-4.0" | "mellum" | "modern-bert" | "jina-v1-en" | "jina-v2-code"
-        | "roberta-bpe" | "mpt" | "olmo" | "jais" | "trillion" | "granite-docling"
-        | "exaone4" => preset(&[GPT2_RE]),
+        | "a.x-4.0" | "mellum" | "modern-bert" | "jina-v1-en" | "jina-v2-code" | "roberta-bpe"
+        | "mpt" | "olmo" | "jais" | "trillion" | "granite-docling" | "exaone4" => {
+            preset(&[GPT2_RE])
+        }
         "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" | "stablelm2" | "hunyuan"
         | "solar-open" | "megrez" | "grok-2" => preset(&[QWEN2_RE]),
         "qwen35" => preset(&[QWEN35_RE]),
@@ -486,7 +485,8 @@ impl Tokenizer {
         if n == 0 {
             return Err(Error::Tokenizer("the vocabulary is empty".into()));
         }
-        let n_u32 = u32::try_from(n).map_err(|_| Error::Tokenizer("vocabulary too large".into()))?;
+        let n_u32 =
+            u32::try_from(n).map_err(|_| Error::Tokenizer("vocabulary too large".into()))?;
         for (key, len) in [
             ("tokenizer.ggml.scores", spec.scores.as_ref().map(Vec::len)),
             (
@@ -507,10 +507,19 @@ impl Tokenizer {
             .tokens
             .into_iter()
             .enumerate()
-            .map(|(i, t)| if t.is_empty() { format!("[EMPTY_{i}]") } else { t })
+            .map(|(i, t)| {
+                if t.is_empty() {
+                    format!("[EMPTY_{i}]")
+                } else {
+                    t
+                }
+            })
             .collect();
         let mut attrs: Vec<Attr> = match &spec.token_types {
-            Some(types) => types[..n].iter().map(|&t| Attr::from_gguf_type(t)).collect(),
+            Some(types) => types[..n]
+                .iter()
+                .map(|&t| Attr::from_gguf_type(t))
+                .collect(),
             None => vec![Attr::Normal; n],
         };
 
@@ -585,7 +594,9 @@ impl Tokenizer {
         eog.extend(EOG_NAMES.iter().filter_map(|name| index.get(name).copied()));
         // Tokens that look like control tokens are control tokens to llama.cpp,
         // which matters when special parsing is off.
-        let forced = CONTROL_NAMES.iter().filter_map(|name| index.get(name).copied());
+        let forced = CONTROL_NAMES
+            .iter()
+            .filter_map(|name| index.get(name).copied());
         for id in eog.iter().copied().chain(forced) {
             attrs[id as usize] = Attr::Control;
         }
@@ -603,7 +614,8 @@ impl Tokenizer {
             .into_iter()
             .flatten(),
         );
-        let has = |eog: &HashSet<u32>, name: &str| index.get(name).is_some_and(|id| eog.contains(id));
+        let has =
+            |eog: &HashSet<u32>, name: &str| index.get(name).is_some_and(|id| eog.contains(id));
         // gpt-oss and solar-open: "<|end|>" ends a message, not the generation.
         if has(&eog, "<|end|>")
             && ((has(&eog, "<|return|>") && has(&eog, "<|call|>"))
@@ -645,8 +657,7 @@ impl Tokenizer {
         let mut hf = tokenizers::Tokenizer::new(model);
         if spm {
             let escape = NormalizerWrapper::from(
-                Replace::new(" ", SPM_SPACE.to_string())
-                    .map_err(|e| tok_err("normalizer", e))?,
+                Replace::new(" ", SPM_SPACE.to_string()).map_err(|e| tok_err("normalizer", e))?,
             );
             let normalizer = if add_space_prefix {
                 NormalizerSequence::new(vec![Prepend::new(SPM_SPACE.into()).into(), escape]).into()
@@ -681,8 +692,8 @@ impl Tokenizer {
             hf.with_decoder(Some(ByteLevel::new(false, false, false)));
         }
         // Register control and user-defined tokens so the HF tokenizer is complete
-        // on its own, but never let it split control tokens: the partition above
-        // decides that, the llama.cpp way.
+        // on its own, but never let it split control tokens: `partition` decides
+        // that, the llama.cpp way, before fragments reach it.
         let added = |want: fn(Attr) -> bool, special: bool| -> Vec<AddedToken> {
             attrs
                 .iter()
@@ -737,6 +748,13 @@ impl Tokenizer {
 
         let vocab = hf.get_vocab(true);
         let n = vocab.values().max().map_or(0, |&m| m as usize + 1);
+        // Ids index a table; a file with ids far beyond its token count is broken.
+        if n > 2 * vocab.len() + 1024 {
+            return Err(tok_err(
+                &path.display().to_string(),
+                format!("token ids reach {n} for {} tokens", vocab.len()),
+            ));
+        }
         let mut tokens = vec![String::new(); n];
         let mut attrs = vec![Attr::Unused; n];
         for (text, &id) in &vocab {
@@ -794,6 +812,11 @@ impl Tokenizer {
             _ => std::fs::read_to_string(dir.join("chat_template.jinja")).ok(),
         };
 
+        // What the post-processor adds is what add_special means here.
+        let probe = hf.encode_fast("", true).map_err(|e| tok_err("encode", e))?;
+        let add_bos = bos.is_some() && probe.get_ids().first() == bos.as_ref();
+        let add_eos = eos.is_some() && probe.get_ids().last() == eos.as_ref();
+
         Ok(Self {
             hf,
             hf_plain: OnceLock::new(),
@@ -802,8 +825,8 @@ impl Tokenizer {
             byte_level,
             bos,
             eos,
-            add_bos: config["add_bos_token"].as_bool().unwrap_or(false),
-            add_eos: config["add_eos_token"].as_bool().unwrap_or(false),
+            add_bos,
+            add_eos,
             add_space_prefix: false,
             eog,
             chat_template,
@@ -926,10 +949,8 @@ impl Tokenizer {
     /// verbatim, byte tokens are one raw byte (possibly part of a UTF-8 character).
     fn token_bytes(&self, id: u32, skip_special: bool) -> Result<std::borrow::Cow<'_, [u8]>> {
         use std::borrow::Cow;
-        let (Some(text), Some(&attr)) = (
-            self.tokens.get(id as usize),
-            self.attrs.get(id as usize),
-        ) else {
+        let (Some(text), Some(&attr)) = (self.tokens.get(id as usize), self.attrs.get(id as usize))
+        else {
             return Err(Error::Tokenizer(format!(
                 "token id {id} is out of range (vocabulary size {})",
                 self.tokens.len()
@@ -1123,7 +1144,11 @@ fn byte_level_chars() -> &'static ([char; 256], HashMap<char, u8>) {
                 char::from_u32(next - 1).unwrap_or('\0')
             };
         }
-        let rev = chars.iter().enumerate().map(|(b, &c)| (c, b as u8)).collect();
+        let rev = chars
+            .iter()
+            .enumerate()
+            .map(|(b, &c)| (c, b as u8))
+            .collect();
         (chars, rev)
     })
 }
@@ -1163,7 +1188,11 @@ fn bpe_merges(merges: &[String], index: &FxMap<&str, u32>) -> Vec<(String, Strin
 /// BPE merges equivalent to SentencePiece scores (as HF's SentencePieceExtractor
 /// derives them): every split of a piece into two pieces, ranked by the merged
 /// piece's score (highest first), then by piece id, left id and right id.
-fn spm_merges(tokens: &[String], scores: &[f32], index: &FxMap<&str, u32>) -> Vec<(String, String)> {
+fn spm_merges(
+    tokens: &[String],
+    scores: &[f32],
+    index: &FxMap<&str, u32>,
+) -> Vec<(String, String)> {
     let mut merges: Vec<(f32, u32, u32, u32)> = Vec::new();
     for (id, piece) in tokens.iter().enumerate() {
         // Only ids that own their text (later duplicates win in llama.cpp).
@@ -1194,7 +1223,9 @@ fn spm_merges(tokens: &[String], scores: &[f32], index: &FxMap<&str, u32>) -> Ve
 
 fn read_json_opt(path: &Path) -> Result<serde_json::Value> {
     match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| tok_err(&path.display().to_string(), e)),
+        Ok(bytes) => {
+            serde_json::from_slice(&bytes).map_err(|e| tok_err(&path.display().to_string(), e))
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(serde_json::Value::Null),
         Err(source) => Err(Error::Io {
             path: path.to_path_buf(),
@@ -1246,7 +1277,10 @@ mod tests {
         let tok = tiny_bpe();
         let ids = tok.encode("hello world", true, true).unwrap();
         assert_eq!(ids, vec![id(&tok, "hello"), id(&tok, "Ġworld")]);
-        assert!(!tok.add_bos(), "gpt2 vocabularies add no BOS unless the file says so");
+        assert!(
+            !tok.add_bos(),
+            "gpt2 vocabularies add no BOS unless the file says so"
+        );
         for text in ["hello world", "  two  spaces\t\n", "héllo wörld 🤖", ""] {
             let ids = tok.encode(text, true, true).unwrap();
             assert_eq!(tok.decode(&ids, false).unwrap(), text);
@@ -1289,9 +1323,24 @@ mod tests {
     #[test]
     fn every_pre_tokenizer_regex_compiles() {
         for name in [
-            "default", "llama-bpe", "dbrx", "deepseek-llm", "chatglm-bpe", "deepseek-coder", "deepseek-v3",
-            "falcon", "smollm", "gpt-2", "qwen2", "qwen35", "bloom", "viking", "tekken", "gpt-4o",
-            "seed-coder", "bailingmoe",
+            "default",
+            "llama-bpe",
+            "dbrx",
+            "deepseek-llm",
+            "chatglm-bpe",
+            "deepseek-coder",
+            "deepseek-v3",
+            "falcon",
+            "smollm",
+            "gpt-2",
+            "qwen2",
+            "qwen35",
+            "bloom",
+            "viking",
+            "tekken",
+            "gpt-4o",
+            "seed-coder",
+            "bailingmoe",
         ] {
             let preset = pre_preset(name).unwrap();
             for re in preset.regexes {
@@ -1316,8 +1365,8 @@ mod tests {
             scores.push(0.0);
         }
         let pieces = [
-            "he", "ll", "llo", "hello", "▁hello", "▁h", "▁w", "or", "ld", "▁wor", "▁world", "ab", "ba",
-            "aba", "bab", "▁▁", "▁", "h", "e", "l", "o", "w", "r", "d", "a", "b", "é",
+            "he", "ll", "llo", "hello", "▁hello", "▁h", "▁w", "or", "ld", "▁wor", "▁world", "ab",
+            "ba", "aba", "bab", "▁▁", "▁", "h", "e", "l", "o", "w", "r", "d", "a", "b", "é",
         ];
         for (i, p) in pieces.iter().enumerate() {
             tokens.push((*p).into());
@@ -1447,6 +1496,50 @@ mod tests {
         assert_eq!(stream.push(&tok, robot[0]).unwrap(), "");
         assert_eq!(stream.flush(&tok).unwrap(), "\u{FFFD}");
         assert!(stream.push(&tok, 1_000_000).is_err());
+    }
+
+    #[test]
+    fn hugging_face_folder() {
+        // Write the tiny BPE out as a tokenizer.json and read it back as a
+        // Hugging Face folder would be read.
+        let gguf = tiny_bpe();
+        let dir = std::env::temp_dir().join(format!("embody-tok-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("tokenizer.json"),
+            gguf.hf.to_string(false).unwrap(),
+        )
+        .unwrap();
+        let config = serde_json::json!({
+            "bos_token": "<|im_start|>",
+            "eos_token": {"content": "<|im_end|>"},
+            "chat_template": "{{ messages }}",
+        });
+        std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
+        let tok = Tokenizer::from_hf_dir(&dir);
+        std::fs::remove_dir_all(&dir).unwrap();
+        let tok = tok.unwrap();
+
+        let start = id(&tok, "<|im_start|>");
+        let end = id(&tok, "<|im_end|>");
+        assert_eq!((tok.bos_id(), tok.eos_id()), (Some(start), Some(end)));
+        assert!(tok.is_eog(end));
+        assert_eq!(tok.chat_template(), Some("{{ messages }}"));
+        let text = "<|im_start|>hello world";
+        let parsed = tok.encode(text, false, true).unwrap();
+        assert_eq!(parsed, gguf.encode(text, false, true).unwrap());
+        let plain = tok.encode(text, false, false).unwrap();
+        assert!(!plain.contains(&start));
+        assert_eq!(tok.decode(&plain, true).unwrap(), text);
+        assert_eq!(tok.decode(&parsed, true).unwrap(), "hello world");
+
+        let mut stream = StreamDecoder::new(false);
+        let streamed: String = parsed
+            .iter()
+            .map(|&t| stream.push(&tok, t).unwrap())
+            .collect();
+        assert_eq!(streamed, text);
+        assert!(Tokenizer::from_hf_dir(Path::new("/nonexistent")).is_err());
     }
 
     #[test]

@@ -72,8 +72,7 @@ fn check_fixture(model_file: &str, fixture: &str) {
     let fixture_path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/tokenizer")
         .join(fixture);
-    let fixture: Fixture =
-        serde_json::from_slice(&std::fs::read(&fixture_path).unwrap()).unwrap();
+    let fixture: Fixture = serde_json::from_slice(&std::fs::read(&fixture_path).unwrap()).unwrap();
     let tok = load(&path);
     assert!(tok.warnings().is_empty(), "{:?}", tok.warnings());
 
@@ -125,28 +124,45 @@ fn tokenizer_matches_llama_tokenize_gemma3() {
 #[test]
 fn special_ids_of_real_models() {
     let dir = models_dir();
-    // (file, tokens that end generation, tokens that do not, BOS text)
-    let cases: [(&str, &[&str], &[&str], Option<&str>); 3] = [
+    // (file, tokens that end generation, tokens that do not, BOS text,
+    // the chat template fixture copied from the file)
+    type Case<'a> = (
+        &'a str,
+        &'a [&'a str],
+        &'a [&'a str],
+        Option<&'a str>,
+        Option<&'a str>,
+    );
+    let cases: [Case; 3] = [
         (
             "SmolLM2-135M-Instruct.Q4_1.gguf",
             &["<|im_end|>", "<|endoftext|>"],
             &["<|im_start|>", "Hello"],
             Some("<|im_start|>"),
+            Some("smollm2-135m-instruct.jinja"),
         ),
         (
             "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
-            &["<|im_end|>", "<|endoftext|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"],
+            &[
+                "<|im_end|>",
+                "<|endoftext|>",
+                "<|fim_pad|>",
+                "<|repo_name|>",
+                "<|file_sep|>",
+            ],
             &["<|im_start|>", "<tool_call>"],
             Some("<|endoftext|>"),
+            Some("qwen2.5-coder-0.5b-instruct.jinja"),
         ),
         (
             "gemma-3-270m-q4_k_m.gguf",
             &["<end_of_turn>", "<eos>"],
             &["<start_of_turn>", "<bos>"],
             Some("<bos>"),
+            None, // this GGUF carries no chat template
         ),
     ];
-    for (file, eog, not_eog, bos) in cases {
+    for (file, eog, not_eog, bos, template) in cases {
         let path = dir.join(file);
         if !path.exists() {
             eprintln!("SKIP: {} not found (set EMBODY_MODELS)", path.display());
@@ -159,12 +175,27 @@ fn special_ids_of_real_models() {
                 .unwrap_or_else(|| panic!("{file}: no token {text:?}"))
         };
         for name in eog {
-            assert!(tok.is_eog(id_of(name)), "{file}: {name} should end generation");
+            assert!(
+                tok.is_eog(id_of(name)),
+                "{file}: {name} should end generation"
+            );
         }
         for name in not_eog {
-            assert!(!tok.is_eog(id_of(name)), "{file}: {name} should not end generation");
+            assert!(
+                !tok.is_eog(id_of(name)),
+                "{file}: {name} should not end generation"
+            );
         }
         assert_eq!(tok.bos_id().and_then(|b| tok.token_text(b)), bos);
+        let fixture = template.map(|t| {
+            std::fs::read_to_string(
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("tests/fixtures/templates")
+                    .join(t),
+            )
+            .unwrap()
+        });
+        assert_eq!(tok.chat_template(), fixture.as_deref(), "{file}");
     }
 }
 
@@ -173,7 +204,10 @@ fn special_ids_of_real_models() {
 fn llama_cpp_vocab_tests() {
     let models = llama_cpp_dir().join("models");
     if !models.exists() {
-        eprintln!("SKIP: no llama.cpp tree at {} (set LLAMA_CPP_DIR)", models.display());
+        eprintln!(
+            "SKIP: no llama.cpp tree at {} (set LLAMA_CPP_DIR)",
+            models.display()
+        );
         return;
     }
     let mut failures = Vec::new();
@@ -208,7 +242,11 @@ fn llama_cpp_vocab_tests() {
             .lines()
             .map(|l| l.split_whitespace().map(|t| t.parse().unwrap()).collect())
             .collect();
-        assert_eq!(texts.len(), expected.len(), "{name}: .inp and .out disagree");
+        assert_eq!(
+            texts.len(),
+            expected.len(),
+            "{name}: .inp and .out disagree"
+        );
         let mut ok = 0;
         for (text, want) in texts.iter().zip(&expected) {
             let got = tok.encode(text, false, false).unwrap();

@@ -5,13 +5,128 @@
 //! weight row is multiplied with an activation row that was itself quantized once
 //! into the weight type's [`GgmlType::vec_dot_type`] (Q8_0, Q8_1 or Q8_K), exactly
 //! as llama.cpp does, so integer dot products do the work.
+//!
+//! The functions below dispatch in a flat chain: the best kernel this CPU runs
+//! (chosen once, at the first call) and otherwise the scalar [`reference`], which
+//! stays callable directly as the test oracle.
 
 pub mod blocks;
-mod reference;
+pub mod reference;
 #[cfg(test)]
 mod tests;
+/// x86_64 kernels with explicit feature levels (for tests and benchmarks).
+#[cfg(target_arch = "x86_64")]
+pub mod x86;
+#[cfg(all(test, target_arch = "x86_64"))]
+mod x86_tests;
 
-pub use reference::{dequantize_row, dot_f32, quantize_row, vec_dot};
+#[cfg(target_arch = "x86_64")]
+use x86 as arch;
+
+/// Targets without fast kernels: every call goes to the reference.
+#[cfg(not(target_arch = "x86_64"))]
+mod arch {
+    use super::GgmlType;
+
+    pub fn vec_dot_multi(_: GgmlType, _: usize, _: &[u8], _: &[u8], _: &mut [f32]) -> bool {
+        false
+    }
+    pub fn quantize_row(_: GgmlType, _: &[f32], _: &mut [u8]) -> bool {
+        false
+    }
+    pub fn dot_f32_f16(_: &[f32], _: &[half::f16]) -> Option<f32> {
+        None
+    }
+    pub fn axpy_f16(_: &mut [f32], _: f32, _: &[half::f16]) -> bool {
+        false
+    }
+}
+
+pub use reference::{dequantize_row, dot_f32};
+
+/// Dot product of one weight row `w` of `n` values of type `ty` with one
+/// activation row `x` of `n` values of `ty.vec_dot_type()`.
+///
+/// # Panics
+/// If `n` is not a whole number of blocks or either row has the wrong length.
+#[inline]
+pub fn vec_dot(ty: GgmlType, w: &[u8], x: &[u8], n: usize) -> f32 {
+    let mut out = [0.0f32];
+    vec_dot_multi(ty, n, w, x, &mut out);
+    out[0]
+}
+
+/// One weight row (type `ty`, `n` values) against 1..=4 activation rows stored
+/// back to back in `x` (each `ty.vec_dot_type().row_bytes(n)` bytes); writes
+/// `out.len()` results.
+///
+/// The weight row is decoded once and reused for every activation row: this is
+/// what makes prefill (many tokens) faster than repeated [`vec_dot`].
+///
+/// # Panics
+/// If `out.len()` is not 1..=4, `n` is not a whole number of blocks, or a row has
+/// the wrong length.
+#[inline]
+pub fn vec_dot_multi(ty: GgmlType, n: usize, w: &[u8], x: &[u8], out: &mut [f32]) {
+    if arch::vec_dot_multi(ty, n, w, x, out) {
+        return;
+    }
+    assert!(
+        (1..=4).contains(&out.len()),
+        "vec_dot_multi: {} activation rows, expected 1..=4",
+        out.len()
+    );
+    let x_row = x.len() / out.len();
+    assert_eq!(
+        x_row * out.len(),
+        x.len(),
+        "vec_dot_multi: x is not {} rows",
+        out.len()
+    );
+    for (o, xr) in out.iter_mut().zip(x.chunks_exact(x_row.max(1))) {
+        *o = reference::vec_dot(ty, w, xr, n);
+    }
+}
+
+/// Converts a row of f32 to type `ty`. Activation types (Q8_0, Q8_1, Q8_K, F16,
+/// BF16, F32) use the fast kernels where there are some (on x86, Q8_0 and Q8_1
+/// then round as llama.cpp's x86 build does: see [`x86::quantize_row_at`]);
+/// weight types always use the reference.
+///
+/// # Panics
+/// If `src.len()` is not a whole number of blocks or `dst.len()` is not
+/// `ty.row_bytes(src.len())`.
+#[inline]
+pub fn quantize_row(ty: GgmlType, src: &[f32], dst: &mut [u8]) {
+    if arch::quantize_row(ty, src, dst) {
+        return;
+    }
+    reference::quantize_row(ty, src, dst)
+}
+
+/// `Σ a[i] * b[i]`, for attention scores over an f16 KV cache.
+///
+/// # Panics
+/// If the lengths differ.
+#[inline]
+pub fn dot_f32_f16(a: &[f32], b: &[half::f16]) -> f32 {
+    if let Some(v) = arch::dot_f32_f16(a, b) {
+        return v;
+    }
+    reference::dot_f32_f16(a, b)
+}
+
+/// `y[i] += a * x[i]`, for attention outputs over an f16 KV cache.
+///
+/// # Panics
+/// If the lengths differ.
+#[inline]
+pub fn axpy_f16(y: &mut [f32], a: f32, x: &[half::f16]) {
+    if arch::axpy_f16(y, a, x) {
+        return;
+    }
+    reference::axpy_f16(y, a, x)
+}
 
 /// A tensor element format, numbered as in GGUF files (`ggml_type`).
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]

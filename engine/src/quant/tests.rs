@@ -5,7 +5,8 @@
 use half::f16;
 
 use super::blocks::{Block, BlockQ4_K, BlockQ8_1, QK_K};
-use super::{dequantize_row, dot_f32, quantize_row, vec_dot, GgmlType};
+use super::reference::{dequantize_row, dot_f32, quantize_row, vec_dot};
+use super::GgmlType;
 
 /// Every type the enum knows.
 const ALL: [GgmlType; 13] = [
@@ -74,10 +75,10 @@ fn bound(table: &[(GgmlType, f64)], ty: GgmlType) -> f64 {
 }
 
 /// xorshift64*: a few lines, seeded, and good enough for test data.
-struct Rng(u64);
+pub(super) struct Rng(pub(super) u64);
 
 impl Rng {
-    fn next_u64(&mut self) -> u64 {
+    pub(super) fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
@@ -85,13 +86,13 @@ impl Rng {
     }
 
     /// Uniform in [-1, 1).
-    fn uniform(&mut self) -> f32 {
+    pub(super) fn uniform(&mut self) -> f32 {
         (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
     }
 
     /// Bell-shaped (sum of four uniforms) with a per-row offset, so that the
     /// min/offset formats have something to fit; roughly like weights.
-    fn row(&mut self, n: usize) -> Vec<f32> {
+    pub(super) fn row(&mut self, n: usize) -> Vec<f32> {
         let offset = 0.1 * self.uniform();
         (0..n)
             .map(|_| offset + 0.5 * (0..4).map(|_| self.uniform()).sum::<f32>())
