@@ -70,14 +70,14 @@ def greedy(prompt):
 def main():
     names = sys.argv[1:] or ["smollm2"]
     bin_dir = Path(subprocess.check_output([ROOT / "scripts/build-llamacpp.sh"], text=True).strip())
-    out_dir = ROOT / "tests/fixtures/llamacpp"
+    out_dir = Path(os.environ.get("ORACLE_OUT", ROOT / "tests/fixtures/llamacpp"))
     out_dir.mkdir(parents=True, exist_ok=True)
     text_file = ROOT / "tests/fixtures/gpl-3.0.txt"
     for name in names:
         model = MODELS / FILES[name]
         server = subprocess.Popen(
             [bin_dir / "llama-server", "-m", model, "-t", "2", "-c", "4096", "-np", "1",
-             "--port", str(PORT), "--host", "127.0.0.1"],
+             "--port", str(PORT), "--host", "127.0.0.1", "-fa", "off"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             for _ in range(120):
@@ -95,18 +95,24 @@ def main():
         finally:
             server.terminate()
             server.wait()
-        ppl_out = subprocess.run(
-            [bin_dir / "llama-perplexity", "-m", model, "-f", text_file, "-c", str(PPL_CTX),
-             "--chunks", str(PPL_CHUNKS), "-t", "2"],
-            capture_output=True, text=True, check=True)
-        m = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", ppl_out.stdout + ppl_out.stderr)
+        ppl = {}
+        for fa in ("off", "on"):
+            ppl_out = subprocess.run(
+                [bin_dir / "llama-perplexity", "-m", model, "-f", text_file, "-c", str(PPL_CTX),
+                 "--chunks", str(PPL_CHUNKS), "-t", "2", "-fa", fa],
+                capture_output=True, text=True, check=True)
+            ppl[fa] = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)",
+                                ppl_out.stdout + ppl_out.stderr)
+        m = ppl["off"]
         fixture = {
             "model": FILES[name],
-            "made_with": "llama.cpp from llama-cpp-python 0.3.36: llama-server /completion greedy "
-                         "(top_k=1), /apply-template for chat; llama-perplexity -c 512 --chunks 4",
+            "made_with": "llama.cpp from llama-cpp-python 0.3.36, flash attention off (its CPU flash "
+                         "attention accumulates V in f16): llama-server /completion greedy (top_k=1), "
+                         "/apply-template for chat; llama-perplexity -c 512 --chunks 4",
             "n_predict": N_PREDICT,
             "perplexity": {"file": "tests/fixtures/gpl-3.0.txt", "ctx": PPL_CTX, "chunks": PPL_CHUNKS,
-                           "ppl": float(m.group(1)), "stderr": float(m.group(2))},
+                           "ppl": float(m.group(1)), "stderr": float(m.group(2)),
+                           "ppl_flash_attn_on": float(ppl["on"].group(1))},
             "cases": cases,
         }
         path = out_dir / f"{name}.json"

@@ -132,12 +132,17 @@ fn time(min_batch: Duration, batches: usize, mut f: impl FnMut()) -> f64 {
     let mut best = f64::INFINITY;
     for _ in 0..batches {
         let start = Instant::now();
-        let mut calls = 0u32;
+        let (mut calls, mut step) = (0u64, 1u64);
+        // Read the clock only between doubling runs of calls: short kernels would
+        // otherwise time the clock.
         while start.elapsed() < min_batch {
-            f();
-            calls += 1;
+            for _ in 0..step {
+                f();
+            }
+            calls += step;
+            step *= 2;
         }
-        best = best.min(start.elapsed().as_secs_f64() / f64::from(calls));
+        best = best.min(start.elapsed().as_secs_f64() / calls as f64);
     }
     best
 }

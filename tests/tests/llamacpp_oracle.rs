@@ -1,14 +1,28 @@
-//! Greedy text and perplexity of the real SmolLM2-135M-Instruct Q4_1 file,
-//! through the `embody` binary, against llama.cpp's recorded results
-//! (`tests/fixtures/llamacpp/*.json`, written by `scripts/llamacpp-oracle.py`).
+//! The real SmolLM2-135M-Instruct Q4_1 file against llama.cpp's recorded
+//! results (`tests/fixtures/llamacpp/*.json`, written by
+//! `scripts/llamacpp-oracle.py` with flash attention off).
+//!
+//! Greedy agreement is measured teacher-forced: llama.cpp's continuation is fed
+//! through our model in one forward pass, and at every position we check our
+//! top token. Up to the first difference this equals free-running greedy
+//! decoding; past it, the check still asks whether llama.cpp's choice is (within
+//! a small logit gap) also ours, so one near-tie does not hide the rest.
 
+use std::sync::Arc;
+
+use embody_engine::backend::cpu::CpuBackend;
+use embody_engine::chat_template::{ChatMessage, ChatTemplate};
+use embody_engine::generate::encode_chat;
+use embody_engine::gguf::Gguf;
+use embody_engine::kv_cache::{BlockTable, KvCache};
+use embody_engine::models::{load_gguf, LoadOptions, Logits, SeqBatch};
+use embody_engine::tokenizer::Tokenizer;
 use embody_tests::{embody, model, repo_root};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
 struct Fixture {
     model: String,
-    n_predict: usize,
     perplexity: Ppl,
     cases: Vec<Case>,
 }
@@ -25,8 +39,10 @@ struct Ppl {
 struct Case {
     chat: bool,
     prompt: String,
+    #[serde(default)]
+    rendered: Option<String>,
     text: String,
-    pieces: Vec<String>,
+    tokens: Vec<u32>,
 }
 
 fn fixture(name: &str) -> Fixture {
@@ -34,55 +50,119 @@ fn fixture(name: &str) -> Fixture {
     serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
 }
 
-/// How many of llama.cpp's tokens our text reproduces from the start.
-fn agreement(ours: &str, pieces: &[String]) -> usize {
-    let mut prefix = String::new();
-    let mut n = 0;
-    for p in pieces {
-        prefix.push_str(p);
-        if !ours.starts_with(prefix.as_str()) {
-            break;
-        }
-        n += 1;
-    }
-    n
+/// Largest logit gap allowed between our top token and llama.cpp's choice. Rounding
+/// differences flip near-ties (llama.cpp with flash attention on and off disagree
+/// as often as we do); a wrong model puts llama.cpp's tokens several logits down.
+const MAX_GAP: f32 = 0.5;
+
+struct CaseResult {
+    agree: usize,
+    max_gap: f32,
 }
 
-fn greedy_agreement(name: &str) {
+fn teacher_forced(name: &str) {
     let f = fixture(name);
-    let path = model(&f.model);
-    let path = path.to_str().unwrap();
-    let n = f.n_predict.to_string();
-    let mut full = 0;
-    let mut report = Vec::new();
+    let g = Gguf::open(&model(&f.model)).unwrap();
+    let tok = Tokenizer::from_gguf(&g).unwrap();
+    let opts = LoadOptions {
+        context_length: 1024,
+        ..Default::default()
+    };
+    let mut m = load_gguf(&g, Arc::new(CpuBackend::new(0)), opts).unwrap();
+    let info = m.info().clone();
+    let v = info.vocab_size;
+    let mut kv = KvCache::new(info.kv, info.kv.blocks_for_tokens(1024));
+    let mut results = Vec::new();
     for c in &f.cases {
-        let mut args = vec!["generate", "-m", path, "-p", &c.prompt, "--temperature", "0", "-n", &n];
-        if c.chat {
+        let prompt = if c.chat {
+            let template = ChatTemplate::new(tok.chat_template().unwrap()).unwrap();
+            let msgs = [ChatMessage {
+                role: "user".into(),
+                content: c.prompt.clone(),
+            }];
+            let rendered = template.render(&msgs, true, "", "", None).unwrap();
+            assert_eq!(Some(&rendered), c.rendered.as_ref(), "chat template differs from llama.cpp's");
+            encode_chat(&tok, &rendered).unwrap()
+        } else {
+            tok.encode(&c.prompt, true, true).unwrap()
+        };
+        let seq: Vec<u32> = prompt.iter().chain(&c.tokens).copied().collect();
+        let mut table = BlockTable::new();
+        table.reserve(&mut kv, seq.len()).unwrap();
+        let mut logits = vec![0.0; seq.len() * v];
+        let b = [SeqBatch {
+            tokens: &seq,
+            start_pos: 0,
+            table: &table,
+            logits: Logits::All,
+        }];
+        m.forward(&b, &mut kv, &mut logits).unwrap();
+        table.release(&mut kv);
+        let mut r = CaseResult {
+            agree: 0,
+            max_gap: 0.0,
+        };
+        let mut diverged = false;
+        for (j, &t) in c.tokens.iter().enumerate() {
+            let row = &logits[(prompt.len() - 1 + j) * v..(prompt.len() + j) * v];
+            let (top, top_logit) = row
+                .iter()
+                .enumerate()
+                .fold((0, f32::MIN), |a, (i, &l)| if l > a.1 { (i, l) } else { a });
+            diverged |= top as u32 != t;
+            if !diverged {
+                r.agree += 1;
+            }
+            r.max_gap = r.max_gap.max(top_logit - row[t as usize]);
+        }
+        eprintln!(
+            "{name}: {:>2}/{:<2} greedy tokens agree, largest gap {:.3}  chat={} {:?} -> {:?}",
+            r.agree,
+            c.tokens.len(),
+            r.max_gap,
+            c.chat,
+            c.prompt,
+            c.text.chars().take(40).collect::<String>()
+        );
+        results.push((r, c.tokens.len()));
+    }
+    let agreeing = results.iter().filter(|(r, n)| r.agree >= 16.min(*n)).count();
+    let worst = results.iter().map(|(r, _)| r.max_gap).fold(0.0, f32::max);
+    eprintln!("{name}: {agreeing} of {} prompts agree over 16 tokens; largest gap {worst:.3}", results.len());
+    assert!(
+        agreeing * 2 >= results.len(),
+        "{name}: only {agreeing} of {} prompts agree with llama.cpp over 16 tokens",
+        results.len()
+    );
+    assert!(worst < MAX_GAP, "{name}: llama.cpp's token trails our top token by {worst} logits");
+}
+
+#[test]
+fn smollm2_greedy_agrees_with_llamacpp() {
+    teacher_forced("smollm2");
+}
+
+/// The CLI end to end: raw and chat prompts stream exactly llama.cpp's text.
+#[test]
+fn smollm2_cli_generate_streams_llamacpp_text() {
+    let f = fixture("smollm2");
+    let path = model(&f.model);
+    for (prompt, chat) in [("The capital of France is", false), ("What is 12 times 12?", true)] {
+        let c = f.cases.iter().find(|c| c.prompt == prompt).unwrap();
+        let mut args = vec!["generate", "-m", path.to_str().unwrap(), "-p", prompt, "--temperature", "0", "-n", "32"];
+        if chat {
             args.push("--chat");
         }
         let out = embody(&args);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let ours = String::from_utf8(out.stdout).unwrap();
-        let ours = ours.strip_suffix('\n').unwrap_or(&ours);
-        let agree = agreement(ours, &c.pieces);
-        report.push(format!("{agree:>3}/{:<3} chat={} {:?}", c.pieces.len(), c.chat, c.prompt));
-        if agree >= 16.min(c.pieces.len()) {
-            full += 1;
-        } else {
-            eprintln!("differs: {:?}\n  ours:  {ours:?}\n  llama: {:?}", c.prompt, c.text);
-        }
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(text.strip_suffix('\n').unwrap(), c.text, "prompt {prompt:?}");
     }
-    eprintln!("{name}: tokens matching llama.cpp per prompt\n  {}", report.join("\n  "));
-    let need = f.cases.len() * 4 / 5;
-    assert!(
-        full >= need,
-        "{name}: only {full} of {} prompts agree with llama.cpp over 16 tokens (need {need})",
-        f.cases.len()
-    );
 }
 
-fn perplexity_within_one_percent(name: &str) {
-    let f = fixture(name);
+#[test]
+fn smollm2_perplexity_within_one_percent_of_llamacpp() {
+    let f = fixture("smollm2");
     let path = model(&f.model);
     let text = repo_root().join(&f.perplexity.file);
     let (ctx, chunks) = (f.perplexity.ctx.to_string(), f.perplexity.chunks.to_string());
@@ -106,16 +186,6 @@ fn perplexity_within_one_percent(name: &str) {
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("unexpected output {stdout:?}"));
     let rel = (ppl - f.perplexity.ppl).abs() / f.perplexity.ppl;
-    eprintln!("{name}: PPL ours {ppl:.4}, llama.cpp {:.4}, difference {:.3}%", f.perplexity.ppl, rel * 100.0);
-    assert!(rel < 0.01, "{name}: PPL {ppl} vs llama.cpp {} ({:.2}%)", f.perplexity.ppl, rel * 100.0);
-}
-
-#[test]
-fn smollm2_greedy_text_matches_llamacpp() {
-    greedy_agreement("smollm2");
-}
-
-#[test]
-fn smollm2_perplexity_within_one_percent_of_llamacpp() {
-    perplexity_within_one_percent("smollm2");
+    eprintln!("PPL ours {ppl:.4}, llama.cpp {:.4}, difference {:.3}%", f.perplexity.ppl, rel * 100.0);
+    assert!(rel < 0.01, "PPL {ppl} vs llama.cpp {} ({:.2}%)", f.perplexity.ppl, rel * 100.0);
 }

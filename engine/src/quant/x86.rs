@@ -270,6 +270,8 @@ trait Isa {
     unsafe fn dot_acc(acc: __m256i, a: __m256i, b: __m256i) -> __m256i;
     /// Per i32 lane, `acc` plus the two products of i16 `a` and `b`.
     unsafe fn madd_acc(acc: __m256i, a: __m256i, b: __m256i) -> __m256i;
+    /// Byte i is 0xFF where bit i of the little-endian u32 at `p` is set, else 0.
+    unsafe fn bit_bytes(p: *const u8) -> __m256i;
 }
 
 struct Avx2;
@@ -286,6 +288,22 @@ impl Isa for Avx2 {
     unsafe fn madd_acc(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
         _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
     }
+
+    #[inline(always)]
+    unsafe fn bit_bytes(p: *const u8) -> __m256i {
+        let spread = _mm256_shuffle_epi8(
+            _mm256_set1_epi32(rd_i32(p)),
+            _mm256_set_epi64x(
+                0x0303_0303_0303_0303,
+                0x0202_0202_0202_0202,
+                0x0101_0101_0101_0101,
+                0,
+            ),
+        );
+        // Byte i of each group of eight keeps only bit i clear in the mask.
+        let others = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe);
+        _mm256_cmpeq_epi8(_mm256_or_si256(spread, others), _mm256_set1_epi8(-1))
+    }
 }
 
 impl Isa for Avx512 {
@@ -297,6 +315,12 @@ impl Isa for Avx512 {
     #[inline(always)]
     unsafe fn madd_acc(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
         _mm256_dpwssd_epi32(acc, a, b)
+    }
+
+    #[inline(always)]
+    unsafe fn bit_bytes(p: *const u8) -> __m256i {
+        // Straight from a mask register.
+        _mm256_movm_epi8(rd_i32(p) as u32)
     }
 }
 
@@ -459,37 +483,24 @@ unsafe fn hsum_i32(v: __m256i) -> i32 {
     _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32::<0b01>(s)))
 }
 
-/// 16 packed bytes to 32: the low nibbles, then the high nibbles.
+/// 16 packed bytes to 32: the low nibbles, then the high nibbles. The 64-bit
+/// shift lets the neighbouring byte's bits into the high nibble, which the mask
+/// drops; it avoids a lane insert (a shuffle).
 #[inline(always)]
 unsafe fn nibbles(p: *const u8) -> __m256i {
-    let q = ld128(p);
-    let both = _mm256_set_m128i(_mm_srli_epi16::<4>(q), q);
-    _mm256_and_si256(both, _mm256_set1_epi8(0xF))
-}
-
-/// Byte i is 0xFF where bit i of the little-endian u32 at `p` is set, else 0.
-#[inline(always)]
-unsafe fn bytes_from_bits(p: *const u8) -> __m256i {
-    let spread = _mm256_shuffle_epi8(
-        _mm256_set1_epi32(rd_i32(p)),
-        _mm256_set_epi64x(
-            0x0303_0303_0303_0303,
-            0x0202_0202_0202_0202,
-            0x0101_0101_0101_0101,
-            0,
-        ),
-    );
-    // Byte i of each group of eight keeps only bit i clear in the mask.
-    let others = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe);
-    _mm256_cmpeq_epi8(_mm256_or_si256(spread, others), _mm256_set1_epi8(-1))
+    let both = _mm256_broadcastsi128_si256(ld128(p));
+    let shifted = _mm256_srlv_epi64(both, _mm256_setr_epi64x(0, 0, 4, 4));
+    _mm256_and_si256(shifted, _mm256_set1_epi8(0xF))
 }
 
 // ---------------------------------------------------------------------------
 // 32-value block formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0)
 //
-// Eight blocks at a time: the per-block i32 vectors of each activation row are
-// merged into one vector of eight exact block sums (three levels of
-// unpack-and-add), converted once and multiplied with the eight block scales.
+// Eight blocks at a time: the scale products `dw·dx` (and `m·s`) of the eight
+// blocks are computed as one vector and parked in a small stack buffer; each
+// block's i32 dot vector is then converted and added with one FMA whose scale is
+// broadcast from that buffer by a load. This keeps the shuffle ports, which
+// limit these kernels on both Intel and AMD, nearly free.
 
 /// A weight format of 32-value blocks.
 trait Q32 {
@@ -502,7 +513,7 @@ trait Q32 {
     /// Whether [`Self::values`] are signed (dotted through `|w| · sign(x, w)`).
     const SIGNED: bool;
     /// The block's 32 values as bytes, in value order.
-    unsafe fn values(p: *const u8) -> __m256i;
+    unsafe fn values<I: Isa>(p: *const u8) -> __m256i;
 }
 
 struct Q4_0;
@@ -517,7 +528,7 @@ impl Q32 for Q4_0 {
     const MIN: bool = false;
     const SIGNED: bool = true;
     #[inline(always)]
-    unsafe fn values(p: *const u8) -> __m256i {
+    unsafe fn values<I: Isa>(p: *const u8) -> __m256i {
         _mm256_sub_epi8(nibbles(p.add(2)), _mm256_set1_epi8(8))
     }
 }
@@ -528,7 +539,7 @@ impl Q32 for Q4_1 {
     const MIN: bool = true;
     const SIGNED: bool = false;
     #[inline(always)]
-    unsafe fn values(p: *const u8) -> __m256i {
+    unsafe fn values<I: Isa>(p: *const u8) -> __m256i {
         nibbles(p.add(4))
     }
 }
@@ -539,9 +550,9 @@ impl Q32 for Q5_0 {
     const MIN: bool = false;
     const SIGNED: bool = true;
     #[inline(always)]
-    unsafe fn values(p: *const u8) -> __m256i {
+    unsafe fn values<I: Isa>(p: *const u8) -> __m256i {
         // q - 16 as a byte: the nibble with 0xF0 set where the fifth bit is clear.
-        let high = _mm256_andnot_si256(bytes_from_bits(p.add(2)), _mm256_set1_epi8(-16));
+        let high = _mm256_andnot_si256(I::bit_bytes(p.add(2)), _mm256_set1_epi8(-16));
         _mm256_or_si256(nibbles(p.add(6)), high)
     }
 }
@@ -552,8 +563,8 @@ impl Q32 for Q5_1 {
     const MIN: bool = true;
     const SIGNED: bool = false;
     #[inline(always)]
-    unsafe fn values(p: *const u8) -> __m256i {
-        let high = _mm256_and_si256(bytes_from_bits(p.add(4)), _mm256_set1_epi8(16));
+    unsafe fn values<I: Isa>(p: *const u8) -> __m256i {
+        let high = _mm256_and_si256(I::bit_bytes(p.add(4)), _mm256_set1_epi8(16));
         _mm256_or_si256(nibbles(p.add(8)), high)
     }
 }
@@ -564,7 +575,7 @@ impl Q32 for Q8_0 {
     const MIN: bool = false;
     const SIGNED: bool = true;
     #[inline(always)]
-    unsafe fn values(p: *const u8) -> __m256i {
+    unsafe fn values<I: Isa>(p: *const u8) -> __m256i {
         ld256(p.add(2))
     }
 }
@@ -572,95 +583,60 @@ impl Q32 for Q8_0 {
 /// [`RowDot`] for a [`Q32`] format.
 struct B32<F>(F);
 
+/// Scale products of a group of eight blocks for one activation row: lane 2i is
+/// `dw·dx` of block i, lane 2i + 1 its `m·s` (formats with a min; otherwise
+/// unused).
+#[repr(align(32))]
+struct GroupScales([f32; 16]);
+
 impl<F: Q32> B32<F> {
     /// Activation block bytes: Q8_1 (36) for the formats with a min, else Q8_0 (34).
     const X_SIZE: usize = if F::MIN { 36 } else { 34 };
 
-    /// The i32 dot vectors of block `i` of the group with each activation row
-    /// (zero past `cnt`).
-    #[inline(always)]
-    unsafe fn block<I: Isa, const R: usize>(
-        w: *const u8,
-        x: &[*const u8; R],
-        i: usize,
-        cnt: usize,
-    ) -> [__m256i; R] {
-        let zero = _mm256_setzero_si256();
-        let mut out = [zero; R];
-        if i >= cnt {
-            return out;
+    /// Independent FMA chains per activation row: enough to cover the FMA
+    /// latency without spilling registers at four rows.
+    const fn chains(rows: usize) -> usize {
+        match rows {
+            1 => 4,
+            2 => 2,
+            _ => 1,
         }
-        let v = F::values(w.add(i * F::SIZE));
-        let a = if F::SIGNED { _mm256_sign_epi8(v, v) } else { v };
-        for (o, &xr) in out.iter_mut().zip(x) {
-            let q = ld256(xr.add(i * Self::X_SIZE + Self::X_SIZE - 32));
-            let q = if F::SIGNED { _mm256_sign_epi8(q, v) } else { q };
-            *o = I::dot_acc(zero, a, q);
-        }
-        out
     }
 
-    /// Blocks 2k and 2k + 1, merged.
+    /// Adds `cnt` (≤ 8; 8 when `FULL`) blocks at `w` dotted with those at each
+    /// `x` to `acc`, and their offset terms to the odd lanes of `acc_min`.
     #[inline(always)]
-    unsafe fn pair<I: Isa, const R: usize>(
-        w: *const u8,
-        x: &[*const u8; R],
-        k: usize,
-        cnt: usize,
-    ) -> [__m256i; R] {
-        let a = Self::block::<I, R>(w, x, 2 * k, cnt);
-        let b = Self::block::<I, R>(w, x, 2 * k + 1, cnt);
-        let mut out = a;
-        for (o, b) in out.iter_mut().zip(b) {
-            *o = merge2(*o, b);
-        }
-        out
-    }
-
-    /// Blocks 4k .. 4k + 4, merged.
-    #[inline(always)]
-    unsafe fn quad<I: Isa, const R: usize>(
-        w: *const u8,
-        x: &[*const u8; R],
-        k: usize,
-        cnt: usize,
-    ) -> [__m256i; R] {
-        let a = Self::pair::<I, R>(w, x, 2 * k, cnt);
-        let b = Self::pair::<I, R>(w, x, 2 * k + 1, cnt);
-        let mut out = a;
-        for (o, b) in out.iter_mut().zip(b) {
-            *o = merge4(*o, b);
-        }
-        out
-    }
-
-    /// Adds `cnt` (≤ 8) blocks at `w` dotted with those at each `x` to `acc`.
-    #[inline(always)]
-    unsafe fn group<I: Isa, const R: usize>(
+    unsafe fn group<I: Isa, const R: usize, const FULL: bool>(
         w: *const u8,
         x: &[*const u8; R],
         cnt: usize,
-        acc: &mut [__m256; R],
+        acc: &mut [[__m256; 4]; R],
+        acc_min: &mut [__m256; R],
     ) {
-        let lo = Self::quad::<I, R>(w, x, 0, cnt);
-        let hi = Self::quad::<I, R>(w, x, 1, cnt);
-        if F::MIN {
-            // (d·dx, m·s) pairs; the block sums go next to 1.0 so that one FMA
-            // adds both the scaled sum and the offset term.
-            let (wl, wh) = f16_pairs(w, F::SIZE, cnt);
-            let one = _mm256_set1_ps(1.0);
-            for r in 0..R {
-                let (xl, xh) = f16_pairs(x[r], Self::X_SIZE, cnt);
-                let s = _mm256_cvtepi32_ps(merge8(lo[r], hi[r]));
-                let a = _mm256_fmadd_ps(_mm256_unpacklo_ps(s, one), _mm256_mul_ps(wl, xl), acc[r]);
-                acc[r] = _mm256_fmadd_ps(_mm256_unpackhi_ps(s, one), _mm256_mul_ps(wh, xh), a);
+        let cnt = if FULL { 8 } else { cnt };
+        let mut scales: [GroupScales; R] = [const { GroupScales([0.0; 16]) }; R];
+        let (wl, wh) = f16_pairs(w, F::SIZE, cnt);
+        for r in 0..R {
+            let (xl, xh) = f16_pairs(x[r], Self::X_SIZE, cnt);
+            let (pl, ph) = (_mm256_mul_ps(wl, xl), _mm256_mul_ps(wh, xh));
+            _mm256_store_ps(scales[r].0.as_mut_ptr(), pl);
+            _mm256_store_ps(scales[r].0.as_mut_ptr().add(8), ph);
+            if F::MIN {
+                acc_min[r] = _mm256_add_ps(acc_min[r], _mm256_add_ps(pl, ph));
             }
-        } else {
-            let wd = f16_scales(w, F::SIZE, cnt);
+        }
+        let zero = _mm256_setzero_si256();
+        for i in 0..cnt {
+            let v = F::values::<I>(w.add(i * F::SIZE));
+            let a = if F::SIGNED { _mm256_sign_epi8(v, v) } else { v };
+            // A constant chain index in the unrolled full group; the tail uses one.
+            let k = if FULL { i % Self::chains(R) } else { 0 };
             for r in 0..R {
-                let xd = f16_scales(x[r], Self::X_SIZE, cnt);
-                let s = _mm256_cvtepi32_ps(merge8(lo[r], hi[r]));
-                acc[r] = _mm256_fmadd_ps(s, _mm256_mul_ps(wd, xd), acc[r]);
+                let q = ld256(x[r].add(i * Self::X_SIZE + Self::X_SIZE - 32));
+                let q = if F::SIGNED { _mm256_sign_epi8(q, v) } else { q };
+                let dot = _mm256_cvtepi32_ps(I::dot_acc(zero, a, q));
+                let d = _mm256_broadcast_ss(&scales[r].0[2 * i]);
+                acc[r][k] = _mm256_fmadd_ps(dot, d, acc[r][k]);
             }
         }
     }
@@ -680,12 +656,16 @@ impl<F: Q32> RowDot for B32<F> {
         out: &mut [f32; R],
     ) {
         let nb = n / QK;
-        let mut xs: [*const u8; R] = std::array::from_fn(|r| x.add(r * nb * Self::X_SIZE));
+        let mut xs = [x; R];
+        for (r, p) in xs.iter_mut().enumerate() {
+            *p = x.add(r * nb * Self::X_SIZE);
+        }
         let mut w = w;
-        let mut acc = [_mm256_setzero_ps(); R];
+        let mut acc = [[_mm256_setzero_ps(); 4]; R];
+        let mut acc_min = [_mm256_setzero_ps(); R];
         let mut left = nb;
         while left >= 8 {
-            Self::group::<I, R>(w, &xs, 8, &mut acc);
+            Self::group::<I, R, true>(w, &xs, 8, &mut acc, &mut acc_min);
             w = w.add(8 * F::SIZE);
             for p in &mut xs {
                 *p = p.add(8 * Self::X_SIZE);
@@ -693,39 +673,23 @@ impl<F: Q32> RowDot for B32<F> {
             left -= 8;
         }
         if left > 0 {
-            Self::group::<I, R>(w, &xs, left, &mut acc);
+            Self::group::<I, R, false>(w, &xs, left, &mut acc, &mut acc_min);
         }
-        for (o, a) in out.iter_mut().zip(acc) {
-            *o = hsum_ps(a);
+        // The offset terms sit in the odd lanes.
+        let odd = _mm256_castsi256_ps(_mm256_setr_epi32(0, -1, 0, -1, 0, -1, 0, -1));
+        for r in 0..R {
+            let a = &acc[r];
+            let mut sum = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
+            if F::MIN {
+                sum = _mm256_add_ps(sum, _mm256_and_ps(acc_min[r], odd));
+            }
+            out[r] = hsum_ps(sum);
         }
     }
 }
 
-/// `[a0+a2, b0+b2, a1+a3, b1+b3]` in each 128-bit half.
-#[inline(always)]
-unsafe fn merge2(a: __m256i, b: __m256i) -> __m256i {
-    _mm256_add_epi32(_mm256_unpacklo_epi32(a, b), _mm256_unpackhi_epi32(a, b))
-}
-
-/// Two [`merge2`] results of blocks (A, B) and (C, D) to the four block sums of
-/// each 128-bit half.
-#[inline(always)]
-unsafe fn merge4(a: __m256i, b: __m256i) -> __m256i {
-    _mm256_add_epi32(_mm256_unpacklo_epi64(a, b), _mm256_unpackhi_epi64(a, b))
-}
-
-/// Two [`merge4`] results to the eight whole block sums, in block order.
-#[inline(always)]
-unsafe fn merge8(a: __m256i, b: __m256i) -> __m256i {
-    _mm256_add_epi32(
-        _mm256_permute2x128_si256::<0x20>(a, b),
-        _mm256_permute2x128_si256::<0x31>(a, b),
-    )
-}
-
-/// The leading pair of f16 of `cnt` (≤ 8) blocks as f32, for blocks (0, 1, 4, 5)
-/// and (2, 3, 6, 7): the lane order of `_mm256_unpacklo_ps` / `unpackhi_ps`
-/// applied to the eight block sums. Zero past `cnt`.
+/// The leading pair of f16 of `cnt` (≤ 8) blocks as f32, blocks 0..4 and
+/// 4..8: `[a0, b0, a1, b1, ..]`. Zero past `cnt`.
 #[inline(always)]
 unsafe fn f16_pairs(p: *const u8, stride: usize, cnt: usize) -> (__m256, __m256) {
     let word = |i: usize| {
@@ -735,42 +699,10 @@ unsafe fn f16_pairs(p: *const u8, stride: usize, cnt: usize) -> (__m256, __m256)
             0
         }
     };
-    let v = _mm256_setr_epi32(
-        word(0),
-        word(1),
-        word(4),
-        word(5),
-        word(2),
-        word(3),
-        word(6),
-        word(7),
-    );
     (
-        _mm256_cvtph_ps(_mm256_castsi256_si128(v)),
-        _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(v)),
+        _mm256_cvtph_ps(_mm_setr_epi32(word(0), word(1), word(2), word(3))),
+        _mm256_cvtph_ps(_mm_setr_epi32(word(4), word(5), word(6), word(7))),
     )
-}
-
-/// The leading f16 of `cnt` (≤ 8) blocks as f32, in block order. Zero past `cnt`.
-#[inline(always)]
-unsafe fn f16_scales(p: *const u8, stride: usize, cnt: usize) -> __m256 {
-    let h = |i: usize| {
-        if i < cnt {
-            rd_u16(p.add(i * stride)) as i16
-        } else {
-            0
-        }
-    };
-    _mm256_cvtph_ps(_mm_setr_epi16(
-        h(0),
-        h(1),
-        h(2),
-        h(3),
-        h(4),
-        h(5),
-        h(6),
-        h(7),
-    ))
 }
 
 // ---------------------------------------------------------------------------
@@ -1330,11 +1262,23 @@ unsafe fn round_mul(v: __m256, s: __m256) -> __m256i {
 /// One Q8_0/Q8_1 block as llama.cpp's x86 code: `(d, values, sum of values)`.
 #[inline(always)]
 unsafe fn q8_block(x: *const f32) -> (f32, __m256i, i32) {
-    let v: [__m256; 4] = std::array::from_fn(|k| _mm256_loadu_ps(x.add(8 * k)));
+    // Plain arrays, no array::from_fn / map: their closures would not inherit the
+    // target features and stay calls.
+    let v = [
+        _mm256_loadu_ps(x),
+        _mm256_loadu_ps(x.add(8)),
+        _mm256_loadu_ps(x.add(16)),
+        _mm256_loadu_ps(x.add(24)),
+    ];
     let amax = hmax_ps(abs_max4(&v));
     let d = amax / 127.0;
     let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
-    let i = v.map(|v| round_mul(v, id));
+    let i = [
+        round_mul(v[0], id),
+        round_mul(v[1], id),
+        round_mul(v[2], id),
+        round_mul(v[3], id),
+    ];
     let sum = hsum_i32(_mm256_add_epi32(
         _mm256_add_epi32(i[0], i[1]),
         _mm256_add_epi32(i[2], i[3]),
@@ -1346,24 +1290,21 @@ unsafe fn q8_block(x: *const f32) -> (f32, __m256i, i32) {
 /// magnitude (the first on ties) maps to -127.
 #[inline(always)]
 unsafe fn q8_k_block(x: *const f32, out: *mut u8) {
-    let v: [__m256; 32] = std::array::from_fn(|k| _mm256_loadu_ps(x.add(8 * k)));
+    let sign = _mm256_set1_ps(-0.0);
     let mut m = _mm256_setzero_ps();
-    for c in v.chunks_exact(4) {
-        m = _mm256_max_ps(m, abs_max4(&[c[0], c[1], c[2], c[3]]));
+    for k in 0..32 {
+        m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x.add(8 * k))));
     }
     let amax = hmax_ps(m);
     if amax == 0.0 {
         std::ptr::write_bytes(out, 0, Q8K_BYTES);
         return;
     }
-    let sign = _mm256_set1_ps(-0.0);
     let target = _mm256_set1_ps(amax);
     let mut max = 0.0f32;
-    for (k, &vk) in v.iter().enumerate() {
-        let hit = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(
-            _mm256_andnot_ps(sign, vk),
-            target,
-        ));
+    for k in 0..32 {
+        let vk = _mm256_andnot_ps(sign, _mm256_loadu_ps(x.add(8 * k)));
+        let hit = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(vk, target));
         if hit != 0 {
             max = *x.add(8 * k + hit.trailing_zeros() as usize);
             break;
@@ -1373,8 +1314,11 @@ unsafe fn q8_k_block(x: *const f32, out: *mut u8) {
     let s = _mm256_set1_ps(iscale);
     let cap = _mm256_set1_epi32(127);
     for c in 0..8 {
-        let i: [__m256i; 4] =
-            std::array::from_fn(|k| _mm256_min_epi32(round_mul(v[4 * c + k], s), cap));
+        let q = |k: usize| {
+            let v = _mm256_loadu_ps(x.add(32 * c + 8 * k));
+            _mm256_min_epi32(round_mul(v, s), cap)
+        };
+        let i = [q(0), q(1), q(2), q(3)];
         _mm256_storeu_si256(out.add(Q8K_QS + 32 * c).cast(), pack_i8(i));
         let lo = hsum_i32(_mm256_add_epi32(i[0], i[1])) as i16;
         let hi = hsum_i32(_mm256_add_epi32(i[2], i[3])) as i16;
