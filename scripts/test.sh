@@ -13,6 +13,8 @@ echo "== cargo fmt"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
+echo "== cargo build (the end-to-end tests run these binaries)"
+cargo build --workspace --bins
 echo "== cargo test"
 cargo test --workspace 2>&1 | tee "${TMPDIR:-/tmp}/embody-test.log"
 # One summary line for CI readers.

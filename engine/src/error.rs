@@ -61,6 +61,9 @@ pub enum Error {
     /// A request cannot be served as asked (too long for the context, empty prompt, ...).
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    /// The server is at capacity: the queue is full.
+    #[error("overloaded: {0}")]
+    Overloaded(String),
     /// The paged KV cache has no free block left.
     #[error("KV cache full: {needed} blocks needed, {free} free (raise kv_cache_mb)")]
     KvCacheFull {

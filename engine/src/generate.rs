@@ -1,13 +1,10 @@
-//! Single-sequence generation: prefill the prompt in chunks, then sample one
-//! token per step until an end-of-generation token, a stop string or the token
-//! limit. Text is streamed as it becomes final: never half a UTF-8 character,
-//! never the start of what may turn out to be a stop string.
+//! Pieces of generation shared by every caller of the scheduler: why a
+//! sequence ends, stop-string matching on streamed text (never emitting the
+//! start of what may turn out to be a stop string), and tokenizing a rendered
+//! chat prompt.
 
-use crate::kv_cache::{BlockTable, KvCache};
-use crate::models::{Logits, Model, SeqBatch};
-use crate::sampling::{Sampler, SamplingParams};
-use crate::tokenizer::{StreamDecoder, Tokenizer};
-use crate::{Error, Result};
+use crate::tokenizer::Tokenizer;
+use crate::Result;
 
 /// Why generation ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -18,32 +15,6 @@ pub enum FinishReason {
     Length,
     /// The caller asked to stop.
     Cancelled,
-}
-
-/// What to generate.
-#[derive(Clone, Debug)]
-pub struct GenerateRequest {
-    /// Prompt token ids (BOS included when wanted).
-    pub prompt: Vec<u32>,
-    /// Sampling parameters.
-    pub sampling: SamplingParams,
-    /// Most tokens to generate.
-    pub max_tokens: usize,
-    /// Strings that end generation; they are not part of the output.
-    pub stop: Vec<String>,
-}
-
-/// The outcome of a generation.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Generation {
-    /// The text emitted.
-    pub text: String,
-    /// Generated token ids (an end-of-generation token is not included).
-    pub tokens: Vec<u32>,
-    /// Why it ended.
-    pub finish: FinishReason,
-    /// Prompt tokens processed.
-    pub prompt_tokens: usize,
 }
 
 /// Holds back text that could still become a stop string.
@@ -114,126 +85,6 @@ pub fn encode_chat(tok: &Tokenizer, rendered: &str) -> Result<Vec<u32>> {
         _ => rendered,
     };
     tok.encode(text, true, true)
-}
-
-/// Runs one request to completion. `on_text` receives each final piece of text
-/// and returns `false` to cancel.
-pub fn generate(
-    model: &mut dyn Model,
-    kv: &mut KvCache,
-    tok: &Tokenizer,
-    req: &GenerateRequest,
-    mut on_text: impl FnMut(&str) -> bool,
-) -> Result<Generation> {
-    req.sampling.validate()?;
-    let info = model.info().clone();
-    if req.prompt.is_empty() {
-        return Err(Error::InvalidRequest("empty prompt".into()));
-    }
-    if req.prompt.len() >= info.context_length {
-        return Err(Error::InvalidRequest(format!(
-            "prompt of {} tokens does not fit the context of {}",
-            req.prompt.len(),
-            info.context_length
-        )));
-    }
-    let limit = req.max_tokens.min(info.context_length - req.prompt.len());
-    let vocab = info.vocab_size;
-    let mut logits = vec![0f32; vocab];
-    let mut sampler = Sampler::new(req.sampling.clone(), vocab);
-    let mut history = Vec::with_capacity(req.prompt.len() + limit);
-    history.extend_from_slice(&req.prompt);
-    let mut table = BlockTable {
-        blocks: Vec::with_capacity(info.kv.blocks_for_tokens(req.prompt.len() + limit)),
-    };
-    let result = run(model, kv, tok, req, &mut table, &mut logits, &mut sampler, &mut history, limit, &mut on_text);
-    table.release(kv);
-    result
-}
-
-#[allow(clippy::too_many_arguments)]
-fn run(
-    model: &mut dyn Model,
-    kv: &mut KvCache,
-    tok: &Tokenizer,
-    req: &GenerateRequest,
-    table: &mut BlockTable,
-    logits: &mut [f32],
-    sampler: &mut Sampler,
-    history: &mut Vec<u32>,
-    limit: usize,
-    on_text: &mut impl FnMut(&str) -> bool,
-) -> Result<Generation> {
-    let step = model.info().max_batch_tokens;
-    let n_prompt = req.prompt.len();
-    table.reserve(kv, n_prompt)?;
-    let mut start = 0;
-    while start < n_prompt {
-        let end = (start + step).min(n_prompt);
-        let batch = [SeqBatch {
-            tokens: &req.prompt[start..end],
-            start_pos: start,
-            table,
-            logits: if end == n_prompt { Logits::Last } else { Logits::None },
-        }];
-        model.forward(&batch, kv, logits)?;
-        start = end;
-    }
-
-    let mut decoder = StreamDecoder::new(true);
-    let mut stops = StopMatcher::new(&req.stop);
-    let mut text = String::new();
-    let mut tokens = Vec::with_capacity(limit);
-    let mut finish = FinishReason::Length;
-    let mut emit = |piece: &str, text: &mut String| -> bool {
-        text.push_str(piece);
-        piece.is_empty() || on_text(piece)
-    };
-    while tokens.len() < limit {
-        let next = sampler.sample(logits, history);
-        if tok.is_eog(next) {
-            finish = FinishReason::Stop;
-            break;
-        }
-        tokens.push(next);
-        history.push(next);
-        let (piece, stopped) = stops.push(&decoder.push(tok, next)?);
-        if !emit(&piece, &mut text) {
-            finish = FinishReason::Cancelled;
-            break;
-        }
-        if stopped {
-            finish = FinishReason::Stop;
-            break;
-        }
-        if tokens.len() == limit {
-            break;
-        }
-        let pos = history.len() - 1;
-        table.reserve(kv, pos + 1)?;
-        let batch = [SeqBatch {
-            tokens: std::slice::from_ref(&history[pos]),
-            start_pos: pos,
-            table,
-            logits: Logits::Last,
-        }];
-        model.forward(&batch, kv, logits)?;
-    }
-    if finish != FinishReason::Cancelled {
-        let (tail, _) = stops.push(&decoder.flush(tok)?);
-        let rest = if finish == FinishReason::Stop && stops.pending.is_empty() {
-            tail
-        } else {
-            tail + &stops.finish()
-        };
-        emit(&rest, &mut text);
-    }
-    Ok(Generation {
-        text,
-        tokens,
-        finish,
-        prompt_tokens: n_prompt,
-    })
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@ pub mod ops;
 pub mod perplexity;
 pub mod quant;
 pub mod sampling;
+pub mod scheduler;
 pub mod tensor;
 pub mod tokenizer;
 

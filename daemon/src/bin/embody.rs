@@ -12,12 +12,11 @@ use clap::{Parser, Subcommand};
 
 use embody_engine::backend::{self, BackendKind};
 use embody_engine::chat_template::{ChatMessage, ChatTemplate};
-use embody_engine::generate::{generate, GenerateRequest};
 use embody_engine::gguf::Gguf;
-use embody_engine::kv_cache::KvCache;
 use embody_engine::models::{self, LoadOptions, Model};
 use embody_engine::perplexity::perplexity;
 use embody_engine::sampling::SamplingParams;
+use embody_engine::scheduler::{Scheduler, SchedulerConfig, SeqEvent, SeqRequest};
 use embody_engine::tokenizer::Tokenizer;
 
 #[derive(Parser)]
@@ -134,9 +133,9 @@ struct Loaded {
 }
 
 fn load(args: &ModelArgs, ctx: usize) -> Result<Loaded> {
+    let kind: BackendKind = args.backend.parse()?;
     let gguf = Gguf::open(&args.model)?;
     let tokenizer = Tokenizer::from_gguf(&gguf)?;
-    let kind: BackendKind = args.backend.parse()?;
     let backend: Arc<dyn backend::Backend> = backend::create(kind, args.threads)?.into();
     let opts = LoadOptions {
         context_length: ctx,
@@ -216,8 +215,9 @@ fn run(cli: Cli) -> Result<()> {
             stop,
             ctx,
         } => {
+            model.backend.parse::<BackendKind>()?;
             let ctx = serving_ctx(&model.model, ctx)?;
-            let mut m = load(&model, ctx)?;
+            let m = load(&model, ctx)?;
             let ids = if chat {
                 let mut messages = Vec::new();
                 if let Some(s) = system {
@@ -244,24 +244,50 @@ fn run(cli: Cli) -> Result<()> {
                 ..SamplingParams::default()
             };
             let info = m.model.info().clone();
-            let mut kv = KvCache::new(info.kv, info.kv.blocks_for_tokens(info.context_length));
-            let req = GenerateRequest {
+            let cfg = SchedulerConfig {
+                kv_blocks: info.kv.blocks_for_tokens(info.context_length),
+                max_running: 1,
+                max_queued: 1,
+            };
+            let mut sched = Scheduler::new(m.model, Arc::new(m.tokenizer), cfg);
+            let req = SeqRequest {
+                id: 0,
                 prompt: ids,
                 sampling,
                 max_tokens,
                 stop,
+                priority: 0,
             };
-            let mut out = std::io::stdout().lock();
-            let g = generate(m.model.as_mut(), &mut kv, &m.tokenizer, &req, |piece| {
-                out.write_all(piece.as_bytes()).and_then(|_| out.flush()).is_ok()
-            })?;
-            writeln!(out)?;
-            eprintln!(
-                "[{} prompt tokens, {} generated, finish: {:?}]",
-                g.prompt_tokens,
-                g.tokens.len(),
-                g.finish
-            );
+            let (tx, rx) = std::sync::mpsc::channel();
+            sched.submit(
+                req,
+                Box::new(move |ev| {
+                    let mut out = std::io::stdout().lock();
+                    match ev {
+                        SeqEvent::Delta { text, .. } => {
+                            out.write_all(text.as_bytes()).and_then(|_| out.flush()).is_ok()
+                        }
+                        other => tx.send(other).is_ok(),
+                    }
+                }),
+            )?;
+            while sched.has_work() {
+                sched.step()?;
+            }
+            println!();
+            for ev in rx.try_iter() {
+                match ev {
+                    SeqEvent::Finished {
+                        reason,
+                        prompt_tokens,
+                        completion_tokens,
+                    } => eprintln!(
+                        "[{prompt_tokens} prompt tokens, {completion_tokens} generated, finish: {reason:?}]"
+                    ),
+                    SeqEvent::Error { message } => bail!(message),
+                    _ => {}
+                }
+            }
             Ok(())
         }
     }

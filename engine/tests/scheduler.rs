@@ -1,0 +1,202 @@
+//! The step scheduler on a tiny random Llama: sequences batched together, under
+//! preemption, or alone produce the same greedy tokens; cancellation, queue
+//! bounds and priorities behave; every KV block comes back.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+
+use embody_engine::backend::cpu::CpuBackend;
+use embody_engine::generate::FinishReason;
+use embody_engine::gguf::Gguf;
+use embody_engine::models::{load_gguf, LoadOptions};
+use embody_engine::sampling::SamplingParams;
+use embody_engine::scheduler::{Scheduler, SchedulerConfig, SeqEvent, SeqRequest};
+use embody_engine::tokenizer::Tokenizer;
+use embody_engine::Error;
+
+fn scheduler(kv_blocks: usize, max_running: usize, max_batch: usize) -> Scheduler {
+    let g = Gguf::from_bytes("tiny.gguf", common::tiny_llama_gguf(3)).unwrap();
+    let tok = Arc::new(Tokenizer::from_gguf(&g).unwrap());
+    let opts = LoadOptions {
+        max_batch_tokens: max_batch,
+        block_size: 4,
+        ..Default::default()
+    };
+    let model = load_gguf(&g, Arc::new(CpuBackend::new(2)), opts).unwrap();
+    let cfg = SchedulerConfig {
+        kv_blocks,
+        max_running,
+        max_queued: 64,
+    };
+    Scheduler::new(model, tok, cfg)
+}
+
+type Log = Arc<Mutex<Vec<(u64, SeqEvent)>>>;
+
+fn request(id: u64, len: usize, max_tokens: usize) -> SeqRequest {
+    SeqRequest {
+        id,
+        // Ids 2..28 are the single letters; avoid the control tokens 0 and 1.
+        prompt: (0..len).map(|i| 2 + ((i as u32 * 7 + id as u32 * 3) % 26)).collect(),
+        sampling: SamplingParams::greedy(),
+        max_tokens,
+        stop: vec![],
+        priority: 0,
+    }
+}
+
+fn submit(s: &mut Scheduler, log: &Log, req: SeqRequest) {
+    let (log, id) = (log.clone(), req.id);
+    s.submit(
+        req,
+        Box::new(move |ev| {
+            log.lock().unwrap().push((id, ev));
+            true
+        }),
+    )
+    .unwrap();
+}
+
+fn run(s: &mut Scheduler) {
+    let mut steps = 0;
+    while s.has_work() {
+        s.step().unwrap();
+        steps += 1;
+        assert!(steps < 10_000, "scheduler made no progress");
+    }
+}
+
+fn tokens_of(log: &Log, id: u64) -> Vec<u32> {
+    log.lock()
+        .unwrap()
+        .iter()
+        .filter(|(i, _)| *i == id)
+        .flat_map(|(_, e)| match e {
+            SeqEvent::Delta { token_ids, .. } => token_ids.clone(),
+            _ => vec![],
+        })
+        .collect()
+}
+
+fn finish_of(log: &Log, id: u64) -> Option<(FinishReason, usize, usize)> {
+    log.lock().unwrap().iter().find_map(|(i, e)| match e {
+        SeqEvent::Finished {
+            reason,
+            prompt_tokens,
+            completion_tokens,
+        } if *i == id => Some((*reason, *prompt_tokens, *completion_tokens)),
+        _ => None,
+    })
+}
+
+fn alone(id: u64, len: usize, max_tokens: usize) -> Vec<u32> {
+    let mut s = scheduler(64, 1, 64);
+    let log = Log::default();
+    submit(&mut s, &log, request(id, len, max_tokens));
+    run(&mut s);
+    tokens_of(&log, id)
+}
+
+#[test]
+fn batched_sequences_match_each_alone() {
+    let lens = [3, 17, 9, 30, 5, 12, 22, 8];
+    let expected: Vec<Vec<u32>> = lens.iter().enumerate().map(|(i, &l)| alone(i as u64, l, 12)).collect();
+    // A small token budget forces chunked prefills mixed with decodes.
+    let mut s = scheduler(256, 8, 16);
+    let log = Log::default();
+    for (i, &l) in lens.iter().enumerate() {
+        submit(&mut s, &log, request(i as u64, l, 12));
+    }
+    run(&mut s);
+    for (i, e) in expected.iter().enumerate() {
+        assert_eq!(&tokens_of(&log, i as u64), e, "sequence {i}");
+        assert_eq!(finish_of(&log, i as u64), Some((FinishReason::Length, lens[i], 12)));
+    }
+    let st = s.stats();
+    assert_eq!((st.running, st.queued, st.kv_blocks_used), (0, 0, 0), "{st:?}");
+}
+
+#[test]
+fn preempted_sequences_resume_with_the_same_tokens() {
+    let expected: Vec<Vec<u32>> = (0..4).map(|i| alone(i, 10, 20)).collect();
+    // 4 sequences of up to 30 positions need 32 blocks of 4; give them 14.
+    let mut s = scheduler(14, 4, 64);
+    let log = Log::default();
+    for i in 0..4 {
+        submit(&mut s, &log, request(i, 10, 20));
+    }
+    run(&mut s);
+    assert!(s.stats().preemptions > 0, "the pool was meant to run out");
+    for (i, e) in expected.iter().enumerate() {
+        assert_eq!(&tokens_of(&log, i as u64), e, "sequence {i}");
+    }
+    assert_eq!(s.stats().kv_blocks_used, 0);
+}
+
+#[test]
+fn cancel_and_disconnect_free_the_slot() {
+    let mut s = scheduler(64, 2, 64);
+    let log = Log::default();
+    submit(&mut s, &log, request(1, 6, 1000));
+    // A client that goes away after three deltas.
+    let seen = Arc::new(Mutex::new(0));
+    let seen2 = seen.clone();
+    s.submit(
+        request(2, 6, 1000),
+        Box::new(move |ev| {
+            if matches!(ev, SeqEvent::Delta { .. }) {
+                *seen2.lock().unwrap() += 1;
+            }
+            *seen2.lock().unwrap() < 3
+        }),
+    )
+    .unwrap();
+    for _ in 0..5 {
+        s.step().unwrap();
+    }
+    assert_eq!(s.stats().running, 1, "the disconnected client's sequence ended");
+    assert!(s.cancel(1));
+    assert!(!s.cancel(1), "already gone");
+    assert_eq!(finish_of(&log, 1).map(|f| f.0), Some(FinishReason::Cancelled));
+    assert!(!s.has_work());
+    assert_eq!(s.stats().kv_blocks_used, 0);
+}
+
+#[test]
+fn queue_bound_priorities_and_bad_requests() {
+    let mut s = scheduler(64, 1, 64);
+    let log = Log::default();
+    let mut r = request(9, 4, 2);
+    r.prompt.clear();
+    assert!(matches!(s.submit(r, Box::new(|_| true)), Err(Error::InvalidRequest(_))));
+    let mut r = request(9, 4, 2);
+    r.prompt[0] = 64;
+    assert!(s.submit(r, Box::new(|_| true)).unwrap_err().to_string().contains("vocabulary"));
+    let mut r = request(9, 300, 2);
+    r.prompt.truncate(300);
+    assert!(s.submit(r, Box::new(|_| true)).unwrap_err().to_string().contains("context"));
+    // Ids 1..=3 at priority 0, then an urgent one: it runs right after the first admitted.
+    for id in 1..=3 {
+        submit(&mut s, &log, request(id, 4, 2));
+    }
+    let mut urgent = request(4, 4, 2);
+    urgent.priority = 10;
+    submit(&mut s, &log, urgent);
+    run(&mut s);
+    let order: Vec<u64> = log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, e)| matches!(e, SeqEvent::Started { .. }))
+        .map(|(i, _)| *i)
+        .collect();
+    assert_eq!(order, [4, 1, 2, 3]);
+
+    let mut s = scheduler(64, 1, 64);
+    for id in 0..64 {
+        s.submit(request(id, 4, 2), Box::new(|_| true)).unwrap();
+    }
+    let e = s.submit(request(99, 4, 2), Box::new(|_| true)).unwrap_err();
+    assert!(matches!(e, Error::Overloaded(_)), "{e}");
+}
