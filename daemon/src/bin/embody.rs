@@ -96,6 +96,23 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         chunks: usize,
     },
+    /// Measure prefill and decode speed the way llama-bench does.
+    Bench {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Prompt tokens prefilled in one pass.
+        #[arg(long, short = 'p', default_value_t = 512)]
+        prompt_tokens: usize,
+        /// Tokens generated one at a time.
+        #[arg(long, short = 'n', default_value_t = 128)]
+        gen_tokens: usize,
+        /// Repetitions; the median is reported.
+        #[arg(long, short = 'r', default_value_t = 3)]
+        reps: usize,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// List a GGUF file's metadata and tensors.
     Inspect {
         /// The GGUF file.
@@ -128,6 +145,7 @@ fn main() -> ExitCode {
 
 struct Loaded {
     gguf: Gguf,
+    threads: usize,
     tokenizer: Tokenizer,
     model: Box<dyn Model>,
 }
@@ -141,9 +159,11 @@ fn load(args: &ModelArgs, ctx: usize) -> Result<Loaded> {
         context_length: ctx,
         ..LoadOptions::default()
     };
-    let model = models::load_gguf(&gguf, backend, opts)?;
+    let threads = backend.threads();
+    let model = models::load_gguf(&gguf, backend.clone(), opts)?;
     Ok(Loaded {
         gguf,
+        threads,
         tokenizer,
         model,
     })
@@ -163,6 +183,38 @@ fn serving_ctx(path: &Path, asked: usize) -> Result<usize> {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Inspect { file } => inspect(&file),
+        Command::Bench {
+            model,
+            prompt_tokens,
+            gen_tokens,
+            reps,
+            json,
+        } => {
+            let ctx = (prompt_tokens + gen_tokens).next_multiple_of(256);
+            let mut m = load(&model, ctx)?;
+            let r = embody_engine::bench::run(m.model.as_mut(), prompt_tokens, gen_tokens, reps)?;
+            if json {
+                let v = serde_json::json!({
+                    "model": model.model.display().to_string(),
+                    "threads": m.threads,
+                    "prompt_tokens": prompt_tokens,
+                    "gen_tokens": gen_tokens,
+                    "prefill_tok_s": r.prefill_tok_s,
+                    "decode_tok_s": r.decode_tok_s,
+                    "ttft_ms": r.ttft_ms,
+                    "peak_rss_mb": r.peak_rss_mb,
+                });
+                println!("{v}");
+            } else {
+                println!("model          {}", model.model.display());
+                println!("threads        {}", m.threads);
+                println!("prefill        {:.1} tok/s ({prompt_tokens} tokens)", r.prefill_tok_s);
+                println!("decode         {:.1} tok/s ({gen_tokens} tokens)", r.decode_tok_s);
+                println!("time to first  {:.1} ms", r.ttft_ms);
+                println!("peak RSS       {:.1} MiB", r.peak_rss_mb);
+            }
+            Ok(())
+        }
         Command::Tokenize {
             model,
             prompt,

@@ -7,13 +7,15 @@
 
 pub mod pool;
 
-use half::f16;
-
 use super::{AttnParams, AttnSeq, Backend, Workspace};
 use crate::kv_cache::KvCache;
 use crate::quant::{self, GgmlType};
 use crate::tensor::QTensor;
 use pool::{split, Pool};
+
+/// Activation rows multiplied per pass over a weight row (the most
+/// `quant::vec_dot_multi` takes).
+const TOKENS_PER_ROW_PASS: usize = 4;
 
 /// A raw pointer that threads may share when each writes disjoint elements.
 #[derive(Clone, Copy)]
@@ -94,12 +96,18 @@ impl Backend for CpuBackend {
         let act = &ws.act[..n * act_row];
         let out = SharedMut(y.as_mut_ptr());
         self.pool.run(&|i, nt| {
+            let mut acc = [0f32; TOKENS_PER_ROW_PASS];
             for r in split(rows, i, nt) {
                 let wr = w.row(r);
-                for t in 0..n {
-                    let v = quant::vec_dot(w.ty, wr, &act[t * act_row..(t + 1) * act_row], k);
-                    // SAFETY: row r belongs to this thread alone.
-                    unsafe { out.write(t * rows + r, v) };
+                // Each weight row is decoded once per group of activation rows.
+                for t0 in (0..n).step_by(TOKENS_PER_ROW_PASS) {
+                    let g = (n - t0).min(TOKENS_PER_ROW_PASS);
+                    let xs = &act[t0 * act_row..(t0 + g) * act_row];
+                    quant::vec_dot_multi(w.ty, k, wr, xs, &mut acc[..g]);
+                    for (j, &v) in acc[..g].iter().enumerate() {
+                        // SAFETY: row r belongs to this thread alone.
+                        unsafe { out.write((t0 + j) * rows + r, v) };
+                    }
                 }
             }
         });
@@ -175,7 +183,7 @@ fn attend_one(
     for pos in first..=last {
         let kb = kv.k_block(layer, s.table.blocks[pos / bs], kvh);
         let kr = &kb[(pos % bs) * hd..(pos % bs + 1) * hd];
-        let d = dot_f16(qh, kr) * scale;
+        let d = quant::dot_f32_f16(qh, kr) * scale;
         scores[pos] = d;
         max = max.max(d);
     }
@@ -189,15 +197,8 @@ fn attend_one(
     for pos in first..=last {
         let vb = kv.v_block(layer, s.table.blocks[pos / bs], kvh);
         let vr = &vb[(pos % bs) * hd..(pos % bs + 1) * hd];
-        let w = scores[pos] * inv;
-        for (o, v) in out.iter_mut().zip(vr) {
-            *o += w * v.to_f32();
-        }
+        quant::axpy_f16(out, scores[pos] * inv, vr);
     }
-}
-
-fn dot_f16(a: &[f32], b: &[f16]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y.to_f32()).sum()
 }
 
 /// Dequantizes one row of a weight (embedding lookups).

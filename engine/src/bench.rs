@@ -1,0 +1,109 @@
+//! Throughput measurement in the shape of llama.cpp's `llama-bench`: prefill of
+//! a prompt of N tokens in one pass, then M decode steps of one token each, so
+//! the two tools' figures compare one to one.
+
+use std::time::Instant;
+
+use crate::kv_cache::{BlockTable, KvCache};
+use crate::models::{Logits, Model, SeqBatch};
+use crate::Result;
+
+/// Figures of one run.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BenchResult {
+    /// Prompt tokens per second.
+    pub prefill_tok_s: f64,
+    /// Generated tokens per second.
+    pub decode_tok_s: f64,
+    /// Time to first token: the prefill plus the first decode step, in ms.
+    pub ttft_ms: f64,
+    /// Peak resident memory of the process so far, in MiB.
+    pub peak_rss_mb: f64,
+}
+
+/// Runs `prompt_tokens` of prefill then `gen_tokens` decode steps, `reps` times,
+/// and returns the median of each figure. Tokens are arbitrary valid ids (the
+/// cost of a forward pass does not depend on them); decode feeds back the
+/// argmax so the work is that of greedy generation.
+pub fn run(model: &mut dyn Model, prompt_tokens: usize, gen_tokens: usize, reps: usize) -> Result<BenchResult> {
+    let info = model.info().clone();
+    let total = prompt_tokens + gen_tokens;
+    let mut kv = KvCache::new(info.kv, info.kv.blocks_for_tokens(total));
+    let mut logits = vec![0f32; info.vocab_size];
+    // A spread of ids, avoiding 0..16 where control tokens usually sit.
+    let prompt: Vec<u32> = (0..prompt_tokens)
+        .map(|i| 16 + (i as u32 * 7919) % (info.vocab_size as u32 - 16))
+        .collect();
+    let mut runs = Vec::with_capacity(reps);
+    for _ in 0..reps.max(1) {
+        let mut table = BlockTable::new();
+        table.reserve(&mut kv, total)?;
+        let t0 = Instant::now();
+        let mut start = 0;
+        while start < prompt_tokens {
+            let end = (start + info.max_batch_tokens).min(prompt_tokens);
+            let b = [SeqBatch {
+                tokens: &prompt[start..end],
+                start_pos: start,
+                table: &table,
+                logits: if end == prompt_tokens { Logits::Last } else { Logits::None },
+            }];
+            model.forward(&b, &mut kv, &mut logits)?;
+            start = end;
+        }
+        let prefill = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let mut first = 0.0;
+        for g in 0..gen_tokens {
+            let next = argmax(&logits);
+            let b = [SeqBatch {
+                tokens: std::slice::from_ref(&next),
+                start_pos: prompt_tokens + g,
+                table: &table,
+                logits: Logits::Last,
+            }];
+            model.forward(&b, &mut kv, &mut logits)?;
+            if g == 0 {
+                first = t1.elapsed().as_secs_f64();
+            }
+        }
+        let decode = t1.elapsed().as_secs_f64();
+        table.release(&mut kv);
+        runs.push((
+            prompt_tokens as f64 / prefill,
+            gen_tokens as f64 / decode,
+            (prefill + first) * 1e3,
+        ));
+    }
+    let median = |f: fn(&(f64, f64, f64)) -> f64| {
+        let mut v: Vec<f64> = runs.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Ok(BenchResult {
+        prefill_tok_s: median(|r| r.0),
+        decode_tok_s: median(|r| r.1),
+        ttft_ms: median(|r| r.2),
+        peak_rss_mb: peak_rss_mb(),
+    })
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    v.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |a, (i, &x)| if x > a.1 { (i, x) } else { a })
+        .0 as u32
+}
+
+/// The process's peak resident set (VmHWM) in MiB, or 0 where /proc is absent.
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
