@@ -1,10 +1,17 @@
-//! The paged KV cache: a pool of fixed-size blocks sized by a memory budget,
+//! The paged KV cache: pools of fixed-size blocks sized by a memory budget,
 //! per-sequence block tables, and reference counts so that sequences can share
 //! the blocks of a common prefix.
 //!
 //! Keys and values are stored as f16 (as llama.cpp does by default). Within a
 //! block, each KV head's rows are contiguous: `[n_kv_heads, block_size, head_dim]`,
 //! so attention for one head streams memory in order.
+//!
+//! Models whose layers attend through a sliding window (Gemma 3 interleaves five
+//! sliding layers with one full-attention layer) keep those layers in a second
+//! pool, the *window pool*. A sequence's table holds blocks of both pools, indexed
+//! alike by position; [`BlockTable::slide`] releases the window-pool blocks that
+//! no later query can see, so a sliding layer holds only its window (plus the
+//! chunk being computed), while the full-attention layers keep the whole history.
 
 use half::f16;
 
@@ -12,6 +19,51 @@ use crate::{Error, Result};
 
 /// Tokens per block unless configured otherwise.
 pub const DEFAULT_BLOCK_SIZE: usize = 16;
+
+/// A window-pool table entry whose block slid out of the window and was released.
+pub const RELEASED: u32 = u32::MAX;
+
+/// A set of layer indices below [`LayerSet::MAX`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LayerSet([u64; 4]);
+
+impl LayerSet {
+    /// Layers a set can name.
+    pub const MAX: usize = 256;
+
+    /// Adds layer `i`.
+    ///
+    /// # Panics
+    /// If `i >= LayerSet::MAX`.
+    pub fn insert(&mut self, i: usize) {
+        assert!(i < Self::MAX, "layer {i} beyond LayerSet::MAX");
+        self.0[i / 64] |= 1 << (i % 64);
+    }
+
+    /// Whether layer `i` is in the set.
+    pub fn contains(&self, i: usize) -> bool {
+        i < Self::MAX && self.0[i / 64] & (1 << (i % 64)) != 0
+    }
+
+    /// Layers in the set.
+    pub fn len(&self) -> usize {
+        self.0.iter().map(|w| w.count_ones() as usize).sum()
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Layers that keep only a sliding window of positions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlidingWindow {
+    /// Positions a query sees, itself included.
+    pub size: usize,
+    /// The sliding layers; their K/V live in the window pool.
+    pub layers: LayerSet,
+}
 
 /// The shape of the cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,6 +76,9 @@ pub struct KvLayout {
     pub head_dim: usize,
     /// Tokens per block.
     pub block_size: usize,
+    /// Sliding-window layers kept in the window pool (`None`: every layer keeps
+    /// the whole history).
+    pub window: Option<SlidingWindow>,
 }
 
 impl KvLayout {
@@ -32,7 +87,8 @@ impl KvLayout {
         self.n_kv_heads * self.block_size * self.head_dim
     }
 
-    /// Bytes one block costs across all layers, K and V.
+    /// Bytes one block of positions costs across all layers, K and V (one
+    /// main-pool block plus one window-pool block when layers slide).
     pub fn block_bytes(&self) -> usize {
         2 * self.n_layers * self.block_elems() * std::mem::size_of::<f16>()
     }
@@ -46,36 +102,122 @@ impl KvLayout {
     pub fn blocks_for_tokens(&self, tokens: usize) -> usize {
         tokens.div_ceil(self.block_size)
     }
+
+    /// Whether layer `layer` keeps its K/V in the window pool.
+    pub fn is_window_layer(&self, layer: usize) -> bool {
+        self.window.is_some_and(|w| w.layers.contains(layer))
+    }
+
+    /// Window-pool blocks one sequence holds at most when it calls
+    /// [`BlockTable::slide`] before every forward of up to `max_batch_tokens`
+    /// tokens (0 without sliding layers).
+    pub fn window_blocks_per_sequence(&self, max_batch_tokens: usize) -> usize {
+        match self.window {
+            // The oldest visible position and the newest may each sit in a partial block.
+            Some(w) => (w.size - 1 + max_batch_tokens).div_ceil(self.block_size) + 1,
+            None => 0,
+        }
+    }
 }
 
-/// The block pool.
-pub struct KvCache {
-    layout: KvLayout,
-    n_blocks: usize,
-    // [n_layers][n_blocks * block_elems]
+/// One pool of blocks: K and V for a group of layers.
+struct Pool {
+    // [layers in the pool][n_blocks * block_elems]
     k: Vec<Vec<f16>>,
-    // [n_layers][n_blocks * block_elems]
+    // [layers in the pool][n_blocks * block_elems]
     v: Vec<Vec<f16>>,
     refcount: Vec<u32>,
     free: Vec<u32>,
 }
 
-impl KvCache {
-    /// A pool of `n_blocks` blocks, all memory reserved now.
-    ///
-    /// # Panics
-    /// If `n_blocks` is zero or exceeds `u32::MAX`.
-    pub fn new(layout: KvLayout, n_blocks: usize) -> Self {
-        assert!(n_blocks > 0 && n_blocks <= u32::MAX as usize);
-        let per_layer = n_blocks * layout.block_elems();
+impl Pool {
+    fn new(n_layers: usize, n_blocks: usize, block_elems: usize) -> Self {
+        let per_layer = n_blocks * block_elems;
         Self {
-            layout,
-            n_blocks,
-            k: (0..layout.n_layers).map(|_| vec![f16::ZERO; per_layer]).collect(),
-            v: (0..layout.n_layers).map(|_| vec![f16::ZERO; per_layer]).collect(),
+            k: (0..n_layers).map(|_| vec![f16::ZERO; per_layer]).collect(),
+            v: (0..n_layers).map(|_| vec![f16::ZERO; per_layer]).collect(),
             refcount: vec![0; n_blocks],
             // Popped from the end: low block ids are handed out first.
             free: (0..n_blocks as u32).rev().collect(),
+        }
+    }
+
+    fn allocate(&mut self) -> Result<u32> {
+        let b = self
+            .free
+            .pop()
+            .ok_or(Error::KvCacheFull { needed: 1, free: 0 })?;
+        self.refcount[b as usize] = 1;
+        Ok(b)
+    }
+
+    fn retain(&mut self, block: u32) {
+        let rc = &mut self.refcount[block as usize];
+        assert!(*rc > 0, "retain of free KV block {block}");
+        *rc += 1;
+    }
+
+    fn release(&mut self, block: u32) {
+        let rc = &mut self.refcount[block as usize];
+        assert!(*rc > 0, "release of free KV block {block}");
+        *rc -= 1;
+        if *rc == 0 {
+            self.free.push(block);
+        }
+    }
+}
+
+/// The block pools.
+pub struct KvCache {
+    layout: KvLayout,
+    /// For each layer: whether it lives in the window pool, and its index there.
+    slots: Vec<(bool, usize)>,
+    main: Pool,
+    window: Pool,
+}
+
+impl KvCache {
+    /// A cache of `n_blocks` blocks in the main pool and as many in the window
+    /// pool (when layers slide), all memory reserved now. A window pool that
+    /// large never runs out before the main pool; [`KvCache::with_window_blocks`]
+    /// sizes it by [`KvLayout::window_blocks_per_sequence`] instead.
+    ///
+    /// # Panics
+    /// If `n_blocks` is zero or exceeds `u32::MAX - 1`.
+    pub fn new(layout: KvLayout, n_blocks: usize) -> Self {
+        let window = if layout.window.is_some() { n_blocks } else { 0 };
+        Self::with_window_blocks(layout, n_blocks, window)
+    }
+
+    /// A cache with `n_blocks` main-pool blocks and `n_window_blocks` window-pool
+    /// blocks.
+    ///
+    /// # Panics
+    /// If `n_blocks` is zero, either count exceeds `u32::MAX - 1`, or the layout
+    /// names a sliding layer beyond `n_layers`.
+    pub fn with_window_blocks(layout: KvLayout, n_blocks: usize, n_window_blocks: usize) -> Self {
+        assert!(n_blocks > 0 && n_blocks < u32::MAX as usize);
+        assert!(n_window_blocks < u32::MAX as usize);
+        let mut slots = Vec::with_capacity(layout.n_layers);
+        let (mut n_main, mut n_window) = (0, 0);
+        for l in 0..layout.n_layers {
+            if layout.is_window_layer(l) {
+                slots.push((true, n_window));
+                n_window += 1;
+            } else {
+                slots.push((false, n_main));
+                n_main += 1;
+            }
+        }
+        if let Some(w) = layout.window {
+            assert_eq!(w.layers.len(), n_window, "sliding layers beyond n_layers");
+        }
+        let window_blocks = if n_window > 0 { n_window_blocks } else { 0 };
+        Self {
+            layout,
+            slots,
+            main: Pool::new(n_main, n_blocks, layout.block_elems()),
+            window: Pool::new(n_window, window_blocks, layout.block_elems()),
         }
     }
 
@@ -84,77 +226,113 @@ impl KvCache {
         self.layout
     }
 
-    /// Total blocks.
+    /// Blocks in the main pool.
     pub fn n_blocks(&self) -> usize {
-        self.n_blocks
+        self.main.refcount.len()
     }
 
-    /// Blocks not referenced by anyone.
+    /// Main-pool blocks not referenced by anyone.
     pub fn free_blocks(&self) -> usize {
-        self.free.len()
+        self.main.free.len()
     }
 
-    /// The reference count of a block.
+    /// The reference count of a main-pool block.
     pub fn refcount(&self, block: u32) -> u32 {
-        self.refcount[block as usize]
+        self.main.refcount[block as usize]
     }
 
-    /// Takes a free block with a reference count of one.
+    /// Blocks in the window pool (0 without sliding layers).
+    pub fn n_window_blocks(&self) -> usize {
+        self.window.refcount.len()
+    }
+
+    /// Window-pool blocks not referenced by anyone.
+    pub fn free_window_blocks(&self) -> usize {
+        self.window.free.len()
+    }
+
+    /// The reference count of a window-pool block.
+    pub fn window_refcount(&self, block: u32) -> u32 {
+        self.window.refcount[block as usize]
+    }
+
+    /// Takes a free main-pool block with a reference count of one.
     pub fn allocate(&mut self) -> Result<u32> {
-        let b = self.free.pop().ok_or(Error::KvCacheFull { needed: 1, free: 0 })?;
-        self.refcount[b as usize] = 1;
-        Ok(b)
+        self.main.allocate()
     }
 
-    /// Adds a reference to a block in use (a second sequence shares it).
+    /// Adds a reference to a main-pool block in use (a second sequence shares it).
     ///
     /// # Panics
     /// If the block is free: sharing a free block is a logic error.
     pub fn retain(&mut self, block: u32) {
-        let rc = &mut self.refcount[block as usize];
-        assert!(*rc > 0, "retain of free KV block {block}");
-        *rc += 1;
+        self.main.retain(block)
     }
 
-    /// Drops a reference; the block returns to the pool at zero.
+    /// Drops a reference to a main-pool block; it returns to the pool at zero.
     ///
     /// # Panics
     /// If the block is already free.
     pub fn release(&mut self, block: u32) {
-        let rc = &mut self.refcount[block as usize];
-        assert!(*rc > 0, "release of free KV block {block}");
-        *rc -= 1;
-        if *rc == 0 {
-            self.free.push(block);
+        self.main.release(block)
+    }
+
+    /// The blocks that hold `layer`'s positions for a sequence: the table's
+    /// main-pool or window-pool list. Position `p` is in `blocks[p / block_size]`.
+    pub fn blocks<'a>(&self, layer: usize, table: &'a BlockTable) -> &'a [u32] {
+        if self.slots[layer].0 {
+            &table.window
+        } else {
+            &table.blocks
         }
     }
 
     /// Stores the K and V rows (`[n_kv_heads * head_dim]` each) of one position.
+    ///
+    /// # Panics
+    /// If the table holds no block for `pos` in the layer's pool.
     pub fn write(&mut self, layer: usize, table: &BlockTable, pos: usize, k: &[f32], v: &[f32]) {
         let l = self.layout;
-        let block = table.blocks[pos / l.block_size] as usize;
-        let slot = pos % l.block_size;
-        let base = block * l.block_elems();
+        let (in_window, slot) = self.slots[layer];
+        let (pool, blocks) = if in_window {
+            (&mut self.window, &table.window)
+        } else {
+            (&mut self.main, &table.blocks)
+        };
+        let block = blocks[pos / l.block_size];
+        assert_ne!(
+            block, RELEASED,
+            "KV write at position {pos} into a released window block"
+        );
+        let base = block as usize * l.block_elems();
+        let slot_in_block = pos % l.block_size;
         for h in 0..l.n_kv_heads {
-            let dst = base + (h * l.block_size + slot) * l.head_dim;
+            let dst = base + (h * l.block_size + slot_in_block) * l.head_dim;
             let src = h * l.head_dim..(h + 1) * l.head_dim;
-            for (d, s) in self.k[layer][dst..dst + l.head_dim].iter_mut().zip(&k[src.clone()]) {
+            for (d, s) in pool.k[slot][dst..dst + l.head_dim]
+                .iter_mut()
+                .zip(&k[src.clone()])
+            {
                 *d = f16::from_f32(*s);
             }
-            for (d, s) in self.v[layer][dst..dst + l.head_dim].iter_mut().zip(&v[src]) {
+            for (d, s) in pool.v[slot][dst..dst + l.head_dim].iter_mut().zip(&v[src]) {
                 *d = f16::from_f32(*s);
             }
         }
     }
 
-    /// K rows of one head in one block: `[block_size, head_dim]`.
+    /// K rows of one head in one block of `layer`'s pool: `[block_size, head_dim]`.
     pub fn k_block(&self, layer: usize, block: u32, head: usize) -> &[f16] {
-        self.head_slice(&self.k[layer], block, head)
+        let (in_window, slot) = self.slots[layer];
+        let pool = if in_window { &self.window } else { &self.main };
+        self.head_slice(&pool.k[slot], block, head)
     }
 
-    /// V rows of one head in one block: `[block_size, head_dim]`.
+    /// V rows of one head in one block of `layer`'s pool: `[block_size, head_dim]`.
     pub fn v_block(&self, layer: usize, block: u32, head: usize) -> &[f16] {
-        self.head_slice(&self.v[layer], block, head)
+        let (in_window, slot) = self.slots[layer];
+        let pool = if in_window { &self.window } else { &self.main };
+        self.head_slice(&pool.v[slot], block, head)
     }
 
     fn head_slice<'a>(&self, data: &'a [f16], block: u32, head: usize) -> &'a [f16] {
@@ -167,8 +345,11 @@ impl KvCache {
 /// The blocks that hold one sequence's positions, in order.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BlockTable {
-    /// Block ids; position `p` lives in `blocks[p / block_size]`.
+    /// Main-pool block ids; position `p` lives in `blocks[p / block_size]`.
     pub blocks: Vec<u32>,
+    /// Window-pool block ids (sliding layers), indexed like `blocks`; entries
+    /// that slid out of the window are [`RELEASED`]. Empty without sliding layers.
+    pub window: Vec<u32>,
 }
 
 impl BlockTable {
@@ -177,30 +358,92 @@ impl BlockTable {
         Self::default()
     }
 
+    /// An empty table with room for `blocks` blocks in each pool, so growing it
+    /// does not allocate.
+    pub fn with_capacity(blocks: usize) -> Self {
+        Self {
+            blocks: Vec::with_capacity(blocks),
+            window: Vec::with_capacity(blocks),
+        }
+    }
+
     /// Positions the table can hold without allocating.
     pub fn capacity(&self, block_size: usize) -> usize {
         self.blocks.len() * block_size
     }
 
-    /// Allocates blocks until `tokens` positions fit; on failure nothing is taken.
+    /// The first position whose window-pool block is still held.
+    pub fn window_start(&self, block_size: usize) -> usize {
+        self.released_window_blocks() * block_size
+    }
+
+    fn released_window_blocks(&self) -> usize {
+        // Released entries are always a prefix.
+        self.window.partition_point(|&b| b == RELEASED)
+    }
+
+    /// Window-pool blocks the table holds.
+    pub fn window_blocks_held(&self) -> usize {
+        self.window.len() - self.released_window_blocks()
+    }
+
+    /// Allocates blocks until `tokens` positions fit in every pool the layout
+    /// uses; on failure nothing is taken.
     pub fn reserve(&mut self, cache: &mut KvCache, tokens: usize) -> Result<()> {
-        let need = cache.layout.blocks_for_tokens(tokens).saturating_sub(self.blocks.len());
+        let want = cache.layout.blocks_for_tokens(tokens);
+        let need = want.saturating_sub(self.blocks.len());
+        let need_window = if cache.layout.window.is_some() {
+            want.saturating_sub(self.window.len())
+        } else {
+            0
+        };
         if need > cache.free_blocks() {
             return Err(Error::KvCacheFull {
                 needed: need,
                 free: cache.free_blocks(),
             });
         }
+        if need_window > cache.free_window_blocks() {
+            return Err(Error::KvCacheFull {
+                needed: need_window,
+                free: cache.free_window_blocks(),
+            });
+        }
         for _ in 0..need {
-            self.blocks.push(cache.allocate()?);
+            self.blocks.push(cache.main.allocate()?);
+        }
+        for _ in 0..need_window {
+            self.window.push(cache.window.allocate()?);
         }
         Ok(())
+    }
+
+    /// Releases the window-pool blocks that no query at `next_pos` or later can
+    /// see. Call it before each forward whose first new token is at `next_pos`;
+    /// positions before `next_pos` then cannot be computed again.
+    pub fn slide(&mut self, cache: &mut KvCache, next_pos: usize) {
+        let Some(w) = cache.layout.window else {
+            return;
+        };
+        let first_visible = (next_pos + 1).saturating_sub(w.size);
+        let end = (first_visible / cache.layout.block_size).min(self.window.len());
+        for b in &mut self.window[..end] {
+            if *b != RELEASED {
+                cache.window.release(*b);
+                *b = RELEASED;
+            }
+        }
     }
 
     /// Releases every block and empties the table.
     pub fn release(&mut self, cache: &mut KvCache) {
         for b in self.blocks.drain(..) {
-            cache.release(b);
+            cache.main.release(b);
+        }
+        for b in self.window.drain(..) {
+            if b != RELEASED {
+                cache.window.release(b);
+            }
         }
     }
 
@@ -208,14 +451,24 @@ impl BlockTable {
     pub fn truncate(&mut self, cache: &mut KvCache, tokens: usize) {
         let keep = cache.layout.blocks_for_tokens(tokens);
         for b in self.blocks.drain(keep.min(self.blocks.len())..) {
-            cache.release(b);
+            cache.main.release(b);
+        }
+        for b in self.window.drain(keep.min(self.window.len())..) {
+            if b != RELEASED {
+                cache.window.release(b);
+            }
         }
     }
 
     /// A table sharing this one's blocks (each gains a reference).
     pub fn fork(&self, cache: &mut KvCache) -> BlockTable {
         for &b in &self.blocks {
-            cache.retain(b);
+            cache.main.retain(b);
+        }
+        for &b in &self.window {
+            if b != RELEASED {
+                cache.window.retain(b);
+            }
         }
         self.clone()
     }
@@ -231,6 +484,18 @@ mod tests {
             n_kv_heads: 2,
             head_dim: 4,
             block_size: 4,
+            window: None,
+        }
+    }
+
+    /// Three layers, the middle one sliding with a window of 6 positions.
+    fn sliding_layout() -> KvLayout {
+        let mut layers = LayerSet::default();
+        layers.insert(1);
+        KvLayout {
+            n_layers: 3,
+            window: Some(SlidingWindow { size: 6, layers }),
+            ..layout()
         }
     }
 
@@ -241,6 +506,9 @@ mod tests {
         assert_eq!(l.block_bytes(), 256);
         assert_eq!(l.blocks_for_budget(1), 4096);
         assert_eq!(l.blocks_for_tokens(9), 3);
+        assert_eq!(l.window_blocks_per_sequence(8), 0);
+        // A window of 6 and chunks of 8: 13 positions over at most 5 blocks of 4.
+        assert_eq!(sliding_layout().window_blocks_per_sequence(8), 5);
     }
 
     #[test]
@@ -249,10 +517,17 @@ mod tests {
         let mut a = BlockTable::new();
         a.reserve(&mut c, 9).unwrap();
         assert_eq!((a.blocks.len(), c.free_blocks()), (3, 1));
+        assert!(a.window.is_empty(), "no window pool without sliding layers");
         let mut b = BlockTable::new();
         let e = b.reserve(&mut c, 8).unwrap_err();
-        assert!(matches!(e, Error::KvCacheFull { needed: 2, free: 1 }), "{e}");
-        assert!(b.blocks.is_empty() && c.free_blocks() == 1, "nothing taken on failure");
+        assert!(
+            matches!(e, Error::KvCacheFull { needed: 2, free: 1 }),
+            "{e}"
+        );
+        assert!(
+            b.blocks.is_empty() && c.free_blocks() == 1,
+            "nothing taken on failure"
+        );
         let mut shared = a.fork(&mut c);
         assert_eq!(c.refcount(a.blocks[0]), 2);
         a.release(&mut c);
@@ -281,6 +556,58 @@ mod tests {
         assert_eq!(&kh1[4..8], &[4.0, 5.0, 6.0, 7.0].map(f16::from_f32));
         assert_eq!(c.v_block(1, blk, 0)[4], f16::from_f32(-0.0));
         assert_eq!(c.v_block(1, blk, 0)[5], f16::from_f32(-1.0));
-        assert!(c.k_block(0, blk, 1).iter().all(|x| *x == f16::ZERO), "other layer untouched");
+        assert!(
+            c.k_block(0, blk, 1).iter().all(|x| *x == f16::ZERO),
+            "other layer untouched"
+        );
+    }
+
+    #[test]
+    fn sliding_layers_live_in_the_window_pool() {
+        let mut c = KvCache::with_window_blocks(sliding_layout(), 8, 3);
+        let mut t = BlockTable::new();
+        t.reserve(&mut c, 5).unwrap();
+        assert_eq!((t.blocks.len(), t.window.len()), (2, 2));
+        assert_eq!((c.free_blocks(), c.free_window_blocks()), (6, 1));
+        let k = [1.0; 8];
+        let v = [2.0; 8];
+        c.write(1, &t, 4, &k, &v);
+        // Layer 1 wrote into its window block; layers 0 and 2 read the main pool.
+        assert_eq!(c.blocks(1, &t), &t.window[..]);
+        assert_eq!(c.blocks(2, &t), &t.blocks[..]);
+        assert_eq!(c.k_block(1, t.window[1], 0)[0], f16::from_f32(1.0));
+        assert!(c.k_block(0, t.blocks[1], 0).iter().all(|x| *x == f16::ZERO));
+        assert!(c.k_block(2, t.blocks[1], 0).iter().all(|x| *x == f16::ZERO));
+    }
+
+    #[test]
+    fn slide_releases_blocks_behind_the_window() {
+        let mut c = KvCache::with_window_blocks(sliding_layout(), 8, 3);
+        let mut t = BlockTable::new();
+        t.reserve(&mut c, 12).unwrap();
+        assert_eq!(c.free_window_blocks(), 0);
+        // The window pool is full: growing needs a slide first.
+        let e = t.reserve(&mut c, 13).unwrap_err();
+        assert!(
+            matches!(e, Error::KvCacheFull { needed: 1, free: 0 }),
+            "{e}"
+        );
+        // A query at 12 sees 7..=12: block 0 (positions 0..4) is out, block 1 (4..8) is not.
+        t.slide(&mut c, 12);
+        assert_eq!(t.window[0], RELEASED);
+        assert_eq!((t.window_start(4), t.window_blocks_held()), (4, 2));
+        t.reserve(&mut c, 13).unwrap();
+        assert_eq!(
+            (t.blocks.len(), t.window.len(), c.free_window_blocks()),
+            (4, 4, 0)
+        );
+        // Sharing and releasing skip the released entries.
+        let mut f = t.fork(&mut c);
+        assert_eq!(c.window_refcount(t.window[1]), 2);
+        f.release(&mut c);
+        t.truncate(&mut c, 8);
+        assert_eq!((t.window.len(), c.free_window_blocks()), (2, 2));
+        t.release(&mut c);
+        assert_eq!((c.free_blocks(), c.free_window_blocks()), (8, 3));
     }
 }

@@ -7,8 +7,8 @@
 //! batching and prefix reuse add scheduling on top, never new model code.
 //!
 //! Layers, bottom up: [`gguf`] reads model files over mmap with every offset
-//! bounds-checked; [`quant`] holds the block formats with a scalar reference for
-//! every kernel; [`backend`] runs the heavy operations; [`models`] are one file
+//! bounds-checked, and [`hf`] Hugging Face folders (config.json, safetensors);
+//! [`quant`] holds the block formats with a scalar reference for every kernel; [`backend`] runs the heavy operations; [`models`] are one file
 //! per architecture; [`kv_cache`] is the paged block pool; [`tokenizer`],
 //! [`chat_template`] and [`sampling`] turn logits into text.
 #![warn(missing_docs)]
@@ -19,6 +19,7 @@ pub mod chat_template;
 pub mod error;
 pub mod generate;
 pub mod gguf;
+pub mod hf;
 pub mod kv_cache;
 pub mod models;
 pub mod ops;

@@ -41,7 +41,13 @@ pub enum RopeStyle {
 ///
 /// The angle for pair `i` is `pos * base^(-2i/rope_dim) / factor_i`, with the
 /// power built by repeated multiplication in f32 as llama.cpp does.
-pub fn rope_angles(pos: f32, base: f32, rope_dim: usize, freq_factors: Option<&[f32]>, cs: &mut [(f32, f32)]) {
+pub fn rope_angles(
+    pos: f32,
+    base: f32,
+    rope_dim: usize,
+    freq_factors: Option<&[f32]>,
+    cs: &mut [(f32, f32)],
+) {
     let theta_scale = base.powf(-2.0 / rope_dim as f32);
     let mut theta = pos;
     for (i, c) in cs.iter_mut().enumerate().take(rope_dim / 2) {
@@ -88,6 +94,41 @@ pub fn add_inplace(x: &mut [f32], y: &[f32]) {
     }
 }
 
+/// Adds `bias` to each `bias.len()`-wide row of `x`.
+pub fn add_bias_rows(x: &mut [f32], bias: &[f32]) {
+    for row in x.chunks_exact_mut(bias.len()) {
+        add_inplace(row, bias);
+    }
+}
+
+/// GELU, tanh approximation (PyTorch's `gelu(x, approximate="tanh")`).
+#[inline]
+pub fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh())
+}
+
+/// `gate = gelu_tanh(gate) * up`, element-wise (GeGLU).
+pub fn geglu_inplace(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = gelu_tanh(*g) * u;
+    }
+}
+
+/// `x = cap * tanh(x / cap)`, element-wise (logit soft-capping).
+pub fn softcap_inplace(x: &mut [f32], cap: f32) {
+    for v in x {
+        *v = cap * (*v / cap).tanh();
+    }
+}
+
+/// `x *= a`, element-wise.
+pub fn scale_inplace(x: &mut [f32], a: f32) {
+    for v in x {
+        *v *= a;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,6 +168,33 @@ mod tests {
         let mut c = [1.0, 2.0, 3.0, 4.0];
         rope_apply(&mut c, 4, RopeStyle::Interleaved, &cs);
         assert_eq!(c, [1.0, 2.0, 3.0, 4.0]);
+    }
+
+    #[test]
+    fn geglu_and_softcap_match_formulas() {
+        // Reference values of torch.nn.functional.gelu(x, approximate="tanh").
+        for (x, want) in [
+            (0.0f32, 0.0f32),
+            (1.0, 0.841_192),
+            (-1.0, -0.158_808),
+            (3.0, 2.996_363),
+        ] {
+            assert!(
+                (gelu_tanh(x) - want).abs() < 1e-5,
+                "gelu({x}) = {}",
+                gelu_tanh(x)
+            );
+        }
+        let mut g = [1.0, -1.0];
+        geglu_inplace(&mut g, &[2.0, 3.0]);
+        assert!((g[0] - 2.0 * 0.841_192).abs() < 1e-5 && (g[1] + 3.0 * 0.158_808).abs() < 1e-5);
+        let mut l = [0.0, 30.0, -1000.0];
+        softcap_inplace(&mut l, 30.0);
+        assert_eq!(l[0], 0.0);
+        assert!((l[1] - 30.0 * 1f32.tanh()).abs() < 1e-4 && (l[2] + 30.0).abs() < 1e-4);
+        let mut b = [1.0, 2.0, 3.0, 4.0];
+        add_bias_rows(&mut b, &[10.0, 20.0]);
+        assert_eq!(b, [11.0, 22.0, 13.0, 24.0]);
     }
 
     #[test]

@@ -1,23 +1,34 @@
 //! The Llama decoder family: Llama 2/3, SmolLM/SmolLM2, Mistral (without
-//! sliding window), and anything else GGUF files label `llama`.
+//! sliding window), and anything else GGUF files label `llama` or Hugging Face
+//! folders `LlamaForCausalLM`.
 //!
 //! Traits: pre-norm RMSNorm blocks, rotary position embeddings (the file's base,
-//! optional Llama 3 frequency factors `rope_freqs.weight`, linear scaling),
-//! grouped-query attention, SwiGLU MLP, tied or separate output head.
-//! Paper: <https://arxiv.org/abs/2302.13971>; GGUF names as llama.cpp writes them.
+//! optional Llama 3 frequency factors, linear scaling), grouped-query attention,
+//! SwiGLU MLP, tied or separate output head.
+//! Paper: <https://arxiv.org/abs/2302.13971>; GGUF names as llama.cpp writes them,
+//! Hugging Face names as transformers' `modeling_llama.py`.
+//!
+//! llama.cpp's converter permutes the Q and K rows so that rotary pairs are
+//! adjacent (interleaved rope); Hugging Face checkpoints keep the original order
+//! and rotate halves of each head. The weights are used as stored and the
+//! rotation follows the source.
 
 use std::sync::Arc;
 
+use serde::Deserialize;
+
 use crate::backend::cpu::dequantize_row;
-use crate::backend::{AttnParams, AttnSeq, Backend, Workspace};
-use crate::gguf::Gguf;
+use crate::backend::{AttnParams, Backend, Workspace};
 use crate::kv_cache::{KvCache, KvLayout};
-use crate::models::{LoadOptions, Model, ModelInfo, SeqBatch};
+use crate::models::{
+    check_batch, gather_logit_rows, gguf_f32, gguf_usize, with_attn_seqs, Dims, HfCommon,
+    LoadOptions, Model, ModelInfo, Rope, SeqBatch, Source,
+};
 use crate::ops::{self, RopeStyle};
 use crate::tensor::QTensor;
 use crate::{Error, Result};
 
-/// Hyper-parameters, read from the file's `llama.*` keys.
+/// Hyper-parameters, from the file's `llama.*` keys or `config.json`.
 #[derive(Clone, Debug)]
 pub struct LlamaConfig {
     /// Transformer blocks.
@@ -38,6 +49,8 @@ pub struct LlamaConfig {
     pub rope_base: f32,
     /// Positions are divided by this (linear RoPE scaling).
     pub rope_linear_factor: f32,
+    /// How rotary pairs are laid out in the stored Q/K rows.
+    pub rope_style: RopeStyle,
     /// RMSNorm epsilon.
     pub rms_eps: f32,
     /// Vocabulary size.
@@ -46,48 +59,27 @@ pub struct LlamaConfig {
     pub context_length: usize,
 }
 
+/// The fields of a Hugging Face Llama `config.json` beyond the common ones
+/// ([`HfCommon`]).
+#[derive(Deserialize)]
+struct HfLlamaConfig {
+    #[serde(default)]
+    attention_bias: Option<bool>,
+    #[serde(default)]
+    mlp_bias: Option<bool>,
+}
+
 impl LlamaConfig {
-    fn from_gguf(g: &Gguf) -> Result<Self> {
-        let p = "llama";
-        let key = |k: &str| format!("{p}.{k}");
-        let u = |k: &str| g.get_u32(&key(k)).map(|v| v as usize);
-        let n_heads = u("attention.head_count")?;
-        let d_model = u("embedding_length")?;
-        let n_kv_heads = if g.get(&key("attention.head_count_kv")).is_some() {
-            u("attention.head_count_kv")?
-        } else {
-            n_heads
-        };
-        if n_heads == 0 || n_kv_heads == 0 || n_heads % n_kv_heads != 0 || d_model % n_heads != 0 {
-            return Err(Error::Metadata {
-                path: g.path().to_path_buf(),
-                key: key("attention.head_count_kv"),
-                message: format!("{n_heads} query heads cannot be grouped over {n_kv_heads} KV heads"),
-            });
-        }
-        let head_dim = if g.get(&key("attention.key_length")).is_some() {
-            u("attention.key_length")?
-        } else {
-            d_model / n_heads
-        };
-        let rope_dim = if g.get(&key("rope.dimension_count")).is_some() {
-            u("rope.dimension_count")?
-        } else {
-            head_dim
-        };
-        let opt_f32 = |k: &str, d: f32| -> Result<f32> {
-            if g.get(&key(k)).is_some() {
-                g.get_f32(&key(k))
-            } else {
-                Ok(d)
-            }
-        };
+    fn from_gguf(g: &crate::gguf::Gguf) -> Result<Self> {
+        let key = |k: &str| format!("llama.{k}");
+        let d = Dims::from_gguf(g, "llama")?;
+        let rope_dim = gguf_usize(g, &key("rope.dimension_count"), Some(d.head_dim))?;
         let scaling = match g.get(&key("rope.scaling.type")) {
             Some(_) => g.get_str(&key("rope.scaling.type"))?,
             None => "none",
         };
         let rope_linear_factor = match scaling {
-            "linear" => opt_f32("rope.scaling.factor", 1.0)?,
+            "linear" => gguf_f32(g, &key("rope.scaling.factor"), 1.0)?,
             // Llama 3 scaling arrives as the rope_freqs tensor instead.
             "none" | "llama3" => 1.0,
             other => {
@@ -98,36 +90,63 @@ impl LlamaConfig {
                 })
             }
         };
-        let vocab_size = match g.get(&key("vocab_size")) {
-            Some(_) => u("vocab_size")?,
-            None => g.tensor_info("token_embd.weight").map_or(0, |t| t.shape[1]),
-        };
-        let n_layers = u("block_count")?;
-        let context_length = u("context_length")?;
-        // Scratch buffers are sized from these before any tensor bounds them.
-        for (k, v, max) in [("block_count", n_layers, 4096), ("context_length", context_length, 1 << 22)] {
-            if v == 0 || v > max {
-                return Err(Error::Metadata {
-                    path: g.path().to_path_buf(),
-                    key: key(k),
-                    message: format!("{v} is outside 1..={max}"),
-                });
+        Ok(Self {
+            n_layers: d.n_layers,
+            d_model: d.d_model,
+            d_ff: d.d_ff,
+            n_heads: d.n_heads,
+            n_kv_heads: d.n_kv_heads,
+            head_dim: d.head_dim,
+            rope_dim: rope_dim.min(d.head_dim),
+            rope_base: gguf_f32(g, &key("rope.freq_base"), 10000.0)?,
+            rope_linear_factor,
+            rope_style: RopeStyle::Interleaved,
+            rms_eps: gguf_f32(g, &key("attention.layer_norm_rms_epsilon"), 1e-5)?,
+            vocab_size: d.vocab_size,
+            context_length: d.context_length,
+        })
+    }
+
+    fn from_hf(src: &Source<'_>) -> Result<(Self, Option<Vec<f32>>)> {
+        let folder = src.hf().expect("a Hugging Face source");
+        // Read twice so that errors name the field (serde's flatten loses the path).
+        let common: HfCommon = src.hf_config()?;
+        let c: HfLlamaConfig = src.hf_config()?;
+        let d = Dims::from_hf(&common, folder.config_path())?;
+        for (field, on) in [
+            ("attention_bias", c.attention_bias),
+            ("mlp_bias", c.mlp_bias),
+        ] {
+            if on == Some(true) {
+                return Err(src.meta_err(field, "biases are not supported for Llama"));
             }
         }
-        Ok(Self {
-            n_layers,
-            d_model,
-            d_ff: u("feed_forward_length")?,
-            n_heads,
-            n_kv_heads,
-            head_dim,
-            rope_dim: rope_dim.min(head_dim),
-            rope_base: opt_f32("rope.freq_base", 10000.0)?,
-            rope_linear_factor,
-            rms_eps: opt_f32("attention.layer_norm_rms_epsilon", 1e-5)?,
-            vocab_size,
-            context_length,
-        })
+        let scaling = common
+            .rope_parameters
+            .as_ref()
+            .or(common.rope_scaling.as_ref());
+        let rope = Rope::from_hf(common.rope_theta, scaling, d.head_dim, 10000.0, |k| {
+            src.meta_err(
+                &format!("rope_parameters.{k}"),
+                "missing or unsupported RoPE scaling parameter",
+            )
+        })?;
+        let cfg = Self {
+            n_layers: d.n_layers,
+            d_model: d.d_model,
+            d_ff: d.d_ff,
+            n_heads: d.n_heads,
+            n_kv_heads: d.n_kv_heads,
+            head_dim: d.head_dim,
+            rope_dim: d.head_dim,
+            rope_base: rope.base,
+            rope_linear_factor: rope.linear_factor,
+            rope_style: RopeStyle::Halves,
+            rms_eps: common.rms_norm_eps,
+            vocab_size: d.vocab_size,
+            context_length: d.context_length,
+        };
+        Ok((cfg, rope.freq_factors))
     }
 }
 
@@ -146,7 +165,7 @@ struct Layer {
 
 /// Read-only weights.
 struct Weights {
-    tok_embd: QTensor,            // [d_model, vocab] (row per token)
+    tok_embd: QTensor, // [d_model, vocab] (row per token)
     layers: Vec<Layer>,
     output_norm: Vec<f32>,        // [d_model]
     output: QTensor,              // [d_model -> vocab], maybe tok_embd itself
@@ -155,17 +174,17 @@ struct Weights {
 
 /// Per-forward scratch, sized at load for `max_batch_tokens` rows.
 struct Scratch {
-    x: Vec<f32>,          // [T, d_model] residual stream
-    xn: Vec<f32>,         // [T, d_model] normed input
-    q: Vec<f32>,          // [T, n_heads * head_dim]
-    k: Vec<f32>,          // [T, n_kv_heads * head_dim]
-    v: Vec<f32>,          // [T, n_kv_heads * head_dim]
-    attn: Vec<f32>,       // [T, n_heads * head_dim]
-    proj: Vec<f32>,       // [T, d_model]
-    gate: Vec<f32>,       // [T, d_ff]
-    up: Vec<f32>,         // [T, d_ff]
+    x: Vec<f32>,           // [T, d_model] residual stream
+    xn: Vec<f32>,          // [T, d_model] normed input
+    q: Vec<f32>,           // [T, n_heads * head_dim]
+    k: Vec<f32>,           // [T, n_kv_heads * head_dim]
+    v: Vec<f32>,           // [T, n_kv_heads * head_dim]
+    attn: Vec<f32>,        // [T, n_heads * head_dim]
+    proj: Vec<f32>,        // [T, d_model]
+    gate: Vec<f32>,        // [T, d_ff]
+    up: Vec<f32>,          // [T, d_ff]
     rope: Vec<(f32, f32)>, // [T, rope_dim / 2]
-    out_x: Vec<f32>,      // [T, d_model] rows that want logits
+    out_x: Vec<f32>,       // [T, d_model] rows that want logits
 }
 
 /// A loaded Llama-family model.
@@ -178,59 +197,60 @@ pub struct Llama {
     ws: Workspace,
 }
 
-fn tensor(g: &Gguf, name: &str, shape: &[usize]) -> Result<QTensor> {
-    let t = g.tensor(name)?;
-    if t.shape != shape {
-        return Err(Error::Tensor {
-            path: g.path().to_path_buf(),
-            tensor: name.into(),
-            message: format!("shape {:?}, expected {:?}", t.shape, shape),
-        });
-    }
-    Ok(t)
-}
-
-fn vector(g: &Gguf, name: &str, len: usize) -> Result<Vec<f32>> {
-    let t = tensor(g, name, &[len])?;
-    let mut v = vec![0.0; len];
-    dequantize_row(&t, 0, &mut v);
-    Ok(v)
-}
-
 impl Llama {
-    /// Loads a `llama` GGUF file.
-    pub fn from_gguf(g: &Gguf, backend: Arc<dyn Backend>, opts: LoadOptions) -> Result<Self> {
-        let cfg = LlamaConfig::from_gguf(g)?;
+    /// Loads a `llama` GGUF file or a `LlamaForCausalLM` folder.
+    pub fn load(src: &Source<'_>, backend: Arc<dyn Backend>, opts: LoadOptions) -> Result<Self> {
+        let (cfg, hf_rope_freqs) = match src.gguf() {
+            Some(g) => (LlamaConfig::from_gguf(g)?, None),
+            None => LlamaConfig::from_hf(src)?,
+        };
         let (d, hd) = (cfg.d_model, cfg.head_dim);
         let (qd, kvd) = (cfg.n_heads * hd, cfg.n_kv_heads * hd);
-        let tok_embd = tensor(g, "token_embd.weight", &[d, cfg.vocab_size])?;
+        let tok_embd = src.tensor(
+            &src.name("token_embd.weight", "model.embed_tokens.weight"),
+            &[d, cfg.vocab_size],
+        )?;
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
-            let n = |s: &str| format!("blk.{i}.{s}.weight");
+            let n = |gguf: &str, hf: &str| src.layer_name(i, gguf, hf);
             layers.push(Layer {
-                attn_norm: vector(g, &n("attn_norm"), d)?,
-                wq: tensor(g, &n("attn_q"), &[d, qd])?,
-                wk: tensor(g, &n("attn_k"), &[d, kvd])?,
-                wv: tensor(g, &n("attn_v"), &[d, kvd])?,
-                wo: tensor(g, &n("attn_output"), &[qd, d])?,
-                ffn_norm: vector(g, &n("ffn_norm"), d)?,
-                w_gate: tensor(g, &n("ffn_gate"), &[d, cfg.d_ff])?,
-                w_up: tensor(g, &n("ffn_up"), &[d, cfg.d_ff])?,
-                w_down: tensor(g, &n("ffn_down"), &[cfg.d_ff, d])?,
+                attn_norm: src.vector(&n("attn_norm.weight", "input_layernorm.weight"), d)?,
+                wq: src.tensor(&n("attn_q.weight", "self_attn.q_proj.weight"), &[d, qd])?,
+                wk: src.tensor(&n("attn_k.weight", "self_attn.k_proj.weight"), &[d, kvd])?,
+                wv: src.tensor(&n("attn_v.weight", "self_attn.v_proj.weight"), &[d, kvd])?,
+                wo: src.tensor(
+                    &n("attn_output.weight", "self_attn.o_proj.weight"),
+                    &[qd, d],
+                )?,
+                ffn_norm: src
+                    .vector(&n("ffn_norm.weight", "post_attention_layernorm.weight"), d)?,
+                w_gate: src.tensor(
+                    &n("ffn_gate.weight", "mlp.gate_proj.weight"),
+                    &[d, cfg.d_ff],
+                )?,
+                w_up: src.tensor(&n("ffn_up.weight", "mlp.up_proj.weight"), &[d, cfg.d_ff])?,
+                w_down: src.tensor(
+                    &n("ffn_down.weight", "mlp.down_proj.weight"),
+                    &[cfg.d_ff, d],
+                )?,
             });
         }
-        let output = match g.tensor_info("output.weight") {
-            Some(_) => tensor(g, "output.weight", &[d, cfg.vocab_size])?,
-            None => tok_embd.clone(),
-        };
-        let rope_freqs = match g.tensor_info("rope_freqs.weight") {
-            Some(_) => Some(vector(g, "rope_freqs.weight", cfg.rope_dim / 2)?),
-            None => None,
+        let output = src.output_or_tied(
+            "output.weight",
+            "lm_head.weight",
+            &[d, cfg.vocab_size],
+            &tok_embd,
+        )?;
+        let rope_freqs = match src.gguf() {
+            Some(_) if src.has("rope_freqs.weight") => {
+                Some(src.vector("rope_freqs.weight", cfg.rope_dim / 2)?)
+            }
+            _ => hf_rope_freqs,
         };
         let w = Weights {
             tok_embd,
             layers,
-            output_norm: vector(g, "output_norm.weight", d)?,
+            output_norm: src.vector(&src.name("output_norm.weight", "model.norm.weight"), d)?,
             output,
             rope_freqs,
         };
@@ -255,9 +275,16 @@ impl Llama {
             out_x: vec![0.0; t * d],
         };
         let ws = backend.workspace(t, d.max(cfg.d_ff).max(qd), ctx);
+        let name = match src.gguf() {
+            Some(g) => g
+                .get("general.name")
+                .and_then(|_| g.get_str("general.name").ok())
+                .map(String::from),
+            None => None,
+        };
         let info = ModelInfo {
             arch: "llama".into(),
-            name: g.get("general.name").and_then(|_| g.get_str("general.name").ok()).map(String::from),
+            name,
             vocab_size: cfg.vocab_size,
             context_length: ctx,
             kv: KvLayout {
@@ -265,6 +292,7 @@ impl Llama {
                 n_kv_heads: cfg.n_kv_heads,
                 head_dim: hd,
                 block_size: opts.block_size,
+                window: None,
             },
             max_batch_tokens: t,
         };
@@ -284,7 +312,12 @@ impl Model for Llama {
         &self.info
     }
 
-    fn forward(&mut self, batch: &[SeqBatch<'_>], kv: &mut KvCache, logits: &mut [f32]) -> Result<()> {
+    fn forward(
+        &mut self,
+        batch: &[SeqBatch<'_>],
+        kv: &mut KvCache,
+        logits: &mut [f32],
+    ) -> Result<()> {
         let c = &self.cfg;
         let (d, hd) = (c.d_model, c.head_dim);
         let (qd, kvd) = (c.n_heads * hd, c.n_kv_heads * hd);
@@ -314,8 +347,8 @@ impl Model for Llama {
             be.matmul(&l.wv, &s.xn[..n * d], n, &mut s.v, ws);
             for r in 0..n {
                 let cs = &s.rope[r * half..(r + 1) * half];
-                ops::rope_apply(&mut s.q[r * qd..(r + 1) * qd], hd, RopeStyle::Interleaved, cs);
-                ops::rope_apply(&mut s.k[r * kvd..(r + 1) * kvd], hd, RopeStyle::Interleaved, cs);
+                ops::rope_apply(&mut s.q[r * qd..(r + 1) * qd], hd, c.rope_style, cs);
+                ops::rope_apply(&mut s.k[r * kvd..(r + 1) * kvd], hd, c.rope_style, cs);
             }
             let mut r = 0;
             for b in batch {
@@ -354,94 +387,4 @@ impl Model for Llama {
         be.matmul(&w.output, &s.out_x[..n_out * d], n_out, logits, ws);
         Ok(())
     }
-}
-
-/// Calls `f` with the batch described as attention sequences, without allocating
-/// for the common small batches.
-pub(crate) fn with_attn_seqs<R>(batch: &[SeqBatch<'_>], f: impl FnOnce(&[AttnSeq<'_>]) -> R) -> R {
-    const INLINE: usize = 16;
-    fn to_seq<'a>(b: &SeqBatch<'a>) -> AttnSeq<'a> {
-        AttnSeq {
-            table: b.table,
-            start_pos: b.start_pos,
-            n_tokens: b.tokens.len(),
-        }
-    }
-    if batch.len() <= INLINE {
-        let empty = crate::kv_cache::BlockTable::new();
-        let mut arr = [AttnSeq {
-            table: &empty,
-            start_pos: 0,
-            n_tokens: 0,
-        }; INLINE];
-        for (a, b) in arr.iter_mut().zip(batch) {
-            *a = to_seq(b);
-        }
-        f(&arr[..batch.len()])
-    } else {
-        let v: Vec<AttnSeq<'_>> = batch.iter().map(to_seq).collect();
-        f(&v)
-    }
-}
-
-/// Copies the residual rows whose logits were asked for into `out`, in batch order.
-pub(crate) fn gather_logit_rows(batch: &[SeqBatch<'_>], x: &[f32], d: usize, out: &mut [f32]) {
-    let (mut row, mut o) = (0, 0);
-    for b in batch {
-        let n = b.tokens.len();
-        let first = n - b.logit_rows();
-        for r in row + first..row + n {
-            out[o * d..(o + 1) * d].copy_from_slice(&x[r * d..(r + 1) * d]);
-            o += 1;
-        }
-        row += n;
-    }
-}
-
-/// Rejects a batch the model cannot run, before any state changes.
-pub(crate) fn check_batch(
-    batch: &[SeqBatch<'_>],
-    n: usize,
-    n_out: usize,
-    info: &ModelInfo,
-    kv: &KvCache,
-    logits_len: usize,
-) -> Result<()> {
-    if n == 0 {
-        return Err(Error::InvalidRequest("empty batch".into()));
-    }
-    if n > info.max_batch_tokens {
-        return Err(Error::InvalidRequest(format!(
-            "batch of {n} tokens exceeds max_batch_tokens {}",
-            info.max_batch_tokens
-        )));
-    }
-    if logits_len < n_out * info.vocab_size {
-        return Err(Error::InvalidRequest("logits buffer too small".into()));
-    }
-    if kv.layout() != info.kv {
-        return Err(Error::InvalidRequest("KV cache layout does not match the model".into()));
-    }
-    for b in batch {
-        let end = b.start_pos + b.tokens.len();
-        if end > info.context_length {
-            return Err(Error::InvalidRequest(format!(
-                "sequence of {end} positions exceeds the context length {}",
-                info.context_length
-            )));
-        }
-        if end > b.table.capacity(info.kv.block_size) {
-            return Err(Error::InvalidRequest(format!(
-                "block table holds {} positions, batch needs {end}",
-                b.table.capacity(info.kv.block_size)
-            )));
-        }
-        if let Some(&t) = b.tokens.iter().find(|&&t| t as usize >= info.vocab_size) {
-            return Err(Error::InvalidRequest(format!(
-                "token id {t} outside the vocabulary ({})",
-                info.vocab_size
-            )));
-        }
-    }
-    Ok(())
 }

@@ -3,15 +3,28 @@
 //! A forward pass takes a ragged batch of sequences (new tokens, start position,
 //! KV block table, which logits to return) and writes logits only for the rows
 //! asked for. Generation, perplexity and the scheduler all drive this one call.
+//!
+//! Every model loads from a GGUF file or a Hugging Face folder through a
+//! [`Source`]: the model code is the same, only the tensor names (and a few
+//! conventions the converters change, such as GGUF's permuted Llama Q/K or its
+//! pre-added Gemma norm offset) differ.
 
+pub mod gemma3;
 pub mod llama;
+pub mod qwen2;
+pub mod qwen3;
 
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::backend::Backend;
+use serde::Deserialize;
+
+use crate::backend::cpu::dequantize_row;
+use crate::backend::{AttnSeq, Backend};
 use crate::gguf::Gguf;
-use crate::kv_cache::{BlockTable, KvLayout};
+use crate::hf::HfFolder;
+use crate::kv_cache::{BlockTable, KvLayout, LayerSet, SlidingWindow};
+use crate::tensor::QTensor;
 use crate::{Error, Result};
 
 /// Which logits a sequence wants back from a forward pass.
@@ -32,7 +45,8 @@ pub struct SeqBatch<'a> {
     pub tokens: &'a [u32],
     /// Absolute position of `tokens[0]`; earlier positions are in the cache.
     pub start_pos: usize,
-    /// Blocks holding positions `0..start_pos + tokens.len()`.
+    /// Blocks holding positions `0..start_pos + tokens.len()` (for sliding-window
+    /// layers, the window of every new token).
     pub table: &'a BlockTable,
     /// Rows of logits to return.
     pub logits: Logits,
@@ -52,7 +66,7 @@ impl SeqBatch<'_> {
 /// What callers need to know about a loaded model.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ModelInfo {
-    /// The architecture name as the file writes it ("llama").
+    /// The architecture name, as GGUF files write it ("llama", "qwen2", "gemma3").
     pub arch: String,
     /// The model's display name, when the file has one.
     pub name: Option<String>,
@@ -103,8 +117,17 @@ impl Default for LoadOptions {
     }
 }
 
-/// Architectures this build runs.
-pub const SUPPORTED: &[&str] = &["llama"];
+/// Architectures this build runs, as GGUF files name them.
+pub const SUPPORTED: &[&str] = &["llama", "qwen2", "qwen3", "gemma3"];
+
+/// Hugging Face architectures this build runs (`config.json` `architectures`).
+pub const SUPPORTED_HF: &[&str] = &[
+    "LlamaForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Gemma3ForCausalLM",
+    "Gemma3ForConditionalGeneration",
+];
 
 /// Loads the model in a GGUF file for the given backend.
 pub fn load_gguf(
@@ -113,8 +136,12 @@ pub fn load_gguf(
     opts: LoadOptions,
 ) -> Result<Box<dyn Model>> {
     let arch = gguf.get_str("general.architecture")?;
+    let src = Source::Gguf(gguf);
     match arch {
-        "llama" => Ok(Box::new(llama::Llama::from_gguf(gguf, backend, opts)?)),
+        "llama" => Ok(Box::new(llama::Llama::load(&src, backend, opts)?)),
+        "qwen2" => Ok(Box::new(qwen2::Qwen2::load(&src, backend, opts)?)),
+        "qwen3" => Ok(Box::new(qwen3::Qwen3::load(&src, backend, opts)?)),
+        "gemma3" => Ok(Box::new(gemma3::Gemma3::load(&src, backend, opts)?)),
         other => Err(Error::UnsupportedArchitecture {
             path: gguf.path().to_path_buf(),
             arch: other.to_string(),
@@ -123,7 +150,655 @@ pub fn load_gguf(
     }
 }
 
+/// Loads the model in a Hugging Face folder (`config.json`, safetensors weights)
+/// for the given backend. The tokenizer loads separately with
+/// [`Tokenizer::from_hf_dir`](crate::tokenizer::Tokenizer::from_hf_dir).
+pub fn load_hf_dir(
+    dir: &Path,
+    backend: Arc<dyn Backend>,
+    opts: LoadOptions,
+) -> Result<Box<dyn Model>> {
+    let folder = HfFolder::open(dir)?;
+    load_hf(&folder, backend, opts)
+}
+
+/// Loads the model of an opened Hugging Face folder.
+pub fn load_hf(
+    folder: &HfFolder,
+    backend: Arc<dyn Backend>,
+    opts: LoadOptions,
+) -> Result<Box<dyn Model>> {
+    let arch = folder.architecture()?;
+    let src = |prefix| Source::Hf {
+        folder,
+        prefix,
+        config: "",
+    };
+    match arch.as_str() {
+        "LlamaForCausalLM" | "llama" => {
+            Ok(Box::new(llama::Llama::load(&src("model."), backend, opts)?))
+        }
+        "Qwen2ForCausalLM" | "qwen2" => {
+            Ok(Box::new(qwen2::Qwen2::load(&src("model."), backend, opts)?))
+        }
+        "Qwen3ForCausalLM" | "qwen3" => {
+            Ok(Box::new(qwen3::Qwen3::load(&src("model."), backend, opts)?))
+        }
+        "Gemma3ForCausalLM" | "gemma3_text" => Ok(Box::new(gemma3::Gemma3::load(
+            &src("model."),
+            backend,
+            opts,
+        )?)),
+        "Gemma3ForConditionalGeneration" | "gemma3" => {
+            // The language model of the vision-language checkpoint; transformers
+            // 4.52 moved it from `language_model.model.` to `model.language_model.`.
+            let prefix = if folder.has("language_model.model.embed_tokens.weight") {
+                "language_model.model."
+            } else {
+                "model.language_model."
+            };
+            let src = Source::Hf {
+                folder,
+                prefix,
+                config: "text_config",
+            };
+            Ok(Box::new(gemma3::Gemma3::load(&src, backend, opts)?))
+        }
+        other => Err(Error::Metadata {
+            path: folder.config_path().to_path_buf(),
+            key: "architectures".into(),
+            message: format!(
+                "unsupported architecture '{other}' (supported: {})",
+                SUPPORTED_HF.join(", ")
+            ),
+        }),
+    }
+}
+
 /// Opens a GGUF model file.
 pub fn open_gguf(path: &Path) -> Result<Gguf> {
     Gguf::open(path)
+}
+
+/// Where a model's weights and hyper-parameters come from.
+///
+/// Tensor shapes are innermost first (GGUF's order) whatever the source; each
+/// model names every tensor in both conventions and the source picks its own.
+pub enum Source<'a> {
+    /// A GGUF file: `blk.N.attn_q.weight`, metadata keys `<arch>.*`.
+    Gguf(&'a Gguf),
+    /// A Hugging Face folder: `model.layers.N.self_attn.q_proj.weight`, `config.json`.
+    Hf {
+        /// The opened folder.
+        folder: &'a HfFolder,
+        /// What stands for `model.` in the folder's tensor names (vision-language
+        /// checkpoints nest the language model one level down).
+        prefix: &'a str,
+        /// Where the language model's fields sit in `config.json` (dotted; empty
+        /// for the top level, `text_config` in vision-language checkpoints).
+        config: &'a str,
+    },
+}
+
+impl Source<'_> {
+    /// The file (GGUF) or `config.json` (Hugging Face) errors should name.
+    pub fn path(&self) -> &Path {
+        match self {
+            Source::Gguf(g) => g.path(),
+            Source::Hf { folder, .. } => folder.config_path(),
+        }
+    }
+
+    /// Whether this is a Hugging Face folder.
+    pub fn is_hf(&self) -> bool {
+        matches!(self, Source::Hf { .. })
+    }
+
+    /// A global tensor's name: `gguf` in a GGUF file, `hf` in a folder (whose
+    /// leading `model.` is replaced by the source's prefix).
+    pub fn name(&self, gguf: &str, hf: &str) -> String {
+        match self {
+            Source::Gguf(_) => gguf.to_string(),
+            Source::Hf { prefix, .. } => match hf.strip_prefix("model.") {
+                Some(rest) => format!("{prefix}{rest}"),
+                None => hf.to_string(),
+            },
+        }
+    }
+
+    /// Layer `i`'s tensor: `blk.{i}.{gguf}` or `model.layers.{i}.{hf}`.
+    pub fn layer_name(&self, i: usize, gguf: &str, hf: &str) -> String {
+        match self {
+            Source::Gguf(_) => format!("blk.{i}.{gguf}"),
+            Source::Hf { prefix, .. } => format!("{prefix}layers.{i}.{hf}"),
+        }
+    }
+
+    /// Whether the weights hold a tensor of this name.
+    pub fn has(&self, name: &str) -> bool {
+        match self {
+            Source::Gguf(g) => g.tensor_info(name).is_some(),
+            Source::Hf { folder, .. } => folder.has(name),
+        }
+    }
+
+    /// A tensor that must have `shape` (innermost first).
+    pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<QTensor> {
+        let (t, path) = match self {
+            Source::Gguf(g) => (g.tensor(name)?, g.path()),
+            Source::Hf { folder, .. } => (folder.tensor(name)?, folder.tensor_path(name)),
+        };
+        if t.shape != shape {
+            return Err(Error::Tensor {
+                path: path.to_path_buf(),
+                tensor: name.into(),
+                message: format!(
+                    "shape {:?}, expected {:?} (innermost first)",
+                    t.shape, shape
+                ),
+            });
+        }
+        Ok(t)
+    }
+
+    /// A vector of `len` values, converted to f32.
+    pub fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
+        let t = self.tensor(name, &[len])?;
+        let mut v = vec![0.0; len];
+        dequantize_row(&t, 0, &mut v);
+        Ok(v)
+    }
+
+    /// The output head: its own tensor when the file has one, else the token
+    /// embeddings (tied). A folder whose config says `tie_word_embeddings: false`
+    /// must have its own.
+    pub fn output_or_tied(
+        &self,
+        gguf: &str,
+        hf: &str,
+        shape: &[usize],
+        tok_embd: &QTensor,
+    ) -> Result<QTensor> {
+        #[derive(Deserialize)]
+        struct Tie {
+            #[serde(default)]
+            tie_word_embeddings: Option<bool>,
+        }
+        let name = self.name(gguf, hf);
+        let untied = self.is_hf() && self.hf_config::<Tie>()?.tie_word_embeddings == Some(false);
+        if untied || self.has(&name) {
+            self.tensor(&name, shape)
+        } else {
+            Ok(tok_embd.clone())
+        }
+    }
+
+    /// The GGUF metadata of a GGUF source.
+    pub(crate) fn gguf(&self) -> Option<&Gguf> {
+        match self {
+            Source::Gguf(g) => Some(g),
+            Source::Hf { .. } => None,
+        }
+    }
+
+    /// The folder of a Hugging Face source.
+    pub(crate) fn hf(&self) -> Option<&HfFolder> {
+        match self {
+            Source::Gguf(_) => None,
+            Source::Hf { folder, .. } => Some(folder),
+        }
+    }
+
+    /// The language model's config of a Hugging Face source, deserialized.
+    pub(crate) fn hf_config<T: serde::de::DeserializeOwned>(&self) -> Result<T> {
+        match self {
+            Source::Hf { folder, config, .. } => folder.config_at(config),
+            Source::Gguf(g) => Err(Error::Metadata {
+                path: g.path().to_path_buf(),
+                key: "config.json".into(),
+                message: "a GGUF file has no config.json".into(),
+            }),
+        }
+    }
+
+    /// A metadata error about `key` of this source.
+    pub(crate) fn meta_err(&self, key: &str, message: impl Into<String>) -> Error {
+        Error::Metadata {
+            path: self.path().to_path_buf(),
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Reads `<arch>.<key>` of a GGUF file as a count, or `default` when absent.
+pub(crate) fn gguf_usize(g: &Gguf, key: &str, default: Option<usize>) -> Result<usize> {
+    match (g.get(key), default) {
+        (None, Some(d)) => Ok(d),
+        _ => g.get_u32(key).map(|v| v as usize),
+    }
+}
+
+/// Reads a GGUF float, or `default` when absent.
+pub(crate) fn gguf_f32(g: &Gguf, key: &str, default: f32) -> Result<f32> {
+    if g.get(key).is_some() {
+        g.get_f32(key)
+    } else {
+        Ok(default)
+    }
+}
+
+/// The hyper-parameters every decoder here shares, checked for consistency.
+#[derive(Clone, Debug)]
+pub(crate) struct Dims {
+    pub n_layers: usize,
+    pub d_model: usize,
+    pub d_ff: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub context_length: usize,
+}
+
+impl Dims {
+    /// Dimensions from a GGUF file's `<arch>.*` keys.
+    pub(crate) fn from_gguf(g: &Gguf, arch: &str) -> Result<Self> {
+        let key = |k: &str| format!("{arch}.{k}");
+        let n_heads = gguf_usize(g, &key("attention.head_count"), None)?;
+        let d_model = gguf_usize(g, &key("embedding_length"), None)?;
+        let n_kv_heads = gguf_usize(g, &key("attention.head_count_kv"), Some(n_heads))?;
+        let head_dim = gguf_usize(
+            g,
+            &key("attention.key_length"),
+            Some(d_model / n_heads.max(1)),
+        )?;
+        let vocab_size = match g.get(&key("vocab_size")) {
+            Some(_) => gguf_usize(g, &key("vocab_size"), None)?,
+            None => g.tensor_info("token_embd.weight").map_or(0, |t| t.shape[1]),
+        };
+        let d = Self {
+            n_layers: gguf_usize(g, &key("block_count"), None)?,
+            d_model,
+            d_ff: gguf_usize(g, &key("feed_forward_length"), None)?,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            vocab_size,
+            context_length: gguf_usize(g, &key("context_length"), None)?,
+        };
+        d.check(|k, m| Error::Metadata {
+            path: g.path().to_path_buf(),
+            key: key(k),
+            message: m,
+        })?;
+        Ok(d)
+    }
+
+    /// Dimensions from the common fields of a Hugging Face config.
+    pub(crate) fn from_hf(c: &HfCommon, path: &Path) -> Result<Self> {
+        let n_heads = c.num_attention_heads;
+        let d = Self {
+            n_layers: c.num_hidden_layers,
+            d_model: c.hidden_size,
+            d_ff: c.intermediate_size,
+            n_heads,
+            n_kv_heads: c.num_key_value_heads.unwrap_or(n_heads),
+            head_dim: c.head_dim.unwrap_or(c.hidden_size / n_heads.max(1)),
+            vocab_size: c.vocab_size,
+            context_length: c.max_position_embeddings,
+        };
+        // Field names as config.json writes them.
+        let hf_key = |k: &str| match k {
+            "attention.head_count_kv" => "num_key_value_heads",
+            "block_count" => "num_hidden_layers",
+            "context_length" => "max_position_embeddings",
+            "embedding_length" => "hidden_size",
+            "attention.key_length" => "head_dim",
+            _ => "vocab_size",
+        };
+        d.check(|k, m| Error::Metadata {
+            path: path.to_path_buf(),
+            key: hf_key(k).into(),
+            message: m,
+        })?;
+        Ok(d)
+    }
+
+    /// Scratch buffers are sized from these before any tensor bounds them.
+    fn check(&self, err: impl Fn(&str, String) -> Error) -> Result<()> {
+        if self.n_heads == 0 || self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
+            return Err(err(
+                "attention.head_count_kv",
+                format!(
+                    "{} query heads cannot be grouped over {} KV heads",
+                    self.n_heads, self.n_kv_heads
+                ),
+            ));
+        }
+        for (k, v, max) in [
+            ("block_count", self.n_layers, 4096),
+            ("context_length", self.context_length, 1 << 22),
+            ("embedding_length", self.d_model, 1 << 16),
+            ("attention.key_length", self.head_dim, 1 << 12),
+            ("vocab_size", self.vocab_size, 1 << 22),
+        ] {
+            if v == 0 || v > max {
+                return Err(err(k, format!("{v} is outside 1..={max}")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The fields of a Hugging Face decoder config that every model here reads,
+/// named as `config.json` names them.
+#[derive(Clone, Debug, Deserialize)]
+pub(crate) struct HfCommon {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    pub vocab_size: usize,
+    pub max_position_embeddings: usize,
+    pub rms_norm_eps: f32,
+    /// Older configs (transformers 4): the RoPE base at the top level.
+    #[serde(default)]
+    pub rope_theta: Option<f32>,
+    /// Older configs: RoPE scaling (`null` when none).
+    #[serde(default)]
+    pub rope_scaling: Option<HfRope>,
+    /// Newer configs (transformers 5): base and scaling together.
+    #[serde(default)]
+    pub rope_parameters: Option<HfRope>,
+}
+
+/// RoPE parameters as config.json writes them (`rope_scaling` or `rope_parameters`).
+#[derive(Clone, Debug, Default, Deserialize)]
+pub(crate) struct HfRope {
+    #[serde(default, alias = "type")]
+    pub rope_type: Option<String>,
+    #[serde(default)]
+    pub rope_theta: Option<f32>,
+    #[serde(default)]
+    pub factor: Option<f32>,
+    #[serde(default)]
+    pub low_freq_factor: Option<f32>,
+    #[serde(default)]
+    pub high_freq_factor: Option<f32>,
+    #[serde(default)]
+    pub original_max_position_embeddings: Option<usize>,
+}
+
+/// RoPE frequencies after the config's scaling.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Rope {
+    /// Base frequency.
+    pub base: f32,
+    /// Positions are divided by this (linear scaling).
+    pub linear_factor: f32,
+    /// Per-pair divisors of the frequency (Llama 3 scaling), `[rope_dim / 2]`.
+    pub freq_factors: Option<Vec<f32>>,
+}
+
+impl Rope {
+    /// RoPE from a Hugging Face config: `rope_parameters` (transformers 5) or
+    /// `rope_theta` with `rope_scaling`; `field` names the field for errors.
+    pub(crate) fn from_hf(
+        theta: Option<f32>,
+        scaling: Option<&HfRope>,
+        rope_dim: usize,
+        default_base: f32,
+        err: impl Fn(&str) -> Error,
+    ) -> Result<Self> {
+        let base = theta
+            .or(scaling.and_then(|s| s.rope_theta))
+            .unwrap_or(default_base);
+        let mut rope = Rope {
+            base,
+            linear_factor: 1.0,
+            freq_factors: None,
+        };
+        let Some(s) = scaling else { return Ok(rope) };
+        match s.rope_type.as_deref().unwrap_or("default") {
+            "default" => {}
+            "linear" => rope.linear_factor = s.factor.ok_or_else(|| err("factor"))?,
+            "llama3" => {
+                // As transformers' _compute_llama3_parameters (and llama.cpp's converter).
+                let factor = s.factor.ok_or_else(|| err("factor"))?;
+                let low = s.low_freq_factor.ok_or_else(|| err("low_freq_factor"))?;
+                let high = s.high_freq_factor.ok_or_else(|| err("high_freq_factor"))?;
+                let old_ctx = s
+                    .original_max_position_embeddings
+                    .ok_or_else(|| err("original_max_position_embeddings"))?
+                    as f32;
+                let (low_wavelen, high_wavelen) = (old_ctx / low, old_ctx / high);
+                let factors = (0..rope_dim / 2)
+                    .map(|i| {
+                        let freq = 1.0 / base.powf(2.0 * i as f32 / rope_dim as f32);
+                        let wavelen = 2.0 * std::f32::consts::PI / freq;
+                        if wavelen < high_wavelen {
+                            1.0
+                        } else if wavelen > low_wavelen {
+                            factor
+                        } else {
+                            let smooth = (old_ctx / wavelen - low) / (high - low);
+                            1.0 / ((1.0 - smooth) / factor + smooth)
+                        }
+                    })
+                    .collect();
+                rope.freq_factors = Some(factors);
+            }
+            _ => return Err(err("rope_type")),
+        }
+        Ok(rope)
+    }
+}
+
+/// Which layers slide, from a Hugging Face config: `layer_types` when the file
+/// lists them (`"sliding_attention"` / `"full_attention"`), else `default(i)`.
+pub(crate) fn hf_sliding_layers(
+    layer_types: Option<&[String]>,
+    n_layers: usize,
+    path: &Path,
+    default: impl Fn(usize) -> bool,
+) -> Result<Vec<bool>> {
+    let Some(types) = layer_types else {
+        return Ok((0..n_layers).map(default).collect());
+    };
+    if types.len() != n_layers {
+        return Err(Error::Metadata {
+            path: path.to_path_buf(),
+            key: "layer_types".into(),
+            message: format!("{} entries for {n_layers} layers", types.len()),
+        });
+    }
+    types
+        .iter()
+        .enumerate()
+        .map(|(i, t)| match t.as_str() {
+            "sliding_attention" => Ok(true),
+            "full_attention" => Ok(false),
+            other => Err(Error::Metadata {
+                path: path.to_path_buf(),
+                key: format!("layer_types[{i}]"),
+                message: format!("'{other}' is not supported (sliding_attention, full_attention)"),
+            }),
+        })
+        .collect()
+}
+
+/// The cache's sliding-window description for layers that slide over `window`
+/// positions (`None` when no layer slides).
+pub(crate) fn sliding_window(
+    sliding: &[bool],
+    window: usize,
+    err: impl Fn(String) -> Error,
+) -> Result<Option<SlidingWindow>> {
+    if !sliding.iter().any(|&s| s) {
+        return Ok(None);
+    }
+    if window == 0 {
+        return Err(err("a sliding window of 0 positions".into()));
+    }
+    if sliding.len() > LayerSet::MAX {
+        return Err(err(format!(
+            "sliding-window models of more than {} layers are not supported",
+            LayerSet::MAX
+        )));
+    }
+    let mut layers = LayerSet::default();
+    for (i, _) in sliding.iter().enumerate().filter(|(_, &s)| s) {
+        layers.insert(i);
+    }
+    Ok(Some(SlidingWindow {
+        size: window,
+        layers,
+    }))
+}
+
+/// Calls `f` with the batch described as attention sequences, without allocating
+/// for the common small batches.
+pub(crate) fn with_attn_seqs<R>(batch: &[SeqBatch<'_>], f: impl FnOnce(&[AttnSeq<'_>]) -> R) -> R {
+    const INLINE: usize = 16;
+    fn to_seq<'a>(b: &SeqBatch<'a>) -> AttnSeq<'a> {
+        AttnSeq {
+            table: b.table,
+            start_pos: b.start_pos,
+            n_tokens: b.tokens.len(),
+        }
+    }
+    if batch.len() <= INLINE {
+        let empty = BlockTable::new();
+        let mut arr = [AttnSeq {
+            table: &empty,
+            start_pos: 0,
+            n_tokens: 0,
+        }; INLINE];
+        for (a, b) in arr.iter_mut().zip(batch) {
+            *a = to_seq(b);
+        }
+        f(&arr[..batch.len()])
+    } else {
+        let v: Vec<AttnSeq<'_>> = batch.iter().map(to_seq).collect();
+        f(&v)
+    }
+}
+
+/// Copies the residual rows whose logits were asked for into `out`, in batch order.
+pub(crate) fn gather_logit_rows(batch: &[SeqBatch<'_>], x: &[f32], d: usize, out: &mut [f32]) {
+    let (mut row, mut o) = (0, 0);
+    for b in batch {
+        let n = b.tokens.len();
+        let first = n - b.logit_rows();
+        for r in row + first..row + n {
+            out[o * d..(o + 1) * d].copy_from_slice(&x[r * d..(r + 1) * d]);
+            o += 1;
+        }
+        row += n;
+    }
+}
+
+/// Rejects a batch the model cannot run, before any state changes.
+pub(crate) fn check_batch(
+    batch: &[SeqBatch<'_>],
+    n: usize,
+    n_out: usize,
+    info: &ModelInfo,
+    kv: &crate::kv_cache::KvCache,
+    logits_len: usize,
+) -> Result<()> {
+    if n == 0 {
+        return Err(Error::InvalidRequest("empty batch".into()));
+    }
+    if n > info.max_batch_tokens {
+        return Err(Error::InvalidRequest(format!(
+            "batch of {n} tokens exceeds max_batch_tokens {}",
+            info.max_batch_tokens
+        )));
+    }
+    if logits_len < n_out * info.vocab_size {
+        return Err(Error::InvalidRequest("logits buffer too small".into()));
+    }
+    if kv.layout() != info.kv {
+        return Err(Error::InvalidRequest(
+            "KV cache layout does not match the model".into(),
+        ));
+    }
+    let bs = info.kv.block_size;
+    for b in batch {
+        let end = b.start_pos + b.tokens.len();
+        if end > info.context_length {
+            return Err(Error::InvalidRequest(format!(
+                "sequence of {end} positions exceeds the context length {}",
+                info.context_length
+            )));
+        }
+        if end > b.table.capacity(bs) {
+            return Err(Error::InvalidRequest(format!(
+                "block table holds {} positions, batch needs {end}",
+                b.table.capacity(bs)
+            )));
+        }
+        if let Some(w) = info.kv.window {
+            let first_visible = (b.start_pos + 1).saturating_sub(w.size);
+            if end > b.table.window.len() * bs || first_visible < b.table.window_start(bs) {
+                return Err(Error::InvalidRequest(format!(
+                    "block table's sliding-window blocks hold positions {}..{}, batch needs {first_visible}..{end}",
+                    b.table.window_start(bs),
+                    b.table.window.len() * bs
+                )));
+            }
+        }
+        if let Some(&t) = b.tokens.iter().find(|&&t| t as usize >= info.vocab_size) {
+            return Err(Error::InvalidRequest(format!(
+                "token id {t} outside the vocabulary ({})",
+                info.vocab_size
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llama3_rope_factors_follow_the_wavelength_bands() {
+        let s = HfRope {
+            rope_type: Some("llama3".into()),
+            factor: Some(8.0),
+            low_freq_factor: Some(1.0),
+            high_freq_factor: Some(4.0),
+            original_max_position_embeddings: Some(8192),
+            ..Default::default()
+        };
+        let r = Rope::from_hf(Some(500000.0), Some(&s), 128, 10000.0, |k| {
+            Error::InvalidRequest(k.into())
+        })
+        .unwrap();
+        let f = r.freq_factors.unwrap();
+        assert_eq!(f.len(), 64);
+        // High frequencies are untouched, the lowest are divided by the full factor.
+        assert_eq!(f[0], 1.0);
+        assert_eq!(f[63], 8.0);
+        assert!(f.windows(2).all(|w| w[0] <= w[1]), "monotonic");
+        let e = Rope::from_hf(
+            None,
+            Some(&HfRope {
+                rope_type: Some("yarn".into()),
+                ..Default::default()
+            }),
+            64,
+            1.0,
+            |k| Error::InvalidRequest(k.into()),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("rope_type"));
+    }
 }

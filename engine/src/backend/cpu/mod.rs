@@ -179,9 +179,11 @@ fn attend_one(
 ) {
     let hd = qh.len();
     let bs = kv.layout().block_size;
+    // Sliding-window layers read the table's window-pool blocks.
+    let blocks = kv.blocks(layer, s.table);
     let mut max = f32::NEG_INFINITY;
     for pos in first..=last {
-        let kb = kv.k_block(layer, s.table.blocks[pos / bs], kvh);
+        let kb = kv.k_block(layer, blocks[pos / bs], kvh);
         let kr = &kb[(pos % bs) * hd..(pos % bs + 1) * hd];
         let d = quant::dot_f32_f16(qh, kr) * scale;
         scores[pos] = d;
@@ -195,7 +197,7 @@ fn attend_one(
     let inv = (1.0 / sum) as f32;
     out.fill(0.0);
     for pos in first..=last {
-        let vb = kv.v_block(layer, s.table.blocks[pos / bs], kvh);
+        let vb = kv.v_block(layer, blocks[pos / bs], kvh);
         let vr = &vb[(pos % bs) * hd..(pos % bs + 1) * hd];
         quant::axpy_f16(out, scores[pos] * inv, vr);
     }
@@ -254,6 +256,7 @@ mod tests {
             n_kv_heads: 1,
             head_dim: 2,
             block_size: 2,
+            window: None,
         };
         let mut kv = KvCache::new(layout, 4);
         let _hole = kv.allocate().unwrap();
