@@ -39,7 +39,9 @@ pub fn models_dir() -> PathBuf {
 }
 
 fn home() -> PathBuf {
-    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| "/root".into())
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/root".into())
 }
 
 /// A real model file by name.
@@ -49,16 +51,168 @@ fn home() -> PathBuf {
 /// `scripts/fetch-models.sh`, which `scripts/test.sh` calls.
 pub fn model(file: &str) -> PathBuf {
     let p = models_dir().join(file);
-    assert!(p.exists(), "{} is missing: run scripts/fetch-models.sh", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/fetch-models.sh",
+        p.display()
+    );
     p
 }
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// Runs `embody` with arguments and returns its output.
 pub fn embody(args: &[&str]) -> Output {
-    Command::new(bin("embody")).args(args).output().expect("running embody")
+    Command::new(bin("embody"))
+        .args(args)
+        .output()
+        .expect("running embody")
+}
+
+/// A folder under the system temp dir, removed when dropped.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// A new, empty folder whose name starts with `prefix`.
+    pub fn new(prefix: &str) -> Self {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("{prefix}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("creating a temp dir");
+        Self(p)
+    }
+
+    /// The folder.
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A tiny Llama with random weights as GGUF bytes: 2 layers, d=32, 4 query
+/// heads over 2 KV heads, a 256-token context and a byte-level vocabulary
+/// of printable ASCII, space and newline, with a plain chat template
+/// (`role: content` lines, then `assistant:`). Fast enough that the tests
+/// which need a model but not a good one stay quick.
+pub fn tiny_model_gguf() -> Vec<u8> {
+    use embody_engine::gguf::writer::{write, TensorSpec};
+    use embody_engine::gguf::Value;
+    use embody_engine::quant::{quantize_row, GgmlType};
+
+    let (d, ff, layers, heads, kv_heads) = (32usize, 64usize, 2usize, 4u32, 2u32);
+    let kvd = kv_heads as usize * (d / heads as usize);
+    let merges = ["h e", "Ġ t", "Ġ a", "t h"];
+    let mut tokens: Vec<String> = vec!["<|bos|>".into(), "<|eos|>".into()];
+    tokens.extend((33u8..=126).map(|b| (b as char).to_string()));
+    tokens.push("Ġ".into());
+    tokens.push("Ċ".into());
+    tokens.extend(merges.iter().map(|m| m.replace(' ', "")));
+    let vocab = tokens.len();
+    let mut token_type = vec![Value::I32(1); vocab];
+    token_type[0] = Value::I32(3);
+    token_type[1] = Value::I32(3);
+    let s = |v: &str| Value::String(v.into());
+    let meta = vec![
+        ("general.architecture".to_string(), s("llama")),
+        ("general.name".to_string(), s("tiny")),
+        ("llama.block_count".to_string(), Value::U32(layers as u32)),
+        ("llama.context_length".to_string(), Value::U32(256)),
+        ("llama.embedding_length".to_string(), Value::U32(d as u32)),
+        ("llama.feed_forward_length".to_string(), Value::U32(ff as u32)),
+        ("llama.attention.head_count".to_string(), Value::U32(heads)),
+        ("llama.attention.head_count_kv".to_string(), Value::U32(kv_heads)),
+        ("llama.attention.layer_norm_rms_epsilon".to_string(), Value::F32(1e-5)),
+        ("llama.rope.freq_base".to_string(), Value::F32(10000.0)),
+        ("tokenizer.ggml.model".to_string(), s("gpt2")),
+        ("tokenizer.ggml.pre".to_string(), s("gpt-2")),
+        (
+            "tokenizer.ggml.tokens".to_string(),
+            Value::Array(tokens.iter().map(|t| s(t)).collect()),
+        ),
+        ("tokenizer.ggml.token_type".to_string(), Value::Array(token_type)),
+        (
+            "tokenizer.ggml.merges".to_string(),
+            Value::Array(merges.iter().map(|m| s(m)).collect()),
+        ),
+        ("tokenizer.ggml.bos_token_id".to_string(), Value::U32(0)),
+        ("tokenizer.ggml.eos_token_id".to_string(), Value::U32(1)),
+        ("tokenizer.ggml.add_bos_token".to_string(), Value::Bool(true)),
+        (
+            "tokenizer.chat_template".to_string(),
+            s("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"),
+        ),
+    ];
+    // Deterministic values in [-0.5, 0.5).
+    let mut state = 0x2545F4914F6CDD1Du64;
+    let mut noise = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+            })
+            .collect()
+    };
+    let tensor = |name: &str, ty: GgmlType, shape: &[usize], values: &[f32]| {
+        let cols = shape[0];
+        let row_bytes = ty.row_bytes(cols).expect("row size");
+        let rows = values.len() / cols;
+        let mut data = vec![0u8; row_bytes * rows];
+        for r in 0..rows {
+            quantize_row(
+                ty,
+                &values[r * cols..(r + 1) * cols],
+                &mut data[r * row_bytes..(r + 1) * row_bytes],
+            );
+        }
+        TensorSpec {
+            name: name.into(),
+            ty,
+            shape: shape.to_vec(),
+            data,
+        }
+    };
+    let ones = |v: Vec<f32>| v.iter().map(|x| 1.0 + x * 0.2).collect::<Vec<_>>();
+    let (q8, f32t) = (GgmlType::Q8_0, GgmlType::F32);
+    let mut t = vec![tensor(
+        "token_embd.weight",
+        q8,
+        &[d, vocab],
+        &noise(d * vocab),
+    )];
+    for l in 0..layers {
+        let n = |x: &str| format!("blk.{l}.{x}.weight");
+        t.push(tensor(&n("attn_norm"), f32t, &[d], &ones(noise(d))));
+        t.push(tensor(&n("attn_q"), q8, &[d, d], &noise(d * d)));
+        t.push(tensor(&n("attn_k"), q8, &[d, kvd], &noise(d * kvd)));
+        t.push(tensor(&n("attn_v"), q8, &[d, kvd], &noise(d * kvd)));
+        t.push(tensor(&n("attn_output"), q8, &[d, d], &noise(d * d)));
+        t.push(tensor(&n("ffn_norm"), f32t, &[d], &ones(noise(d))));
+        t.push(tensor(&n("ffn_gate"), q8, &[d, ff], &noise(d * ff)));
+        t.push(tensor(&n("ffn_up"), q8, &[d, ff], &noise(d * ff)));
+        t.push(tensor(&n("ffn_down"), q8, &[ff, d], &noise(ff * d)));
+    }
+    t.push(tensor("output_norm.weight", f32t, &[d], &ones(noise(d))));
+    write(&meta, &t)
+}
+
+/// Writes [`tiny_model_gguf`] into `dir` and returns its path.
+pub fn write_tiny_model(dir: &std::path::Path) -> PathBuf {
+    let p = dir.join("tiny.gguf");
+    std::fs::write(&p, tiny_model_gguf()).expect("writing the tiny model");
+    p
 }

@@ -1,0 +1,84 @@
+//! What the runtime needs to start, and the limits that can change while it runs.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use embody_engine::backend::BackendKind;
+
+/// Everything the runtime needs to start. The daemon fills it from its TOML
+/// configuration; [`Default`] holds the documented defaults.
+#[derive(Clone, Debug)]
+pub struct RuntimeConfig {
+    /// The GGUF model file.
+    pub model_path: PathBuf,
+    /// The backend that runs the model.
+    pub backend: BackendKind,
+    /// Compute threads; 0 means one per core.
+    pub threads: usize,
+    /// Longest context to serve, in tokens; 0 means the model's own.
+    pub context_length: usize,
+    /// Most tokens in one forward pass (longer prompts are prefilled in chunks).
+    pub max_batch_tokens: usize,
+    /// Memory for the paged KV cache, in MiB.
+    pub kv_cache_mb: usize,
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// Most requests decoding at once.
+    pub max_running: usize,
+    /// Limits that can change while the runtime runs.
+    pub limits: Limits,
+    /// Wait before the first restart of a failed actor; doubles with each
+    /// failure in a row.
+    pub restart_backoff: Duration,
+    /// Longest wait between restarts.
+    pub restart_backoff_max: Duration,
+    /// Time limit of every request/reply between actors.
+    pub call_timeout: Duration,
+}
+
+/// Limits the runtime reads per request, so they can change while it runs
+/// ([`crate::Runtime::set_limits`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Limits {
+    /// Most requests waiting for a decoding slot; more are refused as overloaded.
+    pub max_queued: usize,
+    /// Tokens generated when a request does not say.
+    pub default_max_tokens: u32,
+    /// Most tokens a request may ask for.
+    pub max_tokens_limit: u32,
+    /// The decoder is unhealthy when its loop has not turned for this long.
+    pub stall_timeout: Duration,
+    /// Accept injected faults (panics, wedges) in the decoder. For tests only.
+    pub fault_injection: bool,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_queued: 64,
+            default_max_tokens: 256,
+            max_tokens_limit: 4096,
+            stall_timeout: Duration::from_secs(20),
+            fault_injection: false,
+        }
+    }
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            model_path: PathBuf::new(),
+            backend: BackendKind::Cpu,
+            threads: 0,
+            context_length: 4096,
+            max_batch_tokens: 512,
+            kv_cache_mb: 256,
+            block_size: embody_engine::kv_cache::DEFAULT_BLOCK_SIZE,
+            max_running: 8,
+            limits: Limits::default(),
+            restart_backoff: Duration::from_millis(100),
+            restart_backoff_max: Duration::from_secs(10),
+            call_timeout: Duration::from_secs(5),
+        }
+    }
+}

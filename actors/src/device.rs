@@ -1,0 +1,222 @@
+//! The device actor: one per backend device. It creates the backend, maps the
+//! weights, builds the tokenizer and chat template, and hands the decoder a
+//! [`ModelSource`] from which each decoder (re)start instantiates its model.
+//! It reports the memory the model takes.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use embody_engine::backend::{self, Backend, BackendKind};
+use embody_engine::chat_template::ChatTemplate;
+use embody_engine::gguf::Gguf;
+use embody_engine::models::{self, LoadOptions, Model, ModelInfo};
+use embody_engine::tokenizer::Tokenizer;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+
+use crate::shared::lock;
+
+/// Where and how to load the model.
+#[derive(Clone, Debug)]
+pub(crate) struct DeviceArgs {
+    pub model_path: PathBuf,
+    pub backend: BackendKind,
+    pub threads: usize,
+    pub opts: LoadOptions,
+}
+
+/// Memory the device holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct MemoryReport {
+    /// Bytes of weights (mapped from the file).
+    pub weights_bytes: u64,
+    /// Resident memory of the process.
+    pub rss_bytes: u64,
+}
+
+/// A loaded model file from which decoders instantiate models.
+pub(crate) struct ModelSource {
+    pub path: PathBuf,
+    gguf: Gguf,
+    backend: Arc<dyn Backend>,
+    opts: LoadOptions,
+    pub tokenizer: Arc<Tokenizer>,
+    pub template: Option<ChatTemplate>,
+    pub info: ModelInfo,
+    pub name: String,
+    pub weights_bytes: u64,
+    /// The instance built while loading, kept for the first decoder.
+    first: Mutex<Option<Box<dyn Model>>>,
+}
+
+impl std::fmt::Debug for ModelSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelSource")
+            .field("path", &self.path)
+            .field("info", &self.info)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ModelSource {
+    /// Opens the file, creates the backend and builds one model instance, so
+    /// that every error a model file can raise shows at startup.
+    pub fn load(args: &DeviceArgs) -> Result<Self, embody_engine::Error> {
+        let gguf = Gguf::open(&args.model_path)?;
+        let tokenizer = Tokenizer::from_gguf(&gguf)?;
+        let template = tokenizer
+            .chat_template()
+            .map(ChatTemplate::new)
+            .transpose()?;
+        let backend: Arc<dyn Backend> = backend::create(args.backend, args.threads)?.into();
+        let mut opts = args.opts;
+        let trained = trained_context(&gguf);
+        if opts.context_length == 0 || trained.is_some_and(|t| opts.context_length > t) {
+            opts.context_length = trained.unwrap_or(0);
+        }
+        let model = models::load_gguf(&gguf, backend.clone(), opts)?;
+        let info = model.info().clone();
+        let name = gguf
+            .get_str("general.name")
+            .ok()
+            .map(str::to_string)
+            .or_else(|| file_stem(&args.model_path))
+            .unwrap_or_default();
+        let weights_bytes = gguf.tensors().iter().map(|t| t.size as u64).sum();
+        Ok(Self {
+            path: args.model_path.clone(),
+            gguf,
+            backend,
+            opts,
+            tokenizer: Arc::new(tokenizer),
+            template,
+            info,
+            name,
+            weights_bytes,
+            first: Mutex::new(Some(model)),
+        })
+    }
+
+    /// A model instance for a decoder: the one built at load, then new ones
+    /// over the same mapped weights.
+    pub fn instantiate(&self) -> Result<Box<dyn Model>, embody_engine::Error> {
+        if let Some(m) = lock(&self.first).take() {
+            return Ok(m);
+        }
+        models::load_gguf(&self.gguf, self.backend.clone(), self.opts)
+    }
+
+    /// The backend's name and thread count.
+    pub fn backend(&self) -> (&'static str, usize) {
+        (self.backend.name(), self.backend.threads())
+    }
+}
+
+fn trained_context(g: &Gguf) -> Option<usize> {
+    let arch = g.get_str("general.architecture").ok()?;
+    g.get_u32(&format!("{arch}.context_length"))
+        .ok()
+        .map(|v| v as usize)
+}
+
+fn file_stem(p: &Path) -> Option<String> {
+    p.file_stem().map(|s| s.to_string_lossy().into_owned())
+}
+
+/// Resident memory of this process, from `/proc/self/statm` (0 where there is none).
+pub(crate) fn resident_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
+/// The device actor.
+pub(crate) struct DeviceActor;
+
+/// Its state: the loaded model.
+pub(crate) struct DeviceState {
+    source: Arc<ModelSource>,
+}
+
+/// Its messages.
+pub(crate) enum DeviceMsg {
+    /// The model source, for decoders.
+    Source(RpcReplyPort<Arc<ModelSource>>),
+    /// Memory held.
+    Memory(RpcReplyPort<MemoryReport>),
+}
+
+/// How a device actor starts.
+pub(crate) enum DeviceStart {
+    /// Load the model file.
+    Load(DeviceArgs),
+    /// Take over a model loaded before (a restart after a failure).
+    Reuse(Arc<ModelSource>),
+}
+
+/// Why the device could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("loading {path}: {source}")]
+pub(crate) struct DeviceError {
+    pub path: PathBuf,
+    pub source: embody_engine::Error,
+}
+
+impl Actor for DeviceActor {
+    type Msg = DeviceMsg;
+    type State = DeviceState;
+    type Arguments = DeviceStart;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        start: DeviceStart,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let args = match start {
+            DeviceStart::Reuse(source) => return Ok(DeviceState { source }),
+            DeviceStart::Load(args) => args,
+        };
+        let path = args.model_path.clone();
+        // Loading maps and checks the whole file: keep it off the async workers.
+        let source = tokio::task::spawn_blocking(move || ModelSource::load(&args))
+            .await?
+            .map_err(|source| DeviceError { path, source })?;
+        let (backend, threads) = source.backend();
+        tracing::info!(
+            model = %source.name,
+            arch = %source.info.arch,
+            context = source.info.context_length,
+            weights_mib = source.weights_bytes >> 20,
+            backend,
+            threads,
+            "model loaded from {}",
+            source.path.display()
+        );
+        Ok(DeviceState {
+            source: Arc::new(source),
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        msg: DeviceMsg,
+        state: &mut DeviceState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            DeviceMsg::Source(reply) => {
+                let _ = reply.send(state.source.clone());
+            }
+            DeviceMsg::Memory(reply) => {
+                let _ = reply.send(MemoryReport {
+                    weights_bytes: state.source.weights_bytes,
+                    rss_bytes: resident_bytes(),
+                });
+            }
+        }
+        Ok(())
+    }
+}

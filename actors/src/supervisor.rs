@@ -1,0 +1,445 @@
+//! The supervisor: starts the children in dependency order (device, cache,
+//! vision, decoder), restarts a failed child with backoff, and answers status.
+//!
+//! Backoff doubles with each failure in a row, from `restart_backoff` up to
+//! `restart_backoff_max`; a child that made progress since its last start
+//! (for the decoder: at least one step) starts its count again, so a rare
+//! crash costs one short pause while a crash loop slows down.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use embody_protocol::{ModelStatus, Status};
+use ractor::{
+    Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent,
+};
+
+use crate::cache::{CacheActor, CacheArgs, CacheMsg, KvPlan};
+use crate::config::RuntimeConfig;
+use crate::decoder::{DecoderActor, DecoderArgs};
+use crate::device::{resident_bytes, DeviceActor, DeviceArgs, DeviceMsg, DeviceStart, ModelSource};
+use crate::shared::{lock, Shared};
+use crate::vision::{VisionActor, VisionArgs};
+use crate::{call, Children};
+
+/// The children, by role.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum ChildKind {
+    Device,
+    Cache,
+    Vision,
+    Decoder,
+}
+
+pub(crate) struct SupervisorArgs {
+    pub cfg: RuntimeConfig,
+    pub shared: Arc<Shared>,
+    pub children: Arc<std::sync::Mutex<Children>>,
+}
+
+/// The supervisor actor.
+pub(crate) struct Supervisor;
+
+struct Restarts {
+    /// Failures in a row (reset by progress).
+    in_row: u32,
+    /// When the child last started.
+    started: Instant,
+    /// Decoder steps when it last started.
+    steps_at_start: u64,
+}
+
+pub(crate) struct SupervisorState {
+    cfg: RuntimeConfig,
+    shared: Arc<Shared>,
+    children: Arc<std::sync::Mutex<Children>>,
+    source: Arc<ModelSource>,
+    plan: KvPlan,
+    ids: Vec<(ActorId, ChildKind)>,
+    restarts: std::collections::HashMap<ChildKind, Restarts>,
+    stopping: bool,
+}
+
+pub(crate) enum SupervisorMsg {
+    /// The daemon's status.
+    Status(RpcReplyPort<Status>),
+    /// The model source (tokenizer, template, limits).
+    Source(RpcReplyPort<Arc<ModelSource>>),
+    /// Start a child again after its backoff.
+    Restart(ChildKind),
+    /// Stop the children and then the supervisor.
+    Shutdown(RpcReplyPort<()>),
+}
+
+impl Supervisor {
+    async fn spawn_child(
+        &self,
+        myself: &ActorRef<SupervisorMsg>,
+        state: &mut SupervisorState,
+        kind: ChildKind,
+    ) -> Result<(), ActorProcessingErr> {
+        let cell = myself.get_cell();
+        let id = match kind {
+            ChildKind::Device => {
+                let start = DeviceStart::Reuse(state.source.clone());
+                let (r, _) = Actor::spawn_linked(None, DeviceActor, start, cell).await?;
+                let id = r.get_id();
+                lock(&state.children).device = Some(r);
+                id
+            }
+            ChildKind::Cache => {
+                let (r, _) = spawn_cache(&cell, &state.cfg, &state.source, &state.shared).await?;
+                let id = r.get_id();
+                lock(&state.children).cache = Some(r);
+                id
+            }
+            ChildKind::Vision => {
+                let (r, _) =
+                    Actor::spawn_linked(None, VisionActor, vision_args(&state.source), cell)
+                        .await?;
+                let id = r.get_id();
+                lock(&state.children).vision = Some(r);
+                id
+            }
+            ChildKind::Decoder => {
+                let args = decoder_args(&state.cfg, &state.shared, &state.source, state.plan);
+                let (r, _) = Actor::spawn_linked(None, DecoderActor, args, cell).await?;
+                let id = r.get_id();
+                lock(&state.children).decoder = Some(r);
+                id
+            }
+        };
+        state.ids.retain(|(_, k)| *k != kind);
+        state.ids.push((id, kind));
+        let steps = state.shared.steps.load(Ordering::Relaxed);
+        let r = state.restarts.entry(kind).or_insert(Restarts {
+            in_row: 0,
+            started: Instant::now(),
+            steps_at_start: steps,
+        });
+        r.started = Instant::now();
+        r.steps_at_start = steps;
+        Ok(())
+    }
+
+    fn schedule_restart(
+        &self,
+        myself: &ActorRef<SupervisorMsg>,
+        state: &mut SupervisorState,
+        kind: ChildKind,
+    ) {
+        let steps = state.shared.steps.load(Ordering::Relaxed);
+        let r = state.restarts.entry(kind).or_insert(Restarts {
+            in_row: 0,
+            started: Instant::now(),
+            steps_at_start: steps,
+        });
+        let progressed = match kind {
+            ChildKind::Decoder => steps > r.steps_at_start,
+            _ => r.started.elapsed() > Duration::from_secs(30),
+        };
+        if progressed {
+            r.in_row = 0;
+        }
+        let delay = state
+            .cfg
+            .restart_backoff
+            .saturating_mul(1u32 << r.in_row.min(16))
+            .min(state.cfg.restart_backoff_max);
+        r.in_row += 1;
+        tracing::warn!(
+            child = ?kind,
+            failures_in_row = r.in_row,
+            "restarting in {} ms",
+            delay.as_millis()
+        );
+        myself.send_after(delay, move || SupervisorMsg::Restart(kind));
+    }
+
+    async fn status(&self, state: &SupervisorState) -> Status {
+        // The device reports memory and the cache its blocks; while either
+        // restarts, the shared counters stand in.
+        let quick = Duration::from_millis(200);
+        let (device, cache) = {
+            let c = lock(&state.children);
+            (c.device.clone(), c.cache.clone())
+        };
+        let memory = match device {
+            Some(d) => call(&d, DeviceMsg::Memory, quick, "device").await.ok(),
+            None => None,
+        };
+        let kv = match cache {
+            Some(c) => call(&c, CacheMsg::Usage, quick, "cache").await.ok(),
+            None => None,
+        };
+        let shared = &state.shared;
+        let limits = shared.limits();
+        let stats = shared.stats();
+        let src = &state.source;
+        let (backend, threads) = src.backend();
+        let up = shared.decoder_up.load(Ordering::SeqCst);
+        let draining = shared.draining.load(Ordering::SeqCst);
+        Status {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            ready: up && !draining,
+            healthy: crate::runtime::healthy(shared),
+            draining,
+            model: ModelStatus {
+                name: src.name.clone(),
+                arch: src.info.arch.clone(),
+                path: src.path.display().to_string(),
+                context_length: src.info.context_length as u32,
+                vocab_size: src.info.vocab_size as u32,
+                weights_bytes: memory.map_or(src.weights_bytes, |m| m.weights_bytes),
+                vision: false,
+            },
+            backend: backend.to_string(),
+            threads: threads as u32,
+            running: stats.running as u32,
+            queued: (shared.queued() + stats.waiting) as u32,
+            max_queued: limits.max_queued as u32,
+            kv_blocks_used: kv.map_or(stats.kv_blocks_used, |k| k.used) as u32,
+            kv_blocks_total: kv.map_or(state.plan.blocks, |k| k.total) as u32,
+            kv_block_tokens: state.plan.block_tokens as u32,
+            steps: shared.steps.load(Ordering::Relaxed),
+            decoder_restarts: shared.restarts.load(Ordering::Relaxed),
+            rss_bytes: memory.map_or_else(resident_bytes, |m| m.rss_bytes),
+            uptime_ms: shared.uptime().as_millis() as u64,
+        }
+    }
+}
+
+fn vision_args(src: &ModelSource) -> VisionArgs {
+    VisionArgs {
+        model: src.name.clone(),
+        arch: src.info.arch.clone(),
+    }
+}
+
+fn decoder_args(
+    cfg: &RuntimeConfig,
+    shared: &Arc<Shared>,
+    src: &Arc<ModelSource>,
+    plan: KvPlan,
+) -> DecoderArgs {
+    DecoderArgs {
+        shared: shared.clone(),
+        source: src.clone(),
+        kv_blocks: plan.blocks,
+        max_running: cfg.max_running,
+    }
+}
+
+async fn spawn_cache(
+    cell: &ActorCell,
+    cfg: &RuntimeConfig,
+    src: &ModelSource,
+    shared: &Arc<Shared>,
+) -> Result<(ActorRef<CacheMsg>, tokio::task::JoinHandle<()>), ractor::SpawnErr> {
+    let args = CacheArgs {
+        layout: src.info.kv,
+        budget_mb: cfg.kv_cache_mb,
+        context_length: src.info.context_length,
+        shared: shared.clone(),
+    };
+    Actor::spawn_linked(None, CacheActor, args, cell.clone()).await
+}
+
+/// The error inside a failed spawn, so that a child's startup error reaches
+/// the caller as itself.
+fn startup_error(e: ractor::SpawnErr) -> ActorProcessingErr {
+    match e {
+        ractor::SpawnErr::StartupFailed(inner) => inner,
+        other => Box::new(other),
+    }
+}
+
+impl Actor for Supervisor {
+    type Msg = SupervisorMsg;
+    type State = SupervisorState;
+    type Arguments = SupervisorArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: SupervisorArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let cfg = args.cfg;
+        let cell = myself.get_cell();
+        let timeout = cfg.call_timeout;
+        // 1. The device: backend, weights, tokenizer.
+        let device_args = DeviceArgs {
+            model_path: cfg.model_path.clone(),
+            backend: cfg.backend,
+            threads: cfg.threads,
+            opts: embody_engine::models::LoadOptions {
+                max_batch_tokens: cfg.max_batch_tokens,
+                context_length: cfg.context_length,
+                block_size: cfg.block_size,
+            },
+        };
+        let (device, _) = Actor::spawn_linked(
+            None,
+            DeviceActor,
+            DeviceStart::Load(device_args),
+            cell.clone(),
+        )
+        .await
+        .map_err(startup_error)?;
+        let source = call(&device, DeviceMsg::Source, timeout, "device").await?;
+        // 2. The cache: the KV pool's size.
+        let (cache, _) = spawn_cache(&cell, &cfg, &source, &args.shared)
+            .await
+            .map_err(startup_error)?;
+        let plan = call(&cache, CacheMsg::Plan, timeout, "cache").await?;
+        // 3. Vision.
+        let (vision, _) =
+            Actor::spawn_linked(None, VisionActor, vision_args(&source), cell.clone())
+                .await
+                .map_err(startup_error)?;
+        // 4. The decoder.
+        let (decoder, _) = Actor::spawn_linked(
+            None,
+            DecoderActor,
+            decoder_args(&cfg, &args.shared, &source, plan),
+            cell.clone(),
+        )
+        .await
+        .map_err(startup_error)?;
+        let ids = vec![
+            (device.get_id(), ChildKind::Device),
+            (cache.get_id(), ChildKind::Cache),
+            (vision.get_id(), ChildKind::Vision),
+            (decoder.get_id(), ChildKind::Decoder),
+        ];
+        *lock(&args.children) = Children {
+            device: Some(device),
+            cache: Some(cache),
+            vision: Some(vision),
+            decoder: Some(decoder),
+        };
+        let now = Instant::now();
+        let restarts = ids
+            .iter()
+            .map(|&(_, k)| {
+                (
+                    k,
+                    Restarts {
+                        in_row: 0,
+                        started: now,
+                        steps_at_start: 0,
+                    },
+                )
+            })
+            .collect();
+        Ok(SupervisorState {
+            cfg,
+            shared: args.shared,
+            children: args.children,
+            source,
+            plan,
+            ids,
+            restarts,
+            stopping: false,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: SupervisorMsg,
+        state: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            SupervisorMsg::Status(reply) => {
+                let _ = reply.send(self.status(state).await);
+            }
+            SupervisorMsg::Source(reply) => {
+                let _ = reply.send(state.source.clone());
+            }
+            SupervisorMsg::Restart(kind) => {
+                if state.stopping {
+                    return Ok(());
+                }
+                if let Err(e) = self.spawn_child(&myself, state, kind).await {
+                    tracing::error!(child = ?kind, "restart failed: {e}");
+                    self.schedule_restart(&myself, state, kind);
+                } else {
+                    tracing::info!(child = ?kind, "restarted");
+                }
+            }
+            SupervisorMsg::Shutdown(reply) => {
+                state.stopping = true;
+                state.shared.stopping.store(true, Ordering::SeqCst);
+                state.shared.wake.notify_all();
+                let children = std::mem::take(&mut *lock(&state.children));
+                if let Some(d) = children.decoder {
+                    d.stop_and_wait(None, Some(state.cfg.call_timeout))
+                        .await
+                        .ok();
+                }
+                if let Some(v) = children.vision {
+                    v.stop_and_wait(None, Some(state.cfg.call_timeout))
+                        .await
+                        .ok();
+                }
+                if let Some(c) = children.cache {
+                    c.stop_and_wait(None, Some(state.cfg.call_timeout))
+                        .await
+                        .ok();
+                }
+                if let Some(d) = children.device {
+                    d.stop_and_wait(None, Some(state.cfg.call_timeout))
+                        .await
+                        .ok();
+                }
+                let _ = reply.send(());
+                myself.stop(Some("shutdown".into()));
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        state: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
+        // Overrides ractor's default, which stops the supervisor when a child dies.
+        let (cell, failure) = match event {
+            SupervisionEvent::ActorFailed(cell, err) => (cell, Some(err.to_string())),
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                if state.stopping {
+                    return Ok(());
+                }
+                (cell, reason.or(Some("stopped".into())))
+            }
+            _ => return Ok(()),
+        };
+        let Some(&(_, kind)) = state.ids.iter().find(|(id, _)| *id == cell.get_id()) else {
+            return Ok(());
+        };
+        if state.stopping {
+            return Ok(());
+        }
+        state.ids.retain(|(id, _)| *id != cell.get_id());
+        let reason = failure.unwrap_or_default();
+        match kind {
+            ChildKind::Decoder => {
+                state.shared.restarts.fetch_add(1, Ordering::Relaxed);
+                lock(&state.children).decoder = None;
+                tracing::error!("decoder failed: {reason}");
+                self.schedule_restart(&myself, state, kind);
+            }
+            ChildKind::Device | ChildKind::Cache | ChildKind::Vision => {
+                // The model source outlives the device actor (the decoder holds
+                // it), so serving goes on while any of these restarts.
+                tracing::error!(child = ?kind, "actor failed: {reason}");
+                self.schedule_restart(&myself, state, kind);
+            }
+        }
+        Ok(())
+    }
+}
