@@ -25,6 +25,7 @@ pub mod models;
 pub mod ops;
 pub mod perplexity;
 pub mod quant;
+pub mod radix;
 pub mod sampling;
 pub mod scheduler;
 pub mod tensor;
