@@ -7,14 +7,14 @@
 //! as llama.cpp does, so integer dot products do the work.
 //!
 //! The functions below dispatch in a flat chain: the best kernel this CPU runs
-//! (chosen once, at the first call) and otherwise the scalar [`reference`], which
+//! (chosen once, at the first call) and otherwise the scalar [`mod@reference`], which
 //! stays callable directly as the test oracle.
 
 pub mod blocks;
 pub mod reference;
 #[cfg(test)]
 mod tests;
-/// x86_64 kernels with explicit feature levels (for tests and benchmarks).
+// x86_64 kernels, public so that tests and benchmarks can pick a feature level.
 #[cfg(target_arch = "x86_64")]
 pub mod x86;
 #[cfg(all(test, target_arch = "x86_64"))]

@@ -1,21 +1,27 @@
 //! x86_64 kernels at two levels: AVX2 + FMA + F16C, and that plus AVX-512
 //! F/BW/VL/VNNI.
 //!
-//! The arithmetic is the scalar reference's ([`super::reference`]): integer sums
-//! per block are exact, only the order of the f32 additions differs (and FMA
-//! rounds once where the reference rounds twice). The activation quantizers follow
-//! llama.cpp's x86 code instead of its reference (see [`quantize_row_at`]).
+//! The arithmetic is the scalar reference's ([`super::reference`]):
+//! integer sums per block are exact, only the order of the f32 additions differs
+//! (and FMA rounds once where the reference rounds twice). The activation
+//! quantizers follow llama.cpp's x86 code instead of its reference (see
+//! [`quantize_row_at`]).
 //!
-//! Both levels share one body per format, generic over [`Isa`] and the number of
-//! activation rows `R`; each body is inlined into one `#[target_feature]` function
-//! per level. The AVX-512 level keeps 256-bit registers — on Zen 4 a 512-bit
-//! operation costs two 256-bit ones — and gains the VNNI multiply-adds
-//! (`vpdpbusd`, `vpdpwssd`), which fuse what AVX2 does in two or three
-//! instructions.
+//! Both levels share one body per format, generic over the level (`Isa`) and the
+//! number of activation rows `R`; each body is inlined into one
+//! `#[target_feature]` function per level. For the quantized formats the AVX-512
+//! level keeps 256-bit registers — on Zen 4 a 512-bit operation costs two 256-bit
+//! ones, and the 512-bit variants measured slower — and gains the VNNI
+//! multiply-adds (`vpdpbusd`, `vpdpwssd`), which fuse what AVX2 does in two or
+//! three instructions, and mask registers for the Q5 high bits. The f16 attention
+//! helpers do use 512-bit registers, with masked loads for the tail.
 //!
-//! The CPU is probed once ([`best`]); every public function here checks the level
-//! it is asked to run at against it, so none of them can execute an instruction
-//! the CPU lacks.
+//! A row's result does not depend on how many activation rows are batched with
+//! it (1..=4): the same operations run in the same order for each row.
+//!
+//! The CPU is probed once ([`best`]); every public
+//! function here checks the level it is asked to run at against it, so none of
+//! them can execute an instruction the CPU lacks.
 
 // The AVX-512 intrinsics are stable since Rust 1.89, above the workspace's
 // declared rust-version; the toolchain that builds this crate has them.
@@ -54,6 +60,7 @@ impl Level {
     }
 
     /// Whether this CPU can run the level's kernels.
+    #[inline]
     pub fn is_available(self) -> bool {
         best().is_some_and(|b| self <= b)
     }
@@ -68,18 +75,21 @@ const AVX512: u8 = 3;
 static BEST: AtomicU8 = AtomicU8::new(UNKNOWN);
 
 /// The highest level this CPU supports, probed on the first call and cached.
+#[inline]
 pub fn best() -> Option<Level> {
-    let mut v = BEST.load(Ordering::Relaxed);
-    if v == UNKNOWN {
-        v = detect();
-        // Racing first calls store the same value.
-        BEST.store(v, Ordering::Relaxed);
-    }
-    match v {
+    match BEST.load(Ordering::Relaxed) {
         AVX2 => Some(Level::Avx2),
         AVX512 => Some(Level::Avx512),
-        _ => None,
+        NONE => None,
+        _ => probe(),
     }
+}
+
+#[cold]
+fn probe() -> Option<Level> {
+    // Racing first calls store the same value.
+    BEST.store(detect(), Ordering::Relaxed);
+    best()
 }
 
 fn detect() -> u8 {
@@ -100,6 +110,7 @@ fn detect() -> u8 {
     }
 }
 
+#[inline]
 fn expect_level(level: Level) {
     assert!(
         level.is_available(),
@@ -113,6 +124,7 @@ fn expect_level(level: Level) {
 
 /// [`super::vec_dot_multi`] at the best level; `false` when there is none or the
 /// type has no kernel here (the caller then uses the reference).
+#[inline]
 pub fn vec_dot_multi(ty: GgmlType, n: usize, w: &[u8], x: &[u8], out: &mut [f32]) -> bool {
     match best() {
         Some(level) => vec_dot_multi_at(level, ty, n, w, x, out),
@@ -156,6 +168,7 @@ pub fn vec_dot_multi_at(
 
 /// [`super::quantize_row`] at the best level; `false` when there is none or `ty`
 /// is not an activation type.
+#[inline]
 pub fn quantize_row(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> bool {
     match best() {
         Some(level) => quantize_row_at(level, ty, src, dst),
@@ -188,7 +201,8 @@ pub fn quantize_row_at(level: Level, ty: GgmlType, src: &[f32], dst: &mut [u8]) 
         n.is_multiple_of(block),
         "quantize_row: {n} values are not a whole number of {ty} blocks of {block}"
     );
-    let want = n / block * ty.type_size();
+    let want = (n / block).checked_mul(ty.type_size());
+    let want = want.unwrap_or_else(|| panic!("quantize_row: {n} values is too long a row"));
     assert_eq!(
         dst.len(),
         want,
@@ -210,6 +224,7 @@ pub fn quantize_row_at(level: Level, ty: GgmlType, src: &[f32], dst: &mut [u8]) 
 ///
 /// # Panics
 /// If the lengths differ.
+#[inline]
 pub fn dot_f32_f16(a: &[f32], b: &[f16]) -> Option<f32> {
     best().map(|level| dot_f32_f16_at(level, a, b))
 }
@@ -234,6 +249,7 @@ pub fn dot_f32_f16_at(level: Level, a: &[f32], b: &[f16]) -> f32 {
 ///
 /// # Panics
 /// If the lengths differ.
+#[inline]
 pub fn axpy_f16(y: &mut [f32], a: f32, x: &[f16]) -> bool {
     match best() {
         Some(level) => {
@@ -265,8 +281,13 @@ pub fn axpy_f16_at(level: Level, y: &mut [f32], a: f32, x: &[f16]) {
 
 /// The integer multiply-adds that differ between the levels.
 trait Isa {
+    /// Independent FMA chains per activation row in the 32-value block kernels:
+    /// enough to cover the FMA latency without running out of registers at
+    /// four rows (16 vector registers on AVX2, 32 with AVX-512).
+    const CHAINS: usize;
     /// Per i32 lane, `acc` plus the four products of u8 `a` and i8 `b` bytes.
-    /// Every caller keeps `a` ≤ 127, so AVX2's saturating i16 step is exact.
+    /// AVX2's saturating i16 step is exact while `a` ≤ 128 and `b` ≥ −127,
+    /// which holds for every value ggml's quantizers write (−127..=127).
     unsafe fn dot_acc(acc: __m256i, a: __m256i, b: __m256i) -> __m256i;
     /// Per i32 lane, `acc` plus the two products of i16 `a` and `b`.
     unsafe fn madd_acc(acc: __m256i, a: __m256i, b: __m256i) -> __m256i;
@@ -278,6 +299,8 @@ struct Avx2;
 struct Avx512;
 
 impl Isa for Avx2 {
+    const CHAINS: usize = 2;
+
     #[inline(always)]
     unsafe fn dot_acc(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
         let pairs = _mm256_maddubs_epi16(a, b);
@@ -307,6 +330,8 @@ impl Isa for Avx2 {
 }
 
 impl Isa for Avx512 {
+    const CHAINS: usize = 4;
+
     #[inline(always)]
     unsafe fn dot_acc(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
         _mm256_dpbusd_epi32(acc, a, b)
@@ -376,8 +401,12 @@ fn run_dot<K: RowDot>(level: Level, n: usize, w: &[u8], x: &[u8], out: &mut [f32
         K::TYPE,
         K::BLOCK
     );
-    let w_want = n / K::BLOCK * K::W_BYTES;
-    let x_want = n / K::BLOCK * K::X_BYTES;
+    // Checked: a wrapped size could let a huge `n` pass with a short row.
+    let bytes = |per_block: usize| (n / K::BLOCK).checked_mul(per_block);
+    let (w_want, x_want) = (bytes(K::W_BYTES), bytes(K::X_BYTES));
+    let (Some(w_want), Some(x_want)) = (w_want, x_want) else {
+        panic!("vec_dot: a row of {n} {} values is too long", K::TYPE);
+    };
     assert_eq!(
         w.len(),
         w_want,
@@ -385,8 +414,8 @@ fn run_dot<K: RowDot>(level: Level, n: usize, w: &[u8], x: &[u8], out: &mut [f32
         K::TYPE
     );
     assert_eq!(
-        x.len(),
-        out.len() * x_want,
+        Some(x.len()),
+        out.len().checked_mul(x_want),
         "vec_dot: x: {} activation rows of {n} values take {x_want} bytes each",
         out.len()
     );
@@ -497,10 +526,13 @@ unsafe fn nibbles(p: *const u8) -> __m256i {
 // 32-value block formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0)
 //
 // Eight blocks at a time: the scale products `dw·dx` (and `m·s`) of the eight
-// blocks are computed as one vector and parked in a small stack buffer; each
-// block's i32 dot vector is then converted and added with one FMA whose scale is
-// broadcast from that buffer by a load. This keeps the shuffle ports, which
-// limit these kernels on both Intel and AMD, nearly free.
+// blocks are computed as two vectors, then each block's i32 dot vector is
+// converted and added with one FMA against its broadcast scale. On Zen 4 this
+// runs at about 3 cycles per block, bound by the loads (two scale words, the
+// weight bytes and the activation bytes per block). Measured and dropped as
+// slower there: two blocks per 512-bit register, gathering the scale words with
+// masked 512-bit loads and permutes, and FMAs with the scale broadcast from
+// memory.
 
 /// A weight format of 32-value blocks.
 trait Q32 {
@@ -583,61 +615,61 @@ impl Q32 for Q8_0 {
 /// [`RowDot`] for a [`Q32`] format.
 struct B32<F>(F);
 
-/// Scale products of a group of eight blocks for one activation row: lane 2i is
-/// `dw·dx` of block i, lane 2i + 1 its `m·s` (formats with a min; otherwise
-/// unused).
-#[repr(align(32))]
-struct GroupScales([f32; 16]);
-
 impl<F: Q32> B32<F> {
     /// Activation block bytes: Q8_1 (36) for the formats with a min, else Q8_0 (34).
     const X_SIZE: usize = if F::MIN { 36 } else { 34 };
 
-    /// Independent FMA chains per activation row: enough to cover the FMA
-    /// latency without spilling registers at four rows.
-    const fn chains(rows: usize) -> usize {
-        match rows {
-            1 => 4,
-            2 => 2,
-            _ => 1,
-        }
-    }
-
-    /// Adds `cnt` (≤ 8; 8 when `FULL`) blocks at `w` dotted with those at each
-    /// `x` to `acc`, and their offset terms to the odd lanes of `acc_min`.
+    /// Adds the `CNT` (1..=8) blocks at `w` dotted with those at each `x` to
+    /// `acc`. Every size is its own unrolled instance: a short row's last blocks
+    /// cost no more than full-group blocks.
+    ///
+    /// Block i goes to FMA chain `i % I::CHAINS` whatever the number of rows, so
+    /// a row's result does not depend on the rows batched with it.
     #[inline(always)]
-    unsafe fn group<I: Isa, const R: usize, const FULL: bool>(
+    unsafe fn group<I: Isa, const R: usize, const CNT: usize>(
         w: *const u8,
         x: &[*const u8; R],
-        cnt: usize,
         acc: &mut [[__m256; 4]; R],
-        acc_min: &mut [__m256; R],
     ) {
-        let cnt = if FULL { 8 } else { cnt };
-        let mut scales: [GroupScales; R] = [const { GroupScales([0.0; 16]) }; R];
-        let (wl, wh) = f16_pairs(w, F::SIZE, cnt);
+        // Per row, lane 2i of block i's half is dw·dx, lane 2i + 1 is m·s.
+        let zps = _mm256_setzero_ps();
+        let mut scales = [[zps; 2]; R];
+        let (wl, wh) = f16_pairs::<CNT>(w, F::SIZE);
         for r in 0..R {
-            let (xl, xh) = f16_pairs(x[r], Self::X_SIZE, cnt);
-            let (pl, ph) = (_mm256_mul_ps(wl, xl), _mm256_mul_ps(wh, xh));
-            _mm256_store_ps(scales[r].0.as_mut_ptr(), pl);
-            _mm256_store_ps(scales[r].0.as_mut_ptr().add(8), ph);
+            let (xl, xh) = f16_pairs::<CNT>(x[r], Self::X_SIZE);
+            scales[r] = [_mm256_mul_ps(wl, xl), _mm256_mul_ps(wh, xh)];
             if F::MIN {
-                acc_min[r] = _mm256_add_ps(acc_min[r], _mm256_add_ps(pl, ph));
+                let terms = _mm256_add_ps(scales[r][0], scales[r][1]);
+                acc[r][0] = _mm256_add_ps(acc[r][0], _mm256_and_ps(terms, odd_lanes()));
             }
         }
         let zero = _mm256_setzero_si256();
-        for i in 0..cnt {
+        for i in 0..CNT {
             let v = F::values::<I>(w.add(i * F::SIZE));
             let a = if F::SIGNED { _mm256_sign_epi8(v, v) } else { v };
-            // A constant chain index in the unrolled full group; the tail uses one.
-            let k = if FULL { i % Self::chains(R) } else { 0 };
+            let k = i % I::CHAINS;
             for r in 0..R {
                 let q = ld256(x[r].add(i * Self::X_SIZE + Self::X_SIZE - 32));
                 let q = if F::SIGNED { _mm256_sign_epi8(q, v) } else { q };
                 let dot = _mm256_cvtepi32_ps(I::dot_acc(zero, a, q));
-                let d = _mm256_broadcast_ss(&scales[r].0[2 * i]);
+                let lane = _mm256_set1_epi32(2 * (i % 4) as i32);
+                let d = _mm256_permutevar8x32_ps(scales[r][i / 4], lane);
                 acc[r][k] = _mm256_fmadd_ps(dot, d, acc[r][k]);
             }
+        }
+    }
+
+    /// [`Self::group`] of `CNT` blocks, then advances the pointers past them.
+    #[inline(always)]
+    unsafe fn step<I: Isa, const R: usize, const CNT: usize>(
+        w: &mut *const u8,
+        x: &mut [*const u8; R],
+        acc: &mut [[__m256; 4]; R],
+    ) {
+        Self::group::<I, R, CNT>(*w, x, acc);
+        *w = w.add(CNT * F::SIZE);
+        for p in x {
+            *p = p.add(CNT * Self::X_SIZE);
         }
     }
 }
@@ -662,47 +694,50 @@ impl<F: Q32> RowDot for B32<F> {
         }
         let mut w = w;
         let mut acc = [[_mm256_setzero_ps(); 4]; R];
-        let mut acc_min = [_mm256_setzero_ps(); R];
-        let mut left = nb;
-        while left >= 8 {
-            Self::group::<I, R, true>(w, &xs, 8, &mut acc, &mut acc_min);
-            w = w.add(8 * F::SIZE);
-            for p in &mut xs {
-                *p = p.add(8 * Self::X_SIZE);
-            }
-            left -= 8;
+        for _ in 0..nb / 8 {
+            Self::step::<I, R, 8>(&mut w, &mut xs, &mut acc);
         }
-        if left > 0 {
-            Self::group::<I, R, false>(w, &xs, left, &mut acc, &mut acc_min);
+        if nb & 4 != 0 {
+            Self::step::<I, R, 4>(&mut w, &mut xs, &mut acc);
         }
-        // The offset terms sit in the odd lanes.
-        let odd = _mm256_castsi256_ps(_mm256_setr_epi32(0, -1, 0, -1, 0, -1, 0, -1));
+        if nb & 2 != 0 {
+            Self::step::<I, R, 2>(&mut w, &mut xs, &mut acc);
+        }
+        if nb & 1 != 0 {
+            Self::step::<I, R, 1>(&mut w, &mut xs, &mut acc);
+        }
         for r in 0..R {
             let a = &acc[r];
-            let mut sum = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
-            if F::MIN {
-                sum = _mm256_add_ps(sum, _mm256_and_ps(acc_min[r], odd));
-            }
+            let sum = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
             out[r] = hsum_ps(sum);
         }
     }
 }
 
-/// The leading pair of f16 of `cnt` (≤ 8) blocks as f32, blocks 0..4 and
-/// 4..8: `[a0, b0, a1, b1, ..]`. Zero past `cnt`.
+/// All bits set in the odd f32 lanes.
 #[inline(always)]
-unsafe fn f16_pairs(p: *const u8, stride: usize, cnt: usize) -> (__m256, __m256) {
+unsafe fn odd_lanes() -> __m256 {
+    _mm256_castsi256_ps(_mm256_setr_epi32(0, -1, 0, -1, 0, -1, 0, -1))
+}
+
+/// The leading pair of f16 of `CNT` (≤ 8) blocks as f32, blocks 0..4 and
+/// 4..8: `[a0, b0, a1, b1, ..]`. Zero past `CNT`.
+#[inline(always)]
+unsafe fn f16_pairs<const CNT: usize>(p: *const u8, stride: usize) -> (__m256, __m256) {
     let word = |i: usize| {
-        if i < cnt {
+        if i < CNT {
             rd_i32(p.add(i * stride))
         } else {
             0
         }
     };
-    (
-        _mm256_cvtph_ps(_mm_setr_epi32(word(0), word(1), word(2), word(3))),
-        _mm256_cvtph_ps(_mm_setr_epi32(word(4), word(5), word(6), word(7))),
-    )
+    let lo = _mm256_cvtph_ps(_mm_setr_epi32(word(0), word(1), word(2), word(3)));
+    let hi = if CNT > 4 {
+        _mm256_cvtph_ps(_mm_setr_epi32(word(4), word(5), word(6), word(7)))
+    } else {
+        _mm256_setzero_ps()
+    };
+    (lo, hi)
 }
 
 // ---------------------------------------------------------------------------
