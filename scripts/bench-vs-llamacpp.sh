@@ -48,7 +48,7 @@ for m in models:
     name = os.path.basename(m)
     for key, label in [("prefill_tok_s", "prefill tok/s"), ("decode_tok_s", "decode tok/s")]:
         a, b = med("embody", m, key), med("llama.cpp", m, key)
-        print(f"{name:<42} {label:<14} {a:>10.1} {b:>10.1} {a / b:>6.2f}x")
+        print(f"{name:<42} {label:<14} {a:>10.1f} {b:>10.1f} {a / b:>6.2f}x")
     a, b = med("embody", m, "peak_rss_mb"), med("llama.cpp-rss", m, "peak_rss_mb")
     print(f"{name:<42} {'peak RSS MiB':<14} {a:>10.0f} {b:>10.0f} {a / b:>6.2f}x")
     print(f"{name:<42} {'TTFT ms':<14} {med('embody', m, 'ttft_ms'):>10.0f}")
