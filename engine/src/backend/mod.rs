@@ -40,6 +40,14 @@ pub struct AttnParams {
     pub window: Option<usize>,
 }
 
+/// One matrix of a [`Backend::matmul_group`] and where its product goes.
+pub struct MatOut<'a> {
+    /// The weight, `[cols, rows]`.
+    pub w: &'a QTensor,
+    /// The product, `[n, w.rows()]`.
+    pub y: &'a mut [f32],
+}
+
 /// Buffers a backend needs for one forward pass, sized once at load.
 pub struct Workspace {
     /// Activations quantized for the integer dot products.
@@ -62,7 +70,14 @@ pub trait Backend: Send + Sync {
     fn workspace(&self, max_tokens: usize, max_cols: usize, max_ctx: usize) -> Workspace;
 
     /// `y[t][r] = w.row(r) · x[t]` for `t < n`: x is `[n, w.cols()]`, y is `[n, w.rows()]`.
-    fn matmul(&self, w: &QTensor, x: &[f32], n: usize, y: &mut [f32], ws: &mut Workspace);
+    fn matmul(&self, w: &QTensor, x: &[f32], n: usize, y: &mut [f32], ws: &mut Workspace) {
+        self.matmul_group(x, n, &mut [MatOut { w, y }], ws);
+    }
+
+    /// Several matrices applied to the same input (Q, K and V; gate and up): the
+    /// input is quantized once per format and all their rows are shared out in
+    /// one pass, instead of one synchronisation per matrix.
+    fn matmul_group(&self, x: &[f32], n: usize, outs: &mut [MatOut<'_>], ws: &mut Workspace);
 
     /// Causal attention of the batch's queries `q` (`[tokens, n_heads * head_dim]`,
     /// sequences in order) over the cache, whose K/V for these tokens are already

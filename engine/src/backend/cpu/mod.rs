@@ -7,7 +7,7 @@
 
 pub mod pool;
 
-use super::{AttnParams, AttnSeq, Backend, Workspace};
+use super::{AttnParams, AttnSeq, Backend, MatOut, Workspace};
 use crate::kv_cache::KvCache;
 use crate::quant::{self, GgmlType};
 use crate::tensor::QTensor;
@@ -16,6 +16,9 @@ use pool::{split, Pool};
 /// Activation rows multiplied per pass over a weight row (the most
 /// `quant::vec_dot_multi` takes).
 const TOKENS_PER_ROW_PASS: usize = 4;
+
+/// Most matrices in one [`Backend::matmul_group`] pass.
+const MAX_GROUP: usize = 4;
 
 /// A raw pointer that threads may share when each writes disjoint elements.
 #[derive(Clone, Copy)]
@@ -76,41 +79,67 @@ impl Backend for CpuBackend {
         }
     }
 
-    fn matmul(&self, w: &QTensor, x: &[f32], n: usize, y: &mut [f32], ws: &mut Workspace) {
-        let (k, rows) = (w.cols(), w.rows());
-        assert_eq!(x.len(), n * k, "matmul {}: input shape", w.name);
-        assert!(y.len() >= n * rows, "matmul {}: output too small", w.name);
-        let act_ty = w.ty.vec_dot_type();
-        let act_row = act_ty.row_bytes(k).expect("activation row size");
-        assert!(ws.act.len() >= n * act_row, "workspace too small for {}", w.name);
-
-        let act = SharedMut(ws.act.as_mut_ptr());
-        self.pool.run(&|i, nt| {
-            for t in split(n, i, nt) {
-                // SAFETY: each thread quantizes its own token rows.
-                let dst = unsafe { act.slice(t * act_row, act_row) };
-                quant::quantize_row(act_ty, &x[t * k..(t + 1) * k], dst);
+    fn matmul_group(&self, x: &[f32], n: usize, outs: &mut [MatOut<'_>], ws: &mut Workspace) {
+        let Some(first) = outs.first() else { return };
+        let k = first.w.cols();
+        assert_eq!(x.len(), n * k, "matmul {}: input shape", first.w.name);
+        for o in outs.iter() {
+            assert_eq!(o.w.cols(), k, "matmul group {}: input width", o.w.name);
+            assert!(o.y.len() >= n * o.w.rows(), "matmul {}: output too small", o.w.name);
+        }
+        // One pass per activation format; groups almost always share one.
+        let mut done = 0usize;
+        while done < outs.len() {
+            let act_ty = outs[done].w.ty.vec_dot_type();
+            let act_row = act_ty.row_bytes(k).expect("activation row size");
+            assert!(ws.act.len() >= n * act_row, "workspace too small for {}", outs[done].w.name);
+            let act = SharedMut(ws.act.as_mut_ptr());
+            self.pool.run(&|i, nt| {
+                for t in split(n, i, nt) {
+                    // SAFETY: each thread quantizes its own token rows.
+                    let dst = unsafe { act.slice(t * act_row, act_row) };
+                    quant::quantize_row(act_ty, &x[t * k..(t + 1) * k], dst);
+                }
+            });
+            // The matrices of this format: rows numbered across them, shared out evenly.
+            let mut jobs: [(Option<&QTensor>, SharedMut<f32>, usize); MAX_GROUP] =
+                [(None, SharedMut(std::ptr::null_mut()), 0); MAX_GROUP];
+            let mut n_jobs = 0;
+            let mut total_rows = 0;
+            for o in outs[done..].iter_mut() {
+                if o.w.ty.vec_dot_type() != act_ty || n_jobs == MAX_GROUP {
+                    break;
+                }
+                jobs[n_jobs] = (Some(o.w), SharedMut(o.y.as_mut_ptr()), total_rows);
+                total_rows += o.w.rows();
+                n_jobs += 1;
             }
-        });
-
-        let act = &ws.act[..n * act_row];
-        let out = SharedMut(y.as_mut_ptr());
-        self.pool.run(&|i, nt| {
-            let mut acc = [0f32; TOKENS_PER_ROW_PASS];
-            for r in split(rows, i, nt) {
-                let wr = w.row(r);
-                // Each weight row is decoded once per group of activation rows.
-                for t0 in (0..n).step_by(TOKENS_PER_ROW_PASS) {
-                    let g = (n - t0).min(TOKENS_PER_ROW_PASS);
-                    let xs = &act[t0 * act_row..(t0 + g) * act_row];
-                    quant::vec_dot_multi(w.ty, k, wr, xs, &mut acc[..g]);
-                    for (j, &v) in acc[..g].iter().enumerate() {
-                        // SAFETY: row r belongs to this thread alone.
-                        unsafe { out.write((t0 + j) * rows + r, v) };
+            let jobs = &jobs[..n_jobs];
+            let act = &ws.act[..n * act_row];
+            self.pool.run(&|i, nt| {
+                let mut acc = [0f32; TOKENS_PER_ROW_PASS];
+                let mut j = 0;
+                for g in split(total_rows, i, nt) {
+                    while g >= jobs[j].2 + jobs[j].0.map_or(0, QTensor::rows) {
+                        j += 1;
+                    }
+                    let (w, out, base) = (jobs[j].0.expect("job set"), jobs[j].1, jobs[j].2);
+                    let (r, rows) = (g - base, w.rows());
+                    let wr = w.row(r);
+                    // Each weight row is decoded once per group of activation rows.
+                    for t0 in (0..n).step_by(TOKENS_PER_ROW_PASS) {
+                        let cnt = (n - t0).min(TOKENS_PER_ROW_PASS);
+                        let xs = &act[t0 * act_row..(t0 + cnt) * act_row];
+                        quant::vec_dot_multi(w.ty, k, wr, xs, &mut acc[..cnt]);
+                        for (dt, &v) in acc[..cnt].iter().enumerate() {
+                            // SAFETY: row r of this matrix belongs to this thread alone.
+                            unsafe { out.write((t0 + dt) * rows + r, v) };
+                        }
                     }
                 }
-            }
-        });
+            });
+            done += n_jobs;
+        }
     }
 
     fn attention(
@@ -247,6 +276,51 @@ mod tests {
                 }
             }
         }
+    }
+
+    fn tensor(name: &str, ty: GgmlType, k: usize, rows: usize, seed: &mut u64) -> QTensor {
+        let rb = ty.row_bytes(k).unwrap();
+        let mut data = vec![0u8; rb * rows];
+        for r in 0..rows {
+            let vals: Vec<f32> = (0..k).map(|_| lcg(seed)).collect();
+            crate::quant::reference::quantize_row(ty, &vals, &mut data[r * rb..(r + 1) * rb]);
+        }
+        QTensor {
+            name: name.into(),
+            ty,
+            shape: vec![k, rows],
+            data: Bytes::from_vec(data),
+        }
+    }
+
+    #[test]
+    fn matmul_group_equals_separate_matmuls() {
+        let (k, n) = (256, 6);
+        let mut s = 9;
+        // Two formats sharing Q8_K activations, one with Q8_0, one plain f32.
+        let ws_ = [
+            tensor("q", GgmlType::Q4_K, k, 40, &mut s),
+            tensor("k", GgmlType::Q6_K, k, 8, &mut s),
+            tensor("v", GgmlType::Q8_0, k, 13, &mut s),
+            tensor("o", GgmlType::F32, k, 5, &mut s),
+        ];
+        let x: Vec<f32> = (0..k * n).map(|_| lcg(&mut s)).collect();
+        let b = CpuBackend::new(3);
+        let mut ws = b.workspace(n, k, 8);
+        let mut separate: Vec<Vec<f32>> = Vec::new();
+        for w in &ws_ {
+            let mut y = vec![0.0; n * w.rows()];
+            b.matmul(w, &x, n, &mut y, &mut ws);
+            separate.push(y);
+        }
+        let mut ys: Vec<Vec<f32>> = ws_.iter().map(|w| vec![f32::NAN; n * w.rows()]).collect();
+        let mut outs: Vec<MatOut<'_>> = ws_.iter().zip(ys.iter_mut()).map(|(w, y)| MatOut { w, y }).collect();
+        b.matmul_group(&x, n, &mut outs, &mut ws);
+        drop(outs);
+        for (i, (a, b)) in separate.iter().zip(&ys).enumerate() {
+            assert_eq!(a, b, "matrix {i}");
+        }
+        assert!(separate[0].iter().any(|v| v.abs() > 1e-3));
     }
 
     #[test]
