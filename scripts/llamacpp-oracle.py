@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Records llama.cpp's greedy continuations and perplexity as test fixtures.
 
-  scripts/llamacpp-oracle.py [smollm2 ...]
+  scripts/llamacpp-oracle.py [smollm2 gemma3 qwen25 ...]
 
 Runs llama-server (built by scripts/build-llamacpp.sh) on each real model,
 renders chat prompts with llama.cpp's own template engine (/apply-template),
@@ -43,6 +43,11 @@ CHAT = [
     "Explain what a battery does in one sentence.",
     "What is 12 times 12?",
 ]
+# Extra llama-server arguments. The Gemma 3 270M file carries no chat template;
+# llama.cpp renders Gemma 3's own (the one embody falls back to) with --jinja.
+SERVER_ARGS = {
+    "gemma3": ["--jinja", "--chat-template-file", str(ROOT / "engine/src/models/gemma3_chat_template.jinja")],
+}
 N_PREDICT = 32
 PPL_CTX, PPL_CHUNKS = 512, 4
 PORT = 18089
@@ -77,7 +82,7 @@ def main():
         model = MODELS / FILES[name]
         server = subprocess.Popen(
             [bin_dir / "llama-server", "-m", model, "-t", "2", "-c", "4096", "-np", "1",
-             "--port", str(PORT), "--host", "127.0.0.1", "-fa", "off"],
+             "--port", str(PORT), "--host", "127.0.0.1", "-fa", "off", *SERVER_ARGS.get(name, [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             for _ in range(120):

@@ -1,6 +1,7 @@
-//! The real SmolLM2-135M-Instruct Q4_1 file against llama.cpp's recorded
-//! results (`tests/fixtures/llamacpp/*.json`, written by
-//! `scripts/llamacpp-oracle.py` with flash attention off).
+//! The real model files (SmolLM2-135M-Instruct Q4_1, Gemma 3 270M Q4_K_M,
+//! Qwen2.5-Coder-0.5B-Instruct Q4_K_M) against llama.cpp's recorded results
+//! (`tests/fixtures/llamacpp/*.json`, written by `scripts/llamacpp-oracle.py`
+//! with flash attention off).
 //!
 //! Greedy agreement is measured teacher-forced: llama.cpp's continuation is fed
 //! through our model in one forward pass, and at every position we check our
@@ -15,7 +16,7 @@ use embody_engine::chat_template::{ChatMessage, ChatTemplate};
 use embody_engine::generate::encode_chat;
 use embody_engine::gguf::Gguf;
 use embody_engine::kv_cache::{BlockTable, KvCache};
-use embody_engine::models::{load_gguf, LoadOptions, Logits, SeqBatch};
+use embody_engine::models::{default_chat_template, load_gguf, LoadOptions, Logits, SeqBatch};
 use embody_engine::tokenizer::Tokenizer;
 use embody_tests::{embody, model, repo_root};
 use serde::Deserialize;
@@ -46,7 +47,9 @@ struct Case {
 }
 
 fn fixture(name: &str) -> Fixture {
-    let p = repo_root().join("tests/fixtures/llamacpp").join(format!("{name}.json"));
+    let p = repo_root()
+        .join("tests/fixtures/llamacpp")
+        .join(format!("{name}.json"));
     serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
 }
 
@@ -75,13 +78,23 @@ fn teacher_forced(name: &str) {
     let mut results = Vec::new();
     for c in &f.cases {
         let prompt = if c.chat {
-            let template = ChatTemplate::new(tok.chat_template().unwrap()).unwrap();
+            // The Gemma 3 file has no template: the CLI's fallback, which the
+            // oracle script also gave llama.cpp.
+            let src = tok
+                .chat_template()
+                .or(default_chat_template(&info.arch))
+                .unwrap();
+            let template = ChatTemplate::new(src).unwrap();
             let msgs = [ChatMessage {
                 role: "user".into(),
                 content: c.prompt.clone(),
             }];
             let rendered = template.render(&msgs, true, "", "", None).unwrap();
-            assert_eq!(Some(&rendered), c.rendered.as_ref(), "chat template differs from llama.cpp's");
+            assert_eq!(
+                Some(&rendered),
+                c.rendered.as_ref(),
+                "chat template differs from llama.cpp's"
+            );
             encode_chat(&tok, &rendered).unwrap()
         } else {
             tok.encode(&c.prompt, true, true).unwrap()
@@ -105,10 +118,10 @@ fn teacher_forced(name: &str) {
         let mut diverged = false;
         for (j, &t) in c.tokens.iter().enumerate() {
             let row = &logits[(prompt.len() - 1 + j) * v..(prompt.len() + j) * v];
-            let (top, top_logit) = row
-                .iter()
-                .enumerate()
-                .fold((0, f32::MIN), |a, (i, &l)| if l > a.1 { (i, l) } else { a });
+            let (top, top_logit) =
+                row.iter()
+                    .enumerate()
+                    .fold((0, f32::MIN), |a, (i, &l)| if l > a.1 { (i, l) } else { a });
             diverged |= top as u32 != t;
             if !diverged {
                 r.agree += 1;
@@ -126,15 +139,24 @@ fn teacher_forced(name: &str) {
         );
         results.push((r, c.tokens.len()));
     }
-    let agreeing = results.iter().filter(|(r, n)| r.agree >= 16.min(*n)).count();
+    let agreeing = results
+        .iter()
+        .filter(|(r, n)| r.agree >= 16.min(*n))
+        .count();
     let worst = results.iter().map(|(r, _)| r.max_gap).fold(0.0, f32::max);
-    eprintln!("{name}: {agreeing} of {} prompts agree over 16 tokens; largest gap {worst:.3}", results.len());
+    eprintln!(
+        "{name}: {agreeing} of {} prompts agree over 16 tokens; largest gap {worst:.3}",
+        results.len()
+    );
     assert!(
         agreeing * 2 >= results.len(),
         "{name}: only {agreeing} of {} prompts agree with llama.cpp over 16 tokens",
         results.len()
     );
-    assert!(worst < MAX_GAP, "{name}: llama.cpp's token trails our top token by {worst} logits");
+    assert!(
+        worst < MAX_GAP,
+        "{name}: llama.cpp's token trails our top token by {worst} logits"
+    );
 }
 
 #[test]
@@ -143,29 +165,61 @@ fn smollm2_greedy_agrees_with_llamacpp() {
 }
 
 /// The CLI end to end: raw and chat prompts stream exactly llama.cpp's text.
-#[test]
-fn smollm2_cli_generate_streams_llamacpp_text() {
-    let f = fixture("smollm2");
+fn cli_generate_streams_llamacpp_text(name: &str, prompts: &[(&str, bool)]) {
+    let f = fixture(name);
     let path = model(&f.model);
-    for (prompt, chat) in [("The capital of France is", false), ("What is 12 times 12?", true)] {
+    for &(prompt, chat) in prompts {
         let c = f.cases.iter().find(|c| c.prompt == prompt).unwrap();
-        let mut args = vec!["generate", "-m", path.to_str().unwrap(), "-p", prompt, "--temperature", "0", "-n", "32"];
+        let mut args = vec![
+            "generate",
+            "-m",
+            path.to_str().unwrap(),
+            "-p",
+            prompt,
+            "--temperature",
+            "0",
+            "-n",
+            "32",
+        ];
         if chat {
             args.push("--chat");
         }
         let out = embody(&args);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let text = String::from_utf8(out.stdout).unwrap();
-        assert_eq!(text.strip_suffix('\n').unwrap(), c.text, "prompt {prompt:?}");
+        assert_eq!(
+            text.strip_suffix('\n').unwrap(),
+            c.text,
+            "{name}: prompt {prompt:?}"
+        );
     }
 }
 
 #[test]
-fn smollm2_perplexity_within_one_percent_of_llamacpp() {
-    let f = fixture("smollm2");
+fn smollm2_cli_generate_streams_llamacpp_text() {
+    cli_generate_streams_llamacpp_text(
+        "smollm2",
+        &[
+            ("The capital of France is", false),
+            ("What is 12 times 12?", true),
+        ],
+    );
+}
+
+/// `embody perplexity` on the fixture's text, ctx and chunks is within 1% of
+/// llama-perplexity's figure.
+fn perplexity_within_one_percent(name: &str) {
+    let f = fixture(name);
     let path = model(&f.model);
     let text = repo_root().join(&f.perplexity.file);
-    let (ctx, chunks) = (f.perplexity.ctx.to_string(), f.perplexity.chunks.to_string());
+    let (ctx, chunks) = (
+        f.perplexity.ctx.to_string(),
+        f.perplexity.chunks.to_string(),
+    );
     let out = embody(&[
         "perplexity",
         "-m",
@@ -177,7 +231,11 @@ fn smollm2_perplexity_within_one_percent_of_llamacpp() {
         "--chunks",
         &chunks,
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8(out.stdout).unwrap();
     let ppl: f64 = stdout
         .trim()
@@ -186,6 +244,58 @@ fn smollm2_perplexity_within_one_percent_of_llamacpp() {
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("unexpected output {stdout:?}"));
     let rel = (ppl - f.perplexity.ppl).abs() / f.perplexity.ppl;
-    eprintln!("PPL ours {ppl:.4}, llama.cpp {:.4}, difference {:.3}%", f.perplexity.ppl, rel * 100.0);
-    assert!(rel < 0.01, "PPL {ppl} vs llama.cpp {} ({:.2}%)", f.perplexity.ppl, rel * 100.0);
+    eprintln!(
+        "{name}: PPL ours {ppl:.4}, llama.cpp {:.4}, difference {:.3}%",
+        f.perplexity.ppl,
+        rel * 100.0
+    );
+    assert!(
+        rel < 0.01,
+        "PPL {ppl} vs llama.cpp {} ({:.2}%)",
+        f.perplexity.ppl,
+        rel * 100.0
+    );
+}
+
+#[test]
+fn smollm2_perplexity_within_one_percent_of_llamacpp() {
+    perplexity_within_one_percent("smollm2");
+}
+
+#[test]
+fn gemma3_greedy_agrees_with_llamacpp() {
+    teacher_forced("gemma3");
+}
+
+#[test]
+fn gemma3_perplexity_within_one_percent_of_llamacpp() {
+    perplexity_within_one_percent("gemma3");
+}
+
+#[test]
+fn qwen25_greedy_agrees_with_llamacpp() {
+    teacher_forced("qwen25");
+}
+
+#[test]
+fn qwen25_perplexity_within_one_percent_of_llamacpp() {
+    perplexity_within_one_percent("qwen25");
+}
+
+/// The Gemma 3 file carries no chat template: `--chat` falls back to Gemma 3's
+/// own, the one llama.cpp was given.
+#[test]
+fn gemma3_cli_generate_streams_llamacpp_text() {
+    cli_generate_streams_llamacpp_text(
+        "gemma3",
+        &[("def fibonacci(n):", false), ("What is 12 times 12?", true)],
+    );
+}
+
+#[test]
+fn qwen25_cli_generate_streams_llamacpp_text() {
+    cli_generate_streams_llamacpp_text(
+        "qwen25",
+        &[("def fibonacci(n):", false), ("What is 12 times 12?", true)],
+    );
 }

@@ -1,6 +1,7 @@
-//! `embody`: the command-line tool. Generates text from a model file, measures
-//! perplexity, and inspects GGUF files. Generated text goes to stdout and
-//! nothing else does; progress and errors go to stderr.
+//! `embody`: the command-line tool. Generates text from a model (a GGUF file or
+//! a Hugging Face folder), measures perplexity, and inspects GGUF files.
+//! Generated text goes to stdout and nothing else does; progress and errors go
+//! to stderr.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -13,6 +14,7 @@ use clap::{Parser, Subcommand};
 use embody_engine::backend::{self, BackendKind};
 use embody_engine::chat_template::{ChatMessage, ChatTemplate};
 use embody_engine::gguf::Gguf;
+use embody_engine::hf::HfFolder;
 use embody_engine::models::{self, LoadOptions, Model};
 use embody_engine::perplexity::perplexity;
 use embody_engine::sampling::SamplingParams;
@@ -28,7 +30,8 @@ struct Cli {
 
 #[derive(clap::Args)]
 struct ModelArgs {
-    /// A GGUF model file.
+    /// A GGUF model file, or a Hugging Face model folder (config.json,
+    /// tokenizer.json, *.safetensors).
     #[arg(long, short = 'm')]
     model: PathBuf,
     /// Compute threads (0: one per core).
@@ -48,30 +51,39 @@ enum Command {
         /// The prompt (raw text, or the user message with --chat).
         #[arg(long, short = 'p')]
         prompt: String,
-        /// Format the prompt with the model's chat template.
+        /// Format the prompt with the model's chat template (or, for a model
+        /// without one, the architecture's standard template).
         #[arg(long)]
         chat: bool,
+        /// A Jinja chat template file to use with --chat instead of the model's.
+        #[arg(long)]
+        chat_template: Option<PathBuf>,
         /// System message for --chat.
         #[arg(long)]
         system: Option<String>,
         /// Most tokens to generate.
         #[arg(long, short = 'n', default_value_t = 256)]
         max_tokens: usize,
-        /// Sampling temperature (0: greedy).
-        #[arg(long, default_value_t = 0.8)]
-        temperature: f32,
-        /// Keep the K most likely tokens (0: off).
-        #[arg(long, default_value_t = 40)]
-        top_k: usize,
-        /// Nucleus sampling threshold (1: off).
-        #[arg(long, default_value_t = 0.95)]
-        top_p: f32,
-        /// Drop tokens below this fraction of the top probability (0: off).
-        #[arg(long, default_value_t = 0.05)]
-        min_p: f32,
-        /// Penalty for recently seen tokens (1: off).
-        #[arg(long, default_value_t = 1.0)]
-        repeat_penalty: f32,
+        /// Sampling temperature (0: greedy) [default: 0.8, or a folder's
+        /// generation_config.json].
+        #[arg(long)]
+        temperature: Option<f32>,
+        /// Keep the K most likely tokens (0: off) [default: 40, or a folder's
+        /// generation_config.json].
+        #[arg(long)]
+        top_k: Option<usize>,
+        /// Nucleus sampling threshold (1: off) [default: 0.95, or a folder's
+        /// generation_config.json].
+        #[arg(long)]
+        top_p: Option<f32>,
+        /// Drop tokens below this fraction of the top probability (0: off)
+        /// [default: 0.05, or a folder's generation_config.json].
+        #[arg(long)]
+        min_p: Option<f32>,
+        /// Penalty for recently seen tokens (1: off) [default: 1, or a folder's
+        /// generation_config.json].
+        #[arg(long)]
+        repeat_penalty: Option<f32>,
         /// Random seed, for reproducible sampling.
         #[arg(long)]
         seed: Option<u64>,
@@ -120,7 +132,7 @@ enum Command {
     },
     /// Print the token ids of a text, one line, comma-separated.
     Tokenize {
-        /// A GGUF model file.
+        /// A GGUF model file or a Hugging Face model folder.
         #[arg(long, short = 'm')]
         model: PathBuf,
         /// The text.
@@ -143,8 +155,34 @@ fn main() -> ExitCode {
     }
 }
 
+/// The files a model was loaded from.
+enum ModelFiles {
+    /// A GGUF file.
+    Gguf(Gguf),
+    /// A Hugging Face folder.
+    Hf(HfFolder),
+}
+
+impl ModelFiles {
+    /// Opens a GGUF file, or a Hugging Face folder when the path is a directory.
+    fn open(path: &Path) -> Result<Self> {
+        Ok(if path.is_dir() {
+            Self::Hf(HfFolder::open(path)?)
+        } else {
+            Self::Gguf(Gguf::open(path)?)
+        })
+    }
+
+    fn tokenizer(&self) -> Result<Tokenizer> {
+        Ok(match self {
+            Self::Gguf(g) => Tokenizer::from_gguf(g)?,
+            Self::Hf(f) => Tokenizer::from_hf_dir(f.dir())?,
+        })
+    }
+}
+
 struct Loaded {
-    gguf: Gguf,
+    files: ModelFiles,
     threads: usize,
     tokenizer: Tokenizer,
     model: Box<dyn Model>,
@@ -152,17 +190,20 @@ struct Loaded {
 
 fn load(args: &ModelArgs, ctx: usize) -> Result<Loaded> {
     let kind: BackendKind = args.backend.parse()?;
-    let gguf = Gguf::open(&args.model)?;
-    let tokenizer = Tokenizer::from_gguf(&gguf)?;
+    let files = ModelFiles::open(&args.model)?;
+    let tokenizer = files.tokenizer()?;
     let backend: Arc<dyn backend::Backend> = backend::create(kind, args.threads)?.into();
     let opts = LoadOptions {
         context_length: ctx,
         ..LoadOptions::default()
     };
     let threads = backend.threads();
-    let model = models::load_gguf(&gguf, backend.clone(), opts)?;
+    let model = match &files {
+        ModelFiles::Gguf(g) => models::load_gguf(g, backend.clone(), opts)?,
+        ModelFiles::Hf(f) => models::load_hf(f, backend.clone(), opts)?,
+    };
     Ok(Loaded {
-        gguf,
+        files,
         threads,
         tokenizer,
         model,
@@ -174,9 +215,17 @@ fn serving_ctx(path: &Path, asked: usize) -> Result<usize> {
     if asked > 0 {
         return Ok(asked);
     }
-    let g = Gguf::open(path)?;
-    let arch = g.get_str("general.architecture")?.to_string();
-    let trained = g.get_u32(&format!("{arch}.context_length")).unwrap_or(4096) as usize;
+    let trained = match ModelFiles::open(path)? {
+        ModelFiles::Gguf(g) => {
+            let arch = g.get_str("general.architecture")?.to_string();
+            g.get_u32(&format!("{arch}.context_length")).unwrap_or(4096) as usize
+        }
+        ModelFiles::Hf(f) => {
+            let c = f.config_json();
+            let text = c.get("text_config").unwrap_or(c);
+            text["max_position_embeddings"].as_u64().unwrap_or(4096) as usize
+        }
+    };
     Ok(trained.min(4096))
 }
 
@@ -220,8 +269,7 @@ fn run(cli: Cli) -> Result<()> {
             prompt,
             no_special,
         } => {
-            let g = Gguf::open(&model)?;
-            let tok = Tokenizer::from_gguf(&g)?;
+            let tok = ModelFiles::open(&model)?.tokenizer()?;
             let ids = tok.encode(&prompt, !no_special, true)?;
             let s: Vec<String> = ids.iter().map(u32::to_string).collect();
             println!("{}", s.join(","));
@@ -249,13 +297,13 @@ fn run(cli: Cli) -> Result<()> {
             })?;
             eprintln!();
             println!("PPL = {:.4} +/- {:.5}", r.ppl, r.stderr);
-            drop(m.gguf);
             Ok(())
         }
         Command::Generate {
             model,
             prompt,
             chat,
+            chat_template,
             system,
             max_tokens,
             temperature,
@@ -282,19 +330,29 @@ fn run(cli: Cli) -> Result<()> {
                     role: "user".into(),
                     content: prompt,
                 });
-                chat_prompt(&m.tokenizer, &messages)?
+                let override_src = match &chat_template {
+                    Some(p) => Some(
+                        std::fs::read_to_string(p)
+                            .with_context(|| format!("reading chat template {}", p.display()))?,
+                    ),
+                    None => None,
+                };
+                let arch = m.model.info().arch.clone();
+                chat_prompt(&m.tokenizer, &messages, override_src.as_deref(), &arch)?
             } else {
                 m.tokenizer.encode(&prompt, true, true)?
             };
-            let sampling = SamplingParams {
-                temperature,
-                top_k,
-                top_p,
-                min_p,
-                repeat_penalty,
-                seed,
-                ..SamplingParams::default()
-            };
+            // Defaults, then a folder's generation_config.json, then the flags.
+            let mut sampling = SamplingParams::default();
+            if let ModelFiles::Hf(f) = &m.files {
+                sampling = f.generation_config().sampling(sampling);
+            }
+            sampling.temperature = temperature.unwrap_or(sampling.temperature);
+            sampling.top_k = top_k.unwrap_or(sampling.top_k);
+            sampling.top_p = top_p.unwrap_or(sampling.top_p);
+            sampling.min_p = min_p.unwrap_or(sampling.min_p);
+            sampling.repeat_penalty = repeat_penalty.unwrap_or(sampling.repeat_penalty);
+            sampling.seed = seed;
             let info = m.model.info().clone();
             let cfg = SchedulerConfig {
                 kv_blocks: info.kv.blocks_for_tokens(info.context_length),
@@ -345,10 +403,26 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// Renders messages through the model's chat template and tokenizes the result.
-fn chat_prompt(tok: &Tokenizer, messages: &[ChatMessage]) -> Result<Vec<u32>> {
-    let Some(src) = tok.chat_template() else {
-        bail!("the model file has no chat template (tokenizer.chat_template); run without --chat");
+/// Renders messages through a chat template and tokenizes the result: the
+/// `--chat-template` file, else the model's own, else the architecture's
+/// standard one (Gemma 3 GGUF conversions often carry none).
+fn chat_prompt(
+    tok: &Tokenizer,
+    messages: &[ChatMessage],
+    override_src: Option<&str>,
+    arch: &str,
+) -> Result<Vec<u32>> {
+    let src = match (override_src, tok.chat_template()) {
+        (Some(s), _) | (None, Some(s)) => s,
+        (None, None) => match models::default_chat_template(arch) {
+            Some(s) => {
+                eprintln!("note: the model has no chat template; using the standard {arch} template");
+                s
+            }
+            None => bail!(
+                "the model has no chat template (tokenizer.chat_template); pass --chat-template FILE or run without --chat"
+            ),
+        },
     };
     let template = ChatTemplate::new(src)?;
     let bos = tok.bos_id().and_then(|b| tok.token_text(b)).unwrap_or("");

@@ -215,6 +215,16 @@ pub fn load_hf(
     }
 }
 
+/// A chat template for models whose files carry none, by architecture: Gemma 3
+/// GGUF conversions often lack `tokenizer.chat_template`, and Gemma 3's own
+/// template (from its `tokenizer_config.json`) is what its users expect.
+pub fn default_chat_template(arch: &str) -> Option<&'static str> {
+    match arch {
+        "gemma3" => Some(include_str!("gemma3_chat_template.jinja")),
+        _ => None,
+    }
+}
+
 /// Opens a GGUF model file.
 pub fn open_gguf(path: &Path) -> Result<Gguf> {
     Gguf::open(path)
@@ -467,7 +477,10 @@ impl Dims {
 
     /// Scratch buffers are sized from these before any tensor bounds them.
     fn check(&self, err: impl Fn(&str, String) -> Error) -> Result<()> {
-        if self.n_heads == 0 || self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
+        if self.n_heads == 0
+            || self.n_kv_heads == 0
+            || !self.n_heads.is_multiple_of(self.n_kv_heads)
+        {
             return Err(err(
                 "attention.head_count_kv",
                 format!(
