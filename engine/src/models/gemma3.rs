@@ -22,7 +22,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use crate::backend::cpu::dequantize_row;
-use crate::backend::{AttnParams, Backend, Workspace};
+use crate::backend::{AttnParams, Backend, MatOut, Workspace};
 use crate::gguf::{Gguf, Value};
 use crate::kv_cache::{KvCache, KvLayout};
 use crate::models::{
@@ -584,9 +584,21 @@ impl Model for Gemma3 {
             // base), store K/V, attend (through the window on sliding layers),
             // project back, post-norm, add.
             ops::rms_norm(&s.x[..n * d], &l.attn_norm, c.rms_eps, &mut s.xn[..n * d]);
-            be.matmul(&l.wq, &s.xn[..n * d], n, &mut s.q, ws);
-            be.matmul(&l.wk, &s.xn[..n * d], n, &mut s.k, ws);
-            be.matmul(&l.wv, &s.xn[..n * d], n, &mut s.v, ws);
+            let qkv = &mut [
+                MatOut {
+                    w: &l.wq,
+                    y: &mut s.q,
+                },
+                MatOut {
+                    w: &l.wk,
+                    y: &mut s.k,
+                },
+                MatOut {
+                    w: &l.wv,
+                    y: &mut s.v,
+                },
+            ];
+            be.matmul_group(&s.xn[..n * d], n, qkv, ws);
             ops::rms_norm_inplace(&mut s.q[..n * qd], &l.q_norm, c.rms_eps);
             ops::rms_norm_inplace(&mut s.k[..n * kvd], &l.k_norm, c.rms_eps);
             let window = c.windows[li];
@@ -625,8 +637,17 @@ impl Model for Gemma3 {
 
             // MLP: norm, GeGLU, project back, post-norm, add.
             ops::rms_norm(&s.x[..n * d], &l.ffn_norm, c.rms_eps, &mut s.xn[..n * d]);
-            be.matmul(&l.w_gate, &s.xn[..n * d], n, &mut s.gate, ws);
-            be.matmul(&l.w_up, &s.xn[..n * d], n, &mut s.up, ws);
+            let gate_up = &mut [
+                MatOut {
+                    w: &l.w_gate,
+                    y: &mut s.gate,
+                },
+                MatOut {
+                    w: &l.w_up,
+                    y: &mut s.up,
+                },
+            ];
+            be.matmul_group(&s.xn[..n * d], n, gate_up, ws);
             ops::geglu_inplace(&mut s.gate[..n * c.d_ff], &s.up[..n * c.d_ff]);
             be.matmul(&l.w_down, &s.gate[..n * c.d_ff], n, &mut s.proj, ws);
             ops::rms_norm_inplace(&mut s.proj[..n * d], &l.post_ffn_norm, c.rms_eps);

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use crate::backend::cpu::dequantize_row;
-use crate::backend::{AttnParams, Backend, Workspace};
+use crate::backend::{AttnParams, Backend, MatOut, Workspace};
 use crate::kv_cache::{KvCache, KvLayout};
 use crate::models::{
     check_batch, gather_logit_rows, gguf_f32, gguf_usize, with_attn_seqs, Dims, HfCommon,
@@ -342,9 +342,21 @@ impl Model for Llama {
         for (li, l) in w.layers.iter().enumerate() {
             // Attention: norm, project, rotate, store K/V, attend, project back.
             ops::rms_norm(&s.x[..n * d], &l.attn_norm, c.rms_eps, &mut s.xn[..n * d]);
-            be.matmul(&l.wq, &s.xn[..n * d], n, &mut s.q, ws);
-            be.matmul(&l.wk, &s.xn[..n * d], n, &mut s.k, ws);
-            be.matmul(&l.wv, &s.xn[..n * d], n, &mut s.v, ws);
+            let qkv = &mut [
+                MatOut {
+                    w: &l.wq,
+                    y: &mut s.q,
+                },
+                MatOut {
+                    w: &l.wk,
+                    y: &mut s.k,
+                },
+                MatOut {
+                    w: &l.wv,
+                    y: &mut s.v,
+                },
+            ];
+            be.matmul_group(&s.xn[..n * d], n, qkv, ws);
             for r in 0..n {
                 let cs = &s.rope[r * half..(r + 1) * half];
                 ops::rope_apply(&mut s.q[r * qd..(r + 1) * qd], hd, c.rope_style, cs);
@@ -374,8 +386,17 @@ impl Model for Llama {
 
             // MLP: norm, SwiGLU, project back.
             ops::rms_norm(&s.x[..n * d], &l.ffn_norm, c.rms_eps, &mut s.xn[..n * d]);
-            be.matmul(&l.w_gate, &s.xn[..n * d], n, &mut s.gate, ws);
-            be.matmul(&l.w_up, &s.xn[..n * d], n, &mut s.up, ws);
+            let gate_up = &mut [
+                MatOut {
+                    w: &l.w_gate,
+                    y: &mut s.gate,
+                },
+                MatOut {
+                    w: &l.w_up,
+                    y: &mut s.up,
+                },
+            ];
+            be.matmul_group(&s.xn[..n * d], n, gate_up, ws);
             ops::swiglu_inplace(&mut s.gate[..n * c.d_ff], &s.up[..n * c.d_ff]);
             be.matmul(&l.w_down, &s.gate[..n * c.d_ff], n, &mut s.proj, ws);
             ops::add_inplace(&mut s.x[..n * d], &s.proj[..n * d]);
