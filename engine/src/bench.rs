@@ -25,7 +25,12 @@ pub struct BenchResult {
 /// and returns the median of each figure. Tokens are arbitrary valid ids (the
 /// cost of a forward pass does not depend on them); decode feeds back the
 /// argmax so the work is that of greedy generation.
-pub fn run(model: &mut dyn Model, prompt_tokens: usize, gen_tokens: usize, reps: usize) -> Result<BenchResult> {
+pub fn run(
+    model: &mut dyn Model,
+    prompt_tokens: usize,
+    gen_tokens: usize,
+    reps: usize,
+) -> Result<BenchResult> {
     let info = model.info().clone();
     let total = prompt_tokens + gen_tokens;
     let mut kv = KvCache::new(info.kv, info.kv.blocks_for_tokens(total));
@@ -46,7 +51,11 @@ pub fn run(model: &mut dyn Model, prompt_tokens: usize, gen_tokens: usize, reps:
                 tokens: &prompt[start..end],
                 start_pos: start,
                 table: &table,
-                logits: if end == prompt_tokens { Logits::Last } else { Logits::None },
+                logits: if end == prompt_tokens {
+                    Logits::Last
+                } else {
+                    Logits::None
+                },
             }];
             model.forward(&b, &mut kv, &mut logits)?;
             start = end;
@@ -91,7 +100,10 @@ pub fn run(model: &mut dyn Model, prompt_tokens: usize, gen_tokens: usize, reps:
 fn argmax(v: &[f32]) -> u32 {
     v.iter()
         .enumerate()
-        .fold((0, f32::NEG_INFINITY), |a, (i, &x)| if x > a.1 { (i, x) } else { a })
+        .fold(
+            (0, f32::NEG_INFINITY),
+            |a, (i, &x)| if x > a.1 { (i, x) } else { a },
+        )
         .0 as u32
 }
 

@@ -37,7 +37,12 @@ impl StopMatcher {
     /// string was found (everything from it on is dropped).
     pub fn push(&mut self, text: &str) -> (String, bool) {
         self.pending.push_str(text);
-        if let Some(at) = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min() {
+        if let Some(at) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.pending.find(s.as_str()))
+            .min()
+        {
             let out = self.pending[..at].to_string();
             self.pending.clear();
             return (out, true);
@@ -51,7 +56,8 @@ impl StopMatcher {
                     .rev()
                     .find(|&k| {
                         let start = self.pending.len() - k;
-                        self.pending.is_char_boundary(start) && s.starts_with(&self.pending[start..])
+                        self.pending.is_char_boundary(start)
+                            && s.starts_with(&self.pending[start..])
                     })
                     .unwrap_or(0)
             })
@@ -108,7 +114,10 @@ mod tests {
 
     #[test]
     fn stop_string_split_over_pieces_is_cut() {
-        assert_eq!(run(&["</s>"], &["Hello <", "/", "s> more"]), ("Hello ".into(), true));
+        assert_eq!(
+            run(&["</s>"], &["Hello <", "/", "s> more"]),
+            ("Hello ".into(), true)
+        );
         assert_eq!(run(&["\n\n"], &["a\n", "\nb"]), ("a".into(), true));
     }
 

@@ -456,7 +456,9 @@ impl Header {
         for i in 0..n_kv {
             let key = c.string().map_err(|e| format!("metadata entry {i}: {e}"))?;
             let ty = c.u32()?;
-            let value = c.value(ty, 0).map_err(|e| format!("metadata key '{key}': {e}"))?;
+            let value = c
+                .value(ty, 0)
+                .map_err(|e| format!("metadata key '{key}': {e}"))?;
             if seen.insert(key.clone(), ()).is_some() {
                 return Err(format!("duplicate metadata key '{key}'"));
             }
@@ -478,7 +480,9 @@ impl Header {
             let ctx = |e: String| format!("tensor '{name}': {e}");
             let n_dims = c.u32().map_err(ctx)? as usize;
             if n_dims == 0 || n_dims > MAX_DIMS {
-                return Err(ctx(format!("{n_dims} dimensions (1 to {MAX_DIMS} allowed)")));
+                return Err(ctx(format!(
+                    "{n_dims} dimensions (1 to {MAX_DIMS} allowed)"
+                )));
             }
             let mut shape = Vec::with_capacity(n_dims);
             for _ in 0..n_dims {
@@ -559,7 +563,13 @@ pub fn exercise(bytes: &[u8]) -> bool {
         return false;
     };
     for (k, v) in g.metadata() {
-        let _ = (v.summary(), g.get_str(k), g.get_u32(k), g.get_f32(k), g.get_bool(k));
+        let _ = (
+            v.summary(),
+            g.get_str(k),
+            g.get_u32(k),
+            g.get_f32(k),
+            g.get_bool(k),
+        );
         let _ = (g.get_str_array(k), g.get_f32_array(k), g.get_i32_array(k));
     }
     for t in g.tensors() {
@@ -682,7 +692,10 @@ mod tests {
 
     fn sample() -> Vec<u8> {
         let meta = vec![
-            ("general.architecture".to_string(), Value::String("llama".into())),
+            (
+                "general.architecture".to_string(),
+                Value::String("llama".into()),
+            ),
             ("llama.block_count".to_string(), Value::U32(2)),
             ("some.i64".to_string(), Value::I64(-5)),
             (
@@ -720,8 +733,14 @@ mod tests {
         assert_eq!(g.get_u32("llama.block_count").unwrap(), 2);
         assert_eq!(g.get("some.i64").unwrap().as_i64(), Some(-5));
         assert!(g.get_u32("some.i64").is_err());
-        assert_eq!(g.get_str_array("tokenizer.ggml.tokens").unwrap(), ["a", "b"]);
-        assert_eq!(g.get_f32_array("tokenizer.ggml.scores").unwrap(), [0.5, -1.0]);
+        assert_eq!(
+            g.get_str_array("tokenizer.ggml.tokens").unwrap(),
+            ["a", "b"]
+        );
+        assert_eq!(
+            g.get_f32_array("tokenizer.ggml.scores").unwrap(),
+            [0.5, -1.0]
+        );
         assert!(g.get_bool("flag").unwrap());
         let w = g.tensor("w").unwrap();
         assert_eq!((w.cols(), w.rows()), (4, 2));
@@ -735,7 +754,10 @@ mod tests {
     fn missing_key_and_tensor_are_named() {
         let g = Gguf::from_bytes("mem", sample()).unwrap();
         let e = g.get_str("llama.context_length").unwrap_err().to_string();
-        assert!(e.contains("llama.context_length") && e.contains("missing"), "{e}");
+        assert!(
+            e.contains("llama.context_length") && e.contains("missing"),
+            "{e}"
+        );
         let e = g.tensor("output.weight").unwrap_err().to_string();
         assert!(e.contains("output.weight"), "{e}");
     }
@@ -764,7 +786,10 @@ mod tests {
         let b = sample();
         // Every prefix shorter than the header plus data must fail cleanly.
         for len in 0..b.len() {
-            assert!(Gguf::from_bytes("bad.gguf", b[..len].to_vec()).is_err(), "len {len}");
+            assert!(
+                Gguf::from_bytes("bad.gguf", b[..len].to_vec()).is_err(),
+                "len {len}"
+            );
         }
     }
 

@@ -62,10 +62,12 @@ pub fn perplexity(
             chunk[0] = b;
         }
         let mut table = BlockTable::new();
-        table.reserve(&mut kv, ctx)?;
         let mut start = 0;
         while start < ctx {
             let end = (start + step).min(ctx);
+            // Sliding-window layers keep only what this chunk's queries see.
+            table.slide(&mut kv, start);
+            table.reserve(&mut kv, end)?;
             let batch = [SeqBatch {
                 tokens: &chunk[start..end],
                 start_pos: start,
@@ -121,6 +123,9 @@ mod tests {
         let row = [2.0f32; 8];
         assert!((log_softmax_at(&row, 3) + (8f64).ln()).abs() < 1e-9);
         let row = [0.0, 1000.0];
-        assert!(log_softmax_at(&row, 1).abs() < 1e-9, "stable for large logits");
+        assert!(
+            log_softmax_at(&row, 1).abs() < 1e-9,
+            "stable for large logits"
+        );
     }
 }

@@ -193,7 +193,9 @@ impl Scheduler {
             )));
         }
         if let Some(&t) = req.prompt.iter().find(|&&t| t as usize >= info.vocab_size) {
-            return Err(Error::InvalidRequest(format!("token id {t} outside the vocabulary")));
+            return Err(Error::InvalidRequest(format!(
+                "token id {t} outside the vocabulary"
+            )));
         }
         if self.waiting.len() >= self.cfg.max_queued {
             return Err(Error::Overloaded(format!(
@@ -247,7 +249,11 @@ impl Scheduler {
 
     /// Ends every request with an error event (used when the engine must stop).
     pub fn fail_all(&mut self, message: &str) {
-        let all: Vec<Seq> = self.running.drain(..).chain(self.waiting.drain(..)).collect();
+        let all: Vec<Seq> = self
+            .running
+            .drain(..)
+            .chain(self.waiting.drain(..))
+            .collect();
         for mut s in all {
             s.table.release(&mut self.kv);
             (s.sink)(SeqEvent::Error {
@@ -377,7 +383,9 @@ impl Scheduler {
     /// Moves waiting sequences into the running set while slots and blocks allow.
     fn admit(&mut self) {
         while self.running.len() < self.cfg.max_running {
-            let Some(front) = self.waiting.front() else { break };
+            let Some(front) = self.waiting.front() else {
+                break;
+            };
             let need = self.kv.layout().blocks_for_tokens(front.tokens.len() + 1);
             if need > self.kv.free_blocks() {
                 break;
@@ -390,6 +398,10 @@ impl Scheduler {
     /// Makes sequence `i`'s table hold `tokens` positions, preempting the newest
     /// other sequences if the pool is short. Returns false if it still cannot.
     fn reserve(&mut self, i: usize, tokens: usize) -> bool {
+        // The next forward starts at `cached`: sliding-window layers release
+        // the blocks no query from there on can see.
+        let cached = self.running[i].cached;
+        self.running[i].table.slide(&mut self.kv, cached);
         loop {
             if self.running[i].table.reserve(&mut self.kv, tokens).is_ok() {
                 return true;

@@ -38,7 +38,9 @@ fn request(id: u64, len: usize, max_tokens: usize) -> SeqRequest {
     SeqRequest {
         id,
         // Ids 2..28 are the single letters; avoid the control tokens 0 and 1.
-        prompt: (0..len).map(|i| 2 + ((i as u32 * 7 + id as u32 * 3) % 26)).collect(),
+        prompt: (0..len)
+            .map(|i| 2 + ((i as u32 * 7 + id as u32 * 3) % 26))
+            .collect(),
         sampling: SamplingParams::greedy(),
         max_tokens,
         stop: vec![],
@@ -101,7 +103,11 @@ fn alone(id: u64, len: usize, max_tokens: usize) -> Vec<u32> {
 #[test]
 fn batched_sequences_match_each_alone() {
     let lens = [3, 17, 9, 30, 5, 12, 22, 8];
-    let expected: Vec<Vec<u32>> = lens.iter().enumerate().map(|(i, &l)| alone(i as u64, l, 12)).collect();
+    let expected: Vec<Vec<u32>> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| alone(i as u64, l, 12))
+        .collect();
     // A small token budget forces chunked prefills mixed with decodes.
     let mut s = scheduler(256, 8, 16);
     let log = Log::default();
@@ -111,10 +117,17 @@ fn batched_sequences_match_each_alone() {
     run(&mut s);
     for (i, e) in expected.iter().enumerate() {
         assert_eq!(&tokens_of(&log, i as u64), e, "sequence {i}");
-        assert_eq!(finish_of(&log, i as u64), Some((FinishReason::Length, lens[i], 12)));
+        assert_eq!(
+            finish_of(&log, i as u64),
+            Some((FinishReason::Length, lens[i], 12))
+        );
     }
     let st = s.stats();
-    assert_eq!((st.running, st.queued, st.kv_blocks_used), (0, 0, 0), "{st:?}");
+    assert_eq!(
+        (st.running, st.queued, st.kv_blocks_used),
+        (0, 0, 0),
+        "{st:?}"
+    );
 }
 
 #[test]
@@ -155,10 +168,17 @@ fn cancel_and_disconnect_free_the_slot() {
     for _ in 0..5 {
         s.step().unwrap();
     }
-    assert_eq!(s.stats().running, 1, "the disconnected client's sequence ended");
+    assert_eq!(
+        s.stats().running,
+        1,
+        "the disconnected client's sequence ended"
+    );
     assert!(s.cancel(1));
     assert!(!s.cancel(1), "already gone");
-    assert_eq!(finish_of(&log, 1).map(|f| f.0), Some(FinishReason::Cancelled));
+    assert_eq!(
+        finish_of(&log, 1).map(|f| f.0),
+        Some(FinishReason::Cancelled)
+    );
     assert!(!s.has_work());
     assert_eq!(s.stats().kv_blocks_used, 0);
 }
@@ -169,13 +189,24 @@ fn queue_bound_priorities_and_bad_requests() {
     let log = Log::default();
     let mut r = request(9, 4, 2);
     r.prompt.clear();
-    assert!(matches!(s.submit(r, Box::new(|_| true)), Err(Error::InvalidRequest(_))));
+    assert!(matches!(
+        s.submit(r, Box::new(|_| true)),
+        Err(Error::InvalidRequest(_))
+    ));
     let mut r = request(9, 4, 2);
     r.prompt[0] = 64;
-    assert!(s.submit(r, Box::new(|_| true)).unwrap_err().to_string().contains("vocabulary"));
+    assert!(s
+        .submit(r, Box::new(|_| true))
+        .unwrap_err()
+        .to_string()
+        .contains("vocabulary"));
     let mut r = request(9, 300, 2);
     r.prompt.truncate(300);
-    assert!(s.submit(r, Box::new(|_| true)).unwrap_err().to_string().contains("context"));
+    assert!(s
+        .submit(r, Box::new(|_| true))
+        .unwrap_err()
+        .to_string()
+        .contains("context"));
     // Ids 1..=3 at priority 0, then an urgent one: it runs right after the first admitted.
     for id in 1..=3 {
         submit(&mut s, &log, request(id, 4, 2));

@@ -46,7 +46,11 @@ fn one_by_one(m: &mut dyn Model, tokens: &[u32]) -> Vec<Vec<f32>> {
 }
 
 fn assert_close(a: &[f32], b: &[f32], what: &str) {
-    let max = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let max = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
     assert!(max < 1e-4, "{what}: max abs diff {max}");
 }
 
@@ -71,7 +75,10 @@ fn prefill_equals_token_by_token_decode() {
         assert_close(&logits[p * v..(p + 1) * v], r, &format!("position {p}"));
     }
     // The logits must depend on the context, or the comparison proves nothing.
-    assert!(reference[3].iter().zip(&reference[4]).any(|(a, b)| (a - b).abs() > 1e-3));
+    assert!(reference[3]
+        .iter()
+        .zip(&reference[4])
+        .any(|(a, b)| (a - b).abs() > 1e-3));
 }
 
 #[test]
@@ -114,7 +121,11 @@ fn ragged_batch_of_two_sequences_equals_each_alone() {
     m.forward(&batch, &mut kv, &mut logits).unwrap();
     assert_close(&logits[..v], &ra[a.len() - 1], "sequence a, last row");
     for p in 0..b.len() {
-        assert_close(&logits[(1 + p) * v..(2 + p) * v], &rb[p], &format!("sequence b, position {p}"));
+        assert_close(
+            &logits[(1 + p) * v..(2 + p) * v],
+            &rb[p],
+            &format!("sequence b, position {p}"),
+        );
     }
 }
 
@@ -145,7 +156,11 @@ fn shared_prefix_blocks_serve_a_second_sequence() {
         logits: Logits::Last,
     }];
     m.forward(&b, &mut kv, &mut logits).unwrap();
-    assert_close(&logits, &reference[PROMPT.len() - 1], "continued from shared blocks");
+    assert_close(
+        &logits,
+        &reference[PROMPT.len() - 1],
+        "continued from shared blocks",
+    );
     first.release(&mut kv);
     second.release(&mut kv);
     assert_eq!(kv.free_blocks(), kv.n_blocks());

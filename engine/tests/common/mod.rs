@@ -24,7 +24,11 @@ fn tensor(name: &str, ty: GgmlType, shape: &[usize], values: &[f32]) -> TensorSp
     let rows = values.len() / cols;
     let mut data = vec![0u8; row_bytes * rows];
     for r in 0..rows {
-        quantize_row(ty, &values[r * cols..(r + 1) * cols], &mut data[r * row_bytes..(r + 1) * row_bytes]);
+        quantize_row(
+            ty,
+            &values[r * cols..(r + 1) * cols],
+            &mut data[r * row_bytes..(r + 1) * row_bytes],
+        );
     }
     TensorSpec {
         name: name.into(),
@@ -101,7 +105,12 @@ pub fn tiny_llama_gguf(seed: u64) -> Vec<u8> {
     let ones = |n: usize, v: &[f32]| v.iter().take(n).map(|x| 1.0 + x * 0.2).collect::<Vec<_>>();
     let q8 = GgmlType::Q8_0;
     let f32t = GgmlType::F32;
-    let mut t = vec![tensor("token_embd.weight", q8, &[d, vocab], &next(d * vocab))];
+    let mut t = vec![tensor(
+        "token_embd.weight",
+        q8,
+        &[d, vocab],
+        &next(d * vocab),
+    )];
     for l in 0..layers {
         let n = |x: &str| format!("blk.{l}.{x}.weight");
         t.push(tensor(&n("attn_norm"), f32t, &[d], &ones(d, &next(d))));

@@ -85,14 +85,22 @@ impl Backend for CpuBackend {
         assert_eq!(x.len(), n * k, "matmul {}: input shape", first.w.name);
         for o in outs.iter() {
             assert_eq!(o.w.cols(), k, "matmul group {}: input width", o.w.name);
-            assert!(o.y.len() >= n * o.w.rows(), "matmul {}: output too small", o.w.name);
+            assert!(
+                o.y.len() >= n * o.w.rows(),
+                "matmul {}: output too small",
+                o.w.name
+            );
         }
         // One pass per activation format; groups almost always share one.
         let mut done = 0usize;
         while done < outs.len() {
             let act_ty = outs[done].w.ty.vec_dot_type();
             let act_row = act_ty.row_bytes(k).expect("activation row size");
-            assert!(ws.act.len() >= n * act_row, "workspace too small for {}", outs[done].w.name);
+            assert!(
+                ws.act.len() >= n * act_row,
+                "workspace too small for {}",
+                outs[done].w.name
+            );
             let act = SharedMut(ws.act.as_mut_ptr());
             self.pool.run(&|i, nt| {
                 for t in split(n, i, nt) {
@@ -246,7 +254,9 @@ mod tests {
     use crate::tensor::Bytes;
 
     fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((*seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
     }
 
@@ -314,7 +324,11 @@ mod tests {
             separate.push(y);
         }
         let mut ys: Vec<Vec<f32>> = ws_.iter().map(|w| vec![f32::NAN; n * w.rows()]).collect();
-        let mut outs: Vec<MatOut<'_>> = ws_.iter().zip(ys.iter_mut()).map(|(w, y)| MatOut { w, y }).collect();
+        let mut outs: Vec<MatOut<'_>> = ws_
+            .iter()
+            .zip(ys.iter_mut())
+            .map(|(w, y)| MatOut { w, y })
+            .collect();
         b.matmul_group(&x, n, &mut outs, &mut ws);
         drop(outs);
         for (i, (a, b)) in separate.iter().zip(&ys).enumerate() {

@@ -87,10 +87,9 @@ impl Pool {
         // SAFETY: no worker is reading `job` (pending was 0 and the generation has not
         // moved); the lifetime is erased only until the wait below returns.
         unsafe {
-            let job: Job = std::mem::transmute::<
-                *const (dyn Fn(usize, usize) + Sync + '_),
-                Job,
-            >(f as *const _);
+            let job: Job = std::mem::transmute::<*const (dyn Fn(usize, usize) + Sync + '_), Job>(
+                f as *const _,
+            );
             *self.shared.job.get() = Some(job);
         }
         self.shared.pending.store(n - 1, Ordering::Relaxed);
@@ -132,9 +131,8 @@ fn worker(shared: Arc<Shared>, idx: usize, n: usize) {
         let job = unsafe { (*shared.job.get()).expect("job set for a new generation") };
         // A panic in a job would leave the dispatcher waiting forever; abort the
         // job's effects by still counting this worker as done.
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe {
-            (*job)(idx, n)
-        }));
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe { (*job)(idx, n) }));
         shared.pending.fetch_sub(1, Ordering::Release);
         if result.is_err() {
             eprintln!("embody-cpu-{idx}: a kernel panicked");
@@ -188,7 +186,10 @@ mod tests {
                 assert_eq!(n, 3);
                 hits.fetch_add(1 << (8 * i), Ordering::Relaxed);
             });
-            assert_eq!(hits.load(Ordering::Relaxed), round * (1 + (1 << 8) + (1 << 16)));
+            assert_eq!(
+                hits.load(Ordering::Relaxed),
+                round * (1 + (1 << 8) + (1 << 16))
+            );
         }
     }
 }
