@@ -7,13 +7,20 @@ fn fails_with(args: &[&str], needle: &str) {
     let out = embody(args);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "expected failure for {args:?}");
-    assert!(out.stdout.is_empty(), "stdout must stay clean: {:?}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.stdout.is_empty(),
+        "stdout must stay clean: {:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     assert!(err.contains(needle), "expected {needle:?} in stderr: {err}");
 }
 
 #[test]
 fn missing_model_file_is_named() {
-    fails_with(&["generate", "-m", "/nonexistent/model.gguf", "-p", "hi"], "/nonexistent/model.gguf");
+    fails_with(
+        &["generate", "-m", "/nonexistent/model.gguf", "-p", "hi"],
+        "/nonexistent/model.gguf",
+    );
 }
 
 #[test]
@@ -23,7 +30,10 @@ fn corrupt_and_truncated_files_give_typed_errors() {
     let junk = dir.join("junk.gguf");
     std::fs::write(&junk, b"this is not a model file at all").unwrap();
     fails_with(&["inspect", junk.to_str().unwrap()], "bad magic");
-    fails_with(&["generate", "-m", junk.to_str().unwrap(), "-p", "hi"], "invalid GGUF file");
+    fails_with(
+        &["generate", "-m", junk.to_str().unwrap(), "-p", "hi"],
+        "invalid GGUF file",
+    );
     // A valid header that promises more tensors than the file holds.
     let mut trunc = b"GGUF".to_vec();
     trunc.extend_from_slice(&3u32.to_le_bytes());
@@ -37,6 +47,9 @@ fn corrupt_and_truncated_files_give_typed_errors() {
 
 #[test]
 fn bad_flags_are_refused() {
-    fails_with(&["generate", "-m", "x.gguf", "-p", "hi", "--backend", "tpu"], "unknown backend 'tpu'");
+    fails_with(
+        &["generate", "-m", "x.gguf", "-p", "hi", "--backend", "tpu"],
+        "unknown backend 'tpu'",
+    );
     fails_with(&["perplexity", "-m", "x.gguf"], "--file");
 }
