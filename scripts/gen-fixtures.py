@@ -15,7 +15,9 @@ logits for fixed token sequences:
                                      then D decode steps through the KV cache
   b_tokens [B] / b_logits [B, V]     a second, shorter sequence (ragged batches)
 
-and tokenizer.json's ids for a sample text (expected_tokens.json). Weights are
+tokenizer.json's ids for a sample text (expected_tokens.json), and transformers'
+greedy generation for a chat prompt rendered with the folder's template
+(expected_generation.json: prompt ids, generated ids and text). Weights are
 drawn with a fixed seed at a scale that makes logits spread over several units
 (transformers' own init leaves a tiny model's output nearly uniform), then
 rounded to the dtype they are saved in (F32, BF16 or F16) before the logits are
@@ -57,6 +59,8 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 SAMPLE_TEXT = "The robot arm picks up the red cube, then places it on the tray."
+CHAT_PROMPT = "Pick up the red cube."
+GENERATE = 12
 CORPUS = [
     "The robot arm picks up the red cube and places it on the blue tray.",
     "A small mobile robot follows the line on the warehouse floor.",
@@ -147,6 +151,20 @@ def record(model, gen):
     }
 
 
+@torch.no_grad()
+def greedy(model, tokenizer):
+    """Greedy decoding (no repetition penalty) of a one-message chat."""
+    messages = [{"role": "user", "content": CHAT_PROMPT}]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(rendered, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    model32 = model.to(torch.float32)
+    out = model32.generate(ids, max_new_tokens=GENERATE, do_sample=False, repetition_penalty=1.0,
+                           eos_token_id=2, pad_token_id=0)
+    new = out[0, ids.shape[1]:].tolist()
+    return {"prompt": CHAT_PROMPT, "rendered": rendered, "prompt_ids": ids[0].tolist(), "ids": new,
+            "text": tokenizer.decode(new, skip_special_tokens=True)}
+
+
 def families():
     common = dict(
         vocab_size=VOCAB,
@@ -222,6 +240,7 @@ def main():
         save_file(expected, out / "expected.safetensors")
         (out / "expected_tokens.json").write_text(
             json.dumps({"text": SAMPLE_TEXT, "ids": sample_ids}) + "\n")
+        (out / "expected_generation.json").write_text(json.dumps(greedy(model, tokenizer)) + "\n")
         files = sorted(p for p in out.iterdir())
         size = sum(p.stat().st_size for p in files)
         digest = hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()[:16]
