@@ -24,12 +24,22 @@ rounded to the dtype they are saved in (F32, BF16 or F16) before the logits are
 computed, so the file and the reference hold the same numbers. Gemma's sliding
 window (8) is shorter than sequence a (40). Qwen3's weights are sharded.
 
+Llama and Qwen3 are also converted with llama.cpp's own converter
+(convert_hf_to_gguf.py from the source scripts/build-llamacpp.sh unpacks) into
+converted.gguf beside the folder's files, so the GGUF path is checked against
+the same logits: Llama's Q/K rows come out permuted for interleaved rope and
+its Llama 3 scaling as a rope_freqs tensor; Qwen3 has no real GGUF here.
+(Gemma 3's GGUF cannot carry query_pre_attn_scalar, and the converter refuses
+the tiny Qwen2 vocabulary; their GGUF paths are checked on the real models.)
+
 Everything runs on one CPU thread with seeded generators: running the script
 again rewrites identical files.
 """
 import hashlib
 import json
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -50,6 +60,19 @@ from transformers import (
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "tests/fixtures/hf"
+LLAMACPP = Path(os.environ.get("EMBODY_LLAMACPP", Path.home() / ".cache/embody/llamacpp"))
+CONVERT = ["llama", "qwen3"]
+# Runs llama.cpp's converter; the tiny tokenizer is not one of the BPE
+# pre-tokenizers it knows by hash, so that lookup answers "default".
+CONVERTER = """
+import runpy, sys
+src = sys.argv.pop(1)
+sys.path[:0] = [src + "/gguf-py", src]
+import conversion.base as base
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "default"
+sys.argv[0] = src + "/convert_hf_to_gguf.py"
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 SEED = 1234
 VOCAB = 320
 A_LEN, B_LEN, DECODE = 40, 13, 4
@@ -165,6 +188,17 @@ def greedy(model, tokenizer):
             "text": tokenizer.decode(new, skip_special_tokens=True)}
 
 
+def convert(folder, outtype):
+    """llama.cpp's GGUF conversion of a folder, as converted.gguf inside it."""
+    src = next(LLAMACPP.glob("llama_cpp_python-*/vendor/llama.cpp"), None)
+    if src is None:
+        sys.exit(f"llama.cpp source not found under {LLAMACPP}: run scripts/build-llamacpp.sh")
+    subprocess.run(
+        [sys.executable, "-c", CONVERTER, str(src), str(folder), "--outtype", outtype,
+         "--outfile", str(folder / "converted.gguf")],
+        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def families():
     common = dict(
         vocab_size=VOCAB,
@@ -241,6 +275,8 @@ def main():
         (out / "expected_tokens.json").write_text(
             json.dumps({"text": SAMPLE_TEXT, "ids": sample_ids}) + "\n")
         (out / "expected_generation.json").write_text(json.dumps(greedy(model, tokenizer)) + "\n")
+        if name in CONVERT:
+            convert(out, "f32" if dtype == torch.float32 else "f16")
         files = sorted(p for p in out.iterdir())
         size = sum(p.stat().st_size for p in files)
         digest = hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()[:16]

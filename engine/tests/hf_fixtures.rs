@@ -2,7 +2,8 @@
 //! `scripts/gen-fixtures.py` with transformers) load and reproduce transformers'
 //! float32 logits: prefill in chunks, decode through the paged cache, ragged
 //! batches, and for Gemma 3 a sequence five times its sliding window, run with a
-//! window pool that holds only the window.
+//! window pool that holds only the window. llama.cpp's GGUF conversions of the
+//! Llama and Qwen3 folders must give the same logits.
 //!
 //! Tolerance: the largest absolute logit difference must stay below
 //! `TOLERANCE * (standard deviation of the reference logits)`. The differences
@@ -14,9 +15,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use embody_engine::backend::cpu::CpuBackend;
+use embody_engine::gguf::Gguf;
 use embody_engine::hf::HfFolder;
 use embody_engine::kv_cache::{BlockTable, KvCache};
-use embody_engine::models::{load_hf_dir, LoadOptions, Logits, Model, SeqBatch};
+use embody_engine::models::{load_gguf, load_hf_dir, LoadOptions, Logits, Model, SeqBatch};
 use embody_engine::tokenizer::Tokenizer;
 use safetensors::SafeTensors;
 
@@ -218,6 +220,36 @@ fn qwen3_matches_transformers() {
 #[test]
 fn gemma3_matches_transformers() {
     check_family("gemma3");
+}
+
+/// llama.cpp's own conversions of the Llama and Qwen3 folders (converted.gguf:
+/// permuted Llama Q/K rows, Llama 3 scaling as a rope_freqs tensor, GGUF names
+/// and keys) give the same logits as the folders.
+#[test]
+fn gguf_conversions_match_transformers() {
+    for name in ["llama", "qwen3"] {
+        let e = expected(name);
+        let g = Gguf::open(&dir(name).join("converted.gguf")).unwrap();
+        let opts = LoadOptions {
+            max_batch_tokens: 64,
+            block_size: BLOCK,
+            ..Default::default()
+        };
+        let mut m = load_gguf(&g, Arc::new(CpuBackend::new(2)), opts).unwrap();
+        if name == "llama" {
+            assert!(
+                g.tensor_info("rope_freqs.weight").is_some(),
+                "Llama 3 scaling as a tensor"
+            );
+        }
+        let mut kv = KvCache::new(m.info().kv, 64);
+        let rel = prefill_and_decode(name, m.as_mut(), &mut kv, &e);
+        eprintln!("{name} (GGUF): max |logit error| = {rel:.2e} x std");
+        assert!(
+            rel < tolerance(name),
+            "{name} GGUF: logit error {rel:.2e} x std"
+        );
+    }
 }
 
 /// Sequence a is 44 positions, over five times Gemma's window of 8; a window
