@@ -546,3 +546,77 @@ fn broken_folders_name_the_file_and_field() {
     assert!(e.contains("model.safetensors"), "{e}");
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// Runs a family's reference sequence through a model loaded from `d`.
+fn check_folder(name: &str, d: &Path) -> f32 {
+    let e = expected(name);
+    let opts = LoadOptions {
+        max_batch_tokens: 64,
+        block_size: BLOCK,
+        ..Default::default()
+    };
+    let mut m = load_hf_dir(d, Arc::new(CpuBackend::new(2)), opts).unwrap();
+    let mut kv = KvCache::new(m.info().kv, 64);
+    prefill_and_decode(name, m.as_mut(), &mut kv, &e)
+}
+
+/// Configs written by transformers 4 (most published folders) name RoPE and
+/// Gemma's layer pattern differently from transformers 5: the same weights
+/// described the older way give the same logits.
+#[test]
+fn transformers_4_configs_read_the_same() {
+    let d = scratch_copy("gemma3", "v4-gemma");
+    edit_config(&d, |v| {
+        let o = v.as_object_mut().unwrap();
+        o.remove("layer_types");
+        o.remove("_sliding_window_pattern");
+        o.remove("rope_parameters");
+        o.insert("sliding_window_pattern".into(), 6.into());
+        o.insert("rope_theta".into(), 1_000_000.0.into());
+        o.insert("rope_local_base_freq".into(), 10_000.0.into());
+        o.insert(
+            "rope_scaling".into(),
+            serde_json::json!({"rope_type": "linear", "factor": 2.0}),
+        );
+    });
+    assert!(check_folder("gemma3", &d) < tolerance("gemma3"));
+    std::fs::remove_dir_all(&d).unwrap();
+
+    let d = scratch_copy("llama", "v4-llama");
+    edit_config(&d, |v| {
+        let mut rope = v["rope_parameters"].take();
+        let o = v.as_object_mut().unwrap();
+        o.remove("rope_parameters");
+        o.insert("rope_theta".into(), rope["rope_theta"].take());
+        o.insert("rope_scaling".into(), rope);
+    });
+    assert!(check_folder("llama", &d) < tolerance("llama"));
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// A Gemma 3 vision-language checkpoint keeps the language model's config under
+/// `text_config` and its weights under `model.language_model.`: the language
+/// model loads from it.
+#[test]
+fn gemma3_vision_language_checkpoint_loads_its_language_model() {
+    let d = scratch_copy("gemma3", "gemma3-vl");
+    let text: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap()).unwrap();
+    let config = serde_json::json!({
+        "architectures": ["Gemma3ForConditionalGeneration"],
+        "model_type": "gemma3",
+        "text_config": text,
+        "vision_config": {"hidden_size": 32},
+    });
+    std::fs::write(d.join("config.json"), config.to_string()).unwrap();
+    let bytes = std::fs::read(d.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let renamed: Vec<(String, safetensors::tensor::TensorView<'_>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n.replacen("model.", "model.language_model.", 1), t))
+        .collect();
+    safetensors::serialize_to_file(renamed, None, &d.join("model.safetensors")).unwrap();
+    assert!(check_folder("gemma3", &d) < tolerance("gemma3"));
+    std::fs::remove_dir_all(&d).unwrap();
+}
