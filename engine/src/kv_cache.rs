@@ -98,6 +98,38 @@ impl KvLayout {
         (budget_mb * 1024 * 1024 / self.block_bytes()).max(1)
     }
 
+    /// Splits a budget of `budget_mb` MiB between the pools: the window pool
+    /// gets what `max_sequences` sequences sliding before every forward of up
+    /// to `max_batch_tokens` tokens need, the main pool the rest (at least one
+    /// block). Returns `(main blocks, window blocks)` for
+    /// [`KvCache::with_window_blocks`]; without sliding layers, the window
+    /// count is 0 and the main pool takes the whole budget.
+    pub fn pools_for_budget(
+        &self,
+        budget_mb: usize,
+        max_sequences: usize,
+        max_batch_tokens: usize,
+    ) -> (usize, usize) {
+        let Some(w) = self.window else {
+            return (self.blocks_for_budget(budget_mb), 0);
+        };
+        // K and V, f16, per block of one layer.
+        let layer_block = 2 * self.block_elems() * std::mem::size_of::<f16>();
+        let n_window = w.layers.len();
+        let window_blocks =
+            self.window_blocks_per_sequence(max_batch_tokens) * max_sequences.max(1);
+        let window_bytes = window_blocks * n_window * layer_block;
+        let main_bytes = (budget_mb * 1024 * 1024).saturating_sub(window_bytes);
+        let main_block = (self.n_layers - n_window) * layer_block;
+        let main_blocks = if main_block == 0 {
+            // Every layer slides: main blocks cost nothing and only count positions.
+            window_blocks.max(self.blocks_for_budget(budget_mb))
+        } else {
+            main_bytes / main_block
+        };
+        (main_blocks.max(1), window_blocks)
+    }
+
     /// Blocks needed to hold `tokens` positions.
     pub fn blocks_for_tokens(&self, tokens: usize) -> usize {
         tokens.div_ceil(self.block_size)
@@ -509,6 +541,13 @@ mod tests {
         assert_eq!(l.window_blocks_per_sequence(8), 0);
         // A window of 6 and chunks of 8: 13 positions over at most 5 blocks of 4.
         assert_eq!(sliding_layout().window_blocks_per_sequence(8), 5);
+        // 1 MiB for two sequences: 10 window blocks of one layer (1280 bytes),
+        // the rest in main blocks of two layers (256 bytes each).
+        assert_eq!(
+            sliding_layout().pools_for_budget(1, 2, 8),
+            ((1 << 20) / 256 - 5, 10)
+        );
+        assert_eq!(l.pools_for_budget(1, 2, 8), (4096, 0));
     }
 
     #[test]
