@@ -161,6 +161,11 @@ impl DecoderThread {
                 format!("the decoder failed while running this request ({why}); it is being restarted, send the request again"),
             )
         };
+        if failure.is_some() && self.current() {
+            // Counted before any request hears of the failure, so a status
+            // asked right after an error event already includes it.
+            shared.restarts.fetch_add(1, Ordering::SeqCst);
+        }
         let failed = shared.fail_inflight(Some(self.generation), code, &message);
         match &failure {
             Some(f) => tracing::error!(
@@ -301,8 +306,6 @@ impl DecoderThread {
 fn publish(shared: &Shared, sched: &Scheduler) {
     let s = sched.stats();
     shared.publish(DecoderStats {
-        running: s.running,
-        waiting: s.queued,
         kv_blocks_used: s.kv_blocks_used,
         kv_blocks_total: s.kv_blocks_total,
     });

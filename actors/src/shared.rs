@@ -45,8 +45,6 @@ pub(crate) struct Inbox {
 /// Counters the decoder publishes after each step.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct DecoderStats {
-    pub running: usize,
-    pub waiting: usize,
     pub kv_blocks_used: usize,
     pub kv_blocks_total: usize,
 }
@@ -187,7 +185,8 @@ impl Shared {
         lock(&self.inflight).remove(&id);
     }
 
-    /// Requests held by decoder threads.
+    /// Requests held by decoder threads (running, or preempted and waiting
+    /// to resume).
     pub fn inflight(&self) -> usize {
         lock(&self.inflight).len()
     }

@@ -17,7 +17,7 @@ use ractor::{
 
 use crate::cache::{CacheActor, CacheArgs, CacheMsg, KvPlan};
 use crate::config::RuntimeConfig;
-use crate::decoder::{DecoderActor, DecoderArgs};
+use crate::decoder::{DecoderActor, DecoderArgs, DecoderFailed};
 use crate::device::{resident_bytes, DeviceActor, DeviceArgs, DeviceMsg, DeviceStart, ModelSource};
 use crate::shared::{lock, Shared};
 use crate::vision::{VisionActor, VisionArgs};
@@ -196,8 +196,10 @@ impl Supervisor {
             },
             backend: backend.to_string(),
             threads: threads as u32,
-            running: stats.running as u32,
-            queued: (shared.queued() + stats.waiting) as u32,
+            // Counted where requests change hands, so a client that has just
+            // received an event sees a count that already includes it.
+            running: shared.inflight() as u32,
+            queued: shared.queued() as u32,
             max_queued: limits.max_queued as u32,
             kv_blocks_used: kv.map_or(stats.kv_blocks_used, |k| k.used) as u32,
             kv_blocks_total: kv.map_or(state.plan.blocks, |k| k.total) as u32,
@@ -408,8 +410,13 @@ impl Actor for Supervisor {
         state: &mut SupervisorState,
     ) -> Result<(), ActorProcessingErr> {
         // Overrides ractor's default, which stops the supervisor when a child dies.
+        let mut counted = false;
         let (cell, failure) = match event {
-            SupervisionEvent::ActorFailed(cell, err) => (cell, Some(err.to_string())),
+            SupervisionEvent::ActorFailed(cell, err) => {
+                // A failed decoder thread has counted itself; count other failures here.
+                counted = err.downcast_ref::<DecoderFailed>().is_some();
+                (cell, Some(err.to_string()))
+            }
             SupervisionEvent::ActorTerminated(cell, _, reason) => {
                 if state.stopping {
                     return Ok(());
@@ -428,9 +435,14 @@ impl Actor for Supervisor {
         let reason = failure.unwrap_or_default();
         match kind {
             ChildKind::Decoder => {
-                state.shared.restarts.fetch_add(1, Ordering::Relaxed);
+                if counted {
+                    // The thread has logged its failure.
+                    tracing::debug!("decoder failed: {reason}");
+                } else {
+                    state.shared.restarts.fetch_add(1, Ordering::SeqCst);
+                    tracing::error!("decoder actor failed: {reason}");
+                }
                 lock(&state.children).decoder = None;
-                tracing::error!("decoder failed: {reason}");
                 self.schedule_restart(&myself, state, kind);
             }
             ChildKind::Device | ChildKind::Cache | ChildKind::Vision => {

@@ -216,3 +216,175 @@ pub fn write_tiny_model(dir: &std::path::Path) -> PathBuf {
     std::fs::write(&p, tiny_model_gguf()).expect("writing the tiny model");
     p
 }
+
+/// A running `embodyd` started by a test: its own runtime folder (the socket
+/// lands there through `$XDG_RUNTIME_DIR`), a config file written by the test,
+/// stderr captured to a log file. Killed when dropped if still running.
+pub struct Daemon {
+    child: std::process::Child,
+    /// The daemon's folder: config, log, socket.
+    pub dir: TempDir,
+    /// The socket it serves.
+    pub socket: PathBuf,
+}
+
+impl Daemon {
+    /// Writes `config` (TOML) and starts `embodyd --config` on it with
+    /// `$XDG_RUNTIME_DIR` set to a fresh folder, plus `env`. Does not wait.
+    pub fn spawn(config: &str, env: &[(&str, &str)]) -> Self {
+        let dir = TempDir::new("embodyd");
+        let cfg = dir.path().join("embodyd.toml");
+        std::fs::write(&cfg, config).expect("writing the config");
+        let log = std::fs::File::create(dir.path().join("embodyd.log")).expect("log file");
+        let mut cmd = Command::new(bin("embodyd"));
+        cmd.arg("--config")
+            .arg(&cfg)
+            .env("XDG_RUNTIME_DIR", dir.path())
+            .env_remove("RUNTIME_DIRECTORY")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
+            .env_remove("JOURNAL_STREAM")
+            .env_remove("RUST_LOG")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("starting embodyd");
+        let socket = dir.path().join("embodyd.sock");
+        Self { child, dir, socket }
+    }
+
+    /// [`Daemon::spawn`], then waits until it answers status as ready.
+    ///
+    /// # Panics
+    /// If it exits or is not ready within 60 s (the log is in the message).
+    pub fn start(config: &str) -> Self {
+        let mut d = Self::spawn(config, &[]);
+        d.wait_ready();
+        d
+    }
+
+    /// Waits until the daemon answers status as ready.
+    pub fn wait_ready(&mut self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("polling embodyd") {
+                panic!(
+                    "embodyd exited with {status} before it was ready:\n{}",
+                    self.log()
+                );
+            }
+            if let Ok(st) = status(&self.socket) {
+                if st.ready {
+                    return;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "embodyd not ready after 60 s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal (`libc::SIGTERM`, ...).
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        let rc = unsafe { libc::kill(self.child.id() as i32, sig) };
+        assert_eq!(rc, 0, "kill({}, {sig})", self.child.id());
+    }
+
+    /// Waits up to `timeout` for the daemon to exit.
+    pub fn wait_exit(&mut self, timeout: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().expect("polling embodyd") {
+                return Some(s);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// What the daemon logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("embodyd.log")).unwrap_or_default()
+    }
+
+    /// The config file's path (rewrite it, then SIGHUP).
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("embodyd.toml")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Asks the daemon at `socket` for its status over a plain blocking socket
+/// (no async runtime), with a 5 s limit.
+pub fn status(socket: &std::path::Path) -> std::io::Result<embody_protocol::Status> {
+    use embody_protocol::wire::Frame;
+    let mut s = std::os::unix::net::UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    match exchange(&mut s, &Frame::Status { id: 1 })? {
+        Frame::StatusReply { status, .. } => Ok(*status),
+        other => Err(std::io::Error::other(format!("unexpected reply {other:?}"))),
+    }
+}
+
+/// Writes raw bytes and reads one frame back over a blocking socket.
+pub fn exchange(
+    s: &mut std::os::unix::net::UnixStream,
+    frame: &embody_protocol::wire::Frame,
+) -> std::io::Result<embody_protocol::wire::Frame> {
+    use std::io::Write;
+    let bytes = embody_protocol::wire::encode(frame).map_err(std::io::Error::other)?;
+    s.write_all(&bytes)?;
+    read_frame(s)
+}
+
+/// Reads one frame from a blocking socket.
+pub fn read_frame(
+    s: &mut std::os::unix::net::UnixStream,
+) -> std::io::Result<embody_protocol::wire::Frame> {
+    use embody_protocol::wire::{decode_body, decode_header, HEADER_LEN};
+    use std::io::Read;
+    let mut header = [0u8; HEADER_LEN];
+    s.read_exact(&mut header)?;
+    let h = decode_header(&header).map_err(std::io::Error::other)?;
+    let mut body = vec![0u8; h.body_len()];
+    s.read_exact(&mut body)?;
+    let (meta, att) = body.split_at(h.meta_len);
+    decode_body(&h, meta, att).map_err(std::io::Error::other)
+}
+
+/// A config for tests: `model` as the model, two threads, a 64 MiB KV
+/// cache; `extra` is appended (further TOML sections).
+pub fn test_config(model: &std::path::Path, extra: &str) -> String {
+    format!(
+        "[model]\npath = \"{}\"\nthreads = 2\n\n[cache]\nkv_cache_mb = 64\n\n{extra}\n",
+        model.display()
+    )
+}
+
+/// The default model, SmolLM2-135M-Instruct (Q4_1).
+pub fn smollm2() -> PathBuf {
+    model("SmolLM2-135M-Instruct.Q4_1.gguf")
+}

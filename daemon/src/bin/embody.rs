@@ -2,6 +2,8 @@
 //! a Hugging Face folder), measures perplexity, and inspects GGUF files.
 //! Generated text goes to stdout and nothing else does; progress and errors go
 //! to stderr.
+//!
+//! `chat` and `status` talk to a running embodyd through its socket.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -20,6 +22,9 @@ use embody_engine::perplexity::perplexity;
 use embody_engine::sampling::SamplingParams;
 use embody_engine::scheduler::{Scheduler, SchedulerConfig, SeqEvent, SeqRequest};
 use embody_engine::tokenizer::Tokenizer;
+
+#[path = "../cli/daemon_cmds.rs"]
+mod daemon_cmds;
 
 #[derive(Parser)]
 #[command(name = "embody", version, about = "embodyd's command-line tool")]
@@ -44,6 +49,10 @@ struct ModelArgs {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Send a message to a running embodyd and stream its answer to stdout.
+    Chat(daemon_cmds::ChatArgs),
+    /// Show a running embodyd's status; exits 0 only when it is ready.
+    Status(daemon_cmds::StatusArgs),
     /// Generate text from a prompt, streaming only the generated text to stdout.
     Generate {
         #[command(flatten)]
@@ -231,6 +240,8 @@ fn serving_ctx(path: &Path, asked: usize) -> Result<usize> {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Chat(a) => daemon_cmds::chat(a),
+        Command::Status(a) => daemon_cmds::status(a),
         Command::Inspect { file } => inspect(&file),
         Command::Bench {
             model,
@@ -286,7 +297,7 @@ fn run(cli: Cli) -> Result<()> {
             let mut m = load(&model, ctx)?;
             // As llama-perplexity: BOS when the vocabulary adds one, no special-token parsing.
             let tokens = m.tokenizer.encode(&text, true, false)?;
-            let bos = if tokens.first().is_some() && tokens.first() == m.tokenizer.bos_id().as_ref() {
+            let bos = if !tokens.is_empty() && tokens.first() == m.tokenizer.bos_id().as_ref() {
                 m.tokenizer.bos_id()
             } else {
                 None

@@ -1,0 +1,184 @@
+//! `embody chat` and `embody status`: the CLI as a client of a running
+//! embodyd, through `embody-client`. Both find the socket the way the daemon
+//! chose it ($RUNTIME_DIRECTORY, $XDG_RUNTIME_DIR, /run/embodyd), unless
+//! `--socket` or `$EMBODY_SOCKET` names it.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use embody_client::blocking::Client;
+use embody_client::{Event, Image, Message, Request, SamplingParams, Status};
+
+/// Where the daemon is.
+#[derive(clap::Args)]
+pub struct ConnArgs {
+    /// The daemon's socket (default: found as the daemon chose it; $EMBODY_SOCKET overrides).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+}
+
+impl ConnArgs {
+    fn connect(&self) -> Result<Client> {
+        let path = match &self.socket {
+            Some(p) => p.clone(),
+            None => embody_client::find_socket()?,
+        };
+        Ok(Client::connect(path)?)
+    }
+}
+
+/// `embody chat`
+#[derive(clap::Args)]
+pub struct ChatArgs {
+    /// The message to send.
+    prompt: String,
+    /// A system message before it.
+    #[arg(long)]
+    system: Option<String>,
+    /// Most tokens to generate (default: the daemon's).
+    #[arg(long, short = 'n')]
+    max_tokens: Option<u32>,
+    /// Sampling temperature (0: greedy; default 0.8).
+    #[arg(long)]
+    temperature: Option<f32>,
+    /// Random seed, for reproducible sampling.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// A string that ends generation (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// An image file to send with the message (repeatable; PNG, JPEG or WebP).
+    #[arg(long)]
+    image: Vec<PathBuf>,
+    #[command(flatten)]
+    conn: ConnArgs,
+}
+
+/// `embody status`
+#[derive(clap::Args)]
+pub struct StatusArgs {
+    /// Print the status as JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    conn: ConnArgs,
+}
+
+fn media_type(p: &std::path::Path) -> &'static str {
+    match p
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        Some("png") => "image/png",
+        Some("jpg" | "jpeg") => "image/jpeg",
+        Some("webp") => "image/webp",
+        _ => "application/octet-stream",
+    }
+}
+
+/// Streams the answer to stdout; a one-line summary goes to stderr.
+pub fn chat(a: ChatArgs) -> Result<()> {
+    let mut messages = Vec::new();
+    if let Some(s) = a.system {
+        messages.push(Message::system(s));
+    }
+    messages.push(Message::user(a.prompt));
+    let mut req = Request::new(messages);
+    req.max_tokens = a.max_tokens;
+    req.stop = a.stop;
+    req.sampling = SamplingParams {
+        temperature: a
+            .temperature
+            .unwrap_or(SamplingParams::default().temperature),
+        seed: a.seed,
+        ..SamplingParams::default()
+    };
+    for p in &a.image {
+        let data = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+        req.images.push(Image {
+            media_type: media_type(p).into(),
+            data,
+        });
+    }
+    let client = a.conn.connect()?;
+    let mut out = std::io::stdout().lock();
+    for ev in client.chat(req)? {
+        match ev {
+            Event::Delta { text, .. } => {
+                out.write_all(text.as_bytes())?;
+                out.flush()?;
+            }
+            Event::Finished { reason, usage } => {
+                writeln!(out)?;
+                eprintln!(
+                    "[{} prompt tokens, {} generated, finish: {reason:?}]",
+                    usage.prompt_tokens, usage.completion_tokens
+                );
+            }
+            Event::Error { code, message } => bail!("{code}: {message}"),
+            Event::Started { .. } | Event::ToolCall { .. } => {}
+        }
+    }
+    Ok(())
+}
+
+/// Prints the status; fails (exit 1) unless the daemon is ready.
+pub fn status(a: StatusArgs) -> Result<()> {
+    let st = a.conn.connect()?.status()?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&st)?);
+    } else {
+        print_status(&st);
+    }
+    if !st.ready {
+        bail!(
+            "embodyd is not ready ({})",
+            if st.draining {
+                "shutting down"
+            } else {
+                "the decoder is restarting"
+            }
+        );
+    }
+    Ok(())
+}
+
+fn print_status(st: &Status) {
+    let mib = |b: u64| b >> 20;
+    println!(
+        "embodyd {}: {}, {}",
+        st.version,
+        if st.ready { "ready" } else { "not ready" },
+        if st.healthy {
+            "healthy"
+        } else {
+            "NOT making progress"
+        }
+    );
+    println!(
+        "model     {} ({}, {} context, vocab {}) {}",
+        st.model.name, st.model.arch, st.model.context_length, st.model.vocab_size, st.model.path
+    );
+    println!("backend   {}, {} threads", st.backend, st.threads);
+    println!(
+        "requests  {} running, {} queued (at most {})",
+        st.running, st.queued, st.max_queued
+    );
+    println!(
+        "kv cache  {}/{} blocks of {} tokens",
+        st.kv_blocks_used, st.kv_blocks_total, st.kv_block_tokens
+    );
+    println!(
+        "decoder   {} steps, {} restarts",
+        st.steps, st.decoder_restarts
+    );
+    println!(
+        "memory    {} MiB resident, {} MiB of weights",
+        mib(st.rss_bytes),
+        mib(st.model.weights_bytes)
+    );
+    println!("uptime    {:.1} s", st.uptime_ms as f64 / 1000.0);
+}

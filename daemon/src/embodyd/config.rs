@@ -1,0 +1,504 @@
+//! The daemon's configuration: one TOML file (`configs/default.toml` documents
+//! every field with its default), then command-line flags over it.
+//!
+//! Every section and field is optional; a missing one takes its default. An
+//! unknown field or a value of the wrong type is an error that names it, so
+//! a typo never passes silently.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use embody_actors::{Limits, RuntimeConfig};
+
+/// The whole configuration.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The model and the device that runs it.
+    pub model: ModelConfig,
+    /// The paged KV cache.
+    pub cache: CacheConfig,
+    /// Admission and generation limits.
+    pub decoder: DecoderConfig,
+    /// Restarts and health.
+    pub supervisor: SupervisorConfig,
+    /// The local Unix socket.
+    pub ipc: IpcConfig,
+    /// Behaviour as a service.
+    pub service: ServiceConfig,
+    /// Logging.
+    pub log: LogConfig,
+    /// Switches for tests of the daemon itself.
+    pub testing: TestingConfig,
+}
+
+/// `[model]`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The GGUF model file. A relative path is looked up in the models folder
+    /// (`$EMBODY_MODELS`, else `~/.cache/embody/models`); `~/` is the home folder.
+    /// Default: "SmolLM2-135M-Instruct.Q4_1.gguf".
+    pub path: String,
+    /// The backend: "cpu", "cuda" or "vulkan". Default: "cpu".
+    pub backend: String,
+    /// Compute threads; 0 means one per core. Default: 0.
+    pub threads: usize,
+    /// Longest context served, in tokens; 0 means the model's own. Default: 4096.
+    pub context_length: usize,
+    /// Most tokens in one forward pass; longer prompts are prefilled in chunks. Default: 512.
+    pub max_batch_tokens: usize,
+}
+
+/// `[cache]`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Memory for the KV cache, in MiB. Default: 256.
+    pub kv_cache_mb: usize,
+    /// Tokens per KV block. Default: 16.
+    pub block_size: usize,
+}
+
+/// `[decoder]`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DecoderConfig {
+    /// Most requests decoding at once. Default: 8.
+    pub max_running: usize,
+    /// Most requests waiting for a slot; more are refused as "overloaded". Default: 64.
+    pub max_queued: usize,
+    /// Tokens generated when a request does not say. Default: 256.
+    pub default_max_tokens: u32,
+    /// Most tokens a request may ask for. Default: 4096.
+    pub max_tokens_limit: u32,
+}
+
+/// `[supervisor]`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SupervisorConfig {
+    /// Wait before restarting a failed actor, in ms; doubles with each failure
+    /// in a row. Default: 100.
+    pub restart_backoff_ms: u64,
+    /// Longest wait between restarts, in ms. Default: 10000.
+    pub restart_backoff_max_ms: u64,
+    /// The daemon is unhealthy (and stops feeding the systemd watchdog) when
+    /// the decoder has made no progress for this long, in ms. Default: 20000.
+    pub stall_timeout_ms: u64,
+    /// Time limit of requests between actors, in ms. Default: 5000.
+    pub call_timeout_ms: u64,
+}
+
+/// `[ipc]`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IpcConfig {
+    /// The socket, used when neither `$RUNTIME_DIRECTORY` nor
+    /// `$XDG_RUNTIME_DIR` is set (then it is `embodyd.sock` in that folder).
+    /// Default: "/run/embodyd/embodyd.sock".
+    pub socket: String,
+    /// Most client connections at once. Default: 64.
+    pub max_connections: usize,
+    /// Once a frame has begun, the rest must arrive within this many ms. Default: 10000.
+    pub frame_timeout_ms: u64,
+}
+
+/// `[service]`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// On SIGTERM or SIGINT, requests in flight may finish for this long, in ms;
+    /// those still running then end with an "unavailable" error. Default: 10000.
+    pub drain_timeout_ms: u64,
+}
+
+/// `[log]`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// Level or filter, as in RUST_LOG ("info", "debug", "info,embody_actors=debug").
+    /// Default: "info".
+    pub level: String,
+    /// "auto" (journald format when started by systemd, text otherwise),
+    /// "journald" or "text". Default: "auto".
+    pub format: String,
+}
+
+/// `[testing]`
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TestingConfig {
+    /// Accept fault-injection requests that panic or wedge the decoder. For
+    /// tests of the daemon only; never turn it on in production. Default: false.
+    pub fault_injection: bool,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            path: "SmolLM2-135M-Instruct.Q4_1.gguf".into(),
+            backend: "cpu".into(),
+            threads: 0,
+            context_length: 4096,
+            max_batch_tokens: 512,
+        }
+    }
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            kv_cache_mb: 256,
+            block_size: 16,
+        }
+    }
+}
+
+impl Default for DecoderConfig {
+    fn default() -> Self {
+        Self {
+            max_running: 8,
+            max_queued: 64,
+            default_max_tokens: 256,
+            max_tokens_limit: 4096,
+        }
+    }
+}
+
+impl Default for SupervisorConfig {
+    fn default() -> Self {
+        Self {
+            restart_backoff_ms: 100,
+            restart_backoff_max_ms: 10_000,
+            stall_timeout_ms: 20_000,
+            call_timeout_ms: 5_000,
+        }
+    }
+}
+
+impl Default for IpcConfig {
+    fn default() -> Self {
+        Self {
+            socket: embody_client::SYSTEM_SOCKET.into(),
+            max_connections: 64,
+            frame_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        Self {
+            drain_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: "auto".into(),
+        }
+    }
+}
+
+/// Flags that override the file.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    /// `--model`
+    pub model: Option<PathBuf>,
+    /// `--threads`
+    pub threads: Option<usize>,
+    /// `--log-level`
+    pub log_level: Option<String>,
+}
+
+impl Config {
+    /// Parses a TOML document; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self> {
+        let cfg: Config = toml::from_str(text).map_err(|e| {
+            // toml's message already quotes the line and points at the column.
+            anyhow::anyhow!("{origin}: invalid configuration: {e}")
+        })?;
+        cfg.validate()
+            .with_context(|| format!("{origin}: invalid configuration"))?;
+        Ok(cfg)
+    }
+
+    /// Reads the file (defaults when `None`) and applies the flags.
+    pub fn load(file: Option<&Path>, over: &Overrides) -> Result<Self> {
+        let mut cfg = match file {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading the configuration {}", p.display()))?;
+                Self::parse(&text, &p.display().to_string())?
+            }
+            None => Config::default(),
+        };
+        if let Some(m) = &over.model {
+            // A path given on the command line is relative to the working directory.
+            let abs = std::path::absolute(m).unwrap_or_else(|_| m.clone());
+            cfg.model.path = abs.display().to_string();
+        }
+        if let Some(t) = over.threads {
+            cfg.model.threads = t;
+        }
+        if let Some(l) = &over.log_level {
+            cfg.log.level = l.clone();
+        }
+        cfg.validate().context("invalid command-line flags")?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<()> {
+        self.model
+            .backend
+            .parse::<embody_engine::backend::BackendKind>()
+            .map_err(|e| anyhow::anyhow!("model.backend: {e}"))?;
+        if self.model.max_batch_tokens == 0 {
+            bail!("model.max_batch_tokens must be at least 1");
+        }
+        if self.cache.kv_cache_mb == 0 {
+            bail!("cache.kv_cache_mb must be at least 1");
+        }
+        if self.cache.block_size == 0 {
+            bail!("cache.block_size must be at least 1");
+        }
+        if self.decoder.max_running == 0 {
+            bail!("decoder.max_running must be at least 1");
+        }
+        if self.decoder.default_max_tokens == 0
+            || self.decoder.default_max_tokens > self.decoder.max_tokens_limit
+        {
+            bail!(
+                "decoder.default_max_tokens ({}) must be between 1 and decoder.max_tokens_limit ({})",
+                self.decoder.default_max_tokens,
+                self.decoder.max_tokens_limit
+            );
+        }
+        if self.ipc.max_connections == 0 {
+            bail!("ipc.max_connections must be at least 1");
+        }
+        if !matches!(self.log.format.as_str(), "auto" | "journald" | "text") {
+            bail!(
+                "log.format must be \"auto\", \"journald\" or \"text\", not {:?}",
+                self.log.format
+            );
+        }
+        Ok(())
+    }
+
+    /// The model file this configuration names.
+    pub fn model_path(&self) -> PathBuf {
+        resolve_model(&self.model.path)
+    }
+
+    /// What the actor runtime needs.
+    pub fn runtime(&self) -> RuntimeConfig {
+        RuntimeConfig {
+            model_path: self.model_path(),
+            backend: self.model.backend.parse().unwrap_or_default(),
+            threads: self.model.threads,
+            context_length: self.model.context_length,
+            max_batch_tokens: self.model.max_batch_tokens,
+            kv_cache_mb: self.cache.kv_cache_mb,
+            block_size: self.cache.block_size,
+            max_running: self.decoder.max_running,
+            limits: self.limits(),
+            restart_backoff: Duration::from_millis(self.supervisor.restart_backoff_ms),
+            restart_backoff_max: Duration::from_millis(self.supervisor.restart_backoff_max_ms),
+            call_timeout: Duration::from_millis(self.supervisor.call_timeout_ms),
+        }
+    }
+
+    /// The limits that a reload can change.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_queued: self.decoder.max_queued,
+            default_max_tokens: self.decoder.default_max_tokens,
+            max_tokens_limit: self.decoder.max_tokens_limit,
+            stall_timeout: Duration::from_millis(self.supervisor.stall_timeout_ms),
+            fault_injection: self.testing.fault_injection,
+        }
+    }
+
+    /// Fields that differ from `new` and only take effect after a restart.
+    pub fn needs_restart(&self, new: &Config) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if self.model != new.model {
+            out.push("[model]");
+        }
+        if self.cache != new.cache {
+            out.push("[cache]");
+        }
+        if self.decoder.max_running != new.decoder.max_running {
+            out.push("decoder.max_running");
+        }
+        if (
+            self.supervisor.restart_backoff_ms,
+            self.supervisor.restart_backoff_max_ms,
+            self.supervisor.call_timeout_ms,
+        ) != (
+            new.supervisor.restart_backoff_ms,
+            new.supervisor.restart_backoff_max_ms,
+            new.supervisor.call_timeout_ms,
+        ) {
+            out.push("[supervisor] backoff and call timeout");
+        }
+        if self.ipc != new.ipc {
+            out.push("[ipc]");
+        }
+        if self.log.format != new.log.format {
+            out.push("log.format");
+        }
+        out
+    }
+}
+
+/// The models folder: `$EMBODY_MODELS`, else `~/.cache/embody/models`.
+pub fn models_dir() -> PathBuf {
+    std::env::var_os("EMBODY_MODELS")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| home().join(".cache/embody/models"))
+}
+
+fn home() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"))
+}
+
+fn resolve_model(p: &str) -> PathBuf {
+    if let Some(rest) = p.strip_prefix("~/") {
+        return home().join(rest);
+    }
+    let path = Path::new(p);
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        models_dir().join(path)
+    }
+}
+
+/// The socket path: `--socket`, else `$RUNTIME_DIRECTORY/embodyd.sock`,
+/// else `$XDG_RUNTIME_DIR/embodyd.sock`, else `ipc.socket`.
+pub fn socket_path(flag: Option<&Path>, cfg: &Config) -> PathBuf {
+    if let Some(p) = flag {
+        return p.to_path_buf();
+    }
+    for var in ["RUNTIME_DIRECTORY", "XDG_RUNTIME_DIR"] {
+        if let Some(dir) = embody_client::runtime_dir(var) {
+            return dir.join(embody_client::SOCKET_NAME);
+        }
+    }
+    PathBuf::from(&cfg.ipc.socket)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn default_toml() -> String {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/default.toml");
+        std::fs::read_to_string(p).expect("configs/default.toml")
+    }
+
+    #[test]
+    fn the_shipped_default_config_holds_exactly_the_defaults() {
+        let cfg = Config::parse(&default_toml(), "default.toml").unwrap();
+        assert_eq!(cfg, Config::default());
+    }
+
+    #[test]
+    fn every_field_of_the_shipped_config_is_documented_with_its_default() {
+        // Each `key = value` line is preceded by a comment that states the value.
+        let text = default_toml();
+        let lines: Vec<&str> = text.lines().collect();
+        let mut fields = 0;
+        for (i, line) in lines.iter().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') || line.starts_with('[') {
+                continue;
+            }
+            let (key, value) = line.split_once(" = ").expect("key = value");
+            let comment: Vec<&str> = lines[..i]
+                .iter()
+                .rev()
+                .take_while(|l| l.trim_start().starts_with('#'))
+                .copied()
+                .collect();
+            assert!(!comment.is_empty(), "{key} has no comment");
+            let doc = comment.join(" ");
+            assert!(
+                doc.contains(&format!("Default: {value}")),
+                "the comment of {key} does not state its default {value}: {doc}"
+            );
+            fields += 1;
+        }
+        assert_eq!(fields, 22, "every field appears in the shipped config");
+    }
+
+    #[test]
+    fn unknown_fields_and_wrong_types_are_named() {
+        let e = Config::parse("[decoder]\nmax_runing = 4\n", "x.toml").unwrap_err();
+        let msg = format!("{e:#}");
+        assert!(
+            msg.contains("x.toml") && msg.contains("unknown field `max_runing`"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("max_running"),
+            "suggests the known fields: {msg}"
+        );
+        let e = Config::parse("[cache]\nkv_cache_mb = \"lots\"\n", "x.toml").unwrap_err();
+        let msg = format!("{e:#}");
+        assert!(
+            msg.contains("invalid type") && msg.contains("kv_cache_mb"),
+            "{msg}"
+        );
+        let e = Config::parse("[modle]\n", "x.toml").unwrap_err();
+        assert!(format!("{e:#}").contains("unknown field `modle`"));
+        let e = Config::parse("[decoder]\nmax_running = 0\n", "x.toml").unwrap_err();
+        assert!(format!("{e:#}").contains("decoder.max_running must be at least 1"));
+        let e = Config::parse("[model]\nbackend = \"tpu\"\n", "x.toml").unwrap_err();
+        assert!(format!("{e:#}").contains("unknown backend 'tpu'"), "{e:#}");
+    }
+
+    #[test]
+    fn model_paths_resolve_against_the_models_folder() {
+        assert_eq!(resolve_model("/abs/m.gguf"), PathBuf::from("/abs/m.gguf"));
+        assert_eq!(resolve_model("m.gguf"), models_dir().join("m.gguf"));
+        assert_eq!(resolve_model("~/m.gguf"), home().join("m.gguf"));
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let over = Overrides {
+            model: Some("/tmp/x.gguf".into()),
+            threads: Some(3),
+            log_level: Some("debug".into()),
+        };
+        let cfg = Config::load(None, &over).unwrap();
+        assert_eq!(cfg.model_path(), PathBuf::from("/tmp/x.gguf"));
+        assert_eq!(cfg.model.threads, 3);
+        assert_eq!(cfg.log.level, "debug");
+    }
+
+    #[test]
+    fn reload_reports_what_needs_a_restart() {
+        let a = Config::default();
+        let mut b = a.clone();
+        b.decoder.max_queued = 3;
+        b.testing.fault_injection = true;
+        assert!(a.needs_restart(&b).is_empty());
+        b.model.threads = 2;
+        b.ipc.max_connections = 2;
+        assert_eq!(a.needs_restart(&b), vec!["[model]", "[ipc]"]);
+    }
+}
