@@ -32,6 +32,10 @@ its Llama 3 scaling as a rope_freqs tensor; Qwen3 has no real GGUF here.
 (Gemma 3's GGUF cannot carry query_pre_attn_scalar, and the converter refuses
 the tiny Qwen2 vocabulary; their GGUF paths are checked on the real models.)
 
+It also writes seeds for the `hf` fuzz target (fuzz/corpus/hf/<family>:
+config.json, a zero byte, then model.safetensors) from the same families
+shrunk to a few hundred weights.
+
 Everything runs on one CPU thread with seeded generators: running the script
 again rewrites identical files.
 """
@@ -241,12 +245,42 @@ def families():
     ]
 
 
+def fuzz_seeds():
+    """The families at hidden size 8, one or two layers, vocabulary 16."""
+    out = ROOT / "fuzz/corpus/hf"
+    out.mkdir(parents=True, exist_ok=True)
+    for i, (name, cls, config, dtype, norm_offset, _) in enumerate(families()):
+        small = dict(vocab_size=16, hidden_size=8, intermediate_size=16, num_attention_heads=2,
+                     num_key_value_heads=1, max_position_embeddings=128)
+        if name == "qwen3":
+            small["head_dim"] = 8
+        if name == "gemma3":
+            small.update(head_dim=4, query_pre_attn_scalar=4, sliding_window=4,
+                         layer_types=["sliding_attention", "full_attention"])
+        base = {k: v for k, v in config.to_dict().items() if k != "layer_types"}
+        config = type(config)(**{**base, **small, "num_hidden_layers": 2 if name == "gemma3" else 1})
+        config.architectures = [cls.__name__]
+        torch.manual_seed(SEED + i)
+        model = cls(config).eval()
+        init_weights(model, torch.Generator().manual_seed(SEED + i), norm_offset)
+        tensors = {k: v.to(dtype).contiguous() for k, v in sorted(model.state_dict().items())
+                   if not (config.tie_word_embeddings and k == "lm_head.weight")}
+        tmp = out / f"{name}.safetensors"
+        save_file(tensors, tmp)
+        seed = config.to_json_string().encode() + b"\0" + tmp.read_bytes()
+        tmp.unlink()
+        (out / name).write_bytes(seed)
+        print(f"fuzz seed {name}: {len(seed)} bytes")
+
+
 def main():
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     tokenizer = build_tokenizer()
     sample_ids = tokenizer(SAMPLE_TEXT, add_special_tokens=False)["input_ids"]
     only = set(sys.argv[1:])
+    if not only or "fuzz" in only:
+        fuzz_seeds()
     for i, (name, cls, config, dtype, norm_offset, shard) in enumerate(families()):
         if only and name not in only:
             continue

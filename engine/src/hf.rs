@@ -284,6 +284,10 @@ impl HfFolder {
 
     fn add_file(&mut self, path: &Path) -> Result<()> {
         let file = map_file(path)?;
+        self.add_bytes(path, file)
+    }
+
+    fn add_bytes(&mut self, path: &Path, file: Arc<FileBytes>) -> Result<()> {
         let (header, meta) = SafeTensors::read_metadata(&file).map_err(|e| Error::Tensor {
             path: path.to_path_buf(),
             tensor: "(header)".into(),
@@ -311,6 +315,35 @@ impl HfFolder {
             }
         }
         Ok(())
+    }
+
+    /// A folder held in memory: `config.json`'s text and one safetensors file
+    /// (tests and fuzzing). `name` stands for the folder in errors.
+    pub fn from_bytes(
+        name: impl Into<PathBuf>,
+        config_json: &[u8],
+        weights: Vec<u8>,
+    ) -> Result<Self> {
+        let dir: PathBuf = name.into();
+        let config_path = dir.join("config.json");
+        let config: serde_json::Value =
+            serde_json::from_slice(config_json).map_err(|e| Error::Metadata {
+                path: config_path.clone(),
+                key: "(file)".into(),
+                message: format!("not valid JSON: {e}"),
+            })?;
+        let mut folder = Self {
+            weights_path: dir.join(WEIGHTS),
+            dir,
+            config_path,
+            config,
+            generation: GenerationConfig::default(),
+            files: Vec::new(),
+            tensors: HashMap::new(),
+        };
+        let path = folder.weights_path.clone();
+        folder.add_bytes(&path, Arc::new(FileBytes::Owned(weights)))?;
+        Ok(folder)
     }
 
     /// The folder.
@@ -429,6 +462,32 @@ impl HfFolder {
             data: Bytes::new(e.file.clone(), e.range.clone()),
         })
     }
+}
+
+/// The body of the `hf` fuzz target: `config.json`'s text, a zero byte, then a
+/// safetensors file. Parses both, reads every tensor and loads the model for a
+/// tiny context. Returns whether the folder parsed; never panics on any input.
+pub fn exercise(bytes: &[u8]) -> bool {
+    let split = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    let (config, weights) = (&bytes[..split], bytes.get(split + 1..).unwrap_or_default());
+    let Ok(f) = HfFolder::from_bytes("fuzz", config, weights.to_vec()) else {
+        return false;
+    };
+    let _ = f.architecture();
+    for name in f.tensor_names() {
+        if let Ok(t) = f.tensor(name) {
+            let _ = (t.rows(), t.cols(), t.row_bytes());
+        }
+    }
+    let backend: Arc<dyn crate::backend::Backend> =
+        Arc::new(crate::backend::cpu::CpuBackend::new(1));
+    let opts = crate::models::LoadOptions {
+        max_batch_tokens: 4,
+        context_length: 64,
+        ..Default::default()
+    };
+    let _ = crate::models::load_hf(&f, backend, opts);
+    true
 }
 
 #[cfg(test)]

@@ -539,6 +539,27 @@ fn broken_folders_name_the_file_and_field() {
     );
     std::fs::remove_dir_all(&d).unwrap();
 
+    // A sliding window of no positions, and a weight file that is not safetensors.
+    let d = scratch_copy("gemma3", "window");
+    edit_config(&d, |v| v["sliding_window"] = 0.into());
+    let e = load_err(&d);
+    assert!(
+        e.contains("config.json") && e.contains("'sliding_window'"),
+        "{e}"
+    );
+    edit_config(&d, |v| v["sliding_window"] = 8.into());
+    std::fs::write(
+        d.join("model.safetensors"),
+        b"\xff\xff\xff\xff\xff\xff\xff\x7fgarbage",
+    )
+    .unwrap();
+    let e = load_err(&d);
+    assert!(
+        e.contains("model.safetensors") && e.contains("invalid safetensors"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(&d).unwrap();
+
     // No weights at all.
     let d = scratch_copy("llama", "empty");
     std::fs::remove_file(d.join("model.safetensors")).unwrap();

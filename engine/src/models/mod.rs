@@ -655,8 +655,8 @@ pub(crate) fn sliding_window(
     if !sliding.iter().any(|&s| s) {
         return Ok(None);
     }
-    if window == 0 {
-        return Err(err("a sliding window of 0 positions".into()));
+    if window == 0 || window > 1 << 22 {
+        return Err(err(format!("a sliding window of {window} positions")));
     }
     if sliding.len() > LayerSet::MAX {
         return Err(err(format!(
