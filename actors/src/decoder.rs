@@ -6,7 +6,8 @@
 //! survive a restart), apply cancellations, run one scheduler step, publish
 //! counters, and mark the loop's progress for the health check. Events go back
 //! to each request's stream through its sink; a sink whose stream is gone
-//! cancels the request.
+//! cancels the request. The loop marks progress when it runs a forward pass
+//! or has nothing to do, never merely for turning: health is progress.
 //!
 //! When the thread fails (a panic anywhere in the engine, an injected fault),
 //! it gives every request it held a terminal `decoder_restarted` error and
@@ -198,9 +199,16 @@ impl DecoderThread {
             },
         );
         publish(shared, &sched);
+        shared.beat();
+        let mut last_steps = 0;
         loop {
-            shared.beat();
             let stats = sched.stats();
+            // Progress: nothing to do, or a forward pass ran since the last
+            // turn. A scheduler with work that runs nothing does not count.
+            if !sched.has_work() || stats.steps != last_steps {
+                shared.beat();
+                last_steps = stats.steps;
+            }
             let free = max_running.saturating_sub(stats.running + stats.queued);
             let (taken, cancels, fault) = {
                 let mut inbox = lock(&shared.inbox);

@@ -252,3 +252,22 @@ fn a_second_daemon_on_the_same_socket_is_refused() {
     // The first one is untouched.
     assert!(embody_tests::status(&first.socket).unwrap().ready);
 }
+
+#[test]
+fn the_cli_without_a_daemon_says_where_it_looked() {
+    let dir = TempDir::new("embody-cli");
+    for args in [&["status"][..], &["chat", "hello"][..]] {
+        let out = std::process::Command::new(bin("embody"))
+            .args(args)
+            .env("XDG_RUNTIME_DIR", dir.path())
+            .env("EMBODY_SOCKET", dir.path().join("nothing.sock"))
+            .env_remove("RUNTIME_DIRECTORY")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(out.stdout.is_empty());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("no embodyd socket found"), "{err}");
+        assert!(err.contains("nothing.sock") && err.contains("is embodyd running?"), "{err}");
+    }
+}

@@ -146,7 +146,7 @@ async fn run(cli: Cli, mut cfg: Config, log: logging::LogHandle) -> Result<()> {
     let runtime = tokio::select! {
         r = start => r.map_err(|e| match e {
             RuntimeError::Model { ref path, .. } if !path.exists() => anyhow::anyhow!(
-                "{e}\n  the model file does not exist: run scripts/fetch-models.sh, or set model.path in the configuration (or --model)"
+                "{e}; the model file does not exist: run scripts/fetch-models.sh, or set model.path in the configuration (or --model)"
             ),
             e => anyhow::Error::new(e),
         })?,
