@@ -231,8 +231,11 @@ impl DecoderThread {
                         .0;
                     shared.beat();
                 }
+                // An injected fault strikes before new requests are taken, so
+                // that queued requests stay queued through it.
+                let fault = inbox.fault.take();
                 let mut taken = Vec::new();
-                while taken.len() < free {
+                while fault.is_none() && taken.len() < free {
                     let Some(p) = inbox.queue.pop_front() else {
                         break;
                     };
@@ -245,11 +248,7 @@ impl DecoderThread {
                     shared.hold(p.id, self.generation, p.tx.clone());
                     taken.push(p);
                 }
-                (
-                    taken,
-                    std::mem::take(&mut inbox.cancels),
-                    inbox.fault.take(),
-                )
+                (taken, std::mem::take(&mut inbox.cancels), fault)
             };
             match fault {
                 Some(Fault::PanicDecoder) => panic!("fault injection: decoder panic requested"),

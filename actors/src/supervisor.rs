@@ -4,13 +4,15 @@
 //! Backoff doubles with each failure in a row, from `restart_backoff` up to
 //! `restart_backoff_max`; a child that made progress since its last start
 //! (for the decoder: at least one step) starts its count again, so a rare
-//! crash costs one short pause while a crash loop slows down.
+//! crash costs one short pause while a crash loop slows down. After three
+//! decoder failures in a row without progress, queued requests are ended with
+//! `unavailable` instead of waiting through the loop.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use embody_protocol::{ModelStatus, Status};
+use embody_protocol::{ErrorCode, ModelStatus, Status};
 use ractor::{
     Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent,
 };
@@ -22,6 +24,10 @@ use crate::device::{resident_bytes, DeviceActor, DeviceArgs, DeviceMsg, DeviceSt
 use crate::shared::{lock, Shared};
 use crate::vision::{VisionActor, VisionArgs};
 use crate::{call, Children};
+
+/// Decoder failures in a row, without progress between them, after which
+/// queued requests are refused instead of waiting for a recovery.
+const CRASH_LOOP: u32 = 3;
 
 /// The children, by role.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -141,6 +147,20 @@ impl Supervisor {
         };
         if progressed {
             r.in_row = 0;
+        }
+        if kind == ChildKind::Decoder && r.in_row + 1 >= CRASH_LOOP {
+            // Restarts are not helping: end queued requests rather than keep
+            // them waiting through a crash loop (health is already failing).
+            let failed = state.shared.fail_queued(
+                ErrorCode::Unavailable,
+                &format!(
+                    "the decoder failed {} times in a row without making progress; queued requests are refused until it recovers",
+                    r.in_row + 1
+                ),
+            );
+            if failed > 0 {
+                tracing::error!(failed, "decoder crash loop: queued requests refused");
+            }
         }
         let delay = state
             .cfg

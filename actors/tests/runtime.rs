@@ -332,3 +332,39 @@ async fn drain_waits_for_running_requests_and_refuses_new_ones() {
     assert!(rt.status().await.unwrap().draining);
     rt.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decoder_crash_loop_ends_queued_requests_instead_of_holding_them() {
+    let dir = TempDir::new("embody-actors");
+    let mut cfg = config(write_tiny_model(dir.path()));
+    cfg.restart_backoff = Duration::from_millis(300);
+    let rt = Runtime::start(cfg).await.unwrap();
+    // Each new decoder finds a panic waiting before it can take the request:
+    // failures in a row without progress.
+    rt.inject_fault(Fault::WedgeDecoder { ms: 200 }).unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let queued = rt.submit(greedy("hello", 4)).await;
+    rt.inject_fault(Fault::PanicDecoder).unwrap();
+    for n in 1..=2u64 {
+        let start = Instant::now();
+        while rt.status().await.unwrap().decoder_restarts < n {
+            assert!(start.elapsed() < Duration::from_secs(10));
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // During the backoff, before the next decoder starts.
+        rt.inject_fault(Fault::PanicDecoder).unwrap();
+    }
+    let ev = collect(queued).await;
+    match ev.as_slice() {
+        [Event::Error {
+            code: ErrorCode::Unavailable,
+            message,
+        }] => assert!(message.contains("3 times in a row"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    // It recovers once the faults stop.
+    let ev = collect(rt.submit(greedy("again", 4)).await).await;
+    assert!(finished(&ev).is_some(), "{ev:?}");
+    assert_eq!(rt.status().await.unwrap().decoder_restarts, 3);
+    rt.shutdown().await;
+}

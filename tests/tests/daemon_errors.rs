@@ -268,6 +268,9 @@ fn the_cli_without_a_daemon_says_where_it_looked() {
         assert!(out.stdout.is_empty());
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("no embodyd socket found"), "{err}");
-        assert!(err.contains("nothing.sock") && err.contains("is embodyd running?"), "{err}");
+        assert!(
+            err.contains("nothing.sock") && err.contains("is embodyd running?"),
+            "{err}"
+        );
     }
 }
