@@ -17,6 +17,7 @@ echo "== cargo build (the end-to-end tests run these binaries)"
 cargo build --workspace --bins
 echo "== cargo test"
 cargo test --workspace 2>&1 | tee "${TMPDIR:-/tmp}/embody-test.log"
+scripts/test-aarch64.sh 2>&1 | tee -a "${TMPDIR:-/tmp}/embody-test.log"
 # One summary line for CI readers.
 python3 - "${TMPDIR:-/tmp}/embody-test.log" <<'PY'
 import re, sys

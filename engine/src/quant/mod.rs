@@ -19,12 +19,19 @@ mod tests;
 pub mod x86;
 #[cfg(all(test, target_arch = "x86_64"))]
 mod x86_tests;
+// aarch64 (NEON, dotprod) kernels, public for the same reason.
+#[cfg(target_arch = "aarch64")]
+pub mod aarch64;
+#[cfg(all(test, target_arch = "aarch64"))]
+mod aarch64_tests;
 
+#[cfg(target_arch = "aarch64")]
+use aarch64 as arch;
 #[cfg(target_arch = "x86_64")]
 use x86 as arch;
 
 /// Targets without fast kernels: every call goes to the reference.
-#[cfg(not(target_arch = "x86_64"))]
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 mod arch {
     use super::GgmlType;
 

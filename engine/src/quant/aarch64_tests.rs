@@ -1,0 +1,604 @@
+//! The aarch64 kernels against the scalar reference, at every level this CPU
+//! runs (each level is called directly, not only through dispatch). On an x86
+//! machine these run under qemu: `scripts/test-aarch64.sh`.
+//!
+//! Two kinds of check: rows whose scales are 1 and whose values are small
+//! integers, where every f32 operation is exact and the kernels must agree with
+//! the reference bit for bit (this pins the integer paths: unpacking, signs,
+//! sub-block scales, mins, tails); and realistic rows, where only the order of
+//! the f32 additions differs and the error has a named bound per type.
+
+use half::f16;
+
+use super::aarch64::{self, Level};
+use super::blocks::{Block, BlockQ8_K, QK, QK_K};
+use super::reference;
+use super::tests::Rng;
+use super::GgmlType;
+
+/// Every weight type with an aarch64 dot kernel.
+const DOT_TYPES: [GgmlType; 11] = [
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q8_0,
+    GgmlType::Q4_K,
+    GgmlType::Q5_K,
+    GgmlType::Q6_K,
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::BF16,
+];
+
+/// |fast − reference| / Σ|w·x| on realistic rows, where Σ|w·x| sums the
+/// magnitudes of the products of the dequantized values (for Q4_1/Q5_1 also
+/// the offset terms). The kernels scale each block's sum as four i32 lanes
+/// where the reference scales one, and add in f32 in a different order, so the
+/// error is a few ulps of the largest partial sums (the levels group the lanes
+/// differently, so their errors differ too). The bounds are about 4× the worst
+/// seen at either level over the test's rows; a wrong value, scale or block
+/// gives 1e-3 or more.
+const FAST_DOT_ERROR: [(GgmlType, f64); 11] = [
+    (GgmlType::Q4_0, 2.5e-7),
+    (GgmlType::Q4_1, 1e-7),
+    (GgmlType::Q5_0, 2.5e-7),
+    (GgmlType::Q5_1, 1e-7),
+    (GgmlType::Q8_0, 2e-7),
+    // The scaled sums and the min terms are rounded separately and cancel
+    // (value = d·sc·q − dmin·m), so the error is larger against Σ|w·x|.
+    (GgmlType::Q4_K, 3e-7),
+    (GgmlType::Q5_K, 2.5e-7),
+    (GgmlType::Q6_K, 1e-7),
+    // f32 lanes of up to 1024 / 16 products before each fold into f64.
+    (GgmlType::F32, 2.5e-7),
+    (GgmlType::F16, 1.5e-7),
+    (GgmlType::BF16, 4e-8),
+];
+
+fn bound(ty: GgmlType) -> f64 {
+    FAST_DOT_ERROR
+        .iter()
+        .find(|(t, _)| *t == ty)
+        .map(|(_, b)| *b)
+        .expect("type missing from FAST_DOT_ERROR")
+}
+
+/// Row lengths per block size: the smallest row, rows that end in a partial
+/// group of four 32-blocks (1, 2, 3, 7, 9, 18 and 129 blocks), float rows with
+/// every tail length class, and rows of 4096 and more.
+fn lengths(ty: GgmlType) -> &'static [usize] {
+    match ty.block_size() {
+        1 => &[1, 7, 8, 15, 16, 17, 40, 1000, 1024, 1041, 4096, 4099],
+        32 => &[32, 64, 96, 224, 288, 576, 896, 4096, 4128],
+        _ => &[256, 512, 1536, 4352],
+    }
+}
+
+/// The levels this CPU runs; a skipped level is reported, not silently passed.
+fn levels() -> Vec<Level> {
+    Level::ALL
+        .into_iter()
+        .filter(|l| {
+            let ok = l.is_available();
+            if !ok {
+                eprintln!("skipping the {} kernels: CPU lacks the features", l.name());
+            }
+            ok
+        })
+        .collect()
+}
+
+fn quantize_ref(ty: GgmlType, x: &[f32]) -> Vec<u8> {
+    let mut out = vec![0u8; ty.row_bytes(x.len()).unwrap()];
+    reference::quantize_row(ty, x, &mut out);
+    out
+}
+
+fn dequantize_ref(ty: GgmlType, bytes: &[u8], n: usize) -> Vec<f32> {
+    let mut out = vec![0f32; n];
+    reference::dequantize_row(ty, bytes, &mut out);
+    out
+}
+
+fn f16_le(b: &[u8]) -> f32 {
+    f16::from_le_bytes([b[0], b[1]]).to_f32()
+}
+
+/// Σ of the magnitudes of the terms of `w · x` (see [`FAST_DOT_ERROR`]).
+fn magnitude(ty: GgmlType, w: &[u8], x: &[u8], n: usize) -> f64 {
+    let xt = ty.vec_dot_type();
+    let (wd, xd) = (dequantize_ref(ty, w, n), dequantize_ref(xt, x, n));
+    let mut sum: f64 = wd
+        .iter()
+        .zip(&xd)
+        .map(|(&a, &b)| (f64::from(a) * f64::from(b)).abs())
+        .sum();
+    if matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1) {
+        // Value = d·q + m: |d·q·x| ≤ (|value| + |m|)·|x|, plus the term m·s itself.
+        let blocks = w.chunks_exact(ty.type_size()).zip(x.chunks_exact(36));
+        for (b, (wb, xb)) in blocks.enumerate() {
+            let (m, s) = (f64::from(f16_le(&wb[2..])), f64::from(f16_le(&xb[2..])));
+            let xs: f64 = xd[32 * b..32 * b + 32]
+                .iter()
+                .map(|&v| f64::from(v).abs())
+                .sum();
+            sum += m.abs() * (xs + s.abs());
+        }
+    }
+    sum
+}
+
+/// `rows` activation rows, back to back.
+fn act_rows(rng: &mut Rng, ty: GgmlType, n: usize, rows: usize) -> Vec<u8> {
+    (0..rows)
+        .flat_map(|_| quantize_ref(ty.vec_dot_type(), &rng.row(n)))
+        .collect()
+}
+
+fn fast(level: Level, ty: GgmlType, n: usize, w: &[u8], x: &[u8], rows: usize) -> Vec<f32> {
+    let mut out = vec![f32::NAN; rows];
+    assert!(
+        aarch64::vec_dot_multi_at(level, ty, n, w, x, &mut out),
+        "{ty}: no kernel"
+    );
+    out
+}
+
+#[test]
+fn vec_dot_multi_matches_reference_on_realistic_rows() {
+    let mut rng = Rng(0x5eed_0201);
+    for level in levels() {
+        for ty in DOT_TYPES {
+            let mut worst = 0.0f64;
+            for &n in lengths(ty) {
+                let w = quantize_ref(ty, &rng.row(n));
+                for rows in 1..=4 {
+                    let x = act_rows(&mut rng, ty, n, rows);
+                    let got = fast(level, ty, n, &w, &x, rows);
+                    for (r, xr) in x.chunks_exact(x.len() / rows).enumerate() {
+                        let want = reference::vec_dot(ty, &w, xr, n);
+                        let rel = (f64::from(got[r]) - f64::from(want)).abs()
+                            / magnitude(ty, &w, xr, n).max(f64::MIN_POSITIVE);
+                        assert!(
+                            rel <= bound(ty),
+                            "{} {ty} n={n} row {r}/{rows}: {} vs reference {want} \
+                             (error {rel:.2e} of the magnitude > {:.1e})",
+                            level.name(),
+                            got[r],
+                            bound(ty)
+                        );
+                        worst = worst.max(rel);
+                        // The same row alone: the same operations, the same bits.
+                        let single = fast(level, ty, n, &w, xr, 1)[0];
+                        assert_eq!(
+                            got[r].to_bits(),
+                            single.to_bits(),
+                            "{} {ty} n={n}: row {r} of {rows} differs from the row alone",
+                            level.name()
+                        );
+                    }
+                }
+            }
+            eprintln!("{} {ty}: worst relative error {worst:.2e}", level.name());
+        }
+    }
+}
+
+/// Little-endian f16 bits of 1.0.
+const ONE_F16: [u8; 2] = [0x00, 0x3c];
+
+/// A weight row with every scale 1 and random values, so that the dot of it
+/// with [`exact_act_row`] is a sum of integers below 2^24: exact in f32 in any
+/// order.
+fn exact_weight_row(rng: &mut Rng, ty: GgmlType, n: usize) -> Vec<u8> {
+    let small = |rng: &mut Rng| (rng.next_u64() % 17) as f32 - 8.0;
+    match ty {
+        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
+            let v: Vec<f32> = (0..n).map(|_| small(rng)).collect();
+            return quantize_ref(ty, &v);
+        }
+        _ => {}
+    }
+    let mut row: Vec<u8> = (0..ty.row_bytes(n).unwrap())
+        .map(|_| rng.next_u64() as u8)
+        .collect();
+    for b in row.chunks_exact_mut(ty.type_size()) {
+        match ty {
+            GgmlType::Q4_0 | GgmlType::Q5_0 => b[..2].copy_from_slice(&ONE_F16),
+            GgmlType::Q8_0 => {
+                b[..2].copy_from_slice(&ONE_F16);
+                // -128 is outside what ggml's quantizers write.
+                for q in b[2..].iter_mut().filter(|q| **q == 0x80) {
+                    *q = 0x81;
+                }
+            }
+            GgmlType::Q4_1 | GgmlType::Q5_1 => {
+                b[..2].copy_from_slice(&ONE_F16);
+                let m = f16::from_f32(small(rng) / 4.0);
+                b[2..4].copy_from_slice(&m.to_le_bytes());
+            }
+            GgmlType::Q4_K | GgmlType::Q5_K => {
+                b[..2].copy_from_slice(&ONE_F16);
+                b[2..4].copy_from_slice(&ONE_F16);
+            }
+            GgmlType::Q6_K => {
+                // Scales in -64..64 keep a block's sum below 2^21.
+                for s in &mut b[192..208] {
+                    *s = ((*s as i8) / 2) as u8;
+                }
+                b[208..].copy_from_slice(&ONE_F16);
+            }
+            _ => unreachable!(),
+        }
+    }
+    row
+}
+
+/// An activation row with scale 1 and small values (see [`exact_weight_row`]).
+fn exact_act_row(rng: &mut Rng, ty: GgmlType, n: usize) -> Vec<u8> {
+    let mut int = |range: i64| (rng.next_u64() % (2 * range as u64 + 1)) as i64 - range;
+    match ty {
+        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
+            let v: Vec<f32> = (0..n).map(|_| int(8) as f32).collect();
+            quantize_ref(ty, &v)
+        }
+        GgmlType::Q8_0 | GgmlType::Q8_1 => {
+            let mut row = Vec::new();
+            for _ in 0..n / 32 {
+                // |Σ q| ≤ 2016 is exact in f16.
+                let qs: Vec<i8> = (0..32).map(|_| int(63) as i8).collect();
+                let sum: i32 = qs.iter().map(|&q| i32::from(q)).sum();
+                row.extend(ONE_F16);
+                if ty == GgmlType::Q8_1 {
+                    row.extend(f16::from_f32(sum as f32).to_le_bytes());
+                }
+                row.extend(qs.iter().map(|&q| q as u8));
+            }
+            row
+        }
+        GgmlType::Q8_K => {
+            let mut row = vec![0u8; GgmlType::Q8_K.row_bytes(n).unwrap()];
+            for out in row.chunks_exact_mut(GgmlType::Q8_K.type_size()) {
+                let qs: [i8; QK_K] = std::array::from_fn(|_| int(4) as i8);
+                let bsums = std::array::from_fn(|j| {
+                    qs[16 * j..16 * j + 16].iter().map(|&q| i16::from(q)).sum()
+                });
+                BlockQ8_K { d: 1.0, qs, bsums }.write(out);
+            }
+            row
+        }
+        _ => unreachable!(),
+    }
+}
+
+#[test]
+fn vec_dot_multi_is_exact_on_integer_rows() {
+    let mut rng = Rng(0x5eed_0202);
+    for level in levels() {
+        for ty in DOT_TYPES {
+            // Short enough that every partial sum stays below 2^24.
+            let ns: &[usize] = match ty.block_size() {
+                1 => &[1, 9, 16, 33, 1041, 4099],
+                32 => &[32, 64, 96, 224, 288, 576, 1024],
+                _ => &[256, 512, 1024],
+            };
+            for &n in ns {
+                let w = exact_weight_row(&mut rng, ty, n);
+                for rows in 1..=4 {
+                    let x: Vec<u8> = (0..rows)
+                        .flat_map(|_| exact_act_row(&mut rng, ty.vec_dot_type(), n))
+                        .collect();
+                    let got = fast(level, ty, n, &w, &x, rows);
+                    for (r, xr) in x.chunks_exact(x.len() / rows).enumerate() {
+                        let want = reference::vec_dot(ty, &w, xr, n);
+                        assert_eq!(got[r], want, "{} {ty} n={n} row {r}/{rows}", level.name());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Activation bytes at the edge of the NEON level's i16 sums: every weight at
+/// its largest magnitude against activations of ±127 (and −128 for the
+/// formats whose weights stay within ±63).
+#[test]
+fn vec_dot_multi_is_exact_at_extreme_values() {
+    for level in levels() {
+        for ty in DOT_TYPES.into_iter().filter(|t| t.block_size() > 1) {
+            let n = ty.block_size() * 2;
+            // Largest level everywhere: all value bits set; Q8_0 gets -127.
+            let mut w = vec![0xFFu8; ty.row_bytes(n).unwrap()];
+            for b in w.chunks_exact_mut(ty.type_size()) {
+                match ty {
+                    GgmlType::Q8_0 => {
+                        b[..2].copy_from_slice(&ONE_F16);
+                        b[2..].fill(0x81);
+                    }
+                    GgmlType::Q4_0 | GgmlType::Q5_0 => {
+                        b[..2].copy_from_slice(&ONE_F16);
+                        // Levels 0: values −8 / −16, the largest magnitudes.
+                        b[2..].fill(0);
+                    }
+                    GgmlType::Q4_1 | GgmlType::Q5_1 => {
+                        b[..2].copy_from_slice(&ONE_F16);
+                        b[2..4].fill(0);
+                    }
+                    GgmlType::Q4_K | GgmlType::Q5_K => {
+                        b[..2].copy_from_slice(&ONE_F16);
+                        b[2..4].copy_from_slice(&ONE_F16);
+                        // Scales and mins of 1 keep the sums below 2^24.
+                        b[4..16].copy_from_slice(&[1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]);
+                    }
+                    GgmlType::Q6_K => {
+                        b[192..208].fill(1);
+                        b[208..].copy_from_slice(&ONE_F16);
+                    }
+                    _ => unreachable!(),
+                }
+            }
+            let q = if ty == GgmlType::Q8_0 { -127i8 } else { -128 };
+            let xt = ty.vec_dot_type();
+            let mut x = vec![0u8; xt.row_bytes(n).unwrap()];
+            for b in x.chunks_exact_mut(xt.type_size()) {
+                match xt {
+                    GgmlType::Q8_0 => {
+                        b[..2].copy_from_slice(&ONE_F16);
+                        b[2..].fill(q as u8);
+                    }
+                    GgmlType::Q8_1 => {
+                        b[..2].copy_from_slice(&ONE_F16);
+                        let s = f16::from_f32(32.0 * f32::from(q));
+                        b[2..4].copy_from_slice(&s.to_le_bytes());
+                        b[4..].fill(q as u8);
+                    }
+                    GgmlType::Q8_K => {
+                        let qs = [q; QK_K];
+                        let bsums = [16 * i16::from(q); QK_K / 16];
+                        BlockQ8_K { d: 1.0, qs, bsums }.write(b);
+                    }
+                    _ => unreachable!(),
+                }
+            }
+            let got = fast(level, ty, n, &w, &x, 1)[0];
+            let want = reference::vec_dot(ty, &w, &x, n);
+            assert_eq!(got, want, "{} {ty}", level.name());
+        }
+    }
+}
+
+#[test]
+fn public_functions_dispatch_to_the_best_level() {
+    let mut rng = Rng(0x5eed_0203);
+    let best = aarch64::best();
+    eprintln!("best level: {best:?}");
+    for ty in DOT_TYPES {
+        let n = lengths(ty)[3];
+        let w = quantize_ref(ty, &rng.row(n));
+        let x = act_rows(&mut rng, ty, n, 3);
+        let mut out = [0.0f32; 3];
+        super::vec_dot_multi(ty, n, &w, &x, &mut out);
+        let single = super::vec_dot(ty, &w, &x[..x.len() / 3], n);
+        let want = fast(best, ty, n, &w, &x, 3);
+        assert_eq!(out.to_vec(), want, "{ty}");
+        assert_eq!(single, want[0], "{ty}");
+    }
+}
+
+#[test]
+fn types_without_a_kernel_fall_back_to_the_reference() {
+    let mut rng = Rng(0x5eed_0204);
+    for ty in [GgmlType::Q8_1, GgmlType::Q8_K] {
+        let n = 512;
+        let (w, x) = (quantize_ref(ty, &rng.row(n)), quantize_ref(ty, &rng.row(n)));
+        for level in levels() {
+            assert!(!aarch64::vec_dot_multi_at(level, ty, n, &w, &x, &mut [0.0]));
+        }
+        assert_eq!(
+            super::vec_dot(ty, &w, &x, n),
+            reference::vec_dot(ty, &w, &x, n)
+        );
+    }
+    // Weight formats quantize through the reference.
+    let v = rng.row(256);
+    let mut got = vec![0u8; GgmlType::Q4_K.row_bytes(256).unwrap()];
+    super::quantize_row(GgmlType::Q4_K, &v, &mut got);
+    assert_eq!(got, quantize_ref(GgmlType::Q4_K, &v));
+}
+
+#[test]
+#[should_panic(expected = "takes 360 bytes")]
+fn vec_dot_rejects_a_short_weight_row() {
+    let x = vec![0u8; GgmlType::Q8_1.row_bytes(576).unwrap()];
+    super::vec_dot(GgmlType::Q4_1, &[0u8; 359], &x, 576);
+}
+
+#[test]
+#[should_panic(expected = "activation rows")]
+fn vec_dot_multi_rejects_five_rows() {
+    let w = vec![0u8; GgmlType::Q8_0.row_bytes(32).unwrap()];
+    let x = vec![0u8; 5 * w.len()];
+    super::vec_dot_multi(GgmlType::Q8_0, 32, &w, &x, &mut [0.0; 5]);
+}
+
+fn quantize_at(level: Level, ty: GgmlType, v: &[f32]) -> Vec<u8> {
+    let mut out = vec![0xAAu8; ty.row_bytes(v.len()).unwrap()];
+    assert!(aarch64::quantize_row_at(level, ty, v, &mut out));
+    out
+}
+
+/// Rows for the quantizers: realistic rows, a zero block, a block whose
+/// largest magnitude appears with both signs (the first one wins), and
+/// exact halves.
+fn quantize_inputs(rng: &mut Rng) -> Vec<Vec<f32>> {
+    let mut rows: Vec<Vec<f32>> = [256, 512, 4096, 4352].map(|n| rng.row(n)).to_vec();
+    let mut special = rng.row(1024);
+    special[..256].fill(0.0);
+    special[300] = -3.0;
+    special[400] = 3.0;
+    for (i, v) in special[512..768].iter_mut().enumerate() {
+        *v = (i as f32 - 128.0) * 0.5;
+    }
+    rows.push(special);
+    rows
+}
+
+#[test]
+fn q8_k_f16_bf16_f32_quantize_bit_exact() {
+    let mut rng = Rng(0x5eed_0205);
+    let inputs = quantize_inputs(&mut rng);
+    for level in levels() {
+        for ty in [GgmlType::Q8_K, GgmlType::F16, GgmlType::BF16, GgmlType::F32] {
+            for v in &inputs {
+                assert_eq!(
+                    quantize_at(level, ty, v),
+                    quantize_ref(ty, v),
+                    "{} {ty} n={}",
+                    level.name(),
+                    v.len()
+                );
+            }
+        }
+        for ty in [GgmlType::F16, GgmlType::BF16] {
+            for n in 1..40 {
+                let v = rng.row(n);
+                assert_eq!(
+                    quantize_at(level, ty, &v),
+                    quantize_ref(ty, &v),
+                    "{ty} n={n}"
+                );
+            }
+        }
+        // NaN stays NaN (quiet), infinities, overflow, ties and subnormals
+        // round as the reference.
+        let v = [
+            f32::NAN,
+            f32::INFINITY,
+            -f32::INFINITY,
+            1.0 + 2f32.powi(-8),
+            1.0 + 2f32.powi(-11),
+            -0.0,
+            70000.0,
+            3e-6,
+            -1e-8,
+            f32::MIN_POSITIVE,
+        ];
+        let v: Vec<f32> = v.iter().cycle().take(30).copied().collect();
+        for ty in [GgmlType::F16, GgmlType::BF16] {
+            assert_eq!(
+                quantize_at(level, ty, &v),
+                quantize_ref(ty, &v),
+                "{} {ty}",
+                level.name()
+            );
+        }
+    }
+}
+
+/// llama.cpp's ARM Q8_0/Q8_1 block: the reference's `d` and `x * (1 / d)`,
+/// rounded half to even.
+fn q8_ties_even(ty: GgmlType, x: &[f32]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for b in x.chunks_exact(QK) {
+        let amax = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let qs: Vec<i8> = b
+            .iter()
+            .map(|&v| (v * id).round_ties_even() as i8)
+            .collect();
+        let sum: i32 = qs.iter().map(|&q| i32::from(q)).sum();
+        out.extend(f16::from_f32(d).to_le_bytes());
+        if ty == GgmlType::Q8_1 {
+            out.extend(f16::from_f32(sum as f32 * d).to_le_bytes());
+        }
+        out.extend(qs.iter().map(|&q| q as u8));
+    }
+    out
+}
+
+#[test]
+fn q8_0_q8_1_quantize_as_llama_cpp_arm() {
+    let mut rng = Rng(0x5eed_0206);
+    let inputs = quantize_inputs(&mut rng);
+    for level in levels() {
+        for ty in [GgmlType::Q8_0, GgmlType::Q8_1] {
+            let (mut values, mut differ) = (0usize, 0usize);
+            for v in &inputs {
+                let got = quantize_at(level, ty, v);
+                assert_eq!(got, q8_ties_even(ty, v), "{} {ty}", level.name());
+                // Against the reference: the same scales, values within one
+                // (only at exact halves).
+                let want = quantize_ref(ty, v);
+                let size = ty.type_size();
+                for (gb, wb) in got.chunks_exact(size).zip(want.chunks_exact(size)) {
+                    assert_eq!(gb[..2], wb[..2], "{} {ty}: d", level.name());
+                    for (&g, &w) in gb[size - 32..].iter().zip(&wb[size - 32..]) {
+                        let diff = (i32::from(g as i8) - i32::from(w as i8)).abs();
+                        assert!(diff <= 1, "{} {ty}: value {g} vs {w}", level.name());
+                        differ += diff as usize;
+                        values += 1;
+                    }
+                }
+            }
+            assert!(
+                differ * 1000 <= values,
+                "{} {ty}: {differ} of {values} values differ from the reference",
+                level.name()
+            );
+        }
+    }
+}
+
+#[test]
+fn q8_0_rounds_half_to_even_like_llama_cpp_arm() {
+    // amax = 127: d = 1, so the values round as they stand; the reference
+    // (roundf) would give 3, -3, 1, -1.
+    let mut x = [0.0f32; 32];
+    x[..6].copy_from_slice(&[127.0, 2.5, -2.5, 0.5, -0.5, 1.4]);
+    for level in levels() {
+        let q = quantize_at(level, GgmlType::Q8_0, &x);
+        assert_eq!(q[..2], ONE_F16);
+        let qs: Vec<i8> = q[2..8].iter().map(|&b| b as i8).collect();
+        assert_eq!(qs, [127, 2, -2, 0, 0, 1], "{}", level.name());
+    }
+}
+
+#[test]
+fn dot_f32_f16_and_axpy_f16_match_reference() {
+    let mut rng = Rng(0x5eed_0207);
+    for level in levels() {
+        for n in (0..70).chain([127, 128, 129, 1000, 4096]) {
+            let a = rng.row(n);
+            let b: Vec<f16> = rng.row(n).into_iter().map(f16::from_f32).collect();
+            let got = aarch64::dot_f32_f16_at(level, &a, &b);
+            let want = reference::dot_f32_f16(&a, &b);
+            let mag: f64 = a
+                .iter()
+                .zip(&b)
+                .map(|(&a, &b)| f64::from(a * b.to_f32()).abs())
+                .sum();
+            // f32 lanes of up to n / 16 terms each.
+            let limit = 1e-6 * mag + f64::from(f32::MIN_POSITIVE);
+            assert!(
+                (f64::from(got) - f64::from(want)).abs() <= limit,
+                "{} dot_f32_f16 n={n}: {got} vs {want}",
+                level.name()
+            );
+
+            let (mut y, mut y_ref) = (a.clone(), a.clone());
+            aarch64::axpy_f16_at(level, &mut y, 0.375, &b);
+            reference::axpy_f16(&mut y_ref, 0.375, &b);
+            for (i, (&g, &w)) in y.iter().zip(&y_ref).enumerate() {
+                // Fused vs unfused: at most one rounding of the product apart.
+                let tol = f32::EPSILON * (0.375 * b[i].to_f32().abs() + w.abs());
+                assert!((g - w).abs() <= tol, "{} axpy n={n} [{i}]", level.name());
+            }
+        }
+    }
+    assert_eq!(super::dot_f32_f16(&[2.0; 3], &[f16::from_f32(1.5); 3]), 9.0);
+    let mut y = [1.0f32; 3];
+    super::axpy_f16(&mut y, 2.0, &[f16::from_f32(0.5); 3]);
+    assert_eq!(y, [2.0; 3]);
+}

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Cross-builds the engine's quant kernel tests for aarch64 and runs them under
+# qemu: the NEON and dotprod kernels against the scalar reference.
+#
+# rustup has no aarch64 standard library here; Debian's rustc-web ships one.
+# It builds into its own target directory: with a different RUSTC, sharing the
+# host's would rebuild everything there on the next host build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+installed() {
+    dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"
+}
+
+missing=()
+for pkg in rustc-web libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu qemu-user-static; do
+    installed "$pkg" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo=sudo
+    echo "== installing ${missing[*]}"
+    dpkg --print-foreign-architectures | grep -qx arm64 || $sudo dpkg --add-architecture arm64
+    $sudo apt-get update
+    $sudo apt-get install -y --no-install-recommends "${missing[@]}"
+fi
+
+export RUSTC=/usr/bin/rustc
+export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
+# `-L /`: the arm64 libc of the multiarch install. With the cross toolchain's
+# (/usr/aarch64-linux-gnu) every thread spawn hangs under qemu.
+export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64-static -L /"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}/aarch64-cross"
+
+echo "== cargo test (aarch64 under qemu: quant kernels)"
+# Emulation is slow: only the quant tests, optimized. Extra arguments go to
+# cargo test (e.g. `-- --nocapture`).
+cargo test --release -p embody-engine --target aarch64-unknown-linux-gnu --lib quant "$@"
