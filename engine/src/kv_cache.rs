@@ -121,12 +121,10 @@ impl KvLayout {
         let window_bytes = window_blocks * n_window * layer_block;
         let main_bytes = (budget_mb * 1024 * 1024).saturating_sub(window_bytes);
         let main_block = (self.n_layers - n_window) * layer_block;
-        let main_blocks = if main_block == 0 {
-            // Every layer slides: main blocks cost nothing and only count positions.
-            window_blocks.max(self.blocks_for_budget(budget_mb))
-        } else {
-            main_bytes / main_block
-        };
+        // When every layer slides, main blocks cost nothing and only count positions.
+        let main_blocks = main_bytes
+            .checked_div(main_block)
+            .unwrap_or_else(|| window_blocks.max(self.blocks_for_budget(budget_mb)));
         (main_blocks.max(1), window_blocks)
     }
 
