@@ -63,10 +63,22 @@ impl ModelSource {
     pub fn load(args: &DeviceArgs) -> Result<Self, embody_engine::Error> {
         let gguf = Gguf::open(&args.model_path)?;
         let tokenizer = Tokenizer::from_gguf(&gguf)?;
-        let template = tokenizer
-            .chat_template()
-            .map(ChatTemplate::new)
-            .transpose()?;
+        // The file's own template, else the architecture's standard one
+        // (Gemma 3 conversions often carry none).
+        let arch = gguf.get_str("general.architecture")?.to_string();
+        let template_src = match tokenizer.chat_template() {
+            Some(t) => Some(t),
+            None => {
+                let standard = models::default_chat_template(&arch);
+                if standard.is_some() {
+                    tracing::info!(
+                        "the model has no chat template; using the standard {arch} template"
+                    );
+                }
+                standard
+            }
+        };
+        let template = template_src.map(ChatTemplate::new).transpose()?;
         let backend: Arc<dyn Backend> = backend::create(args.backend, args.threads)?.into();
         let mut opts = args.opts;
         let trained = trained_context(&gguf);

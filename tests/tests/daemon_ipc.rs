@@ -295,3 +295,63 @@ async fn requests_with_images_are_refused_with_a_clear_error() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn a_model_without_a_chat_template_answers_like_embody_generate() {
+    // Gemma 3's GGUF carries no chat template: both the daemon and the CLI
+    // fall back to the architecture's standard one, so greedy answers agree.
+    let gemma = embody_tests::model("gemma-3-270m-q4_k_m.gguf");
+    let d = Daemon::start(&test_config(&gemma, ""));
+    let prompt = "Name a robot sensor.";
+    let daemon = std::process::Command::new(bin("embody"))
+        .args([
+            "chat",
+            prompt,
+            "--max-tokens",
+            "12",
+            "--temperature",
+            "0",
+            "--socket",
+        ])
+        .arg(&d.socket)
+        .output()
+        .unwrap();
+    assert!(
+        daemon.status.success(),
+        "{}",
+        String::from_utf8_lossy(&daemon.stderr)
+    );
+    let cli = std::process::Command::new(bin("embody"))
+        .args([
+            "generate",
+            "--chat",
+            "-p",
+            prompt,
+            "-n",
+            "12",
+            "--temperature",
+            "0",
+            "-t",
+            "2",
+            "-m",
+        ])
+        .arg(&gemma)
+        .output()
+        .unwrap();
+    assert!(
+        cli.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cli.stderr)
+    );
+    let (a, b) = (
+        String::from_utf8_lossy(&daemon.stdout),
+        String::from_utf8_lossy(&cli.stdout),
+    );
+    assert!(!a.trim().is_empty());
+    assert_eq!(a.trim_end(), b.trim_end());
+    assert!(
+        d.log().contains("using the standard gemma3 template"),
+        "{}",
+        d.log()
+    );
+}
