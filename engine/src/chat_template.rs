@@ -508,18 +508,18 @@ mod tests {
             serde_json::json!({"x": {"b": [1, 2.5, null, true], "a": "é<\"\n", "e": {}, "l": []}});
         let out = t.render(&[], false, "", "", Some(&extra)).unwrap();
         let lines: Vec<&str> = out.split('\n').collect();
-        // serde_json (without preserve_order) hands the keys over sorted.
+        // Keys keep their order, as Python's dicts do.
         assert_eq!(
             lines[0],
-            r#"{"a": "é<\"\n", "b": [1, 2.5, null, true], "e": {}, "l": []}"#
+            r#"{"b": [1, 2.5, null, true], "a": "é<\"\n", "e": {}, "l": []}"#
         );
         assert_eq!(
             lines[1..12].join("\n"),
-            "{\n  \"a\": \"é<\\\"\\n\",\n  \"b\": [\n    1,\n    2.5,\n    null,\n    true\n  ],\n  \"e\": {},\n  \"l\": []\n}"
+            "{\n  \"b\": [\n    1,\n    2.5,\n    null,\n    true\n  ],\n  \"a\": \"é<\\\"\\n\",\n  \"e\": {},\n  \"l\": []\n}"
         );
         assert_eq!(
             lines[12],
-            r#"{"a": "\u00e9<\"\n", "b": [1, 2.5, null, true], "e": {}, "l": []}"#
+            r#"{"b": [1, 2.5, null, true], "a": "\u00e9<\"\n", "e": {}, "l": []}"#
         );
         assert_eq!(
             lines[13],

