@@ -268,8 +268,14 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 println!("model          {}", model.model.display());
                 println!("threads        {}", m.threads);
-                println!("prefill        {:.1} tok/s ({prompt_tokens} tokens)", r.prefill_tok_s);
-                println!("decode         {:.1} tok/s ({gen_tokens} tokens)", r.decode_tok_s);
+                println!(
+                    "prefill        {:.1} tok/s ({prompt_tokens} tokens)",
+                    r.prefill_tok_s
+                );
+                println!(
+                    "decode         {:.1} tok/s ({gen_tokens} tokens)",
+                    r.decode_tok_s
+                );
                 println!("time to first  {:.1} ms", r.ttft_ms);
                 println!("peak RSS       {:.1} MiB", r.peak_rss_mb);
             }
@@ -385,9 +391,10 @@ fn run(cli: Cli) -> Result<()> {
                 Box::new(move |ev| {
                     let mut out = std::io::stdout().lock();
                     match ev {
-                        SeqEvent::Delta { text, .. } => {
-                            out.write_all(text.as_bytes()).and_then(|_| out.flush()).is_ok()
-                        }
+                        SeqEvent::Delta { text, .. } => out
+                            .write_all(text.as_bytes())
+                            .and_then(|_| out.flush())
+                            .is_ok(),
                         other => tx.send(other).is_ok(),
                     }
                 }),
@@ -454,7 +461,14 @@ fn inspect(path: &Path) -> Result<()> {
     let mut total = 0usize;
     for t in g.tensors() {
         total += t.size;
-        writeln!(out, "  {:<40} {:<5} {:?} {} bytes", t.name, t.ty.name(), t.shape, t.size)?;
+        writeln!(
+            out,
+            "  {:<40} {:<5} {:?} {} bytes",
+            t.name,
+            t.ty.name(),
+            t.shape,
+            t.size
+        )?;
     }
     writeln!(out, "total tensor bytes: {total}")?;
     Ok(())
