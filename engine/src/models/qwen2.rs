@@ -68,9 +68,10 @@ struct HfQwen2Config {
 }
 
 impl Qwen2Config {
-    fn from_gguf(g: &crate::gguf::Gguf) -> Result<Self> {
-        let key = |k: &str| format!("qwen2.{k}");
-        let d = Dims::from_gguf(g, "qwen2")?;
+    /// Reads the `<arch>.*` keys; Qwen2 and Qwen3 files share them.
+    pub(crate) fn from_gguf(g: &crate::gguf::Gguf, arch: &str) -> Result<Self> {
+        let key = |k: &str| format!("{arch}.{k}");
+        let d = Dims::from_gguf(g, arch)?;
         let rope_linear_factor = match g.get(&key("rope.scaling.type")) {
             Some(_) if g.get_str(&key("rope.scaling.type"))? == "linear" => {
                 gguf_f32(g, &key("rope.scaling.factor"), 1.0)?
@@ -96,12 +97,13 @@ impl Qwen2Config {
             rms_eps: gguf_f32(g, &key("attention.layer_norm_rms_epsilon"), 1e-6)?,
             vocab_size: d.vocab_size,
             context_length: d.context_length,
-            // llama.cpp runs qwen2 files with full attention on every layer.
+            // llama.cpp runs these files with full attention on every layer.
             windows: vec![None; d.n_layers],
         })
     }
 
-    fn from_hf(src: &Source<'_>) -> Result<Self> {
+    /// Reads `config.json`; `family` names the model in errors.
+    pub(crate) fn from_hf(src: &Source<'_>, family: &str) -> Result<Self> {
         let folder = src.hf().expect("a Hugging Face source");
         // Read twice so that errors name the field (serde's flatten loses the path).
         let common: HfCommon = src.hf_config()?;
@@ -120,7 +122,7 @@ impl Qwen2Config {
         if rope.freq_factors.is_some() {
             return Err(src.meta_err(
                 "rope_parameters.rope_type",
-                "Llama 3 RoPE scaling is not supported for Qwen2",
+                format!("Llama 3 RoPE scaling is not supported for {family}"),
             ));
         }
         // transformers: layers from max_window_layers on slide when use_sliding_window is set.
@@ -208,8 +210,8 @@ impl Qwen2 {
     /// Loads a `qwen2` GGUF file or a `Qwen2ForCausalLM` folder.
     pub fn load(src: &Source<'_>, backend: Arc<dyn Backend>, opts: LoadOptions) -> Result<Self> {
         let cfg = match src.gguf() {
-            Some(g) => Qwen2Config::from_gguf(g)?,
-            None => Qwen2Config::from_hf(src)?,
+            Some(g) => Qwen2Config::from_gguf(g, "qwen2")?,
+            None => Qwen2Config::from_hf(src, "Qwen2")?,
         };
         let (d, hd) = (cfg.d_model, cfg.head_dim);
         let (qd, kvd) = (cfg.n_heads * hd, cfg.n_kv_heads * hd);

@@ -11,149 +11,20 @@
 
 use std::sync::Arc;
 
-use serde::Deserialize;
-
 use crate::backend::cpu::dequantize_row;
 use crate::backend::{AttnParams, Backend, MatOut, Workspace};
 use crate::kv_cache::{KvCache, KvLayout};
 use crate::models::{
-    check_batch, gather_logit_rows, gguf_f32, hf_sliding_layers, sliding_window, with_attn_seqs,
-    Dims, HfCommon, LoadOptions, Model, ModelInfo, Rope, SeqBatch, Source,
+    check_batch, gather_logit_rows, sliding_window, with_attn_seqs, LoadOptions, Model, ModelInfo,
+    SeqBatch, Source,
 };
 use crate::ops::{self, RopeStyle};
 use crate::tensor::QTensor;
 use crate::Result;
 
-/// Hyper-parameters, from the file's `qwen3.*` keys or `config.json`.
-#[derive(Clone, Debug)]
-pub struct Qwen3Config {
-    /// Transformer blocks.
-    pub n_layers: usize,
-    /// Residual stream width.
-    pub d_model: usize,
-    /// MLP hidden width.
-    pub d_ff: usize,
-    /// Query heads.
-    pub n_heads: usize,
-    /// KV heads (GQA).
-    pub n_kv_heads: usize,
-    /// Elements per head (all of them rotate).
-    pub head_dim: usize,
-    /// RoPE base frequency.
-    pub rope_base: f32,
-    /// Positions are divided by this (linear RoPE scaling).
-    pub rope_linear_factor: f32,
-    /// RMSNorm epsilon.
-    pub rms_eps: f32,
-    /// Vocabulary size.
-    pub vocab_size: usize,
-    /// Trained context.
-    pub context_length: usize,
-    /// Per layer: the sliding window, or `None` for full attention.
-    pub windows: Vec<Option<usize>>,
-}
-
-/// The fields of a Hugging Face Qwen3 `config.json` beyond the common ones
-/// ([`HfCommon`]).
-#[derive(Deserialize)]
-struct HfQwen3Config {
-    #[serde(default)]
-    use_sliding_window: Option<bool>,
-    #[serde(default)]
-    sliding_window: Option<usize>,
-    #[serde(default)]
-    max_window_layers: Option<usize>,
-    #[serde(default)]
-    layer_types: Option<Vec<String>>,
-}
-
-impl Qwen3Config {
-    fn from_gguf(g: &crate::gguf::Gguf) -> Result<Self> {
-        let key = |k: &str| format!("qwen3.{k}");
-        let d = Dims::from_gguf(g, "qwen3")?;
-        let rope_linear_factor = match g.get(&key("rope.scaling.type")) {
-            Some(_) if g.get_str(&key("rope.scaling.type"))? == "linear" => {
-                gguf_f32(g, &key("rope.scaling.factor"), 1.0)?
-            }
-            Some(_) if g.get_str(&key("rope.scaling.type"))? != "none" => {
-                return Err(crate::Error::Metadata {
-                    path: g.path().to_path_buf(),
-                    key: key("rope.scaling.type"),
-                    message: "only linear RoPE scaling is supported".into(),
-                })
-            }
-            _ => 1.0,
-        };
-        Ok(Self {
-            n_layers: d.n_layers,
-            d_model: d.d_model,
-            d_ff: d.d_ff,
-            n_heads: d.n_heads,
-            n_kv_heads: d.n_kv_heads,
-            head_dim: d.head_dim,
-            rope_base: gguf_f32(g, &key("rope.freq_base"), 10000.0)?,
-            rope_linear_factor,
-            rms_eps: gguf_f32(g, &key("attention.layer_norm_rms_epsilon"), 1e-6)?,
-            vocab_size: d.vocab_size,
-            context_length: d.context_length,
-            // llama.cpp runs qwen3 files with full attention on every layer.
-            windows: vec![None; d.n_layers],
-        })
-    }
-
-    fn from_hf(src: &Source<'_>) -> Result<Self> {
-        let folder = src.hf().expect("a Hugging Face source");
-        // Read twice so that errors name the field (serde's flatten loses the path).
-        let common: HfCommon = src.hf_config()?;
-        let c: HfQwen3Config = src.hf_config()?;
-        let d = Dims::from_hf(&common, folder.config_path())?;
-        let scaling = common
-            .rope_parameters
-            .as_ref()
-            .or(common.rope_scaling.as_ref());
-        let rope = Rope::from_hf(common.rope_theta, scaling, d.head_dim, 10000.0, |k| {
-            src.meta_err(
-                &format!("rope_parameters.{k}"),
-                "missing or unsupported RoPE scaling parameter",
-            )
-        })?;
-        if rope.freq_factors.is_some() {
-            return Err(src.meta_err(
-                "rope_parameters.rope_type",
-                "Llama 3 RoPE scaling is not supported for Qwen3",
-            ));
-        }
-        // transformers: layers from max_window_layers on slide when use_sliding_window is set.
-        let window = if c.use_sliding_window == Some(true) {
-            c.sliding_window
-        } else {
-            None
-        };
-        let first_sliding = c.max_window_layers.unwrap_or(0);
-        let sliding = hf_sliding_layers(
-            c.layer_types.as_deref(),
-            d.n_layers,
-            folder.config_path(),
-            |i| window.is_some() && i >= first_sliding,
-        )?;
-        let size = c.sliding_window.unwrap_or(0);
-        let windows = sliding.iter().map(|&s| s.then_some(size)).collect();
-        Ok(Self {
-            n_layers: d.n_layers,
-            d_model: d.d_model,
-            d_ff: d.d_ff,
-            n_heads: d.n_heads,
-            n_kv_heads: d.n_kv_heads,
-            head_dim: d.head_dim,
-            rope_base: rope.base,
-            rope_linear_factor: rope.linear_factor,
-            rms_eps: common.rms_norm_eps,
-            vocab_size: d.vocab_size,
-            context_length: d.context_length,
-            windows,
-        })
-    }
-}
+/// Hyper-parameters: Qwen3 files and folders carry Qwen2's (the per-head
+/// query/key norms and the missing biases show in the weights, not the config).
+pub type Qwen3Config = super::qwen2::Qwen2Config;
 
 /// One transformer block's weights.
 struct Layer {
@@ -207,8 +78,8 @@ impl Qwen3 {
     /// Loads a `qwen3` GGUF file or a `Qwen3ForCausalLM` folder.
     pub fn load(src: &Source<'_>, backend: Arc<dyn Backend>, opts: LoadOptions) -> Result<Self> {
         let cfg = match src.gguf() {
-            Some(g) => Qwen3Config::from_gguf(g)?,
-            None => Qwen3Config::from_hf(src)?,
+            Some(g) => Qwen3Config::from_gguf(g, "qwen3")?,
+            None => Qwen3Config::from_hf(src, "Qwen3")?,
         };
         let (d, hd) = (cfg.d_model, cfg.head_dim);
         let (qd, kvd) = (cfg.n_heads * hd, cfg.n_kv_heads * hd);
