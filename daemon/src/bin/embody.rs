@@ -203,7 +203,7 @@ fn load(args: &ModelArgs, ctx: usize) -> Result<Loaded> {
     let tokenizer = files.tokenizer()?;
     let backend: Arc<dyn backend::Backend> = backend::create(kind, args.threads)?.into();
     let opts = LoadOptions {
-        context_length: ctx,
+        context_length: serving_ctx(&files, ctx)?,
         ..LoadOptions::default()
     };
     let threads = backend.threads();
@@ -219,12 +219,13 @@ fn load(args: &ModelArgs, ctx: usize) -> Result<Loaded> {
     })
 }
 
-/// The model's trained context, capped so the CLI does not reserve KV for 128k positions.
-fn serving_ctx(path: &Path, asked: usize) -> Result<usize> {
+/// The context asked for, or the model's trained context capped so the CLI
+/// does not reserve KV for 128k positions.
+fn serving_ctx(files: &ModelFiles, asked: usize) -> Result<usize> {
     if asked > 0 {
         return Ok(asked);
     }
-    let trained = match ModelFiles::open(path)? {
+    let trained = match files {
         ModelFiles::Gguf(g) => {
             let arch = g.get_str("general.architecture")?.to_string();
             g.get_u32(&format!("{arch}.context_length")).unwrap_or(4096) as usize
@@ -332,8 +333,6 @@ fn run(cli: Cli) -> Result<()> {
             stop,
             ctx,
         } => {
-            model.backend.parse::<BackendKind>()?;
-            let ctx = serving_ctx(&model.model, ctx)?;
             let m = load(&model, ctx)?;
             let ids = if chat {
                 let mut messages = Vec::new();
