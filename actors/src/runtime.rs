@@ -202,6 +202,12 @@ impl Runtime {
             }
             Some(n) => n,
         };
+        if let Some(cam) = req.cameras.first() {
+            return Err(bad(format!(
+                "unknown camera '{}': no cameras are configured",
+                cam.name
+            )));
+        }
         if !req.images.is_empty() {
             self.check_images(req.images).await?;
         }

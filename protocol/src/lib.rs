@@ -102,6 +102,18 @@ impl std::fmt::Debug for Image {
     }
 }
 
+/// The latest frame of a configured camera, attached to a request by the
+/// camera's name.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CameraRef {
+    /// The camera's name in the configuration.
+    pub name: String,
+    /// Refuse the request when the latest frame is older than this, in ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_age_ms: Option<u64>,
+}
+
 /// Sampling parameters. Missing fields take their defaults, the same as
 /// llama.cpp's common sampler.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -182,6 +194,10 @@ pub struct Request {
     /// Images that go with the conversation.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub images: Vec<Image>,
+    /// Configured cameras whose latest frame goes with the conversation,
+    /// after `images`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cameras: Vec<CameraRef>,
     /// How to pick tokens.
     #[serde(default)]
     pub sampling: SamplingParams,
@@ -210,6 +226,7 @@ impl Request {
             id: 0,
             messages,
             images: Vec::new(),
+            cameras: Vec::new(),
             sampling: SamplingParams::default(),
             max_tokens: None,
             stop: Vec::new(),
