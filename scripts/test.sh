@@ -8,6 +8,9 @@ cd "$(dirname "$0")/.."
 scripts/fetch-models.sh all
 
 export EMBODY_MODELS="${EMBODY_MODELS:-$HOME/.cache/embody/models}"
+# The Python peers of the interop tests (openai, eclipse-zenoh, rosbags).
+EMBODY_TEST_PYTHON="$(scripts/test-venv.sh)"
+export EMBODY_TEST_PYTHON
 
 echo "== cargo fmt"
 cargo fmt --all -- --check
