@@ -324,7 +324,11 @@ fn convert(ev: SeqEvent) -> Event {
         SeqEvent::Started { prompt_tokens } => Event::Started {
             prompt_tokens: prompt_tokens as u32,
         },
-        SeqEvent::Delta { text, token_ids } => Event::Delta { text, token_ids },
+        SeqEvent::Delta { text, token_ids } => Event::Delta {
+            text,
+            token_ids,
+            logprobs: Vec::new(),
+        },
         SeqEvent::Finished {
             reason,
             prompt_tokens,

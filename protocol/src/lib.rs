@@ -13,6 +13,7 @@
 //! that the client library linked into robot programs stays light.
 #![warn(missing_docs)]
 
+pub mod openai;
 pub mod wire;
 
 use serde::{Deserialize, Serialize};
@@ -51,6 +52,15 @@ pub struct Message {
     pub role: Role,
     /// The text.
     pub content: String,
+    /// The tools an assistant message called (empty for plain answers).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// For a `tool` message: the id of the call it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// For a `tool` message: the tool's name; otherwise the speaker's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 impl Message {
@@ -59,6 +69,9 @@ impl Message {
         Self {
             role,
             content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+            name: None,
         }
     }
 
@@ -76,6 +89,74 @@ impl Message {
     pub fn assistant(content: impl Into<String>) -> Self {
         Self::new(Role::Assistant, content)
     }
+
+    /// The answer of a tool to the call `call_id`.
+    pub fn tool(call_id: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            tool_call_id: Some(call_id.into()),
+            ..Self::new(Role::Tool, content)
+        }
+    }
+}
+
+/// A call of a tool, as the model made it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolCall {
+    /// The call's id, to match the tool's answer to it.
+    pub id: String,
+    /// The tool's name.
+    pub name: String,
+    /// The arguments, as JSON (an object when the model followed the schema).
+    pub arguments: serde_json::Value,
+}
+
+/// Whether and which tool the model must call (OpenAI `tool_choice`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum ToolChoice {
+    /// The model answers in text or calls tools, as it sees fit.
+    #[default]
+    Auto,
+    /// The model answers in text; the tools are not shown to it.
+    None,
+    /// The model must call one of the tools; its arguments follow the
+    /// tool's JSON schema.
+    Required,
+    /// The model must call this tool; its arguments follow its JSON schema.
+    Function {
+        /// The tool's name.
+        name: String,
+    },
+}
+
+/// The log-probability of one token.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopLogprob {
+    /// The token's text (lossy where it holds part of a UTF-8 character).
+    pub token: String,
+    /// The token's bytes.
+    #[serde(default)]
+    pub bytes: Vec<u8>,
+    /// Natural log of its probability under the model.
+    pub logprob: f32,
+}
+
+/// The log-probability of a sampled token and of its most likely alternatives.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenLogprob {
+    /// The sampled token's text (lossy where it holds part of a UTF-8 character).
+    pub token: String,
+    /// The sampled token's bytes.
+    #[serde(default)]
+    pub bytes: Vec<u8>,
+    /// Natural log of its probability under the model.
+    pub logprob: f32,
+    /// The most likely tokens at this position, most likely first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub top: Vec<TopLogprob>,
 }
 
 /// An image given with a request: encoded bytes (PNG, JPEG, ...) and their
@@ -214,6 +295,18 @@ pub struct Request {
     /// the chat template.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tools: Option<serde_json::Value>,
+    /// Whether and which tool must be called; none means `auto`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_choice: Option<ToolChoice>,
+    /// Report each sampled token's log-probability, with this many of the
+    /// most likely alternatives (0 to 20); none reports nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<u32>,
+    /// A raw prompt, tokenized as it is instead of rendering `messages`
+    /// through the chat template (OpenAI `/v1/completions`). `messages`
+    /// must then be empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<String>,
     /// Higher runs first; equal priorities run in arrival order.
     #[serde(default)]
     pub priority: i32,
@@ -232,6 +325,9 @@ impl Request {
             stop: Vec::new(),
             response_format: None,
             tools: None,
+            tool_choice: None,
+            logprobs: None,
+            prompt: None,
             priority: 0,
         }
     }
@@ -355,6 +451,9 @@ pub enum Event {
         text: String,
         /// Token ids sampled since the last delta.
         token_ids: Vec<u32>,
+        /// Log-probabilities of `token_ids`, when the request asked for them.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        logprobs: Vec<TokenLogprob>,
     },
     /// The model asked to call a tool.
     ToolCall {

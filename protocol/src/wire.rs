@@ -82,6 +82,9 @@ impl FrameKind {
 }
 
 /// One message on the IPC socket.
+// A frame is built and moved once per message: boxing the request would only
+// add an allocation to every chat frame.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum Frame {
     /// A chat request; its images ride as attachments.
@@ -570,6 +573,24 @@ mod tests {
                 event: Event::Delta {
                     text: "héllo \u{1F916}".into(),
                     token_ids: vec![1, 2, 49151],
+                    logprobs: Vec::new(),
+                },
+            },
+            Frame::Event {
+                id: 7,
+                event: Event::Delta {
+                    text: " ok".into(),
+                    token_ids: vec![3],
+                    logprobs: vec![crate::TokenLogprob {
+                        token: " ok".into(),
+                        bytes: b" ok".to_vec(),
+                        logprob: -0.25,
+                        top: vec![crate::TopLogprob {
+                            token: " no".into(),
+                            bytes: b" no".to_vec(),
+                            logprob: -1.5,
+                        }],
+                    }],
                 },
             },
             Frame::Event {

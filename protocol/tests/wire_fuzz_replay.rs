@@ -45,6 +45,7 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
                 event: Event::Delta {
                     text: "Hi \u{1F916}".into(),
                     token_ids: vec![17, 4],
+                    logprobs: Vec::new(),
                 },
             },
         ),
