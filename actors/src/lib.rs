@@ -38,6 +38,7 @@
 #![warn(missing_docs)]
 
 mod cache;
+mod cameras;
 mod config;
 mod decoder;
 mod device;
@@ -52,6 +53,7 @@ use std::time::Duration;
 use ractor::rpc::CallResult;
 use ractor::{ActorRef, RpcReplyPort};
 
+pub use cameras::{Attached, CameraError, CameraStats, Cameras, Frame};
 pub use config::{Limits, RuntimeConfig};
 pub use runtime::{DrainReport, EventStream, Health, Runtime};
 

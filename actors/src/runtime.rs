@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use embody_engine::chat_template::ChatMessage;
 use embody_engine::generate::encode_chat;
@@ -12,6 +12,7 @@ use embody_protocol::{ErrorCode, Event, Fault, Message, Request, Status};
 use ractor::{Actor, ActorRef};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
+use crate::cameras::Cameras;
 use crate::config::{Limits, RuntimeConfig};
 use crate::device::{DeviceError, ModelSource};
 use crate::shared::{lock, EventTx, Pending, Shared};
@@ -34,6 +35,7 @@ struct Inner {
     source: Arc<ModelSource>,
     next_id: AtomicU64,
     call_timeout: Duration,
+    cameras: Arc<Cameras>,
 }
 
 /// Whether the decoder makes progress: what the systemd watchdog follows.
@@ -149,6 +151,7 @@ impl Runtime {
                 source,
                 next_id: AtomicU64::new(1),
                 call_timeout,
+                cameras: Arc::new(Cameras::new()),
             }),
         })
     }
@@ -202,14 +205,26 @@ impl Runtime {
             }
             Some(n) => n,
         };
-        if let Some(cam) = req.cameras.first() {
-            return Err(bad(format!(
-                "unknown camera '{}': no cameras are configured",
-                cam.name
-            )));
+        let mut images = req.images;
+        if !req.cameras.is_empty() {
+            let now = SystemTime::now();
+            for cam in &req.cameras {
+                let attached = self
+                    .inner
+                    .cameras
+                    .attach(cam, now)
+                    .map_err(|e| bad(e.to_string()))?;
+                tracing::debug!(
+                    id,
+                    camera = %cam.name,
+                    age_ms = attached.age.as_millis() as u64,
+                    "camera frame attached"
+                );
+                images.push(attached.frame.image.clone());
+            }
         }
-        if !req.images.is_empty() {
-            self.check_images(req.images).await?;
+        if !images.is_empty() {
+            self.check_images(images).await?;
         }
         let sampling = engine_sampling(&req.sampling);
         sampling.validate().map_err(|e| bad(e.to_string()))?;
@@ -266,6 +281,12 @@ impl Runtime {
         .await
         .map_err(|e| Event::error(ErrorCode::Internal, e.to_string()))?;
         result.map_err(|e| Event::error(ErrorCode::VisionUnsupported, e.to_string()))
+    }
+
+    /// The camera registry: interfaces that receive frames store them here,
+    /// and requests attach them by name ([`Request::cameras`]).
+    pub fn cameras(&self) -> Arc<Cameras> {
+        self.inner.cameras.clone()
     }
 
     /// Cancels a request by its runtime id ([`EventStream::id`]). Its stream

@@ -158,6 +158,63 @@ async fn refusals_are_one_error_event() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn camera_refs_resolve_to_the_latest_frame_or_are_refused_by_name() {
+    use embody_actors::Frame;
+    use embody_protocol::CameraRef;
+    use std::time::SystemTime;
+
+    let dir = TempDir::new("rt-cameras");
+    let rt = tiny(&dir).await;
+    let with_cam = |name: &str, max_age_ms: Option<u64>| {
+        let mut r = greedy("what do you see?", 4);
+        r.cameras.push(CameraRef {
+            name: name.into(),
+            max_age_ms,
+        });
+        r
+    };
+    let refusal = |ev: Vec<Event>| match &ev[..] {
+        [Event::Error { code, message }] => (*code, message.clone()),
+        other => panic!("one error event expected: {other:?}"),
+    };
+
+    let (code, msg) = refusal(collect(rt.submit(with_cam("front", None)).await).await);
+    assert_eq!(code, ErrorCode::BadRequest);
+    assert!(msg.contains("unknown camera 'front'"), "{msg}");
+
+    rt.cameras().register("front");
+    let (code, msg) = refusal(collect(rt.submit(with_cam("front", None)).await).await);
+    assert_eq!(code, ErrorCode::BadRequest);
+    assert!(msg.contains("camera 'front' has no frame yet"), "{msg}");
+
+    let frame = |age: Duration| Frame {
+        image: Image {
+            media_type: "image/png".into(),
+            data: vec![0x89, b'P', b'N', b'G'],
+        },
+        width: 1,
+        height: 1,
+        stamp: SystemTime::now() - age,
+    };
+    rt.cameras()
+        .put("front", frame(Duration::from_secs(5)))
+        .unwrap();
+    let (code, msg) = refusal(collect(rt.submit(with_cam("front", Some(1000))).await).await);
+    assert_eq!(code, ErrorCode::BadRequest);
+    assert!(
+        msg.contains("over the request's max_age_ms = 1000"),
+        "{msg}"
+    );
+
+    // A fresh frame is attached; the text-only model then refuses the image,
+    // which tells an attached frame apart from a refused camera.
+    rt.cameras().put("front", frame(Duration::ZERO)).unwrap();
+    let (code, msg) = refusal(collect(rt.submit(with_cam("front", Some(1000))).await).await);
+    assert_eq!(code, ErrorCode::VisionUnsupported, "{msg}");
+    rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_refuses_with_overloaded_and_cancel_ends_queued_requests() {
     let dir = TempDir::new("embody-actors");
     let mut cfg = config(write_tiny_model(dir.path()));
