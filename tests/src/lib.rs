@@ -231,9 +231,17 @@ pub struct Daemon {
 impl Daemon {
     /// Writes `config` (TOML) and starts `embodyd --config` on it with
     /// `$XDG_RUNTIME_DIR` set to a fresh folder, plus `env`. Does not wait.
+    /// A config without a `[zenoh]` section gets zenoh turned off, so that
+    /// daemons of tests running side by side do not compete for zenoh's
+    /// fixed listening port.
     pub fn spawn(config: &str, env: &[(&str, &str)]) -> Self {
         let dir = TempDir::new("embodyd");
         let cfg = dir.path().join("embodyd.toml");
+        let config = if config.contains("[zenoh]") {
+            config.to_string()
+        } else {
+            format!("{config}\n[zenoh]\nenabled = false\n")
+        };
         std::fs::write(&cfg, config).expect("writing the config");
         let log = std::fs::File::create(dir.path().join("embodyd.log")).expect("log file");
         let mut cmd = Command::new(bin("embodyd"));
@@ -376,10 +384,16 @@ pub fn read_frame(
 }
 
 /// A config for tests: `model` as the model, two threads, a 64 MiB KV
-/// cache; `extra` is appended (further TOML sections).
+/// cache; `extra` is appended (further TOML sections). Without a `[zenoh]`
+/// section in `extra`, zenoh is off.
 pub fn test_config(model: &std::path::Path, extra: &str) -> String {
+    let zenoh = if extra.contains("[zenoh]") {
+        ""
+    } else {
+        "[zenoh]\nenabled = false\n\n"
+    };
     format!(
-        "[model]\npath = \"{}\"\nthreads = 2\n\n[cache]\nkv_cache_mb = 64\n\n{extra}\n",
+        "[model]\npath = \"{}\"\nthreads = 2\n\n[cache]\nkv_cache_mb = 64\n\n{zenoh}{extra}\n",
         model.display()
     )
 }
@@ -387,4 +401,31 @@ pub fn test_config(model: &std::path::Path, extra: &str) -> String {
 /// The default model, SmolLM2-135M-Instruct (Q4_1).
 pub fn smollm2() -> PathBuf {
     model("SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (for zenoh endpoints
+/// of tests, so tests running side by side do not collide).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("binding a free loopback port")
+        .port()
+}
+
+/// The Python of the interop tests' venv: `$EMBODY_TEST_PYTHON`, else
+/// `~/.cache/embody/test-venv/bin/python` (made by scripts/test-venv.sh).
+///
+/// # Panics
+/// If neither exists: these tests never skip silently.
+pub fn test_python() -> PathBuf {
+    let p = std::env::var_os("EMBODY_TEST_PYTHON")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| home().join(".cache/embody/test-venv/bin/python"));
+    assert!(
+        p.exists(),
+        "the interop tests' Python ({}) is missing: run scripts/test-venv.sh (scripts/test.sh does)",
+        p.display()
+    );
+    p
 }

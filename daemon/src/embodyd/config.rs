@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use embody_actors::{Limits, RuntimeConfig};
+use embody_robot_adapters::{AdaptersConfig, CameraConfig, Ros2Config, TaskConfig, ZenohConfig};
 
 /// The whole configuration.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -33,6 +34,14 @@ pub struct Config {
     pub log: LogConfig,
     /// Switches for tests of the daemon itself.
     pub testing: TestingConfig,
+    /// The zenoh session and key space.
+    pub zenoh: ZenohConfig,
+    /// The daemon as a ROS 2 node (through rmw_zenoh).
+    pub ros2: Ros2Config,
+    /// Cameras whose latest frame requests can attach by name.
+    pub cameras: Vec<CameraConfig>,
+    /// Periodic perception tasks.
+    pub tasks: Vec<TaskConfig>,
 }
 
 /// `[model]`
@@ -284,6 +293,9 @@ impl Config {
         if self.ipc.max_connections == 0 {
             bail!("ipc.max_connections must be at least 1");
         }
+        self.adapters()
+            .validate()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         if !matches!(self.log.format.as_str(), "auto" | "journald" | "text") {
             bail!(
                 "log.format must be \"auto\", \"journald\" or \"text\", not {:?}",
@@ -313,6 +325,16 @@ impl Config {
             restart_backoff: Duration::from_millis(self.supervisor.restart_backoff_ms),
             restart_backoff_max: Duration::from_millis(self.supervisor.restart_backoff_max_ms),
             call_timeout: Duration::from_millis(self.supervisor.call_timeout_ms),
+        }
+    }
+
+    /// The robot interfaces' sections.
+    pub fn adapters(&self) -> AdaptersConfig {
+        AdaptersConfig {
+            zenoh: self.zenoh.clone(),
+            ros2: self.ros2.clone(),
+            cameras: self.cameras.clone(),
+            tasks: self.tasks.clone(),
         }
     }
 
@@ -355,6 +377,9 @@ impl Config {
         }
         if self.log.format != new.log.format {
             out.push("log.format");
+        }
+        if self.adapters() != new.adapters() {
+            out.push("[zenoh], [ros2], [[cameras]] and [[tasks]]");
         }
         out
     }
@@ -441,7 +466,7 @@ mod tests {
             );
             fields += 1;
         }
-        assert_eq!(fields, 22, "every field appears in the shipped config");
+        assert_eq!(fields, 38, "every field appears in the shipped config");
     }
 
     #[test]

@@ -168,6 +168,20 @@ async fn run(cli: Cli, mut cfg: Config, log: logging::LogHandle) -> Result<()> {
         stop_rx,
     ));
 
+    let mut adapters = if cfg.zenoh.enabled {
+        let adapters_cfg = cfg.adapters();
+        let started = embody_robot_adapters::RobotAdapters::start(&adapters_cfg, runtime.clone());
+        let a = tokio::select! {
+            r = started => r.context("starting the zenoh interface (set enabled = false in [zenoh] to run without it)")?,
+            _ = sigterm.recv() => { tracing::info!("SIGTERM while starting; exiting"); runtime.shutdown().await; return Ok(()) }
+            _ = sigint.recv() => { tracing::info!("SIGINT while starting; exiting"); runtime.shutdown().await; return Ok(()) }
+        };
+        Some(a)
+    } else {
+        tracing::info!("zenoh is off ([zenoh] enabled = false)");
+        None
+    };
+
     let status = runtime.status().await?;
     let summary = format!(
         "serving {} ({}, {} context, {} backend, {} threads) on {}",
@@ -225,6 +239,9 @@ async fn run(cli: Cli, mut cfg: Config, log: logging::LogHandle) -> Result<()> {
         deadline.as_millis()
     );
     let _ = stop_tx.send(true);
+    if let Some(a) = &mut adapters {
+        a.begin_drain().await;
+    }
     let _ = server.await;
     let report = runtime.drain(deadline).await;
     if report.complete {
@@ -234,6 +251,9 @@ async fn run(cli: Cli, mut cfg: Config, log: logging::LogHandle) -> Result<()> {
             "{} requests did not finish before the drain deadline; ending them",
             report.left
         );
+    }
+    if let Some(a) = adapters {
+        a.stop().await;
     }
     runtime.shutdown().await;
     tracing::info!("stopped");

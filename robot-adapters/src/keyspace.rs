@@ -1,0 +1,186 @@
+//! The JSON key space under the prefix (`embody/<node>` by default):
+//!
+//! | key | kind | what |
+//! |---|---|---|
+//! | `<prefix>/chat` | queryable | a chat request in, one reply per event out |
+//! | `<prefix>/status` | queryable | `protocol::Status` as JSON |
+//! | `<prefix>/alive` | liveliness token | present while the daemon serves |
+//! | `<prefix>/requests` | subscriber | a chat request with an `id` |
+//! | `<prefix>/responses/<id>` | publications | the events of that request |
+//!
+//! Streamed replies all carry the key `<prefix>/chat`, so a querier must turn
+//! reply consolidation off or it keeps only the last of them.
+
+use embody_actors::Runtime;
+use embody_protocol::{ErrorCode, Event};
+use zenoh::liveliness::LivelinessToken;
+use zenoh::pubsub::Subscriber;
+use zenoh::query::{Query, Queryable};
+
+use crate::chat::{event_json, parse_request};
+use crate::Error;
+
+/// The declared key space. Dropping it undeclares everything.
+pub(crate) struct KeySpace {
+    alive: Option<LivelinessToken>,
+    _chat: Queryable<()>,
+    _status: Queryable<()>,
+    _requests: Subscriber<()>,
+}
+
+impl KeySpace {
+    /// Declares the key space under `prefix`.
+    pub async fn declare(
+        session: &zenoh::Session,
+        prefix: &str,
+        runtime: Runtime,
+    ) -> Result<Self, Error> {
+        let zerr = |what: String| move |e: zenoh::Error| Error::Zenoh(format!("{what}: {e}"));
+        let handle = tokio::runtime::Handle::current();
+
+        let chat_key = format!("{prefix}/chat");
+        let (rt, h, reply_key) = (runtime.clone(), handle.clone(), chat_key.clone());
+        let chat = session
+            .declare_queryable(chat_key.clone())
+            .callback(move |query| {
+                let (rt, key) = (rt.clone(), reply_key.clone());
+                h.spawn(async move { serve_chat(&rt, query, &key).await });
+            })
+            .await
+            .map_err(zerr(format!("declaring the queryable {chat_key}")))?;
+
+        let status_key = format!("{prefix}/status");
+        let (rt, h, reply_key) = (runtime.clone(), handle.clone(), status_key.clone());
+        let status = session
+            .declare_queryable(status_key.clone())
+            .callback(move |query| {
+                let (rt, key) = (rt.clone(), reply_key.clone());
+                h.spawn(async move { serve_status(&rt, query, &key).await });
+            })
+            .await
+            .map_err(zerr(format!("declaring the queryable {status_key}")))?;
+
+        let requests_key = format!("{prefix}/requests");
+        let (rt, h, s, responses) = (
+            runtime.clone(),
+            handle.clone(),
+            session.clone(),
+            format!("{prefix}/responses"),
+        );
+        let requests = session
+            .declare_subscriber(requests_key.clone())
+            .callback(move |sample| {
+                let payload = sample.payload().to_bytes().into_owned();
+                let (rt, s, responses) = (rt.clone(), s.clone(), responses.clone());
+                h.spawn(async move { serve_published(&rt, &s, &responses, &payload).await });
+            })
+            .await
+            .map_err(zerr(format!("subscribing to {requests_key}")))?;
+
+        let alive_key = format!("{prefix}/alive");
+        let alive = session
+            .liveliness()
+            .declare_token(alive_key.clone())
+            .await
+            .map_err(zerr(format!("declaring the liveliness token {alive_key}")))?;
+        tracing::info!("zenoh key space {prefix}/{{chat,status,requests,responses/*,alive}}");
+        Ok(Self {
+            alive: Some(alive),
+            _chat: chat,
+            _status: status,
+            _requests: requests,
+        })
+    }
+
+    /// Withdraws the `alive` token (the daemon is draining).
+    pub async fn withdraw_alive(&mut self) {
+        if let Some(t) = self.alive.take() {
+            if let Err(e) = t.undeclare().await {
+                tracing::warn!("undeclaring the alive token: {e}");
+            }
+        }
+    }
+}
+
+async fn serve_chat(rt: &Runtime, query: Query, key: &str) {
+    let payload = query
+        .payload()
+        .map(|p| p.to_bytes().into_owned())
+        .unwrap_or_default();
+    let req = match parse_request(&payload) {
+        Ok(r) => r,
+        Err(msg) => {
+            tracing::warn!("zenoh chat request refused: {msg}");
+            let ev = Event::error(ErrorCode::BadRequest, msg);
+            let _ = query.reply(key, event_json(&ev)).await;
+            return;
+        }
+    };
+    let mut events = rt.submit(req).await;
+    while let Some(ev) = events.next().await {
+        if let Event::Error { code, message } = &ev {
+            tracing::debug!("zenoh chat request ended with {code}: {message}");
+        }
+        if let Err(e) = query.reply(key, event_json(&ev)).await {
+            // The querier is gone (timeout, closed): dropping the stream cancels.
+            tracing::debug!("a zenoh chat reply failed, cancelling: {e}");
+            return;
+        }
+    }
+}
+
+async fn serve_status(rt: &Runtime, query: Query, key: &str) {
+    let result = match rt.status().await {
+        Ok(s) => {
+            query
+                .reply(key, serde_json::to_vec(&s).expect("status serializes"))
+                .await
+        }
+        Err(e) => query.reply_err(e.to_string()).await,
+    };
+    if let Err(e) = result {
+        tracing::debug!("a zenoh status reply failed: {e}");
+    }
+}
+
+/// A request published on `<prefix>/requests`: the chat fields and an `id`
+/// (letters, digits, `-`, `_`, `.`) naming `<prefix>/responses/<id>`.
+async fn serve_published(rt: &Runtime, session: &zenoh::Session, responses: &str, payload: &[u8]) {
+    let mut obj = match serde_json::from_slice::<serde_json::Value>(payload) {
+        Ok(serde_json::Value::Object(o)) => o,
+        _ => {
+            tracing::warn!("a request on the requests topic is not a JSON object; it has no id to answer to, dropped");
+            return;
+        }
+    };
+    let id = match obj.remove("id") {
+        Some(serde_json::Value::String(s)) => s,
+        Some(serde_json::Value::Number(n)) => n.to_string(),
+        _ => String::new(),
+    };
+    let id_ok = !id.is_empty()
+        && id.len() <= 128
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if !id_ok {
+        tracing::warn!("a request on the requests topic has no usable id (letters, digits, '-', '_', '.'; at most 128), dropped: {id:?}");
+        return;
+    }
+    let key = format!("{responses}/{id}");
+    let rest = serde_json::to_vec(&obj).expect("a JSON object serializes");
+    let mut events = match parse_request(&rest) {
+        Ok(req) => rt.submit(req).await,
+        Err(msg) => {
+            tracing::warn!("request {id} on the requests topic refused: {msg}");
+            let ev = Event::error(ErrorCode::BadRequest, msg);
+            let _ = session.put(&key, event_json(&ev)).await;
+            return;
+        }
+    };
+    while let Some(ev) = events.next().await {
+        if let Err(e) = session.put(&key, event_json(&ev)).await {
+            tracing::warn!("publishing on {key} failed: {e}");
+        }
+    }
+}

@@ -1,0 +1,52 @@
+//! The zenoh session, configured as rmw_zenoh configures a ROS 2 node's:
+//! peer mode, multicast scouting off, a connection to a router on
+//! `tcp/127.0.0.1:7447` that is retried in the background (never an error
+//! when no router runs), plus a fixed loopback listener so local programs
+//! can reach the daemon without a router.
+
+use crate::config::ZenohConfig;
+use crate::Error;
+
+/// The zenoh configuration for these settings: the optional file first,
+/// then the fields of `[zenoh]` over it.
+pub fn zenoh_config(cfg: &ZenohConfig) -> Result<zenoh::Config, Error> {
+    let mut z = if cfg.config_file.is_empty() {
+        zenoh::Config::default()
+    } else {
+        zenoh::Config::from_file(&cfg.config_file)
+            .map_err(|e| Error::Config(format!("zenoh.config_file {}: {e}", cfg.config_file)))?
+    };
+    let set = |z: &mut zenoh::Config, key: &str, value: String| {
+        z.insert_json5(key, &value)
+            .map_err(|e| Error::Config(format!("zenoh {key} = {value}: {e}")))
+    };
+    set(&mut z, "mode", json(&cfg.mode))?;
+    set(&mut z, "connect/endpoints", json(&cfg.connect))?;
+    set(&mut z, "listen/endpoints", json(&cfg.listen))?;
+    set(
+        &mut z,
+        "scouting/multicast/enabled",
+        cfg.multicast_scouting.to_string(),
+    )?;
+    // A router that is not running must not stop the daemon: connect in the
+    // background and keep retrying.
+    set(&mut z, "connect/timeout_ms", "0".into())?;
+    set(&mut z, "connect/exit_on_failure", "false".into())?;
+    Ok(z)
+}
+
+/// Opens the session.
+pub async fn open(cfg: &ZenohConfig) -> Result<zenoh::Session, Error> {
+    let z = zenoh_config(cfg)?;
+    zenoh::open(z).await.map_err(|e| {
+        Error::Zenoh(format!(
+            "cannot open the zenoh session (listen on {:?}, connect to {:?}): {e}; is another embodyd listening there? Set [zenoh] listen to a free endpoint",
+            cfg.listen, cfg.connect
+        ))
+    })
+}
+
+/// A plain value as JSON text.
+fn json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).expect("plain values serialize")
+}
