@@ -1,103 +1,37 @@
-//! The JSON a zenoh caller sends to ask a question: an OpenAI chat request's
-//! fields (`messages`, `max_tokens`, `temperature`, `top_p`, `seed`, `stop`,
-//! `response_format`, `tools`), plus `cameras` to attach the latest frame of
-//! configured cameras by name; and what a run of the event stream collects to.
+//! The JSON a zenoh caller sends to ask a question: an OpenAI chat request
+//! (`messages`, `max_tokens`, `temperature`, `top_p`, `seed`, `stop`,
+//! `response_format`, `tools`, ...), read exactly as the HTTP API reads it,
+//! plus `cameras` to attach the latest frame of configured cameras by name;
+//! and what a run of the event stream collects to.
 
 use embody_actors::EventStream;
-use embody_protocol::{CameraRef, ErrorCode, Event, FinishReason, Message, Request, Role, Usage};
-use serde::Deserialize;
+use embody_protocol::openai::ChatCompletionRequest;
+use embody_protocol::{CameraRef, ErrorCode, Event, FinishReason, Request, Usage};
 
-/// A chat request as zenoh callers send it.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ChatPayload {
-    messages: Vec<ChatMessage>,
-    #[serde(default)]
-    model: Option<String>,
-    #[serde(default)]
-    max_tokens: Option<u32>,
-    #[serde(default)]
-    max_completion_tokens: Option<u32>,
-    #[serde(default)]
-    temperature: Option<f32>,
-    #[serde(default)]
-    top_p: Option<f32>,
-    #[serde(default)]
-    seed: Option<u64>,
-    #[serde(default)]
-    stop: Option<Stop>,
-    #[serde(default)]
-    response_format: Option<serde_json::Value>,
-    #[serde(default)]
-    tools: Option<serde_json::Value>,
-    #[serde(default)]
-    cameras: Vec<CameraRef>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum Stop {
-    One(String),
-    Many(Vec<String>),
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ChatMessage {
-    role: Role,
-    content: Content,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum Content {
-    Text(String),
-    Parts(Vec<Part>),
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-enum Part {
-    Text { text: String },
-}
-
-/// Reads a chat request; the error is the message for a `bad_request` event.
+/// Reads a chat request: the fields of an OpenAI chat request (read by
+/// [`ChatCompletionRequest`], as the HTTP API reads them) plus `cameras`.
+/// The error is the message for a `bad_request` event.
 pub fn parse_request(json: &[u8]) -> Result<Request, String> {
-    let p: ChatPayload = serde_json::from_slice(json)
-        .map_err(|e| format!("the chat request is not valid JSON of the expected shape: {e}"))?;
-    let _ = p.model; // one model is served; the name is accepted and ignored
-    let messages = p
-        .messages
-        .into_iter()
-        .map(|m| {
-            let text = match m.content {
-                Content::Text(t) => t,
-                Content::Parts(parts) => parts
-                    .into_iter()
-                    .map(|Part::Text { text }| text)
-                    .collect::<Vec<_>>()
-                    .join(""),
-            };
-            Message::new(m.role, text)
-        })
-        .collect();
-    let mut req = Request::new(messages);
-    req.max_tokens = p.max_completion_tokens.or(p.max_tokens);
-    if let Some(t) = p.temperature {
-        req.sampling.temperature = t;
-    }
-    if let Some(t) = p.top_p {
-        req.sampling.top_p = t;
-    }
-    req.sampling.seed = p.seed;
-    req.stop = match p.stop {
-        None => Vec::new(),
-        Some(Stop::One(s)) => vec![s],
-        Some(Stop::Many(v)) => v,
+    let shape = |e: serde_json::Error| {
+        format!("the chat request is not valid JSON of the expected shape: {e}")
     };
-    req.response_format = p.response_format;
-    req.tools = p.tools;
-    req.cameras = p.cameras;
+    let mut obj = match serde_json::from_slice::<serde_json::Value>(json).map_err(shape)? {
+        serde_json::Value::Object(o) => o,
+        _ => return Err("the chat request must be a JSON object".into()),
+    };
+    let cameras: Vec<CameraRef> = match obj.remove("cameras") {
+        None => Vec::new(),
+        Some(v) => serde_json::from_value(v).map_err(|e| {
+            format!("cameras: a list of {{\"name\", \"max_age_ms\"}} objects is expected: {e}")
+        })?,
+    };
+    let chat: ChatCompletionRequest =
+        serde_json::from_value(serde_json::Value::Object(obj)).map_err(shape)?;
+    let mut req = chat.into_request().map_err(|e| match e.param {
+        Some(p) => format!("{p}: {}", e.message),
+        None => e.message,
+    })?;
+    req.cameras.extend(cameras);
     Ok(req)
 }
 
@@ -144,12 +78,12 @@ mod tests {
     fn openai_fields_map_onto_the_request() {
         let r = parse_request(
             br#"{"messages":[{"role":"system","content":"be brief"},
-                {"role":"user","content":[{"type":"text","text":"what"},{"type":"text","text":" now?"}]}],
+                {"role":"user","content":[{"type":"text","text":"what now?"}]}],
                 "max_tokens":8,"temperature":0,"top_p":0.5,"seed":3,"stop":"\n",
                 "cameras":[{"name":"front","max_age_ms":200}]}"#,
         )
         .unwrap();
-        assert_eq!(r.messages[1], Message::user("what now?"));
+        assert_eq!(r.messages[1].content, "what now?");
         assert_eq!(r.max_tokens, Some(8));
         assert_eq!(r.sampling.temperature, 0.0);
         assert_eq!(r.sampling.top_p, 0.5);
