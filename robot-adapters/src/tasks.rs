@@ -8,7 +8,7 @@
 //! long the run took; a run that failed carries the error instead of text
 //! (with a text-only model, the `vision_unsupported` refusal).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -81,35 +81,78 @@ pub(crate) async fn run_task(
     cfg: TaskConfig,
     rt: Runtime,
     out: TaskOutputs,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let response_format = cfg.response_format().ok().flatten();
-    let busy = Arc::new(AtomicBool::new(false));
-    let skipped = Arc::new(AtomicU64::new(0));
     let out = Arc::new(out);
-    let mut tick = tokio::time::interval(Duration::from_millis(cfg.period_ms));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     tracing::info!(task = %cfg.name, "perception task every {} ms on camera '{}', results on {}", cfg.period_ms, cfg.camera, out.key);
+    let last_error = Arc::new(std::sync::Mutex::new(String::new()));
+    let period = Duration::from_millis(cfg.period_ms);
+    every(period, stop, move |skipped| {
+        let (cfg, rt, out, rf, last_error) = (
+            cfg.clone(),
+            rt.clone(),
+            out.clone(),
+            response_format.clone(),
+            last_error.clone(),
+        );
+        async move {
+            let result = run_once(&cfg, &rt, rf, skipped).await;
+            // A failure is logged when it first appears, not at every tick
+            // (numbers aside: a stale frame's age changes with each tick).
+            let why = result
+                .error
+                .as_ref()
+                .map(|e| format!("{}: {}", e.code, e.message));
+            {
+                let mut last = last_error.lock().unwrap_or_else(|p| p.into_inner());
+                let kind = |w: &str| w.replace(|c: char| c.is_ascii_digit(), "");
+                match why {
+                    Some(w) if kind(&last) != kind(&w) => {
+                        tracing::warn!(task = %cfg.name, "perception task failed: {w}");
+                        *last = w;
+                    }
+                    None if !last.is_empty() => {
+                        tracing::info!(task = %cfg.name, "perception task succeeds again");
+                        last.clear();
+                    }
+                    _ => {}
+                }
+            }
+            publish(&out, &result).await;
+        }
+    })
+    .await;
+}
+
+/// Calls `run` every `period` until `stop` turns true. A tick that comes
+/// while the previous run still goes is skipped, not queued; `run` is told
+/// how many ticks were skipped so far.
+pub(crate) async fn every<F, Fut>(
+    period: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    run: F,
+) where
+    F: Fn(u64) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let busy = Arc::new(AtomicBool::new(false));
+    let mut skipped = 0u64;
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.changed() => return,
         }
         if busy.swap(true, Ordering::SeqCst) {
-            skipped.fetch_add(1, Ordering::Relaxed);
+            skipped += 1;
             continue;
         }
-        let (cfg, rt, out, busy, skipped, rf) = (
-            cfg.clone(),
-            rt.clone(),
-            out.clone(),
-            busy.clone(),
-            skipped.clone(),
-            response_format.clone(),
-        );
+        let fut = run(skipped);
+        let busy = busy.clone();
         tokio::spawn(async move {
-            let result = run_once(&cfg, &rt, rf, skipped.load(Ordering::Relaxed)).await;
-            publish(&out, &result).await;
+            fut.await;
             busy.store(false, Ordering::SeqCst);
         });
     }
@@ -168,9 +211,6 @@ async fn run_once(
         }
     }
     result.latency_ms = clock.elapsed().as_millis() as u64;
-    if let Some(e) = &result.error {
-        tracing::debug!(task = %cfg.name, "perception task run failed: {}: {}", e.code, e.message);
-    }
     result
 }
 
@@ -181,5 +221,45 @@ async fn publish(out: &TaskOutputs, result: &TaskResult) {
     }
     if let Some(ros) = &out.ros {
         ros.put_string(&json).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU32;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_run_skips_ticks_instead_of_queueing_them() {
+        let (stop_tx, stop) = tokio::sync::watch::channel(false);
+        let running = Arc::new(AtomicU32::new(0));
+        let runs = Arc::new(AtomicU32::new(0));
+        let most = Arc::new(AtomicU32::new(0));
+        let last_skipped = Arc::new(std::sync::Mutex::new(0u64));
+        let (r, n, m, ls) = (
+            running.clone(),
+            runs.clone(),
+            most.clone(),
+            last_skipped.clone(),
+        );
+        let task = tokio::spawn(every(Duration::from_millis(20), stop, move |skipped| {
+            let (r, n, m, ls) = (r.clone(), n.clone(), m.clone(), ls.clone());
+            async move {
+                let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+                m.fetch_max(now, Ordering::SeqCst);
+                *ls.lock().unwrap() = skipped;
+                tokio::time::sleep(Duration::from_millis(110)).await;
+                n.fetch_add(1, Ordering::SeqCst);
+                r.fetch_sub(1, Ordering::SeqCst);
+            }
+        }));
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        stop_tx.send(true).unwrap();
+        task.await.unwrap();
+        let (runs, skipped) = (runs.load(Ordering::SeqCst), *last_skipped.lock().unwrap());
+        // 30 ticks in 600 ms, a run takes 5 of them: about 5 runs, the rest skipped.
+        assert_eq!(most.load(Ordering::SeqCst), 1, "runs never overlap");
+        assert!((3..=7).contains(&runs), "{runs} runs");
+        assert!(skipped >= 10, "{skipped} ticks skipped");
     }
 }
