@@ -295,6 +295,12 @@ impl AdaptersConfig {
                     c.name, c.width, c.height, c.max_dimension
                 ));
             }
+            if !c.format.is_ros2() && zenoh::key_expr::KeyExpr::try_from(c.key.as_str()).is_err() {
+                return bad(format!(
+                    "cameras '{}': key {:?} is not a zenoh key expression",
+                    c.name, c.key
+                ));
+            }
             if c.format.is_ros2() && !c.key.starts_with('/') {
                 return bad(format!(
                     "cameras '{}': for the ROS 2 formats, key is a topic name starting with '/'",
@@ -329,8 +335,103 @@ impl AdaptersConfig {
                     t.name
                 ));
             }
+            let plain = |k: &str| {
+                zenoh::key_expr::KeyExpr::try_from(k).is_ok() && !k.contains(['*', '$', '?', '#'])
+            };
+            if !t.key.is_empty() && !plain(&t.key) {
+                return bad(format!(
+                    "tasks '{}': key {:?} is not a plain zenoh key (no wildcards)",
+                    t.name, t.key
+                ));
+            }
+            if !t.ros2_topic.is_empty() && !t.ros2_topic.starts_with('/') {
+                return bad(format!(
+                    "tasks '{}': ros2_topic {:?} must start with '/'",
+                    t.name, t.ros2_topic
+                ));
+            }
             t.response_format()?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn camera(name: &str, key: &str, format: CameraFormat) -> CameraConfig {
+        CameraConfig {
+            name: name.into(),
+            key: key.into(),
+            format,
+            width: 0,
+            height: 0,
+            max_bytes: default_max_bytes(),
+            max_dimension: default_max_dimension(),
+        }
+    }
+
+    fn task(name: &str, camera: &str) -> TaskConfig {
+        TaskConfig {
+            name: name.into(),
+            camera: camera.into(),
+            prompt: "what?".into(),
+            period_ms: 1000,
+            key: String::new(),
+            ros2_topic: String::new(),
+            max_tokens: 8,
+            max_age_ms: 1000,
+            schema: String::new(),
+        }
+    }
+
+    #[test]
+    fn the_default_prefix_names_the_node() {
+        let z = ZenohConfig {
+            node: "arm1".into(),
+            ..ZenohConfig::default()
+        };
+        assert_eq!(z.key_prefix(), "embody/arm1");
+        let z = ZenohConfig {
+            prefix: "lab/robots/arm1/".into(),
+            ..ZenohConfig::default()
+        };
+        assert_eq!(z.key_prefix(), "lab/robots/arm1");
+        assert!(ZenohConfig::default().validate().is_ok());
+    }
+
+    #[test]
+    fn inconsistent_sections_are_named() {
+        let check = |cfg: AdaptersConfig| cfg.validate().unwrap_err().to_string();
+        let mut cfg = AdaptersConfig::default();
+        cfg.zenoh.prefix = "embody/*".into();
+        assert!(check(cfg).contains("not a plain key expression"));
+
+        let mut cfg = AdaptersConfig::default();
+        cfg.cameras
+            .push(camera("front", "cam/front", CameraFormat::Rgb8));
+        assert!(check(cfg.clone()).contains("the raw formats need width and height"));
+        cfg.cameras[0].format = CameraFormat::Ros2Image;
+        assert!(check(cfg.clone()).contains("a topic name starting with '/'"));
+        cfg.cameras[0].format = CameraFormat::Jpeg;
+        cfg.cameras
+            .push(camera("front", "cam/2", CameraFormat::Png));
+        assert!(check(cfg.clone()).contains("used twice"));
+        cfg.cameras.pop();
+
+        cfg.tasks.push(task("door", "rear"));
+        assert!(check(cfg.clone()).contains("camera \"rear\" is not one of the [[cameras]]"));
+        cfg.tasks[0].camera = "front".into();
+        cfg.tasks[0].key = "results/**".into();
+        assert!(check(cfg.clone()).contains("not a plain zenoh key"));
+        cfg.tasks[0].key = String::new();
+        cfg.tasks[0].schema = "{not json".into();
+        assert!(check(cfg.clone()).contains("schema is not JSON"));
+        cfg.tasks[0].schema = r#"{"type":"object"}"#.into();
+        assert!(cfg.validate().is_ok());
+        let rf = cfg.tasks[0].response_format().unwrap().unwrap();
+        assert_eq!(rf["type"], "json_schema");
+        assert_eq!(rf["json_schema"]["schema"]["type"], "object");
     }
 }

@@ -496,6 +496,47 @@ mod tests {
     }
 
     #[test]
+    fn cameras_and_tasks_parse_and_are_checked_together() {
+        let text = r#"
+[zenoh]
+node = "arm1"
+
+[[cameras]]
+name = "front"
+key = "/camera/image_raw"
+format = "ros2_image"
+
+[[tasks]]
+name = "door"
+camera = "front"
+prompt = "Is the door open?"
+period_ms = 2000
+schema = '{"type": "object"}'
+"#;
+        let cfg = Config::parse(text, "x.toml").unwrap();
+        assert_eq!(cfg.cameras[0].max_bytes, 16 << 20);
+        assert_eq!(cfg.tasks[0].max_age_ms, 1000);
+        assert_eq!(cfg.adapters().zenoh.key_prefix(), "embody/arm1");
+        // What --print-config writes reads back the same.
+        let printed = toml::to_string(&cfg).unwrap();
+        assert_eq!(Config::parse(&printed, "printed").unwrap(), cfg);
+
+        let e = Config::parse(
+            &text.replace("camera = \"front\"", "camera = \"rear\""),
+            "x.toml",
+        )
+        .unwrap_err();
+        assert!(
+            format!("{e:#}").contains("camera \"rear\" is not one of the [[cameras]]"),
+            "{e:#}"
+        );
+        let e = Config::parse(&text.replace("format = ", "fromat = "), "x.toml").unwrap_err();
+        assert!(format!("{e:#}").contains("unknown field `fromat`"), "{e:#}");
+        let e = Config::parse("[zenoh]\nmode = \"mesh\"\n", "x.toml").unwrap_err();
+        assert!(format!("{e:#}").contains("zenoh.mode"), "{e:#}");
+    }
+
+    #[test]
     fn model_paths_resolve_against_the_models_folder() {
         assert_eq!(resolve_model("/abs/m.gguf"), PathBuf::from("/abs/m.gguf"));
         assert_eq!(resolve_model("m.gguf"), models_dir().join("m.gguf"));
