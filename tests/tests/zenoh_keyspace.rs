@@ -2,7 +2,8 @@
 //! zenoh session over loopback TCP (random ports, no multicast): streamed
 //! chat through the queryable, status, the request/response topics, the
 //! `alive` liveliness token following the daemon, and camera frames attached
-//! by name, with every kind of bad frame refused while the daemon serves on.
+//! by name (over zenoh and the Unix socket alike), with every kind of bad
+//! frame refused while the daemon serves on.
 
 use std::time::{Duration, Instant};
 
@@ -217,6 +218,29 @@ async fn the_zenoh_key_space_serves_chat_status_cameras_and_liveliness() {
     s.put("zt/cam/front", vec![128u8; 8 * 6 * 3]).await.unwrap();
     let (code, msg) = until_attached(&s, "front").await;
     assert_eq!(code, ErrorCode::VisionUnsupported, "{msg}");
+    // As over HTTP, an image part may name the camera instead.
+    let part = r#"{"messages":[{"role":"user","content":[{"type":"text","text":"what?"},
+        {"type":"image_url","image_url":{"url":"camera:front?max_age_ms=5000"}}]}],"max_tokens":4}"#;
+    let (code, msg) = refusal(&chat(&s, part, ConsolidationMode::None).await);
+    assert_eq!(code, ErrorCode::VisionUnsupported, "{msg}");
+    // The camera registry is shared: the Unix socket attaches the same frame.
+    let client = embody_client::Client::connect(&d.socket).await.unwrap();
+    let mut req = embody_protocol::Request::user("what is in front?").max_tokens(4);
+    req.cameras.push(embody_protocol::CameraRef {
+        name: "front".into(),
+        max_age_ms: Some(5000),
+    });
+    let (_, last) = client.chat(req).await.unwrap().collect_text().await;
+    assert!(
+        matches!(
+            last,
+            Event::Error {
+                code: ErrorCode::VisionUnsupported,
+                ..
+            }
+        ),
+        "{last:?}"
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (code, msg) = refusal(&chat(&s, &with_camera("front", 100), ConsolidationMode::None).await);
     assert_eq!(code, ErrorCode::BadRequest);
