@@ -52,6 +52,12 @@ pub struct MatOut<'a> {
 pub struct Workspace {
     /// Activations quantized for the integer dot products.
     pub(crate) act: Vec<u8>,
+    /// Per-block activation metadata of the tiled products.
+    pub(crate) meta: Vec<u8>,
+    /// Per-thread weight panels of the tiled products.
+    pub(crate) panels: Vec<u8>,
+    /// Per-thread results of the tiled products (tokens × panel rows).
+    pub(crate) tile_out: Vec<f32>,
     /// Attention scores, one row of `max_ctx` per thread.
     pub(crate) scores: Vec<f32>,
     pub(crate) max_ctx: usize,
@@ -79,6 +85,12 @@ pub trait Backend: Send + Sync {
     /// one pass, instead of one synchronisation per matrix.
     fn matmul_group(&self, x: &[f32], n: usize, outs: &mut [MatOut<'_>], ws: &mut Workspace);
 
+    /// Runs `f` on contiguous ranges that together cover `0..n` once, one per
+    /// thread where the backend has several; by default `f(0..n)` here.
+    fn for_ranges(&self, n: usize, f: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
+        f(0..n)
+    }
+
     /// Causal attention of the batch's queries `q` (`[tokens, n_heads * head_dim]`,
     /// sequences in order) over the cache, whose K/V for these tokens are already
     /// written; the result goes to `out` (same shape as `q`).
@@ -91,6 +103,54 @@ pub trait Backend: Send + Sync {
         out: &mut [f32],
         ws: &mut Workspace,
     );
+}
+
+/// Fewest elements worth spreading an element-wise operation over threads.
+const PAR_MIN_LEN: usize = 2048;
+
+/// A pointer that threads share to write disjoint parts of one slice.
+#[derive(Clone, Copy)]
+struct Disjoint(*mut f32);
+// SAFETY: `par_chunks` hands each thread a range no other thread touches.
+unsafe impl Send for Disjoint {}
+unsafe impl Sync for Disjoint {}
+
+impl Disjoint {
+    /// The pointer (a method, so that closures capture the whole wrapper).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// `f(offset, chunk)` over disjoint chunks of `a` that together cover it, each
+/// a whole number of `unit`-long rows, spread over `be`'s threads (small
+/// slices stay on the calling thread): element-wise work between the matrix
+/// products.
+///
+/// # Panics
+/// If `unit` is 0 or does not divide `a.len()`.
+pub fn par_chunks(
+    be: &dyn Backend,
+    a: &mut [f32],
+    unit: usize,
+    f: &(dyn Fn(usize, &mut [f32]) + Sync),
+) {
+    assert!(unit > 0 && a.len().is_multiple_of(unit), "par_chunks: unit");
+    let units = a.len() / unit;
+    if a.len() < PAR_MIN_LEN || units < 2 || be.threads() < 2 {
+        return f(0, a);
+    }
+    let p = Disjoint(a.as_mut_ptr());
+    be.for_ranges(units, &|r| {
+        if r.is_empty() {
+            return;
+        }
+        // SAFETY: the ranges are disjoint and within `a`, which stays borrowed
+        // mutably until every thread is done.
+        let chunk =
+            unsafe { std::slice::from_raw_parts_mut(p.get().add(r.start * unit), r.len() * unit) };
+        f(r.start * unit, chunk)
+    });
 }
 
 /// Which backend to run on.

@@ -11,6 +11,7 @@
 //! stays callable directly as the test oracle.
 
 pub mod blocks;
+pub mod gemm;
 pub mod reference;
 #[cfg(test)]
 mod tests;

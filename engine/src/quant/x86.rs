@@ -35,6 +35,10 @@ use half::f16;
 use super::blocks::{QK, QK_K};
 use super::GgmlType;
 
+/// Tiled prefill products (see [`super::gemm`]).
+pub mod gemm;
+mod gemm_k;
+
 // ---------------------------------------------------------------------------
 // Feature levels
 

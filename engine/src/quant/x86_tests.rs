@@ -514,3 +514,67 @@ fn dot_f32_f16_and_axpy_f16_match_reference() {
     super::axpy_f16(&mut y, 2.0, &[f16::from_f32(0.5); 3]);
     assert_eq!(y, [2.0; 3]);
 }
+
+#[test]
+fn tiled_products_match_reference() {
+    use super::gemm::{meta_bytes, PANEL_ROWS};
+    use super::x86::gemm as tiled;
+    let mut rng = Rng(0x5eed_0202);
+    let mut covered = 0;
+    for level in levels() {
+        for ty in DOT_TYPES {
+            if !tiled::supported(level, ty) {
+                continue;
+            }
+            covered += 1;
+            let ks: &[usize] = if ty.block_size() == 32 {
+                &[32, 64, 288, 640, 896]
+            } else {
+                &[256, 512, 1536]
+            };
+            for &k in ks {
+                let rb = ty.row_bytes(k).unwrap();
+                let w: Vec<u8> = (0..PANEL_ROWS)
+                    .flat_map(|_| quantize_ref(ty, &rng.row(k)))
+                    .collect();
+                let mut panel = vec![0u8; tiled::panel_bytes(ty, k)];
+                tiled::pack_at(level, ty, k, &w, &mut panel);
+                for n in [1, 3, 8, 13] {
+                    let act_ty = ty.vec_dot_type();
+                    let x = act_rows(&mut rng, ty, k, n);
+                    let xr = act_ty.row_bytes(k).unwrap();
+                    let mr = meta_bytes(k);
+                    let mut meta = vec![0u8; n * mr];
+                    for t in 0..n {
+                        let (a, m) = (&x[t * xr..(t + 1) * xr], &mut meta[t * mr..(t + 1) * mr]);
+                        tiled::prepare_at(level, act_ty, k, a, m);
+                    }
+                    // A stride wider than the panel: the gaps stay untouched.
+                    let stride = PANEL_ROWS + 3;
+                    let mut out = vec![f32::NAN; n * stride];
+                    tiled::multiply_at(level, ty, k, &panel, &x, &meta, n, &mut out, stride);
+                    for t in 0..n {
+                        let xt = &x[t * xr..(t + 1) * xr];
+                        for r in 0..PANEL_ROWS {
+                            let wr = &w[r * rb..(r + 1) * rb];
+                            let want = reference::vec_dot(ty, wr, xt, k);
+                            let got = out[t * stride + r];
+                            let rel = (f64::from(got) - f64::from(want)).abs()
+                                / magnitude(ty, wr, xt, k).max(f64::MIN_POSITIVE);
+                            assert!(
+                                rel <= bound(ty),
+                                "{} {ty} k={k} n={n} token {t} row {r}: {got} vs {want} \
+                                 (error {rel:.2e})",
+                                level.name()
+                            );
+                        }
+                        assert!(out[t * stride + PANEL_ROWS..(t + 1) * stride]
+                            .iter()
+                            .all(|v| v.is_nan()));
+                    }
+                }
+            }
+        }
+    }
+    assert!(covered > 0, "no tiled kernel was tested");
+}

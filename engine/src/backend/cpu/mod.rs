@@ -9,6 +9,7 @@ pub mod pool;
 
 use super::{AttnParams, AttnSeq, Backend, MatOut, Workspace};
 use crate::kv_cache::KvCache;
+use crate::quant::gemm::{self, PANEL_ROWS};
 use crate::quant::{self, GgmlType};
 use crate::tensor::QTensor;
 use pool::{split, Pool};
@@ -19,6 +20,32 @@ const TOKENS_PER_ROW_PASS: usize = 4;
 
 /// Most matrices in one [`Backend::matmul_group`] pass.
 const MAX_GROUP: usize = 4;
+
+/// Fewest tokens for which a matrix product unpacks weight panels for the
+/// tiled kernel ([`gemm`]); fewer tokens would not repay the unpacking.
+const GEMM_MIN_TOKENS: usize = 8;
+
+/// One matrix of a [`Backend::matmul_group`] pass.
+#[derive(Clone, Copy)]
+struct Job<'a> {
+    w: Option<&'a QTensor>,
+    out: SharedMut<f32>,
+    /// Its first work unit among the pass's.
+    first_unit: usize,
+    units: usize,
+    /// Units are panels of [`PANEL_ROWS`] rows for the tiled kernel.
+    tiled: bool,
+}
+
+impl Job<'_> {
+    const NONE: Self = Self {
+        w: None,
+        out: SharedMut(std::ptr::null_mut()),
+        first_unit: 0,
+        units: 0,
+        tiled: false,
+    };
+}
 
 /// A raw pointer that threads may share when each writes disjoint elements.
 #[derive(Clone, Copy)]
@@ -72,8 +99,12 @@ impl Backend for CpuBackend {
         // The widest activation format per element is f32 (4 bytes); Q8_K adds
         // 36 bytes of header per 256 values, less than f32's 768 extra.
         let act = max_tokens * max_cols * 4 + 1024;
+        let nt = self.threads();
         Workspace {
             act: vec![0; act],
+            meta: vec![0; max_tokens * gemm::meta_bytes(max_cols)],
+            panels: vec![0; nt * gemm::max_panel_bytes(max_cols)],
+            tile_out: vec![0.0; nt * max_tokens * PANEL_ROWS],
             scores: vec![0.0; self.threads() * max_ctx],
             max_ctx,
         }
@@ -101,53 +132,114 @@ impl Backend for CpuBackend {
                 "workspace too small for {}",
                 outs[done].w.name
             );
+            // The matrices of this format: work units numbered across them, shared
+            // out evenly. A unit is one row, or a panel of rows for the tiled kernel.
+            let mut jobs: [Job<'_>; MAX_GROUP] = [Job::NONE; MAX_GROUP];
+            let mut n_jobs = 0;
+            let mut total_units = 0;
+            for o in outs[done..].iter_mut() {
+                if o.w.ty.vec_dot_type() != act_ty || n_jobs == MAX_GROUP {
+                    break;
+                }
+                let tiled = n >= GEMM_MIN_TOKENS && gemm::supported(o.w.ty);
+                let units = if tiled {
+                    o.w.rows().div_ceil(PANEL_ROWS)
+                } else {
+                    o.w.rows()
+                };
+                jobs[n_jobs] = Job {
+                    w: Some(o.w),
+                    out: SharedMut(o.y.as_mut_ptr()),
+                    first_unit: total_units,
+                    units,
+                    tiled,
+                };
+                total_units += units;
+                n_jobs += 1;
+            }
+            let jobs = &jobs[..n_jobs];
+            let any_tiled = jobs.iter().any(|j| j.tiled);
+            let meta_row = gemm::meta_bytes(k);
+            assert!(!any_tiled || ws.meta.len() >= n * meta_row);
             let act = SharedMut(ws.act.as_mut_ptr());
+            let meta = SharedMut(ws.meta.as_mut_ptr());
             self.pool.run(&|i, nt| {
                 for t in split(n, i, nt) {
                     // SAFETY: each thread quantizes its own token rows.
                     let dst = unsafe { act.slice(t * act_row, act_row) };
                     quant::quantize_row(act_ty, &x[t * k..(t + 1) * k], dst);
+                    if any_tiled {
+                        // SAFETY: as above, this token's metadata only.
+                        let m = unsafe { meta.slice(t * meta_row, meta_row) };
+                        gemm::prepare(act_ty, k, dst, m);
+                    }
                 }
             });
-            // The matrices of this format: rows numbered across them, shared out evenly.
-            let mut jobs: [(Option<&QTensor>, SharedMut<f32>, usize); MAX_GROUP] =
-                [(None, SharedMut(std::ptr::null_mut()), 0); MAX_GROUP];
-            let mut n_jobs = 0;
-            let mut total_rows = 0;
-            for o in outs[done..].iter_mut() {
-                if o.w.ty.vec_dot_type() != act_ty || n_jobs == MAX_GROUP {
-                    break;
-                }
-                jobs[n_jobs] = (Some(o.w), SharedMut(o.y.as_mut_ptr()), total_rows);
-                total_rows += o.w.rows();
-                n_jobs += 1;
-            }
-            let jobs = &jobs[..n_jobs];
             let act = &ws.act[..n * act_row];
+            let meta = &ws.meta[..if any_tiled { n * meta_row } else { 0 }];
+            let panel_stride = gemm::max_panel_bytes(k);
+            let tile_stride = n * PANEL_ROWS;
+            assert!(!any_tiled || ws.panels.len() >= self.threads() * panel_stride);
+            assert!(!any_tiled || ws.tile_out.len() >= self.threads() * tile_stride);
+            let panels = SharedMut(ws.panels.as_mut_ptr());
+            let tile_out = SharedMut(ws.tile_out.as_mut_ptr());
             self.pool.run(&|i, nt| {
                 let mut acc = [0f32; TOKENS_PER_ROW_PASS];
                 let mut j = 0;
-                for g in split(total_rows, i, nt) {
-                    while g >= jobs[j].2 + jobs[j].0.map_or(0, QTensor::rows) {
+                for u in split(total_units, i, nt) {
+                    while u >= jobs[j].first_unit + jobs[j].units {
                         j += 1;
                     }
-                    let (w, out, base) = (jobs[j].0.expect("job set"), jobs[j].1, jobs[j].2);
-                    let (r, rows) = (g - base, w.rows());
-                    let wr = w.row(r);
-                    // Each weight row is decoded once per group of activation rows.
-                    for t0 in (0..n).step_by(TOKENS_PER_ROW_PASS) {
-                        let cnt = (n - t0).min(TOKENS_PER_ROW_PASS);
-                        let xs = &act[t0 * act_row..(t0 + cnt) * act_row];
-                        quant::vec_dot_multi(w.ty, k, wr, xs, &mut acc[..cnt]);
-                        for (dt, &v) in acc[..cnt].iter().enumerate() {
-                            // SAFETY: row r of this matrix belongs to this thread alone.
-                            unsafe { out.write((t0 + dt) * rows + r, v) };
+                    let job = &jobs[j];
+                    let w = job.w.expect("job set");
+                    let rows = w.rows();
+                    let (first_row, row_count) = if job.tiled {
+                        let r0 = (u - job.first_unit) * PANEL_ROWS;
+                        (r0, PANEL_ROWS.min(rows - r0))
+                    } else {
+                        (u - job.first_unit, 1)
+                    };
+                    if row_count == PANEL_ROWS && job.tiled {
+                        // SAFETY: each thread has its own panel and result buffers.
+                        let (panel, res) = unsafe {
+                            (
+                                panels.slice(i * panel_stride, gemm::panel_bytes(w.ty, k)),
+                                tile_out.slice(i * tile_stride, tile_stride),
+                            )
+                        };
+                        let rb = w.row_bytes();
+                        let src = &w.data[first_row * rb..(first_row + PANEL_ROWS) * rb];
+                        gemm::pack(w.ty, k, src, panel);
+                        gemm::multiply(w.ty, k, panel, act, meta, n, res, PANEL_ROWS);
+                        for (t, tr) in res.chunks_exact(PANEL_ROWS).enumerate() {
+                            for (dr, &v) in tr.iter().enumerate() {
+                                // SAFETY: these rows of this matrix belong to this thread alone.
+                                unsafe { job.out.write(t * rows + first_row + dr, v) };
+                            }
+                        }
+                        continue;
+                    }
+                    for r in first_row..first_row + row_count {
+                        let wr = w.row(r);
+                        // Each weight row is decoded once per group of activation rows.
+                        for t0 in (0..n).step_by(TOKENS_PER_ROW_PASS) {
+                            let cnt = (n - t0).min(TOKENS_PER_ROW_PASS);
+                            let xs = &act[t0 * act_row..(t0 + cnt) * act_row];
+                            quant::vec_dot_multi(w.ty, k, wr, xs, &mut acc[..cnt]);
+                            for (dt, &v) in acc[..cnt].iter().enumerate() {
+                                // SAFETY: row r of this matrix belongs to this thread alone.
+                                unsafe { job.out.write((t0 + dt) * rows + r, v) };
+                            }
                         }
                     }
                 }
             });
             done += n_jobs;
         }
+    }
+
+    fn for_ranges(&self, n: usize, f: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
+        self.pool.run(&|i, nt| f(split(n, i, nt)));
     }
 
     fn attention(
@@ -335,6 +427,42 @@ mod tests {
             assert_eq!(a, b, "matrix {i}");
         }
         assert!(separate[0].iter().any(|v| v.abs() > 1e-3));
+    }
+
+    #[test]
+    fn prefill_sized_products_match_the_reference_row_by_row() {
+        // Enough tokens for the tiled kernel where the CPU has one, row counts
+        // with and without a partial panel, formats with and without one.
+        let (k, n) = (288, 11);
+        let mut s = 5;
+        let ws_ = [
+            tensor("a", GgmlType::Q4_1, k, 37, &mut s),
+            tensor("b", GgmlType::Q5_0, k, 16, &mut s),
+            tensor("c", GgmlType::Q8_0, k, 24, &mut s),
+            tensor("d", GgmlType::Q4_0, k, 9, &mut s),
+        ];
+        let x: Vec<f32> = (0..k * n).map(|_| lcg(&mut s)).collect();
+        let b = CpuBackend::new(3);
+        let mut ws = b.workspace(n, k, 8);
+        for w in &ws_ {
+            let mut y = vec![f32::NAN; n * w.rows()];
+            b.matmul(w, &x, n, &mut y, &mut ws);
+            let act_ty = w.ty.vec_dot_type();
+            let ar = act_ty.row_bytes(k).unwrap();
+            for t in 0..n {
+                let mut xq = vec![0u8; ar];
+                quant::quantize_row(act_ty, &x[t * k..(t + 1) * k], &mut xq);
+                for r in 0..w.rows() {
+                    let want = quant::reference::vec_dot(w.ty, w.row(r), &xq, k);
+                    let got = y[t * w.rows() + r];
+                    assert!(
+                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "{} token {t} row {r}: {got} vs {want}",
+                        w.name
+                    );
+                }
+            }
+        }
     }
 
     #[test]
