@@ -22,12 +22,14 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use crate::backend::cpu::dequantize_row;
+use crate::backend::par_chunks;
 use crate::backend::{AttnParams, Backend, MatOut, Workspace};
 use crate::gguf::{Gguf, Value};
 use crate::kv_cache::{KvCache, KvLayout};
 use crate::models::{
-    check_batch, gather_logit_rows, gguf_f32, gguf_usize, hf_sliding_layers, sliding_window,
-    with_attn_seqs, Dims, HfRope, LoadOptions, Model, ModelInfo, Rope, SeqBatch, Source,
+    check_batch, elementwise_unit, gather_logit_rows, gguf_f32, gguf_usize, hf_sliding_layers,
+    rope_rows, sliding_window, with_attn_seqs, Dims, HfRope, LoadOptions, Model, ModelInfo, Rope,
+    SeqBatch, Source,
 };
 use crate::ops::{self, RopeStyle};
 use crate::tensor::QTensor;
@@ -583,7 +585,10 @@ impl Model for Gemma3 {
             // Attention: norm, project, norm each Q/K head, rotate (local or global
             // base), store K/V, attend (through the window on sliding layers),
             // project back, post-norm, add.
-            ops::rms_norm(&s.x[..n * d], &l.attn_norm, c.rms_eps, &mut s.xn[..n * d]);
+            let src = &s.x[..n * d];
+            par_chunks(be, &mut s.xn[..n * d], d, &|o, out| {
+                ops::rms_norm(&src[o..o + out.len()], &l.attn_norm, c.rms_eps, out)
+            });
             let qkv = &mut [
                 MatOut {
                     w: &l.wq,
@@ -599,19 +604,28 @@ impl Model for Gemma3 {
                 },
             ];
             be.matmul_group(&s.xn[..n * d], n, qkv, ws);
-            ops::rms_norm_inplace(&mut s.q[..n * qd], &l.q_norm, c.rms_eps);
-            ops::rms_norm_inplace(&mut s.k[..n * kvd], &l.k_norm, c.rms_eps);
+            par_chunks(be, &mut s.q[..n * qd], l.q_norm.len(), &|_, r| {
+                ops::rms_norm_inplace(r, &l.q_norm, c.rms_eps)
+            });
+            par_chunks(be, &mut s.k[..n * kvd], l.k_norm.len(), &|_, r| {
+                ops::rms_norm_inplace(r, &l.k_norm, c.rms_eps)
+            });
             let window = c.windows[li];
             let rope = if window.is_some() {
                 &s.rope_local
             } else {
                 &s.rope_global
             };
-            for r in 0..n {
-                let cs = &rope[r * half..(r + 1) * half];
-                ops::rope_apply(&mut s.q[r * qd..(r + 1) * qd], hd, RopeStyle::Halves, cs);
-                ops::rope_apply(&mut s.k[r * kvd..(r + 1) * kvd], hd, RopeStyle::Halves, cs);
-            }
+            rope_rows(
+                be,
+                &mut s.q[..n * qd],
+                &mut s.k[..n * kvd],
+                (qd, kvd),
+                hd,
+                RopeStyle::Halves,
+                rope,
+                half,
+            );
             let mut r = 0;
             for b in batch {
                 for i in 0..b.tokens.len() {
@@ -632,11 +646,16 @@ impl Model for Gemma3 {
                 be.attention(&p, &s.q[..n * qd], kv, seqs, &mut s.attn, ws)
             });
             be.matmul(&l.wo, &s.attn[..n * qd], n, &mut s.proj, ws);
-            ops::rms_norm_inplace(&mut s.proj[..n * d], &l.post_attn_norm, c.rms_eps);
+            par_chunks(be, &mut s.proj[..n * d], l.post_attn_norm.len(), &|_, r| {
+                ops::rms_norm_inplace(r, &l.post_attn_norm, c.rms_eps)
+            });
             ops::add_inplace(&mut s.x[..n * d], &s.proj[..n * d]);
 
             // MLP: norm, GeGLU, project back, post-norm, add.
-            ops::rms_norm(&s.x[..n * d], &l.ffn_norm, c.rms_eps, &mut s.xn[..n * d]);
+            let src = &s.x[..n * d];
+            par_chunks(be, &mut s.xn[..n * d], d, &|o, out| {
+                ops::rms_norm(&src[o..o + out.len()], &l.ffn_norm, c.rms_eps, out)
+            });
             let gate_up = &mut [
                 MatOut {
                     w: &l.w_gate,
@@ -648,9 +667,17 @@ impl Model for Gemma3 {
                 },
             ];
             be.matmul_group(&s.xn[..n * d], n, gate_up, ws);
-            ops::geglu_inplace(&mut s.gate[..n * c.d_ff], &s.up[..n * c.d_ff]);
+            let up = &s.up[..n * c.d_ff];
+            par_chunks(
+                be,
+                &mut s.gate[..n * c.d_ff],
+                elementwise_unit(c.d_ff),
+                &|o, g| ops::geglu_inplace(g, &up[o..o + g.len()]),
+            );
             be.matmul(&l.w_down, &s.gate[..n * c.d_ff], n, &mut s.proj, ws);
-            ops::rms_norm_inplace(&mut s.proj[..n * d], &l.post_ffn_norm, c.rms_eps);
+            par_chunks(be, &mut s.proj[..n * d], l.post_ffn_norm.len(), &|_, r| {
+                ops::rms_norm_inplace(r, &l.post_ffn_norm, c.rms_eps)
+            });
             ops::add_inplace(&mut s.x[..n * d], &s.proj[..n * d]);
         }
 

@@ -129,6 +129,39 @@ pub const SUPPORTED_HF: &[&str] = &[
     "Gemma3ForConditionalGeneration",
 ];
 
+/// Rotates every head of the `n` rows of `q` (`qd` wide) and `k` (`kvd` wide),
+/// row `r` by the angles `rope[r * half..][..half]`, on the backend's threads.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn rope_rows(
+    be: &dyn Backend,
+    q: &mut [f32],
+    k: &mut [f32],
+    (qd, kvd): (usize, usize),
+    hd: usize,
+    style: crate::ops::RopeStyle,
+    rope: &[(f32, f32)],
+    half: usize,
+) {
+    for (buf, width) in [(q, qd), (k, kvd)] {
+        crate::backend::par_chunks(be, buf, width, &|o, rows| {
+            for (i, row) in rows.chunks_exact_mut(width).enumerate() {
+                let r = o / width + i;
+                crate::ops::rope_apply(row, hd, style, &rope[r * half..(r + 1) * half]);
+            }
+        });
+    }
+}
+
+/// A unit for spreading element-wise work on rows of `width`: 64 values where
+/// that divides the rows, else whole rows.
+pub(crate) fn elementwise_unit(width: usize) -> usize {
+    if width.is_multiple_of(64) {
+        64
+    } else {
+        width
+    }
+}
+
 /// Loads the model in a GGUF file for the given backend.
 pub fn load_gguf(
     gguf: &Gguf,

@@ -12,11 +12,12 @@
 use std::sync::Arc;
 
 use crate::backend::cpu::dequantize_row;
+use crate::backend::par_chunks;
 use crate::backend::{AttnParams, Backend, MatOut, Workspace};
 use crate::kv_cache::{KvCache, KvLayout};
 use crate::models::{
-    check_batch, gather_logit_rows, sliding_window, with_attn_seqs, LoadOptions, Model, ModelInfo,
-    SeqBatch, Source,
+    check_batch, elementwise_unit, gather_logit_rows, rope_rows, sliding_window, with_attn_seqs,
+    LoadOptions, Model, ModelInfo, SeqBatch, Source,
 };
 use crate::ops::{self, RopeStyle};
 use crate::tensor::QTensor;
@@ -222,7 +223,10 @@ impl Model for Qwen3 {
         for (li, l) in w.layers.iter().enumerate() {
             // Attention: norm, project, norm each Q/K head, rotate halves, store K/V,
             // attend, project back.
-            ops::rms_norm(&s.x[..n * d], &l.attn_norm, c.rms_eps, &mut s.xn[..n * d]);
+            let src = &s.x[..n * d];
+            par_chunks(be, &mut s.xn[..n * d], d, &|o, out| {
+                ops::rms_norm(&src[o..o + out.len()], &l.attn_norm, c.rms_eps, out)
+            });
             let qkv = &mut [
                 MatOut {
                     w: &l.wq,
@@ -238,13 +242,22 @@ impl Model for Qwen3 {
                 },
             ];
             be.matmul_group(&s.xn[..n * d], n, qkv, ws);
-            ops::rms_norm_inplace(&mut s.q[..n * qd], &l.q_norm, c.rms_eps);
-            ops::rms_norm_inplace(&mut s.k[..n * kvd], &l.k_norm, c.rms_eps);
-            for r in 0..n {
-                let cs = &s.rope[r * half..(r + 1) * half];
-                ops::rope_apply(&mut s.q[r * qd..(r + 1) * qd], hd, RopeStyle::Halves, cs);
-                ops::rope_apply(&mut s.k[r * kvd..(r + 1) * kvd], hd, RopeStyle::Halves, cs);
-            }
+            par_chunks(be, &mut s.q[..n * qd], l.q_norm.len(), &|_, r| {
+                ops::rms_norm_inplace(r, &l.q_norm, c.rms_eps)
+            });
+            par_chunks(be, &mut s.k[..n * kvd], l.k_norm.len(), &|_, r| {
+                ops::rms_norm_inplace(r, &l.k_norm, c.rms_eps)
+            });
+            rope_rows(
+                be,
+                &mut s.q[..n * qd],
+                &mut s.k[..n * kvd],
+                (qd, kvd),
+                hd,
+                RopeStyle::Halves,
+                &s.rope,
+                half,
+            );
             let mut r = 0;
             for b in batch {
                 for i in 0..b.tokens.len() {
@@ -268,7 +281,10 @@ impl Model for Qwen3 {
             ops::add_inplace(&mut s.x[..n * d], &s.proj[..n * d]);
 
             // MLP: norm, SwiGLU, project back.
-            ops::rms_norm(&s.x[..n * d], &l.ffn_norm, c.rms_eps, &mut s.xn[..n * d]);
+            let src = &s.x[..n * d];
+            par_chunks(be, &mut s.xn[..n * d], d, &|o, out| {
+                ops::rms_norm(&src[o..o + out.len()], &l.ffn_norm, c.rms_eps, out)
+            });
             let gate_up = &mut [
                 MatOut {
                     w: &l.w_gate,
@@ -280,7 +296,13 @@ impl Model for Qwen3 {
                 },
             ];
             be.matmul_group(&s.xn[..n * d], n, gate_up, ws);
-            ops::swiglu_inplace(&mut s.gate[..n * c.d_ff], &s.up[..n * c.d_ff]);
+            let up = &s.up[..n * c.d_ff];
+            par_chunks(
+                be,
+                &mut s.gate[..n * c.d_ff],
+                elementwise_unit(c.d_ff),
+                &|o, g| ops::swiglu_inplace(g, &up[o..o + g.len()]),
+            );
             be.matmul(&l.w_down, &s.gate[..n * c.d_ff], n, &mut s.proj, ws);
             ops::add_inplace(&mut s.x[..n * d], &s.proj[..n * d]);
         }
