@@ -55,11 +55,15 @@ pub struct RobotAdapters {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     // Held for their subscriptions, tokens and threads.
     _cameras: Vec<CameraFeed>,
-    _ros: Option<(
-        RosNode,
-        ros2::PromptLoop,
-        Vec<zenoh::liveliness::LivelinessToken>,
-    )>,
+    _ros: Option<RosParts>,
+}
+
+/// The ROS 2 node and what hangs on it: the prompt loop and the liveliness
+/// tokens of camera subscriptions.
+struct RosParts {
+    node: RosNode,
+    _prompts: ros2::PromptLoop,
+    camera_tokens: Vec<zenoh::liveliness::LivelinessToken>,
 }
 
 impl RobotAdapters {
@@ -71,15 +75,18 @@ impl RobotAdapters {
         let prefix = cfg.zenoh.key_prefix();
         tracing::info!(zid = %session.zid(), "zenoh session open (listening on {:?})", cfg.zenoh.listen);
 
-        let ros = if cfg.ros2.enabled {
+        let mut ros = if cfg.ros2.enabled {
             let node = RosNode::declare(&session, &cfg.ros2).await?;
-            let (prompts, _) =
+            let prompts =
                 ros2::PromptLoop::start(&session, &node, &cfg.ros2, runtime.clone()).await?;
-            Some((node, prompts, Vec::new()))
+            Some(RosParts {
+                node,
+                _prompts: prompts,
+                camera_tokens: Vec::new(),
+            })
         } else {
             None
         };
-        let mut ros = ros;
 
         let mut cameras = Vec::new();
         for cam in &cfg.cameras {
@@ -90,8 +97,9 @@ impl RobotAdapters {
                     } else {
                         &msgs::COMPRESSED_IMAGE
                     };
-                    if let Some((node, _, tokens)) = &mut ros {
-                        tokens.push(node.subscription_token(&session, &cam.key, ty).await?);
+                    if let Some(r) = &mut ros {
+                        let token = r.node.subscription_token(&session, &cam.key, ty).await?;
+                        r.camera_tokens.push(token);
                     }
                     wire::topic_key(cfg.ros2.domain_id, &cam.key, ty)
                 }
@@ -109,8 +117,9 @@ impl RobotAdapters {
                 t.key.clone()
             };
             let ros_out = match (&ros, t.ros2_topic.is_empty()) {
-                (Some((node, _, _)), false) => Some(Arc::new(
-                    node.publisher(&session, &t.ros2_topic, &msgs::STRING)
+                (Some(r), false) => Some(Arc::new(
+                    r.node
+                        .publisher(&session, &t.ros2_topic, &msgs::STRING)
                         .await?,
                 )),
                 _ => None,

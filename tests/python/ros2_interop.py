@@ -102,8 +102,10 @@ check(("NN", "/", "embodyd", None, None) in entities, f"node /embodyd: {entities
 check(("MS", "/", "embodyd", "/embodyd/prompt", dds(STRING)) in entities, "prompt subscription")
 check(("MP", "/", "embodyd", "/embodyd/answer", dds(STRING)) in entities, "answer publisher")
 check(("MS", "/", "embodyd", "/camera/image_raw", dds(IMAGE)) in entities, "image subscription")
+check(("MP", "/", "embodyd", "/embodyd/front_task", dds(STRING)) in entities, "task result publisher")
 
 answers = session.declare_subscriber(key("/embodyd/answer", STRING))
+task_results = session.declare_subscriber(key("/embodyd/front_task", STRING))
 
 
 def chat(camera):
@@ -132,6 +134,20 @@ session.put(key("/camera/image_raw", IMAGE), bytes(TS.serialize_cdr(img, IMAGE))
 events = until_attached("front")
 out["image"] = events
 check(events[-1]["type"] == "error" and events[-1]["code"] == "vision_unsupported", f"image attached: {events}")
+
+# The perception task on that camera publishes its results as std_msgs/String
+# holding JSON: the frame it attached, and the text-only model's refusal.
+deadline = time.time() + 10
+while True:
+    s = task_results.recv()
+    result = json.loads(TS.deserialize_cdr(bytes(s.payload.to_bytes()), STRING).data)
+    if result["frame"] is not None or time.time() > deadline:
+        break
+out["task"] = result
+check(result["task"] == "front" and result["frame"]["width"] == W and result["frame"]["height"] == H, f"{result}")
+check(result["error"]["code"] == "vision_unsupported", f"{result}")
+check(abs(result["frame"]["stamp_ms"] - img.header.stamp.sec * 1000 - img.header.stamp.nanosec // 10**6) <= 1,
+      f"the result describes the frame by its header stamp: {result}")
 
 comp = TS.types[COMPRESSED](header=stamp(), format="png", data=np.frombuffer(png(W, H), dtype=np.uint8))
 session.put(key("/camera/compressed", COMPRESSED), bytes(TS.serialize_cdr(comp, COMPRESSED)),

@@ -35,11 +35,22 @@ format = "ros2_image"
 name = "front_c"
 key = "/camera/compressed"
 format = "ros2_compressed_image"
+
+[[tasks]]
+name = "front"
+camera = "front"
+prompt = "What is in front?"
+period_ms = 300
+ros2_topic = "/embodyd/front_task"
 "#
         ),
     );
     let d = Daemon::start(&config);
-    let out = std::process::Command::new(test_python())
+    // coreutils' timeout: a peer waiting for a message that never comes fails
+    // the test instead of hanging it.
+    let out = std::process::Command::new("timeout")
+        .arg("120")
+        .arg(test_python())
         .arg(repo_root().join("tests/python/ros2_interop.py"))
         .arg(format!("tcp/127.0.0.1:{port}"))
         .output()

@@ -133,6 +133,7 @@ impl RosPublisher {
 pub(crate) struct PromptLoop {
     _subscriber: Subscriber<()>,
     _token: LivelinessToken,
+    _answers: Arc<RosPublisher>,
 }
 
 impl PromptLoop {
@@ -142,7 +143,7 @@ impl PromptLoop {
         node: &RosNode,
         cfg: &Ros2Config,
         runtime: Runtime,
-    ) -> Result<(Self, Arc<RosPublisher>), Error> {
+    ) -> Result<Self, Error> {
         let answers = Arc::new(
             node.publisher(session, &cfg.answer_topic, &msgs::STRING)
                 .await?,
@@ -168,13 +169,11 @@ impl PromptLoop {
             cfg.prompt_topic,
             cfg.answer_topic
         );
-        Ok((
-            Self {
-                _subscriber: subscriber,
-                _token: token,
-            },
-            answers,
-        ))
+        Ok(Self {
+            _subscriber: subscriber,
+            _token: token,
+            _answers: answers,
+        })
     }
 }
 
