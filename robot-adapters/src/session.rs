@@ -28,10 +28,14 @@ pub fn zenoh_config(cfg: &ZenohConfig) -> Result<zenoh::Config, Error> {
         "scouting/multicast/enabled",
         cfg.multicast_scouting.to_string(),
     )?;
-    // A router that is not running must not stop the daemon: connect in the
-    // background and keep retrying.
-    set(&mut z, "connect/timeout_ms", "0".into())?;
-    set(&mut z, "connect/exit_on_failure", "false".into())?;
+    // A router that is not running must not stop the daemon, and one that
+    // starts later must be found: as a peer (or router), connect in the
+    // background and keep retrying (zenoh's "no time limit, no exit"). A
+    // client without its router has nothing to serve, so it fails to open.
+    if cfg.mode != "client" {
+        set(&mut z, "connect/timeout_ms", "-1".into())?;
+        set(&mut z, "connect/exit_on_failure", "false".into())?;
+    }
     Ok(z)
 }
 

@@ -3,9 +3,10 @@
 //! latest frame four times a second: over 20 s, the daemon's resident memory
 //! and the age of the frame each task run attaches must stay bounded
 //! (latest frame wins; nothing queues up). Along the way: the daemon starts
-//! with its router endpoint dead (nothing listens there), a local client
-//! reaches it on its listen endpoint, and task results carry the vision
-//! error of the text-only model, with the frame that was attached.
+//! with its router endpoint dead (nothing listens there) and connects once
+//! something listens there, a local client reaches it on its listen
+//! endpoint, and task results carry the vision error of the text-only
+//! model, with the frame that was attached.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -288,4 +289,34 @@ period_ms = 500
         peak >> 20
     );
     s.close().await.unwrap();
+
+    // The endpoint that was dead all along comes up (a router started after
+    // the daemon): the daemon, still retrying in the background, connects.
+    let mut c = zenoh::Config::default();
+    for (k, v) in [
+        ("mode", "\"peer\"".to_string()),
+        ("listen/endpoints", format!("[\"tcp/127.0.0.1:{dead}\"]")),
+        ("scouting/multicast/enabled", "false".to_string()),
+    ] {
+        c.insert_json5(k, &v).unwrap();
+    }
+    let late = zenoh::open(c).await.unwrap();
+    let start = Instant::now();
+    loop {
+        let replies = late
+            .liveliness()
+            .get(format!("{PREFIX}/alive"))
+            .timeout(Duration::from_secs(1))
+            .await
+            .unwrap();
+        if replies.recv_async().await.is_ok() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the daemon never connected to the late endpoint"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    late.close().await.unwrap();
 }
