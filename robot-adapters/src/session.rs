@@ -54,3 +54,44 @@ pub async fn open(cfg: &ZenohConfig) -> Result<zenoh::Session, Error> {
 fn json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).expect("plain values serialize")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_config_file_is_the_base_and_the_fields_apply_over_it() {
+        let dir = std::env::temp_dir().join(format!("zenoh-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("zenoh.json5");
+        std::fs::write(
+            &file,
+            r#"{ mode: "router", queries_default_timeout: 1234,
+                 listen: { endpoints: ["tcp/0.0.0.0:9999"] } }"#,
+        )
+        .unwrap();
+        let cfg = ZenohConfig {
+            config_file: file.display().to_string(),
+            ..ZenohConfig::default()
+        };
+        let z = zenoh_config(&cfg).unwrap();
+        assert_eq!(z.get_json("queries_default_timeout").unwrap(), "1234");
+        assert_eq!(z.get_json("mode").unwrap(), "\"peer\"");
+        assert_eq!(
+            z.get_json("listen/endpoints").unwrap(),
+            r#"["tcp/127.0.0.1:7448"]"#
+        );
+        assert_eq!(z.get_json("scouting/multicast/enabled").unwrap(), "false");
+
+        let missing = ZenohConfig {
+            config_file: dir.join("nope.json5").display().to_string(),
+            ..ZenohConfig::default()
+        };
+        let e = zenoh_config(&missing).unwrap_err().to_string();
+        assert!(
+            e.starts_with("zenoh.config_file ") && e.contains("nope.json5"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
