@@ -24,6 +24,7 @@ pub mod kv_cache;
 pub mod models;
 pub mod ops;
 pub mod perplexity;
+pub mod prefix_cache;
 pub mod quant;
 pub mod radix;
 pub mod sampling;

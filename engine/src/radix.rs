@@ -278,31 +278,50 @@ impl RadixIndex {
     pub fn evict(&mut self, want: usize, kv: &mut KvCache) -> Vec<u32> {
         let mut released = Vec::new();
         while released.len() < want {
-            // Leaves are few next to the tokens they hold; a scan keeps this simple.
-            let victim = self
-                .nodes
-                .iter()
-                .enumerate()
-                .filter(|(id, n)| *id != ROOT && n.live && n.pins == 0 && n.children.is_empty())
-                .min_by_key(|(_, n)| n.last_access)
-                .map(|(id, _)| id);
-            let Some(id) = victim else { break };
-            let node = &mut self.nodes[id];
-            node.live = false;
-            let parent = node.parent;
-            let first = node.key[0];
-            let blocks = std::mem::take(&mut node.blocks);
-            node.key.clear();
-            self.nodes[parent].children.remove(&first);
-            self.free_nodes.push(id);
+            let Some(blocks) = self.remove_lru_leaf() else {
+                break;
+            };
             for &b in &blocks {
                 kv.release(b);
             }
-            self.stats.cached_blocks -= blocks.len();
-            self.stats.evicted_blocks += blocks.len() as u64;
             released.extend(blocks);
         }
         released
+    }
+
+    /// Removes every unpinned node without releasing its blocks; the caller
+    /// takes over the index's reference on each block returned (a flush asked
+    /// for away from the pool's owner).
+    pub fn detach_unpinned(&mut self) -> Vec<u32> {
+        let mut out = Vec::new();
+        while let Some(blocks) = self.remove_lru_leaf() {
+            out.extend(blocks);
+        }
+        out
+    }
+
+    /// Takes the least-recently-used unpinned leaf out of the tree and
+    /// returns its blocks, whose references the caller now holds.
+    fn remove_lru_leaf(&mut self) -> Option<Vec<u32>> {
+        // Leaves are few next to the tokens they hold; a scan keeps this simple.
+        let id = self
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(id, n)| *id != ROOT && n.live && n.pins == 0 && n.children.is_empty())
+            .min_by_key(|(_, n)| n.last_access)
+            .map(|(id, _)| id)?;
+        let node = &mut self.nodes[id];
+        node.live = false;
+        let parent = node.parent;
+        let first = node.key[0];
+        let blocks = std::mem::take(&mut node.blocks);
+        node.key.clear();
+        self.nodes[parent].children.remove(&first);
+        self.free_nodes.push(id);
+        self.stats.cached_blocks -= blocks.len();
+        self.stats.evicted_blocks += blocks.len() as u64;
+        Some(blocks)
     }
 
     /// Releases everything not pinned (a cache flush).

@@ -9,6 +9,13 @@
 //! preempted (its blocks released, its tokens kept) and resumed later by
 //! prefilling what it had.
 //!
+//! With a [`SharedPrefixCache`] attached, admission reuses the longest cached
+//! prefix of the prompt (its KV blocks are shared, only the rest is
+//! prefilled), and a sequence that finishes or is preempted indexes its whole
+//! blocks for later requests. The cache is locked only at those points and
+//! when the pool runs short (to evict unused prefixes before preempting
+//! anyone), never per token.
+//!
 //! The scheduler is synchronous and owns no thread; the daemon's decoder actor
 //! calls `step` on a dedicated OS thread.
 
@@ -18,6 +25,7 @@ use std::sync::Arc;
 use crate::generate::{FinishReason, StopMatcher};
 use crate::kv_cache::{BlockTable, KvCache};
 use crate::models::{Logits, Model, SeqBatch};
+use crate::prefix_cache::{prefix_key, ImageSpan, Reuse, SharedPrefixCache};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use crate::{Error, Result};
@@ -48,6 +56,9 @@ pub struct SeqRequest {
     pub stop: Vec<String>,
     /// Higher runs first; equal priorities run in arrival order.
     pub priority: i32,
+    /// Prompt positions that hold images (their KV is shared only with the
+    /// same image).
+    pub images: Vec<ImageSpan>,
 }
 
 /// What a sequence reports as it runs.
@@ -118,6 +129,8 @@ struct Seq {
     started: bool,
     /// An `Error` event was sent: nothing may follow it.
     failed: bool,
+    /// The cached prefix this sequence shares (its pin on the index).
+    reuse: Option<Reuse>,
 }
 
 impl Seq {
@@ -141,6 +154,10 @@ pub struct Scheduler {
     running: Vec<Seq>,
     logits: Vec<f32>,
     stats: SchedulerStats,
+    /// The shared prefix cache and the epoch this scheduler's pool has in it.
+    prefix: Option<(Arc<SharedPrefixCache>, u64)>,
+    /// Scratch for prefix keys.
+    key: Vec<u64>,
 }
 
 impl Scheduler {
@@ -157,6 +174,33 @@ impl Scheduler {
             waiting: VecDeque::new(),
             running: Vec::with_capacity(max_running),
             stats: SchedulerStats::default(),
+            prefix: None,
+            key: Vec::new(),
+        }
+    }
+
+    /// Shares prefixes through `cache`, which is reset for this scheduler's
+    /// pool (anything it indexed belonged to an earlier pool).
+    ///
+    /// Models with sliding-window layers share nothing: a reused prefix would
+    /// also need the window-pool KV of its last `window` positions, which
+    /// sequences release as they slide and the index does not keep.
+    pub fn with_prefix_cache(mut self, cache: Arc<SharedPrefixCache>) -> Self {
+        let layout = self.kv.layout();
+        let epoch = cache
+            .lock()
+            .reset(layout.block_size, layout.window.is_none());
+        self.prefix = Some((cache, epoch));
+        self
+    }
+
+    /// Releases the blocks a flush of the prefix cache left to this thread
+    /// (cheap when there are none). [`step`](Self::step) calls it too.
+    pub fn release_flushed(&mut self) {
+        if let Some((pc, epoch)) = &self.prefix {
+            if pc.has_flushed() {
+                pc.release_flushed(&mut self.kv, *epoch);
+            }
         }
     }
 
@@ -205,7 +249,13 @@ impl Scheduler {
                 self.waiting.len()
             )));
         }
-        let limit = req.max_tokens.min(info.context_length - req.prompt.len());
+        // A sequence alone in the pool can always finish: preemption frees
+        // the pool for the oldest sequence, eviction frees cached prefixes.
+        let pool_tokens = self.kv.n_blocks() * info.kv.block_size;
+        let limit = req
+            .max_tokens
+            .min(info.context_length - req.prompt.len())
+            .min(pool_tokens - req.prompt.len());
         let seq = Seq {
             sampler: Sampler::new(req.sampling.clone(), info.vocab_size),
             stops: StopMatcher::new(&req.stop),
@@ -221,6 +271,7 @@ impl Scheduler {
             decoder: StreamDecoder::new(true),
             started: false,
             failed: false,
+            reuse: None,
             sink,
             req,
         };
@@ -258,7 +309,7 @@ impl Scheduler {
             .chain(self.waiting.drain(..))
             .collect();
         for mut s in all {
-            s.table.release(&mut self.kv);
+            self.retire(&mut s, false);
             (s.sink)(SeqEvent::Error {
                 message: message.to_string(),
             });
@@ -284,6 +335,7 @@ impl Scheduler {
     /// Runs one forward pass over the running sequences and delivers the
     /// resulting events. Does nothing when there is no work.
     pub fn step(&mut self) -> Result<()> {
+        self.release_flushed();
         self.admit();
         if self.running.is_empty() {
             return Ok(());
@@ -345,7 +397,7 @@ impl Scheduler {
             let message = format!("forward pass failed: {e}");
             for &(i, _) in plan.iter().rev() {
                 let mut s = self.running.remove(i);
-                s.table.release(&mut self.kv);
+                self.retire(&mut s, false);
                 (s.sink)(SeqEvent::Error {
                     message: message.clone(),
                 });
@@ -383,23 +435,64 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Moves waiting sequences into the running set while slots and blocks allow.
+    /// Moves waiting sequences into the running set while slots and blocks
+    /// allow, each starting from the longest cached prefix of its tokens.
     fn admit(&mut self) {
         while self.running.len() < self.cfg.max_running {
-            let Some(front) = self.waiting.front() else {
+            let Some(front) = self.waiting.front_mut() else {
                 break;
             };
             let need = self.kv.layout().blocks_for_tokens(front.tokens.len() + 1);
-            if need > self.kv.free_blocks() {
-                break;
+            match self.prefix.clone() {
+                Some((pc, epoch)) => {
+                    let mut c = pc.lock();
+                    if c.epoch() != epoch {
+                        // A newer pool owns the index: share nothing.
+                        drop(c);
+                        self.prefix = None;
+                        continue;
+                    }
+                    // At least the last token runs, to give the logits to sample from.
+                    let n = front.tokens.len() - 1;
+                    prefix_key(&front.tokens[..n], &front.req.images, &mut self.key);
+                    let reuse = c.lookup(&self.key, &mut self.kv);
+                    let have = reuse.as_ref().map_or(0, |r| r.blocks.len());
+                    if !c.make_room(need - have, &mut self.kv) {
+                        if let Some(r) = reuse {
+                            c.unpin(&r);
+                            for b in r.blocks {
+                                self.kv.release(b);
+                            }
+                        }
+                        break;
+                    }
+                    if let Some(r) = reuse {
+                        front.table.blocks.extend_from_slice(&r.blocks);
+                        front.cached = r.tokens;
+                        front.reuse = Some(r);
+                    }
+                }
+                None => {
+                    if need > self.kv.free_blocks() {
+                        break;
+                    }
+                }
             }
             let s = self.waiting.pop_front().expect("front exists");
-            self.running.push(s);
+            // Behind every running sequence of the same or higher priority,
+            // so preemption, which takes from the back, spares those.
+            let at = self
+                .running
+                .iter()
+                .position(|r| r.req.priority < s.req.priority)
+                .unwrap_or(self.running.len());
+            self.running.insert(at, s);
         }
     }
 
-    /// Makes sequence `i`'s table hold `tokens` positions, preempting the newest
-    /// other sequences if the pool is short. Returns false if it still cannot.
+    /// Makes sequence `i`'s table hold `tokens` positions, evicting unused
+    /// cached prefixes and then preempting the newest sequences that `i`
+    /// outranks if the pool is short. Returns false if it still cannot.
     fn reserve(&mut self, i: usize, tokens: usize) -> bool {
         // The next forward starts at `cached`: sliding-window layers release
         // the blocks no query from there on can see.
@@ -409,23 +502,68 @@ impl Scheduler {
             if self.running[i].table.reserve(&mut self.kv, tokens).is_ok() {
                 return true;
             }
-            // Newest sequence other than `i`, taken from the back.
+            let want = self
+                .kv
+                .layout()
+                .blocks_for_tokens(tokens)
+                .saturating_sub(self.running[i].table.blocks.len());
+            if want > self.kv.free_blocks() {
+                if let Some((pc, epoch)) = &self.prefix {
+                    let mut c = pc.lock();
+                    let before = self.kv.free_blocks();
+                    if c.epoch() == *epoch {
+                        c.make_room(want, &mut self.kv);
+                    }
+                    if self.kv.free_blocks() > before {
+                        continue;
+                    }
+                }
+            }
+            // The running set is ordered by priority, then admission: the
+            // last sequence is the lowest-priority newest one.
             let victim = (0..self.running.len()).rev().find(|&j| j != i);
             let Some(j) = victim else { return false };
             if j < i {
-                // Never preempt an older sequence for a newer one's sake.
+                // Never preempt a sequence that outranks `i`.
                 return false;
             }
             let mut s = self.running.remove(j);
-            s.table.release(&mut self.kv);
+            // What it computed stays indexed, so resuming may skip it.
+            self.retire(&mut s, true);
             s.cached = 0;
             self.stats.preemptions += 1;
-            self.waiting.push_front(s);
+            // Ahead of every waiting sequence it does not rank below.
+            let at = self
+                .waiting
+                .iter()
+                .position(|w| w.req.priority <= s.req.priority)
+                .unwrap_or(self.waiting.len());
+            self.waiting.insert(at, s);
         }
     }
 
-    fn finish(&mut self, mut s: Seq, reason: FinishReason) {
+    /// Gives back a sequence's blocks and its pin on the prefix cache,
+    /// indexing its computed whole blocks first when `index` is set (not after
+    /// a failed forward, which leaves the KV unknown).
+    fn retire(&mut self, s: &mut Seq, index: bool) {
+        if let Some((pc, epoch)) = &self.prefix {
+            let mut c = pc.lock();
+            if c.epoch() == *epoch {
+                if index && s.cached > 0 {
+                    prefix_key(&s.tokens[..s.cached], &s.req.images, &mut self.key);
+                    c.insert(&self.key, &s.table.blocks, &mut self.kv);
+                }
+                if let Some(r) = s.reuse.take() {
+                    c.unpin(&r);
+                }
+            }
+        }
+        s.reuse = None;
         s.table.release(&mut self.kv);
+    }
+
+    fn finish(&mut self, mut s: Seq, reason: FinishReason) {
+        self.retire(&mut s, true);
         if s.failed {
             return;
         }

@@ -10,6 +10,7 @@ use embody_engine::backend::cpu::CpuBackend;
 use embody_engine::generate::FinishReason;
 use embody_engine::gguf::Gguf;
 use embody_engine::models::{load_gguf, LoadOptions};
+use embody_engine::prefix_cache::SharedPrefixCache;
 use embody_engine::sampling::SamplingParams;
 use embody_engine::scheduler::{Scheduler, SchedulerConfig, SeqEvent, SeqRequest};
 use embody_engine::tokenizer::Tokenizer;
@@ -45,6 +46,7 @@ fn request(id: u64, len: usize, max_tokens: usize) -> SeqRequest {
         max_tokens,
         stop: vec![],
         priority: 0,
+        images: vec![],
     }
 }
 
@@ -230,4 +232,206 @@ fn queue_bound_priorities_and_bad_requests() {
     }
     let e = s.submit(request(99, 4, 2), Box::new(|_| true)).unwrap_err();
     assert!(matches!(e, Error::Overloaded(_)), "{e}");
+}
+
+fn cached_scheduler(
+    kv_blocks: usize,
+    max_running: usize,
+    max_batch: usize,
+) -> (Scheduler, Arc<SharedPrefixCache>) {
+    let pc = SharedPrefixCache::new(4, true);
+    let s = scheduler(kv_blocks, max_running, max_batch).with_prefix_cache(pc.clone());
+    (s, pc)
+}
+
+/// A request whose prompt is a shared head of `shared` tokens and a tail of
+/// `tail` tokens of its own.
+fn with_prefix(id: u64, shared: usize, tail: usize, max_tokens: usize) -> SeqRequest {
+    let mut r = request(id, shared + tail, max_tokens);
+    for (i, t) in r.prompt[..shared].iter_mut().enumerate() {
+        *t = 2 + (i as u32 * 5 % 26);
+    }
+    r
+}
+
+fn alone_req(req: SeqRequest) -> Vec<u32> {
+    let mut s = scheduler(64, 1, 64);
+    let log = Log::default();
+    let id = req.id;
+    submit(&mut s, &log, req);
+    run(&mut s);
+    tokens_of(&log, id)
+}
+
+#[test]
+fn cached_prefixes_give_the_same_tokens_and_skip_prefill() {
+    let reqs: Vec<SeqRequest> = (0..6)
+        .map(|i| with_prefix(i, 21, 3 + i as usize, 10))
+        .collect();
+    let expected: Vec<Vec<u32>> = reqs.iter().cloned().map(alone_req).collect();
+    let (mut s, pc) = cached_scheduler(128, 4, 64);
+    let log = Log::default();
+    // One at a time: each after the first reuses the 20 shared positions (5 blocks).
+    for r in &reqs[..3] {
+        submit(&mut s, &log, r.clone());
+        run(&mut s);
+    }
+    assert_eq!(pc.stats().hit_tokens, 2 * 20, "{:?}", pc.stats());
+    // Then three at once, the prefix and the earlier answers all cached.
+    for r in &reqs[3..] {
+        submit(&mut s, &log, r.clone());
+    }
+    run(&mut s);
+    assert_eq!(pc.stats().hit_tokens, 5 * 20);
+    for (i, e) in expected.iter().enumerate() {
+        assert_eq!(&tokens_of(&log, i as u64), e, "sequence {i}");
+    }
+    // Asking the same again hits the prompt and the generated text too.
+    let again = with_prefix(0, 21, 3, 10);
+    let before = pc.stats().hit_tokens;
+    submit(&mut s, &log, SeqRequest { id: 100, ..again });
+    run(&mut s);
+    assert_eq!(tokens_of(&log, 100), expected[0]);
+    assert_eq!(
+        pc.stats().hit_tokens - before,
+        20,
+        "24 prompt positions less the last: 5 blocks"
+    );
+    // Only the index holds blocks now; a flush gives every one back.
+    let cached = pc.stats().cached_blocks;
+    assert!(cached > 5);
+    assert_eq!(s.stats().kv_blocks_used, cached);
+    assert_eq!(pc.flush(), cached);
+    s.release_flushed();
+    assert_eq!((s.stats().kv_blocks_used, pc.stats().cached_blocks), (0, 0));
+}
+
+#[test]
+fn a_short_pool_evicts_cached_prefixes_before_preempting() {
+    // 16 blocks: each request needs 8 (10 + 20 positions of 4).
+    let reqs: Vec<SeqRequest> = (0..6).map(|i| request(i, 10, 20)).collect();
+    let expected: Vec<Vec<u32>> = reqs.iter().cloned().map(alone_req).collect();
+    let (mut s, pc) = cached_scheduler(16, 1, 64);
+    let log = Log::default();
+    for r in &reqs {
+        submit(&mut s, &log, r.clone());
+        run(&mut s);
+    }
+    for (i, e) in expected.iter().enumerate() {
+        assert_eq!(&tokens_of(&log, i as u64), e, "sequence {i}");
+    }
+    let st = pc.stats();
+    assert!(st.evicted_blocks > 0, "{st:?}");
+    assert_eq!(s.stats().preemptions, 0);
+    assert_eq!(s.stats().kv_blocks_used, st.cached_blocks);
+}
+
+#[test]
+fn preemption_with_the_cache_resumes_with_the_same_tokens() {
+    let expected: Vec<Vec<u32>> = (0..4).map(|i| alone(i, 10, 20)).collect();
+    let (mut s, pc) = cached_scheduler(14, 4, 64);
+    let log = Log::default();
+    for i in 0..4 {
+        submit(&mut s, &log, request(i, 10, 20));
+    }
+    run(&mut s);
+    assert!(s.stats().preemptions > 0, "the pool was meant to run out");
+    for (i, e) in expected.iter().enumerate() {
+        assert_eq!(&tokens_of(&log, i as u64), e, "sequence {i}");
+    }
+    pc.flush();
+    s.release_flushed();
+    assert_eq!(s.stats().kv_blocks_used, 0);
+}
+
+/// Random mixes of shared prefixes, cancellations, priorities and a small
+/// pool: tokens match each request alone, and every block reference is
+/// given back once everything ends and the cache is flushed.
+#[test]
+fn property_random_loads_keep_tokens_and_balance_blocks() {
+    let mut rng = 0x2545F4914F6CDD1Du64;
+    let mut next = |m: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % m
+    };
+    let (mut hits, mut preemptions) = (0, 0);
+    for round in 0..5 {
+        let n = 4 + next(5) as usize;
+        let reqs: Vec<SeqRequest> = (0..n as u64)
+            .map(|i| {
+                let mut r = with_prefix(
+                    i,
+                    [0, 5, 12, 16][next(4) as usize],
+                    1 + next(10) as usize,
+                    1 + next(12) as usize,
+                );
+                r.priority = next(3) as i32;
+                r
+            })
+            .collect();
+        let expected: Vec<Vec<u32>> = reqs.iter().cloned().map(alone_req).collect();
+        let (mut s, pc) = cached_scheduler(
+            10 + next(10) as usize,
+            1 + next(4) as usize,
+            8 + next(32) as usize,
+        );
+        let log = Log::default();
+        let cancel = next(n as u64 + 2);
+        for r in &reqs {
+            submit(&mut s, &log, r.clone());
+            if next(2) == 0 {
+                s.step().unwrap();
+            }
+        }
+        let mut steps = 0;
+        while s.has_work() {
+            if steps == 3 {
+                s.cancel(cancel);
+            }
+            if steps == 5 && next(2) == 0 {
+                pc.flush();
+            }
+            s.step().unwrap();
+            steps += 1;
+            assert!(steps < 10_000);
+        }
+        for (i, e) in expected.iter().enumerate() {
+            let got = tokens_of(&log, i as u64);
+            if i as u64 == cancel {
+                assert!(e.starts_with(&got), "round {round}: cancelled {i} diverged");
+            } else {
+                assert_eq!(&got, e, "round {round}: sequence {i}");
+            }
+        }
+        assert_eq!(
+            s.stats().kv_blocks_used,
+            pc.stats().cached_blocks,
+            "round {round}"
+        );
+        hits += pc.stats().hit_tokens;
+        preemptions += s.stats().preemptions;
+        pc.flush();
+        s.release_flushed();
+        assert_eq!(s.stats().kv_blocks_used, 0, "round {round}");
+    }
+    assert!(
+        hits > 0 && preemptions > 0,
+        "hits {hits}, preemptions {preemptions}"
+    );
+}
+
+#[test]
+fn a_sequence_longer_than_the_pool_ends_at_its_length() {
+    let mut s = scheduler(8, 2, 64);
+    let log = Log::default();
+    submit(&mut s, &log, request(1, 10, 100));
+    submit(&mut s, &log, request(2, 10, 100));
+    run(&mut s);
+    // 8 blocks of 4 hold 32 positions: 22 tokens after a prompt of 10.
+    for id in [1, 2] {
+        assert_eq!(finish_of(&log, id), Some((FinishReason::Length, 10, 22)));
+    }
+    assert_eq!(s.stats().kv_blocks_used, 0);
 }
