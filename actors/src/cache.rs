@@ -1,10 +1,21 @@
-//! The cache actor: KV block accounting. It turns the memory budget into a
-//! block count for the decoder's paged KV pool and reports how many blocks are
-//! in use. (The radix prefix index will live here too.)
+//! The cache actor: KV block accounting and the radix prefix cache. It turns
+//! the memory budget into a block count for the decoder's paged KV pool,
+//! reports how many blocks are in use and cached, and flushes the cache.
+//!
+//! The prefix index holds references on blocks of the decoder's pool, and the
+//! decoder thread is synchronous: asking this actor by message at every
+//! admission would park inference on the async world. So the index sits in a
+//! [`SharedPrefixCache`] that this actor answers for and the decoder thread
+//! locks briefly at two points of a request's life (admission: look up and
+//! pin its prefix; completion: index its blocks), plus when the pool runs
+//! short. Like the admission queue, the handle outlives either actor: a
+//! restarted decoder resets it for its new pool, a restarted cache actor
+//! finds it as it was.
 
 use std::sync::Arc;
 
 use embody_engine::kv_cache::KvLayout;
+use embody_engine::prefix_cache::{PrefixStats, SharedPrefixCache};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::shared::Shared;
@@ -20,11 +31,12 @@ pub(crate) struct KvPlan {
     pub bytes: u64,
 }
 
-/// Blocks in use and in the pool.
+/// Blocks in use and in the pool, and the prefix cache's counters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct KvUsage {
     pub used: usize,
     pub total: usize,
+    pub prefix: PrefixStats,
 }
 
 pub(crate) struct CacheArgs {
@@ -32,6 +44,7 @@ pub(crate) struct CacheArgs {
     pub budget_mb: usize,
     pub context_length: usize,
     pub shared: Arc<Shared>,
+    pub prefix: Arc<SharedPrefixCache>,
 }
 
 /// The cache actor.
@@ -40,6 +53,7 @@ pub(crate) struct CacheActor;
 pub(crate) struct CacheState {
     plan: KvPlan,
     shared: Arc<Shared>,
+    prefix: Arc<SharedPrefixCache>,
 }
 
 pub(crate) enum CacheMsg {
@@ -47,6 +61,9 @@ pub(crate) enum CacheMsg {
     Plan(RpcReplyPort<KvPlan>),
     /// Blocks in use now.
     Usage(RpcReplyPort<KvUsage>),
+    /// Drop every cached prefix no running request uses; replies with the
+    /// blocks dropped.
+    Flush(RpcReplyPort<usize>),
 }
 
 impl Actor for CacheActor {
@@ -83,6 +100,7 @@ impl Actor for CacheActor {
         Ok(CacheState {
             plan,
             shared: args.shared,
+            prefix: args.prefix,
         })
     }
 
@@ -107,7 +125,15 @@ impl Actor for CacheActor {
                 let _ = reply.send(KvUsage {
                     used: s.kv_blocks_used,
                     total,
+                    prefix: state.prefix.stats(),
                 });
+            }
+            CacheMsg::Flush(reply) => {
+                let blocks = state.prefix.flush();
+                // The decoder thread releases the blocks on its next turn.
+                state.shared.wake.notify_all();
+                tracing::info!(blocks, "prefix cache flushed");
+                let _ = reply.send(blocks);
             }
         }
         Ok(())

@@ -25,6 +25,8 @@ pub struct RuntimeConfig {
     pub block_size: usize,
     /// Most requests decoding at once.
     pub max_running: usize,
+    /// Reuse the KV of prompt prefixes seen before, across requests.
+    pub prefix_cache: bool,
     /// Limits that can change while the runtime runs.
     pub limits: Limits,
     /// Wait before the first restart of a failed actor; doubles with each
@@ -75,6 +77,7 @@ impl Default for RuntimeConfig {
             kv_cache_mb: 256,
             block_size: embody_engine::kv_cache::DEFAULT_BLOCK_SIZE,
             max_running: 8,
+            prefix_cache: true,
             limits: Limits::default(),
             restart_backoff: Duration::from_millis(100),
             restart_backoff_max: Duration::from_secs(10),

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use embody_engine::generate::FinishReason as EngineFinish;
+use embody_engine::prefix_cache::SharedPrefixCache;
 use embody_engine::scheduler::{EventSink, Scheduler, SchedulerConfig, SeqEvent, SeqRequest};
 use embody_protocol::{ErrorCode, Event, Fault, FinishReason, Usage};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -33,6 +34,8 @@ pub(crate) struct DecoderArgs {
     pub source: Arc<ModelSource>,
     pub kv_blocks: usize,
     pub max_running: usize,
+    /// The prefix cache, when sharing is on.
+    pub prefix: Option<Arc<SharedPrefixCache>>,
 }
 
 /// The decoder actor.
@@ -198,6 +201,9 @@ impl DecoderThread {
                 max_queued: max_running,
             },
         );
+        if let Some(pc) = &self.args.prefix {
+            sched = sched.with_prefix_cache(pc.clone());
+        }
         publish(shared, &sched);
         shared.beat();
         let mut last_steps = 0;
@@ -218,7 +224,8 @@ impl DecoderThread {
                     }
                     let input = (free > 0 && !inbox.queue.is_empty())
                         || !inbox.cancels.is_empty()
-                        || inbox.fault.is_some();
+                        || inbox.fault.is_some()
+                        || self.args.prefix.as_ref().is_some_and(|p| p.has_flushed());
                     if input || sched.has_work() {
                         break;
                     }
@@ -264,6 +271,7 @@ impl DecoderThread {
             for id in cancels {
                 sched.cancel(id);
             }
+            sched.release_flushed();
             if sched.has_work() {
                 if let Err(e) = sched.step() {
                     // The scheduler has ended the batch's requests with errors.
@@ -297,6 +305,7 @@ impl DecoderThread {
             max_tokens: p.max_tokens,
             stop: p.stop,
             priority: p.priority,
+            images: Vec::new(),
         };
         if let Err(e) = sched.submit(req, sink) {
             self.shared().release(id);

@@ -12,6 +12,7 @@ use embody_protocol::{ErrorCode, Event, Fault, Message, Request, Status};
 use ractor::{Actor, ActorRef};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
+use crate::cache::CacheMsg;
 use crate::cameras::Cameras;
 use crate::config::{Limits, RuntimeConfig};
 use crate::device::{DeviceError, ModelSource};
@@ -305,6 +306,16 @@ impl Runtime {
             "supervisor",
         )
         .await
+    }
+
+    /// Drops every cached prompt prefix that no running request uses, and
+    /// returns the KV blocks dropped. Their memory goes back to the pool on
+    /// the decoder's next turn.
+    pub async fn flush_cache(&self) -> Result<u64, RuntimeError> {
+        let cache = lock(&self.inner.children).cache.clone();
+        let cache = cache.ok_or(RuntimeError::ActorGone("cache"))?;
+        let blocks = call(&cache, CacheMsg::Flush, self.inner.call_timeout, "cache").await?;
+        Ok(blocks as u64)
     }
 
     /// Whether the decoder makes progress.

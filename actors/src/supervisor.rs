@@ -17,6 +17,8 @@ use ractor::{
     Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent,
 };
 
+use embody_engine::prefix_cache::SharedPrefixCache;
+
 use crate::cache::{CacheActor, CacheArgs, CacheMsg, KvPlan};
 use crate::config::RuntimeConfig;
 use crate::decoder::{DecoderActor, DecoderArgs, DecoderFailed};
@@ -62,6 +64,8 @@ pub(crate) struct SupervisorState {
     children: Arc<std::sync::Mutex<Children>>,
     source: Arc<ModelSource>,
     plan: KvPlan,
+    /// The prefix cache the cache actor answers for and the decoder uses.
+    prefix: Arc<SharedPrefixCache>,
     ids: Vec<(ActorId, ChildKind)>,
     restarts: std::collections::HashMap<ChildKind, Restarts>,
     stopping: bool,
@@ -95,7 +99,14 @@ impl Supervisor {
                 id
             }
             ChildKind::Cache => {
-                let (r, _) = spawn_cache(&cell, &state.cfg, &state.source, &state.shared).await?;
+                let (r, _) = spawn_cache(
+                    &cell,
+                    &state.cfg,
+                    &state.source,
+                    &state.shared,
+                    &state.prefix,
+                )
+                .await?;
                 let id = r.get_id();
                 lock(&state.children).cache = Some(r);
                 id
@@ -109,7 +120,13 @@ impl Supervisor {
                 id
             }
             ChildKind::Decoder => {
-                let args = decoder_args(&state.cfg, &state.shared, &state.source, state.plan);
+                let args = decoder_args(
+                    &state.cfg,
+                    &state.shared,
+                    &state.source,
+                    state.plan,
+                    &state.prefix,
+                );
                 let (r, _) = Actor::spawn_linked(None, DecoderActor, args, cell).await?;
                 let id = r.get_id();
                 lock(&state.children).decoder = Some(r);
@@ -224,6 +241,10 @@ impl Supervisor {
             kv_blocks_used: kv.map_or(stats.kv_blocks_used, |k| k.used) as u32,
             kv_blocks_total: kv.map_or(state.plan.blocks, |k| k.total) as u32,
             kv_block_tokens: state.plan.block_tokens as u32,
+            kv_blocks_cached: kv.map_or(0, |k| k.prefix.cached_blocks) as u32,
+            prefix_hit_tokens: kv.map_or(0, |k| k.prefix.hit_tokens),
+            prefix_lookup_tokens: kv.map_or(0, |k| k.prefix.lookup_tokens),
+            prefix_evicted_blocks: kv.map_or(0, |k| k.prefix.evicted_blocks),
             steps: shared.steps.load(Ordering::Relaxed),
             decoder_restarts: shared.restarts.load(Ordering::Relaxed),
             rss_bytes: memory.map_or_else(resident_bytes, |m| m.rss_bytes),
@@ -244,12 +265,14 @@ fn decoder_args(
     shared: &Arc<Shared>,
     src: &Arc<ModelSource>,
     plan: KvPlan,
+    prefix: &Arc<SharedPrefixCache>,
 ) -> DecoderArgs {
     DecoderArgs {
         shared: shared.clone(),
         source: src.clone(),
         kv_blocks: plan.blocks,
         max_running: cfg.max_running,
+        prefix: cfg.prefix_cache.then(|| prefix.clone()),
     }
 }
 
@@ -258,12 +281,14 @@ async fn spawn_cache(
     cfg: &RuntimeConfig,
     src: &ModelSource,
     shared: &Arc<Shared>,
+    prefix: &Arc<SharedPrefixCache>,
 ) -> Result<(ActorRef<CacheMsg>, tokio::task::JoinHandle<()>), ractor::SpawnErr> {
     let args = CacheArgs {
         layout: src.info.kv,
         budget_mb: cfg.kv_cache_mb,
         context_length: src.info.context_length,
         shared: shared.clone(),
+        prefix: prefix.clone(),
     };
     Actor::spawn_linked(None, CacheActor, args, cell.clone()).await
 }
@@ -311,7 +336,9 @@ impl Actor for Supervisor {
         .map_err(startup_error)?;
         let source = call(&device, DeviceMsg::Source, timeout, "device").await?;
         // 2. The cache: the KV pool's size.
-        let (cache, _) = spawn_cache(&cell, &cfg, &source, &args.shared)
+        // Sharing is switched on by the decoder when the model allows it.
+        let prefix = SharedPrefixCache::new(source.info.kv.block_size, false);
+        let (cache, _) = spawn_cache(&cell, &cfg, &source, &args.shared, &prefix)
             .await
             .map_err(startup_error)?;
         let plan = call(&cache, CacheMsg::Plan, timeout, "cache").await?;
@@ -324,7 +351,7 @@ impl Actor for Supervisor {
         let (decoder, _) = Actor::spawn_linked(
             None,
             DecoderActor,
-            decoder_args(&cfg, &args.shared, &source, plan),
+            decoder_args(&cfg, &args.shared, &source, plan, &prefix),
             cell.clone(),
         )
         .await
@@ -361,6 +388,7 @@ impl Actor for Supervisor {
             children: args.children,
             source,
             plan,
+            prefix,
             ids,
             restarts,
             stopping: false,

@@ -70,6 +70,11 @@ impl Client {
         self.rt.block_on(self.inner.status())
     }
 
+    /// Drops the unused cached prompt prefixes (see [`crate::Client::flush_cache`]).
+    pub fn flush_cache(&self) -> Result<u64, ClientError> {
+        self.rt.block_on(self.inner.flush_cache())
+    }
+
     /// Makes the daemon's decoder fail (tests only; see [`crate::Client::inject_fault`]).
     pub fn inject_fault(&self, fault: Fault) -> Result<(), ClientError> {
         self.rt.block_on(self.inner.inject_fault(fault))

@@ -138,6 +138,7 @@ fn display_paths(p: &[PathBuf]) -> String {
 enum Reply {
     Status(Box<Status>),
     Ack(Option<ErrorBody>),
+    Flushed(u64, Option<ErrorBody>),
 }
 
 #[derive(Default)]
@@ -287,6 +288,11 @@ impl Client {
                             let _ = tx.send(Reply::Ack(error));
                         }
                     }
+                    Frame::FlushReply { id, blocks, error } => {
+                        if let Some(tx) = conn.routes().replies.remove(&id) {
+                            let _ = tx.send(Reply::Flushed(blocks, error));
+                        }
+                    }
                     Frame::Error(body) => break body,
                     // Client-bound frames only; anything else is ignored.
                     _ => {}
@@ -339,7 +345,18 @@ impl Client {
         let id = self.conn.id();
         match self.conn.request(id, Frame::Status { id }).await? {
             Reply::Status(s) => Ok(*s),
-            Reply::Ack(e) => Err(refused(e)),
+            Reply::Ack(e) | Reply::Flushed(_, e) => Err(refused(e)),
+        }
+    }
+
+    /// Drops every cached prompt prefix that no running request uses;
+    /// returns the KV blocks dropped.
+    pub async fn flush_cache(&self) -> Result<u64, ClientError> {
+        let id = self.conn.id();
+        match self.conn.request(id, Frame::FlushCache { id }).await? {
+            Reply::Flushed(blocks, None) => Ok(blocks),
+            Reply::Flushed(_, e) | Reply::Ack(e) => Err(refused(e)),
+            Reply::Status(_) => Err(refused(None)),
         }
     }
 
@@ -351,7 +368,7 @@ impl Client {
         match self.conn.request(id, Frame::Fault { id, fault }).await? {
             Reply::Ack(None) => Ok(()),
             Reply::Ack(Some(e)) => Err(refused(Some(e))),
-            Reply::Status(_) => Err(refused(None)),
+            Reply::Status(_) | Reply::Flushed(..) => Err(refused(None)),
         }
     }
 }

@@ -525,6 +525,15 @@ pub struct Status {
     pub kv_blocks_total: u32,
     /// Tokens per KV block.
     pub kv_block_tokens: u32,
+    /// KV blocks the prefix cache holds (counted in `kv_blocks_used`; freed
+    /// when the pool needs them).
+    pub kv_blocks_cached: u32,
+    /// Prompt tokens served from the prefix cache instead of prefilled.
+    pub prefix_hit_tokens: u64,
+    /// Prompt tokens looked up in the prefix cache.
+    pub prefix_lookup_tokens: u64,
+    /// KV blocks evicted from the prefix cache (for room or by a flush).
+    pub prefix_evicted_blocks: u64,
     /// Forward passes run since the start.
     pub steps: u64,
     /// Times the decoder was restarted after a failure.

@@ -53,6 +53,8 @@ pub enum FrameKind {
     Status = 3,
     /// Client → daemon: inject a fault (tests only).
     Fault = 4,
+    /// Client → daemon: drop the unused cached prefixes.
+    FlushCache = 5,
     /// Daemon → client: one event of a request's stream.
     Event = 16,
     /// Daemon → client: the answer to a status query.
@@ -62,6 +64,8 @@ pub enum FrameKind {
     /// Daemon → client: the connection failed (a bad frame); the daemon
     /// closes the connection after it.
     Error = 19,
+    /// Daemon → client: the answer to a cache flush.
+    FlushReply = 20,
 }
 
 impl FrameKind {
@@ -72,10 +76,12 @@ impl FrameKind {
             2 => FrameKind::Cancel,
             3 => FrameKind::Status,
             4 => FrameKind::Fault,
+            5 => FrameKind::FlushCache,
             16 => FrameKind::Event,
             17 => FrameKind::StatusReply,
             18 => FrameKind::Ack,
             19 => FrameKind::Error,
+            20 => FrameKind::FlushReply,
             _ => return None,
         })
     }
@@ -106,6 +112,12 @@ pub enum Frame {
         /// What to break.
         fault: Fault,
     },
+    /// Drop every cached prefix no running request uses; the
+    /// [`Frame::FlushReply`] carries the same id.
+    FlushCache {
+        /// Caller-chosen id of the flush.
+        id: u64,
+    },
     /// One event of request `id`'s stream.
     Event {
         /// The request's id.
@@ -129,6 +141,15 @@ pub enum Frame {
     },
     /// The connection failed; nothing follows.
     Error(ErrorBody),
+    /// The answer to [`Frame::FlushCache`].
+    FlushReply {
+        /// The flush's id.
+        id: u64,
+        /// KV blocks dropped from the prefix cache.
+        blocks: u64,
+        /// Why it failed; none when it was done.
+        error: Option<ErrorBody>,
+    },
 }
 
 /// An error code with its message.
@@ -149,6 +170,8 @@ impl Frame {
             Frame::Cancel { .. } => FrameKind::Cancel,
             Frame::Status { .. } => FrameKind::Status,
             Frame::Fault { .. } => FrameKind::Fault,
+            Frame::FlushCache { .. } => FrameKind::FlushCache,
+            Frame::FlushReply { .. } => FrameKind::FlushReply,
             Frame::Event { .. } => FrameKind::Event,
             Frame::StatusReply { .. } => FrameKind::StatusReply,
             Frame::Ack { .. } => FrameKind::Ack,
@@ -326,6 +349,15 @@ struct StatusBody {
     status: Box<Status>,
 }
 
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FlushReplyBody {
+    id: u64,
+    blocks: u64,
+    #[serde(default)]
+    error: Option<ErrorBody>,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct AckBody {
@@ -396,6 +428,13 @@ pub fn decode_body(header: &Header, meta: &[u8], attachments: &[u8]) -> Result<F
         FrameKind::Status => Frame::Status {
             id: json::<IdBody>(meta, bad)?.id,
         },
+        FrameKind::FlushCache => Frame::FlushCache {
+            id: json::<IdBody>(meta, bad)?.id,
+        },
+        FrameKind::FlushReply => {
+            let FlushReplyBody { id, blocks, error } = json(meta, bad)?;
+            Frame::FlushReply { id, blocks, error }
+        }
         FrameKind::Fault => {
             let FaultBody { id, fault } = json(meta, bad)?;
             Frame::Fault { id, fault }
@@ -465,7 +504,14 @@ pub fn encode(frame: &Frame) -> Result<Vec<u8>, FrameError> {
             request,
             attachments: request.images.iter().map(|i| i.data.len() as u64).collect(),
         }),
-        Frame::Cancel { id } | Frame::Status { id } => serde_json::to_vec(&IdBody { id: *id }),
+        Frame::Cancel { id } | Frame::Status { id } | Frame::FlushCache { id } => {
+            serde_json::to_vec(&IdBody { id: *id })
+        }
+        Frame::FlushReply { id, blocks, error } => serde_json::to_vec(&FlushReplyBody {
+            id: *id,
+            blocks: *blocks,
+            error: error.clone(),
+        }),
         Frame::Fault { id, fault } => serde_json::to_vec(&FaultBody {
             id: *id,
             fault: *fault,
@@ -618,6 +664,12 @@ mod tests {
                 code: ErrorCode::BadFrame,
                 message: "bad".into(),
             }),
+            Frame::FlushCache { id: 4 },
+            Frame::FlushReply {
+                id: 4,
+                blocks: 63,
+                error: None,
+            },
         ]
     }
 

@@ -76,6 +76,15 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
                 status: Box::default(),
             },
         ),
+        ("flush-cache.bin", Frame::FlushCache { id: 5 }),
+        (
+            "flush-reply.bin",
+            Frame::FlushReply {
+                id: 5,
+                blocks: 12,
+                error: None,
+            },
+        ),
     ];
     frames
         .into_iter()

@@ -3,7 +3,7 @@
 //! Generated text goes to stdout and nothing else does; progress and errors go
 //! to stderr.
 //!
-//! `chat` and `status` talk to a running embodyd through its socket.
+//! `chat`, `status` and `flush-cache` talk to a running embodyd through its socket.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -53,6 +53,8 @@ enum Command {
     Chat(daemon_cmds::ChatArgs),
     /// Show a running embodyd's status; exits 0 only when it is ready.
     Status(daemon_cmds::StatusArgs),
+    /// Drop a running embodyd's cached prompt prefixes (their KV memory is freed).
+    FlushCache(daemon_cmds::FlushArgs),
     /// Generate text from a prompt, streaming only the generated text to stdout.
     Generate {
         #[command(flatten)]
@@ -243,6 +245,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Chat(a) => daemon_cmds::chat(a),
         Command::Status(a) => daemon_cmds::status(a),
+        Command::FlushCache(a) => daemon_cmds::flush_cache(a),
         Command::Inspect { file } => inspect(&file),
         Command::Bench {
             model,
@@ -383,6 +386,7 @@ fn run(cli: Cli) -> Result<()> {
                 max_tokens,
                 stop,
                 priority: 0,
+                images: Vec::new(),
             };
             let (tx, rx) = std::sync::mpsc::channel();
             sched.submit(

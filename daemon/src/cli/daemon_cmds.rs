@@ -55,6 +55,20 @@ pub struct ChatArgs {
     conn: ConnArgs,
 }
 
+/// `embody flush-cache`
+#[derive(clap::Args)]
+pub struct FlushArgs {
+    #[command(flatten)]
+    conn: ConnArgs,
+}
+
+/// Drops the daemon's unused cached prompt prefixes.
+pub fn flush_cache(a: FlushArgs) -> Result<()> {
+    let blocks = a.conn.connect()?.flush_cache()?;
+    println!("flushed {blocks} cached KV blocks");
+    Ok(())
+}
+
 /// `embody status`
 #[derive(clap::Args)]
 pub struct StatusArgs {
@@ -168,8 +182,12 @@ fn print_status(st: &Status) {
         st.running, st.queued, st.max_queued
     );
     println!(
-        "kv cache  {}/{} blocks of {} tokens",
-        st.kv_blocks_used, st.kv_blocks_total, st.kv_block_tokens
+        "kv cache  {}/{} blocks of {} tokens, {} holding cached prefixes",
+        st.kv_blocks_used, st.kv_blocks_total, st.kv_block_tokens, st.kv_blocks_cached
+    );
+    println!(
+        "prefixes  {} of {} prompt tokens reused, {} blocks evicted",
+        st.prefix_hit_tokens, st.prefix_lookup_tokens, st.prefix_evicted_blocks
     );
     println!(
         "decoder   {} steps, {} restarts",

@@ -70,6 +70,9 @@ pub struct CacheConfig {
     pub kv_cache_mb: usize,
     /// Tokens per KV block. Default: 16.
     pub block_size: usize,
+    /// Reuse the KV of prompt prefixes seen before, across requests and
+    /// clients. Default: true.
+    pub prefix_cache: bool,
 }
 
 /// `[decoder]`
@@ -163,6 +166,7 @@ impl Default for CacheConfig {
         Self {
             kv_cache_mb: 256,
             block_size: 16,
+            prefix_cache: true,
         }
     }
 }
@@ -320,6 +324,7 @@ impl Config {
             max_batch_tokens: self.model.max_batch_tokens,
             kv_cache_mb: self.cache.kv_cache_mb,
             block_size: self.cache.block_size,
+            prefix_cache: self.cache.prefix_cache,
             max_running: self.decoder.max_running,
             limits: self.limits(),
             restart_backoff: Duration::from_millis(self.supervisor.restart_backoff_ms),

@@ -247,6 +247,27 @@ async fn connection(stream: UnixStream, rt: Runtime, opts: IpcOptions, peer: &st
                     let _ = out.send(frame);
                 });
             }
+            Frame::FlushCache { id } => {
+                let (rt, out) = (rt.clone(), out.clone());
+                tokio::spawn(async move {
+                    let frame = match rt.flush_cache().await {
+                        Ok(blocks) => Frame::FlushReply {
+                            id,
+                            blocks,
+                            error: None,
+                        },
+                        Err(e) => Frame::FlushReply {
+                            id,
+                            blocks: 0,
+                            error: Some(ErrorBody {
+                                code: ErrorCode::Internal,
+                                message: e.to_string(),
+                            }),
+                        },
+                    };
+                    let _ = out.send(frame);
+                });
+            }
             Frame::Fault { id, fault } => {
                 let error = match rt.inject_fault(fault) {
                     Ok(()) => {

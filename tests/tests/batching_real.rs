@@ -1,0 +1,245 @@
+//! Continuous batching and the prefix cache on real models: greedy tokens are
+//! the same with the cache on or off, alone or inside a batch of 8
+//! mixed-length requests, and after preemption and resume. Gemma 3's
+//! sliding-window layers turn prefix sharing off, and its batches still agree.
+
+use std::sync::{Arc, Mutex};
+
+use embody_engine::backend::cpu::CpuBackend;
+use embody_engine::gguf::Gguf;
+use embody_engine::models::{load_gguf, LoadOptions};
+use embody_engine::prefix_cache::SharedPrefixCache;
+use embody_engine::sampling::SamplingParams;
+use embody_engine::scheduler::{Scheduler, SchedulerConfig, SeqEvent, SeqRequest};
+use embody_engine::tokenizer::Tokenizer;
+use embody_tests::model;
+
+const SMOL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+struct Loaded {
+    gguf: Gguf,
+    tok: Arc<Tokenizer>,
+}
+
+fn open(file: &str) -> Loaded {
+    let gguf = Gguf::open(&model(file)).expect("the model opens");
+    let tok = Arc::new(Tokenizer::from_gguf(&gguf).expect("its tokenizer loads"));
+    Loaded { gguf, tok }
+}
+
+fn scheduler(m: &Loaded, kv_blocks: usize, max_running: usize) -> Scheduler {
+    let opts = LoadOptions {
+        max_batch_tokens: 256,
+        context_length: 2048,
+        ..LoadOptions::default()
+    };
+    let model = load_gguf(&m.gguf, Arc::new(CpuBackend::new(2)), opts).expect("the model loads");
+    let cfg = SchedulerConfig {
+        kv_blocks,
+        max_running,
+        max_queued: 64,
+    };
+    Scheduler::new(model, m.tok.clone(), cfg)
+}
+
+/// A shared system text of about 120 tokens, then a question of its own.
+fn prompts(tok: &Tokenizer) -> Vec<Vec<u32>> {
+    let system = "You are the onboard assistant of a warehouse robot. ".to_string()
+        + &"The robot has a lidar on its mast, two depth cameras facing forward, a bumper \
+            that stops the drive when pressed, and an arm that lifts boxes of up to ten \
+            kilograms. Always answer briefly and name the sensor you rely on. "
+            .repeat(2);
+    let questions = [
+        "Is the aisle ahead clear?",
+        "What lifts the boxes?",
+        "Which sensor sees behind the robot, if any, and how far can it see in a dusty \
+         warehouse with poor light?",
+        "Should the robot stop?",
+        "How heavy a box may the arm lift?",
+        "Describe what happens when the bumper is pressed while the arm is holding a box \
+         above the conveyor belt.",
+        "Where are the cameras?",
+        "Name one sensor.",
+    ];
+    questions
+        .iter()
+        .map(|q| {
+            tok.encode(&format!("{system}\nQuestion: {q}\nAnswer:"), true, false)
+                .expect("the prompt tokenizes")
+        })
+        .collect()
+}
+
+type Log = Arc<Mutex<Vec<(u64, Vec<u32>)>>>;
+
+fn submit(s: &mut Scheduler, log: &Log, id: u64, prompt: &[u32], max_tokens: usize) {
+    let log = log.clone();
+    let req = SeqRequest {
+        id,
+        prompt: prompt.to_vec(),
+        sampling: SamplingParams::greedy(),
+        max_tokens,
+        stop: vec![],
+        priority: 0,
+        images: vec![],
+    };
+    s.submit(
+        req,
+        Box::new(move |ev| {
+            if let SeqEvent::Delta { token_ids, .. } = ev {
+                log.lock().unwrap().push((id, token_ids));
+            }
+            true
+        }),
+    )
+    .expect("the request is accepted");
+}
+
+fn run(s: &mut Scheduler) {
+    while s.has_work() {
+        s.step().expect("the step runs");
+    }
+}
+
+fn tokens(log: &Log, id: u64) -> Vec<u32> {
+    log.lock()
+        .unwrap()
+        .iter()
+        .filter(|(i, _)| *i == id)
+        .flat_map(|(_, t)| t.clone())
+        .collect()
+}
+
+/// Each prompt alone, without a cache: the reference.
+fn alone(m: &Loaded, prompts: &[Vec<u32>], max_tokens: usize) -> Vec<Vec<u32>> {
+    let mut s = scheduler(m, 256, 1);
+    let log = Log::default();
+    for (i, p) in prompts.iter().enumerate() {
+        submit(&mut s, &log, i as u64, p, max_tokens);
+        run(&mut s);
+    }
+    (0..prompts.len()).map(|i| tokens(&log, i as u64)).collect()
+}
+
+#[test]
+fn smollm2_cache_on_off_alone_and_batched_agree() {
+    let m = open(SMOL);
+    let prompts = prompts(&m.tok);
+    assert!(
+        prompts.iter().all(|p| p.len() > 110),
+        "a long shared prefix"
+    );
+    let n = 12;
+    let expected = alone(&m, &prompts, n);
+    let answered = expected.iter().filter(|t| !t.is_empty()).count();
+    assert!(answered >= 6, "{expected:?}");
+
+    // Cache on, one request at a time: the later ones reuse the system text.
+    let pc = SharedPrefixCache::new(16, true);
+    let mut s = scheduler(&m, 256, 8).with_prefix_cache(pc.clone());
+    let log = Log::default();
+    for (i, p) in prompts.iter().enumerate() {
+        submit(&mut s, &log, i as u64, p, n);
+        run(&mut s);
+    }
+    for (i, e) in expected.iter().enumerate() {
+        assert_eq!(
+            &tokens(&log, i as u64),
+            e,
+            "cache on, sequential: request {i}"
+        );
+    }
+    let hits = pc.stats().hit_tokens;
+    assert!(hits >= 7 * 96, "7 requests reuse 6 blocks or more: {hits}");
+
+    // Cache on, all 8 at once, into a warm cache.
+    let ids = 100..108u64;
+    for (id, p) in ids.clone().zip(&prompts) {
+        submit(&mut s, &log, id, p, n);
+    }
+    run(&mut s);
+    for (id, e) in ids.zip(&expected) {
+        assert_eq!(&tokens(&log, id), e, "cache on, batch of 8: request {id}");
+    }
+    assert!(pc.stats().hit_tokens >= hits + 8 * 96);
+
+    // Cache off, all 8 at once.
+    let mut s = scheduler(&m, 256, 8);
+    let log = Log::default();
+    for (i, p) in prompts.iter().enumerate() {
+        submit(&mut s, &log, i as u64, p, n);
+    }
+    run(&mut s);
+    for (i, e) in expected.iter().enumerate() {
+        assert_eq!(
+            &tokens(&log, i as u64),
+            e,
+            "cache off, batch of 8: request {i}"
+        );
+    }
+    assert_eq!(s.stats().kv_blocks_used, 0);
+}
+
+#[test]
+fn smollm2_preempted_requests_resume_with_the_same_tokens() {
+    let m = open(SMOL);
+    // Distinct from the first token on, so sharing alone cannot make them fit.
+    let prompts: Vec<Vec<u32>> = prompts(&m.tok)
+        .into_iter()
+        .take(4)
+        .enumerate()
+        .map(|(i, mut p)| {
+            p[1] = 100 + i as u32;
+            p
+        })
+        .collect();
+    let n = 24;
+    let expected = alone(&m, &prompts, n);
+    for cache in [false, true] {
+        // Four requests of about 10 blocks each in a pool of 24.
+        let mut s = scheduler(&m, 24, 4);
+        let pc = SharedPrefixCache::new(16, true);
+        if cache {
+            s = s.with_prefix_cache(pc.clone());
+        }
+        let log = Log::default();
+        for (i, p) in prompts.iter().enumerate() {
+            submit(&mut s, &log, i as u64, p, n);
+        }
+        run(&mut s);
+        assert!(
+            s.stats().preemptions > 0,
+            "cache {cache}: the pool was meant to run out"
+        );
+        for (i, e) in expected.iter().enumerate() {
+            assert_eq!(&tokens(&log, i as u64), e, "cache {cache}: request {i}");
+        }
+        pc.flush();
+        s.release_flushed();
+        assert_eq!(s.stats().kv_blocks_used, 0, "cache {cache}");
+    }
+}
+
+#[test]
+fn gemma3_shares_no_prefix_across_its_window_and_batches_agree() {
+    let m = open("gemma-3-270m-q4_k_m.gguf");
+    let prompts: Vec<Vec<u32>> = prompts(&m.tok).into_iter().take(3).collect();
+    let n = 8;
+    let expected = alone(&m, &prompts, n);
+    let pc = SharedPrefixCache::new(16, true);
+    let mut s = scheduler(&m, 256, 4).with_prefix_cache(pc.clone());
+    let log = Log::default();
+    submit(&mut s, &log, 0, &prompts[0], n);
+    run(&mut s);
+    for (i, p) in prompts.iter().enumerate().skip(1) {
+        submit(&mut s, &log, i as u64, p, n);
+    }
+    run(&mut s);
+    for (i, e) in expected.iter().enumerate() {
+        assert_eq!(&tokens(&log, i as u64), e, "request {i}");
+    }
+    let st = pc.stats();
+    assert!(!st.enabled, "sliding-window layers turn sharing off");
+    assert_eq!((st.hit_tokens, st.cached_blocks), (0, 0));
+    assert_eq!(s.stats().kv_blocks_used, 0);
+}
