@@ -519,7 +519,7 @@ pub struct Status {
     pub queued: u32,
     /// Most requests that may wait; more are refused as overloaded.
     pub max_queued: u32,
-    /// KV cache blocks in use.
+    /// KV cache blocks in use, those the prefix cache holds included.
     pub kv_blocks_used: u32,
     /// KV cache blocks in the pool.
     pub kv_blocks_total: u32,

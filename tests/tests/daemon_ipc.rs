@@ -13,7 +13,8 @@ fn greedy(text: &str, max_tokens: u32) -> Request {
         .sampling(SamplingParams::greedy())
 }
 
-/// Waits for the daemon to report no requests and no KV blocks in use
+/// Waits for the daemon to report no requests and no KV blocks in use but
+/// the prefix cache's
 /// (block counts are published after each step, so they may lag an event).
 fn idle_soon(d: &Daemon) {
     let st = embody_tests::status(&d.socket).unwrap();
@@ -21,7 +22,7 @@ fn idle_soon(d: &Daemon) {
     let start = Instant::now();
     loop {
         let st = embody_tests::status(&d.socket).unwrap();
-        if st.kv_blocks_used == 0 {
+        if st.kv_blocks_used == st.kv_blocks_cached {
             return;
         }
         assert!(
@@ -142,6 +143,25 @@ async fn a_chat_streams_over_the_socket_and_the_cli_shows_it() {
         stdout.contains("ready, healthy") && stdout.contains("llama"),
         "{stdout}"
     );
+
+    // The CLI's request reused the first one's prompt from the prefix cache
+    // (and answered the same); a flush gives its blocks back.
+    let st = client.status().await.unwrap();
+    assert!(st.prefix_hit_tokens >= 16, "{st:?}");
+    assert!(st.kv_blocks_cached > 0, "{st:?}");
+    let out = std::process::Command::new(bin("embody"))
+        .args(["flush-cache", "--socket"])
+        .arg(&d.socket)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        stdout.trim(),
+        format!("flushed {} cached KV blocks", st.kv_blocks_cached)
+    );
+    idle_soon(&d);
+    let st = client.status().await.unwrap();
+    assert_eq!((st.kv_blocks_cached, st.kv_blocks_used), (0, 0), "{st:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

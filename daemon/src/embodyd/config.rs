@@ -471,7 +471,7 @@ mod tests {
             );
             fields += 1;
         }
-        assert_eq!(fields, 38, "every field appears in the shipped config");
+        assert_eq!(fields, 39, "every field appears in the shipped config");
     }
 
     #[test]
