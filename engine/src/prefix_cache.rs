@@ -191,6 +191,28 @@ impl PrefixCache {
         }
     }
 
+    /// Indexes the whole blocks of `key` like [`insert`](Self::insert) and
+    /// pins the node that holds them, for a sequence that keeps using them.
+    /// `None` when sharing is off or nothing was indexed.
+    pub fn insert_pinned(
+        &mut self,
+        key: &[u64],
+        blocks: &[u32],
+        kv: &mut KvCache,
+    ) -> Option<Reuse> {
+        if !self.enabled || key.len() < self.index.block_size() {
+            return None;
+        }
+        let node = self.index.insert(key, blocks, kv);
+        self.index.pin(node);
+        Some(Reuse {
+            blocks: Vec::new(),
+            tokens: key.len() / self.index.block_size() * self.index.block_size(),
+            node,
+            epoch: self.epoch,
+        })
+    }
+
     /// Evicts least-recently-used unpinned leaves until `kv` has `free`
     /// free blocks or nothing more can go. Returns whether it has them.
     pub fn make_room(&mut self, free: usize, kv: &mut KvCache) -> bool {

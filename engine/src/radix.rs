@@ -96,6 +96,11 @@ impl RadixIndex {
         }
     }
 
+    /// Positions per block.
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
     /// Counters.
     pub fn stats(&self) -> RadixStats {
         self.stats

@@ -405,6 +405,17 @@ impl Scheduler {
             return Err(e);
         }
 
+        // Prompts that have just been prefilled are indexed at once, so that
+        // requests arriving while they generate reuse them.
+        if self.prefix.is_some() {
+            for &(i, take) in &plan {
+                let s = &self.running[i];
+                if !s.started && s.cached + take == s.tokens.len() {
+                    self.index_prompt(i, s.cached + take);
+                }
+            }
+        }
+
         let vocab = self.model.info().vocab_size;
         let mut row = 0;
         let mut done: Vec<(usize, Option<FinishReason>)> = Vec::new();
@@ -451,6 +462,9 @@ impl Scheduler {
                         drop(c);
                         self.prefix = None;
                         continue;
+                    }
+                    if defer_behind_leader(front, &self.running, self.kv.layout().block_size) {
+                        break;
                     }
                     // At least the last token runs, to give the logits to sample from.
                     let n = front.tokens.len() - 1;
@@ -542,6 +556,25 @@ impl Scheduler {
         }
     }
 
+    /// Indexes the first `upto` positions of running sequence `i` (computed,
+    /// in its table) and moves its pin to the node that now holds them.
+    fn index_prompt(&mut self, i: usize, upto: usize) {
+        let Some((pc, epoch)) = &self.prefix else {
+            return;
+        };
+        let mut c = pc.lock();
+        if c.epoch() != *epoch {
+            return;
+        }
+        let s = &mut self.running[i];
+        prefix_key(&s.tokens[..upto], &s.req.images, &mut self.key);
+        if let Some(pinned) = c.insert_pinned(&self.key, &s.table.blocks, &mut self.kv) {
+            if let Some(old) = s.reuse.replace(pinned) {
+                c.unpin(&old);
+            }
+        }
+    }
+
     /// Gives back a sequence's blocks and its pin on the prefix cache,
     /// indexing its computed whole blocks first when `index` is set (not after
     /// a failed forward, which leaves the KV unknown).
@@ -620,4 +653,26 @@ fn sample_one(s: &mut Seq, tok: &Tokenizer, logits: &mut [f32]) -> Option<Finish
         return Some(FinishReason::Stop);
     }
     (s.generated >= s.limit).then_some(FinishReason::Length)
+}
+
+/// Whether `s` should wait for a running sequence that is prefilling a prompt
+/// sharing at least 4 more blocks with it than the index held when that one
+/// started: once indexed, `s` reuses them instead of computing them again.
+/// The leader takes the whole token budget meanwhile, so waiting costs no
+/// throughput.
+fn defer_behind_leader(s: &Seq, running: &[Seq], block_size: usize) -> bool {
+    const MIN_GAIN: usize = 4;
+    running.iter().any(|r| {
+        let prompt = r.prompt_len();
+        if r.started || r.cached >= prompt {
+            return false;
+        }
+        let same = r.tokens[..prompt]
+            .iter()
+            .zip(&s.tokens)
+            .take_while(|(a, b)| a == b)
+            .count();
+        let had = r.reuse.as_ref().map_or(0, |u| u.tokens);
+        s.req.images.is_empty() && same / block_size >= had / block_size + MIN_GAIN
+    })
 }

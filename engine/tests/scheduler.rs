@@ -435,3 +435,22 @@ fn a_sequence_longer_than_the_pool_ends_at_its_length() {
     }
     assert_eq!(s.stats().kv_blocks_used, 0);
 }
+
+#[test]
+fn requests_arriving_together_wait_for_the_first_prefill_and_reuse_it() {
+    let reqs: Vec<SeqRequest> = (0..4)
+        .map(|i| with_prefix(i, 41, 2 + i as usize, 6))
+        .collect();
+    let expected: Vec<Vec<u32>> = reqs.iter().cloned().map(alone_req).collect();
+    let (mut s, pc) = cached_scheduler(128, 4, 16);
+    let log = Log::default();
+    for r in &reqs {
+        submit(&mut s, &log, r.clone());
+    }
+    run(&mut s);
+    for (i, e) in expected.iter().enumerate() {
+        assert_eq!(&tokens_of(&log, i as u64), e, "sequence {i}");
+    }
+    // The first prefills the 40 shared positions (10 blocks); the rest reuse them.
+    assert_eq!(pc.stats().hit_tokens, 3 * 40, "{:?}", pc.stats());
+}
