@@ -193,7 +193,7 @@ fn smollm2_preempted_requests_resume_with_the_same_tokens() {
             p
         })
         .collect();
-    let n = 24;
+    let n = 16;
     let expected = alone(&m, &prompts, n);
     for cache in [false, true] {
         // Four requests of about 10 blocks each in a pool of 24.
