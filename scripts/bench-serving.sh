@@ -15,9 +15,7 @@ THREADS="${THREADS:-2}"; ROUNDS="${ROUNDS:-1}"; SHARED_TOKENS="${SHARED_TOKENS:-
 MODELS_DIR="${EMBODY_MODELS:-$HOME/.cache/embody/models}"
 MODEL="${1:-$MODELS_DIR/SmolLM2-135M-Instruct.Q4_1.gguf}"
 [ -f "$MODEL" ] || scripts/fetch-models.sh all >&2
-PY="${EMBODY_TEST_PYTHON:-$HOME/.cache/embody/test-venv/bin/python}"
-"$PY" -c 'import httpx' 2>/dev/null || { scripts/test-venv.sh >&2; }
-"$PY" -c 'import httpx' || { echo "no python with httpx at $PY (scripts/test-venv.sh makes one)" >&2; exit 1; }
+PY="$(scripts/test-venv.sh)"
 BIN="$(scripts/build-llamacpp.sh)"
 cargo build --release --quiet -p embodyd --bin embodyd
 EMBODYD="${CARGO_TARGET_DIR:-target}/release/embodyd"

@@ -1,5 +1,5 @@
 """Serving load generator: drives an OpenAI-compatible server through
-/v1/chat/completions (streamed) and prints time to first token and
+/v1/chat/completions (streamed, with the official openai client) and prints time to first token and
 throughput for three loads.
 
   1. sequential: a ~1,000-token system prompt with one question (cold), then
@@ -19,7 +19,7 @@ import statistics
 import sys
 import time
 
-import httpx
+from openai import AsyncOpenAI
 
 SYSTEM_SENTENCES = [
     "You are the onboard assistant of a mobile warehouse robot called Orin-7.",
@@ -83,41 +83,28 @@ SHORT_PROMPTS = [
 ]
 
 
-async def one(client, url, model, messages, max_tokens, headers):
+async def one(client, model, messages, max_tokens):
     """Streams one completion; returns (ttft seconds, total seconds, tokens)."""
-    body = {
-        "model": model,
-        "messages": messages,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
     t0 = time.perf_counter()
     ttft = None
     tokens = None
     pieces = 0
-    async with client.stream(
-        "POST", f"{url}/v1/chat/completions", json=body, headers=headers, timeout=600
-    ) as r:
-        if r.status_code != 200:
-            text = await r.aread()
-            raise RuntimeError(f"HTTP {r.status_code}: {text[:300]!r}")
-        async for line in r.aiter_lines():
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
-                break
-            ev = json.loads(data)
-            for ch in ev.get("choices") or []:
-                delta = ch.get("delta") or {}
-                if delta.get("content"):
-                    if ttft is None:
-                        ttft = time.perf_counter() - t0
-                    pieces += 1
-            if ev.get("usage"):
-                tokens = ev["usage"].get("completion_tokens")
+    stream = await client.chat.completions.create(
+        model=model,
+        messages=messages,
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    async for ev in stream:
+        for ch in ev.choices or []:
+            if ch.delta and ch.delta.content:
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
+                pieces += 1
+        if ev.usage:
+            tokens = ev.usage.completion_tokens
     total = time.perf_counter() - t0
     return (ttft if ttft is not None else total), total, (tokens if tokens is not None else pieces)
 
@@ -130,43 +117,38 @@ def chat(system, question):
 
 
 async def run(args):
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     system = system_prompt()
     out = {"label": args.label}
-    limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
-    async with httpx.AsyncClient(limits=limits, timeout=600) as c:
-        # 1. Sequential: cold, then warm questions behind the same system prompt.
-        cold, _, _ = await one(c, args.url, args.model, chat(system, QUESTIONS[0]), 16, headers)
-        warm = []
-        for q in QUESTIONS[1:6]:
-            t, _, _ = await one(c, args.url, args.model, chat(system, q), 16, headers)
-            warm.append(t)
-        out["seq_cold_ttft_s"] = cold
-        out["seq_warm_ttft_s"] = statistics.median(warm)
+    c = AsyncOpenAI(base_url=f"{args.url}/v1", api_key=args.api_key or "none", timeout=600)
+    m = args.model
+    # 1. Sequential: cold, then warm questions behind the same system prompt.
+    cold, _, _ = await one(c, m, chat(system, QUESTIONS[0]), 16)
+    warm = []
+    for q in QUESTIONS[1:6]:
+        t, _, _ = await one(c, m, chat(system, q), 16)
+        warm.append(t)
+    out["seq_cold_ttft_s"] = cold
+    out["seq_warm_ttft_s"] = statistics.median(warm)
 
-        # 2. Eight at once behind the same system prompt.
-        t0 = time.perf_counter()
-        res = await asyncio.gather(
-            *[
-                one(c, args.url, args.model, chat(system, q), args.shared_tokens, headers)
-                for q in QUESTIONS[4:12]
-            ]
-        )
-        wall = time.perf_counter() - t0
-        out["shared8_median_ttft_s"] = statistics.median(r[0] for r in res)
-        out["shared8_tok_s"] = sum(r[2] for r in res) / wall
-        out["shared8_tokens"] = sum(r[2] for r in res)
+    # 2. Eight at once behind the same system prompt.
+    t0 = time.perf_counter()
+    res = await asyncio.gather(
+        *[one(c, m, chat(system, q), args.shared_tokens) for q in QUESTIONS[4:12]]
+    )
+    wall = time.perf_counter() - t0
+    out["shared8_median_ttft_s"] = statistics.median(r[0] for r in res)
+    out["shared8_tok_s"] = sum(r[2] for r in res) / wall
+    out["shared8_tokens"] = sum(r[2] for r in res)
 
-        # 3. Short prompts, 128 tokens each: one alone, then eight at once.
-        _, total, n = await one(c, args.url, args.model, chat(None, SHORT_PROMPTS[0]), 128, headers)
-        out["short1_tok_s"] = n / total
-        t0 = time.perf_counter()
-        res = await asyncio.gather(
-            *[one(c, args.url, args.model, chat(None, p), 128, headers) for p in SHORT_PROMPTS]
-        )
-        wall = time.perf_counter() - t0
-        out["short8_tok_s"] = sum(r[2] for r in res) / wall
-        out["short8_tokens"] = sum(r[2] for r in res)
+    # 3. Short prompts, 128 tokens each: one alone, then eight at once.
+    _, total, n = await one(c, m, chat(None, SHORT_PROMPTS[0]), 128)
+    out["short1_tok_s"] = n / total
+    t0 = time.perf_counter()
+    res = await asyncio.gather(*[one(c, m, chat(None, p), 128) for p in SHORT_PROMPTS])
+    wall = time.perf_counter() - t0
+    out["short8_tok_s"] = sum(r[2] for r in res) / wall
+    out["short8_tokens"] = sum(r[2] for r in res)
+    await c.close()
     print(json.dumps(out))
 
 

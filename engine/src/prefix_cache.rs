@@ -300,9 +300,11 @@ impl SharedPrefixCache {
 
     /// Releases what a flush left, on the scheduler's thread.
     pub fn release_flushed(&self, kv: &mut KvCache, epoch: u64) {
-        if self.flushed.swap(false, Ordering::AcqRel) {
+        if self.has_flushed() {
             let mut c = self.lock();
+            // A scheduler of an older pool leaves the flag to the current one.
             if c.epoch == epoch {
+                self.flushed.store(false, Ordering::Release);
                 c.release_flushed(kv);
             }
         }
