@@ -16,6 +16,7 @@
 pub mod backend;
 pub mod bench;
 pub mod chat_template;
+pub mod constraint;
 pub mod error;
 pub mod generate;
 pub mod gguf;
@@ -31,5 +32,6 @@ pub mod sampling;
 pub mod scheduler;
 pub mod tensor;
 pub mod tokenizer;
+pub mod tool_calls;
 
 pub use error::{Error, Result};

@@ -563,6 +563,78 @@ impl Xoshiro256StarStar {
     }
 }
 
+/// A token and the natural log of its probability.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Logprob {
+    /// The token id.
+    pub token: u32,
+    /// ln p(token), under the model's untempered distribution.
+    pub logprob: f32,
+}
+
+/// The log-probability of a sampled token and of the most likely tokens at
+/// its position.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprobs {
+    /// The sampled token.
+    pub chosen: Logprob,
+    /// The most likely tokens, most likely first (ties: lower id first).
+    pub top: Vec<Logprob>,
+}
+
+/// Log-probabilities under the softmax of `logits` (before temperature and
+/// filtering; tokens a grammar forbids are −∞ and have probability 0).
+pub fn token_logprobs(logits: &[f32], chosen: u32, top_n: usize) -> TokenLogprobs {
+    let max = logits
+        .iter()
+        .copied()
+        .filter(|l| l.is_finite())
+        .fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits
+        .iter()
+        .filter(|l| l.is_finite())
+        .map(|&l| ((l - max) as f64).exp())
+        .sum();
+    let lse = max as f64 + sum.ln();
+    let lp = |l: f32| {
+        if l.is_finite() {
+            (l as f64 - lse) as f32
+        } else {
+            f32::NEG_INFINITY
+        }
+    };
+    // `top_n` is small (at most 20): keep a sorted run instead of sorting the vocabulary.
+    let mut top: Vec<Logprob> = Vec::with_capacity(top_n + 1);
+    if top_n > 0 {
+        for (id, &l) in logits.iter().enumerate() {
+            if !l.is_finite() || (top.len() == top_n && l <= top[top_n - 1].logprob) {
+                continue;
+            }
+            let at = top.partition_point(|c| c.logprob >= l);
+            top.insert(
+                at,
+                Logprob {
+                    token: id as u32,
+                    logprob: l,
+                },
+            );
+            top.truncate(top_n);
+        }
+        for c in &mut top {
+            c.logprob = lp(c.logprob);
+        }
+    }
+    TokenLogprobs {
+        chosen: Logprob {
+            token: chosen,
+            logprob: logits
+                .get(chosen as usize)
+                .map_or(f32::NEG_INFINITY, |&l| lp(l)),
+        },
+        top,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1045,5 +1117,24 @@ mod tests {
         let back: SamplingParams =
             serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
         assert_eq!(back, p);
+    }
+
+    #[test]
+    fn logprobs_are_a_normalized_log_softmax_with_the_top_first() {
+        let logits = [1.0f32, 3.0, f32::NEG_INFINITY, 2.0, 3.0];
+        let lp = token_logprobs(&logits, 3, 3);
+        let total: f64 = logits
+            .iter()
+            .filter(|l| l.is_finite())
+            .map(|&l| (l as f64).exp())
+            .sum();
+        assert!((lp.chosen.logprob as f64 - (2.0 - total.ln())).abs() < 1e-5);
+        let ids: Vec<u32> = lp.top.iter().map(|c| c.token).collect();
+        assert_eq!(ids, vec![1, 4, 3]);
+        assert_eq!(
+            token_logprobs(&logits, 2, 0).chosen.logprob,
+            f32::NEG_INFINITY
+        );
+        assert!(token_logprobs(&logits, 2, 0).top.is_empty());
     }
 }

@@ -22,11 +22,12 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use crate::constraint::Constraint;
 use crate::generate::{FinishReason, StopMatcher};
 use crate::kv_cache::{BlockTable, KvCache};
 use crate::models::{Logits, Model, SeqBatch};
 use crate::prefix_cache::{prefix_key, ImageSpan, Reuse, SharedPrefixCache};
-use crate::sampling::{Sampler, SamplingParams};
+use crate::sampling::{token_logprobs, Sampler, SamplingParams, TokenLogprobs};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use crate::{Error, Result};
 
@@ -59,6 +60,10 @@ pub struct SeqRequest {
     /// Prompt positions that hold images (their KV is shared only with the
     /// same image).
     pub images: Vec<ImageSpan>,
+    /// A grammar the output must follow.
+    pub constraint: Option<Constraint>,
+    /// Report each token's log-probability with this many alternatives.
+    pub logprobs: Option<usize>,
 }
 
 /// What a sequence reports as it runs.
@@ -75,6 +80,8 @@ pub enum SeqEvent {
         text: String,
         /// Token ids sampled since the last delta.
         token_ids: Vec<u32>,
+        /// Log-probabilities of `token_ids`, when the request asked for them.
+        logprobs: Vec<TokenLogprobs>,
     },
     /// The sequence ended.
     Finished {
@@ -126,6 +133,8 @@ struct Seq {
     sampler: Sampler,
     decoder: StreamDecoder,
     stops: StopMatcher,
+    /// The logits row before sampling changed it, kept only for log-probabilities.
+    raw_logits: Vec<f32>,
     started: bool,
     /// An `Error` event was sent: nothing may follow it.
     failed: bool,
@@ -269,6 +278,11 @@ impl Scheduler {
             generated: 0,
             limit,
             decoder: StreamDecoder::new(true),
+            raw_logits: if req.logprobs.is_some() {
+                vec![0.0; info.vocab_size]
+            } else {
+                Vec::new()
+            },
             started: false,
             failed: false,
             reuse: None,
@@ -612,6 +626,7 @@ impl Scheduler {
             (s.sink)(SeqEvent::Delta {
                 text: tail,
                 token_ids: Vec::new(),
+                logprobs: Vec::new(),
             });
         }
         let (prompt_tokens, completion_tokens) = (s.prompt_len(), s.generated);
@@ -626,30 +641,43 @@ impl Scheduler {
 /// Samples the next token of `s` and delivers its text; returns why the
 /// sequence ends, if it does.
 fn sample_one(s: &mut Seq, tok: &Tokenizer, logits: &mut [f32]) -> Option<FinishReason> {
+    if let Some(c) = s.req.constraint.as_mut() {
+        if let Err(e) = c.mask(logits) {
+            return fail(s, e.to_string());
+        }
+    }
+    if s.req.logprobs.is_some() {
+        s.raw_logits.copy_from_slice(logits);
+    }
     let next = s.sampler.sample(logits, &s.tokens);
     if tok.is_eog(next) {
         return Some(FinishReason::Stop);
+    }
+    if let Some(c) = s.req.constraint.as_mut() {
+        if let Err(e) = c.commit(next) {
+            return fail(s, e.to_string());
+        }
     }
     s.tokens.push(next);
     s.generated += 1;
     let piece = match s.decoder.push(tok, next) {
         Ok(p) => p,
-        Err(e) => {
-            (s.sink)(SeqEvent::Error {
-                message: e.to_string(),
-            });
-            s.failed = true;
-            return Some(FinishReason::Cancelled);
-        }
+        Err(e) => return fail(s, e.to_string()),
     };
     let (text, stopped) = s.stops.push(&piece);
+    let logprobs = match s.req.logprobs {
+        Some(n) => vec![token_logprobs(&s.raw_logits, next, n)],
+        None => Vec::new(),
+    };
     if !(s.sink)(SeqEvent::Delta {
         text,
         token_ids: vec![next],
+        logprobs,
     }) {
         return Some(FinishReason::Cancelled);
     }
-    if stopped {
+    // A complete grammar that admits nothing more ends the answer here.
+    if stopped || s.req.constraint.as_ref().is_some_and(|c| c.is_finished()) {
         return Some(FinishReason::Stop);
     }
     (s.generated >= s.limit).then_some(FinishReason::Length)
@@ -675,4 +703,11 @@ fn defer_behind_leader(s: &Seq, running: &[Seq], block_size: usize) -> bool {
         let had = r.reuse.as_ref().map_or(0, |u| u.tokens);
         s.req.images.is_empty() && same / block_size >= had / block_size + MIN_GAIN
     })
+}
+
+/// Sends the sequence's error event; nothing may follow it.
+fn fail(s: &mut Seq, message: String) -> Option<FinishReason> {
+    (s.sink)(SeqEvent::Error { message });
+    s.failed = true;
+    Some(FinishReason::Cancelled)
 }

@@ -973,6 +973,21 @@ impl Tokenizer {
         })
     }
 
+    /// The bytes a token stands for when printed, control tokens included
+    /// as their text (what grammars and log-probabilities see).
+    pub fn piece(&self, id: u32) -> Result<std::borrow::Cow<'_, [u8]>> {
+        self.token_bytes(id, false)
+    }
+
+    /// Whether a token is a control token (`<|im_end|>`, `<bos>`): never
+    /// text the model writes, so grammars may not spell it.
+    pub fn is_control(&self, id: u32) -> bool {
+        matches!(
+            self.attrs.get(id as usize),
+            Some(Attr::Control | Attr::Unknown)
+        )
+    }
+
     /// Number of token ids (the embedding table's row count).
     pub fn vocab_size(&self) -> usize {
         self.tokens.len()

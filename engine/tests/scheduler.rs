@@ -47,6 +47,8 @@ fn request(id: u64, len: usize, max_tokens: usize) -> SeqRequest {
         stop: vec![],
         priority: 0,
         images: vec![],
+        constraint: None,
+        logprobs: None,
     }
 }
 

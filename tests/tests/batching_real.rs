@@ -82,6 +82,8 @@ fn submit(s: &mut Scheduler, log: &Log, id: u64, prompt: &[u32], max_tokens: usi
         stop: vec![],
         priority: 0,
         images: vec![],
+        constraint: None,
+        logprobs: None,
     };
     s.submit(
         req,

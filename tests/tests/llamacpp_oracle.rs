@@ -86,10 +86,7 @@ fn teacher_forced(name: &str) {
                 .or(default_chat_template(&info.arch))
                 .unwrap();
             let template = ChatTemplate::new(src).unwrap();
-            let msgs = [ChatMessage {
-                role: "user".into(),
-                content: c.prompt.clone(),
-            }];
+            let msgs = [ChatMessage::new("user", c.prompt.clone())];
             let rendered = template.render(&msgs, true, "", "", None).unwrap();
             assert_eq!(
                 Some(&rendered),

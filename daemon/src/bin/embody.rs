@@ -340,15 +340,9 @@ fn run(cli: Cli) -> Result<()> {
             let ids = if chat {
                 let mut messages = Vec::new();
                 if let Some(s) = system {
-                    messages.push(ChatMessage {
-                        role: "system".into(),
-                        content: s,
-                    });
+                    messages.push(ChatMessage::new("system", s));
                 }
-                messages.push(ChatMessage {
-                    role: "user".into(),
-                    content: prompt,
-                });
+                messages.push(ChatMessage::new("user", prompt));
                 let override_src = match &chat_template {
                     Some(p) => Some(
                         std::fs::read_to_string(p)
@@ -387,6 +381,8 @@ fn run(cli: Cli) -> Result<()> {
                 stop,
                 priority: 0,
                 images: Vec::new(),
+                constraint: None,
+                logprobs: None,
             };
             let (tx, rx) = std::sync::mpsc::channel();
             sched.submit(
