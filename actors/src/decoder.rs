@@ -23,7 +23,8 @@ use std::time::Duration;
 use embody_engine::generate::FinishReason as EngineFinish;
 use embody_engine::prefix_cache::SharedPrefixCache;
 use embody_engine::scheduler::{EventSink, Scheduler, SchedulerConfig, SeqEvent, SeqRequest};
-use embody_protocol::{ErrorCode, Event, Fault, FinishReason, Usage};
+use embody_engine::tokenizer::Tokenizer;
+use embody_protocol::{ErrorCode, Event, Fault, FinishReason, TokenLogprob, TopLogprob, Usage};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use crate::device::ModelSource;
@@ -286,12 +287,13 @@ impl DecoderThread {
     fn submit(&self, sched: &mut Scheduler, p: Pending) {
         let shared = self.args.shared.clone();
         let (id, tx) = (p.id, p.tx.clone());
+        let tok = sched.tokenizer().clone();
         let mut done = false;
         let sink: EventSink = Box::new(move |ev| {
             if done {
                 return false;
             }
-            let event = convert(ev);
+            let event = convert(ev, &tok);
             if event.is_terminal() {
                 done = true;
                 shared.release(id);
@@ -306,6 +308,8 @@ impl DecoderThread {
             stop: p.stop,
             priority: p.priority,
             images: Vec::new(),
+            constraint: p.constraint,
+            logprobs: p.logprobs,
         };
         if let Err(e) = sched.submit(req, sink) {
             self.shared().release(id);
@@ -327,16 +331,45 @@ fn publish(shared: &Shared, sched: &Scheduler) {
     });
 }
 
+/// A token's log-probability with its text, as the protocol carries it.
+fn logprob(tok: &Tokenizer, token: u32, logprob: f32) -> TopLogprob {
+    let bytes = tok.piece(token).map(|p| p.into_owned()).unwrap_or_default();
+    TopLogprob {
+        token: String::from_utf8_lossy(&bytes).into_owned(),
+        bytes,
+        logprob,
+    }
+}
+
 /// The protocol event for an engine event.
-fn convert(ev: SeqEvent) -> Event {
+fn convert(ev: SeqEvent, tok: &Tokenizer) -> Event {
     match ev {
         SeqEvent::Started { prompt_tokens } => Event::Started {
             prompt_tokens: prompt_tokens as u32,
         },
-        SeqEvent::Delta { text, token_ids } => Event::Delta {
+        SeqEvent::Delta {
             text,
             token_ids,
-            logprobs: Vec::new(),
+            logprobs,
+        } => Event::Delta {
+            text,
+            token_ids,
+            logprobs: logprobs
+                .iter()
+                .map(|l| {
+                    let chosen = logprob(tok, l.chosen.token, l.chosen.logprob);
+                    TokenLogprob {
+                        token: chosen.token,
+                        bytes: chosen.bytes,
+                        logprob: chosen.logprob,
+                        top: l
+                            .top
+                            .iter()
+                            .map(|t| logprob(tok, t.token, t.logprob))
+                            .collect(),
+                    }
+                })
+                .collect(),
         },
         SeqEvent::Finished {
             reason,

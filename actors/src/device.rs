@@ -4,13 +4,15 @@
 //! It reports the memory the model takes.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use embody_engine::backend::{self, Backend, BackendKind};
 use embody_engine::chat_template::ChatTemplate;
+use embody_engine::constraint::Grammars;
 use embody_engine::gguf::Gguf;
 use embody_engine::models::{self, LoadOptions, Model, ModelInfo};
 use embody_engine::tokenizer::Tokenizer;
+use embody_engine::tool_calls::ToolFormat;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::shared::lock;
@@ -41,6 +43,10 @@ pub(crate) struct ModelSource {
     opts: LoadOptions,
     pub tokenizer: Arc<Tokenizer>,
     pub template: Option<ChatTemplate>,
+    /// How the chat template shows tools and how the model calls them.
+    pub tool_format: ToolFormat,
+    /// The grammar compiler over the tokenizer, built on first use.
+    grammars: OnceLock<Result<Grammars, String>>,
     pub info: ModelInfo,
     pub name: String,
     pub weights_bytes: u64,
@@ -78,6 +84,7 @@ impl ModelSource {
                 standard
             }
         };
+        let tool_format = ToolFormat::for_template(template_src.unwrap_or(""));
         let template = template_src.map(ChatTemplate::new).transpose()?;
         let backend: Arc<dyn Backend> = backend::create(args.backend, args.threads)?.into();
         let mut opts = args.opts;
@@ -101,6 +108,8 @@ impl ModelSource {
             opts,
             tokenizer: Arc::new(tokenizer),
             template,
+            tool_format,
+            grammars: OnceLock::new(),
             info,
             name,
             weights_bytes,
@@ -115,6 +124,19 @@ impl ModelSource {
             return Ok(m);
         }
         models::load_gguf(&self.gguf, self.backend.clone(), self.opts)
+    }
+
+    /// The grammar compiler for constrained decoding. Building it walks the
+    /// whole vocabulary, so it happens on the first request that needs it
+    /// (call from a blocking thread).
+    pub fn grammars(&self) -> Result<&Grammars, String> {
+        self.grammars
+            .get_or_init(|| {
+                Grammars::new(self.tokenizer.clone(), self.info.vocab_size)
+                    .map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(Clone::clone)
     }
 
     /// The backend's name and thread count.

@@ -1,14 +1,20 @@
 //! [`Runtime`], the handle every interface uses: submit a request and read its
 //! stream of events, cancel, query status and health, drain and stop.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use embody_engine::chat_template::ChatMessage;
+use embody_engine::constraint::{Constraint, GrammarSpec};
 use embody_engine::generate::encode_chat;
 use embody_engine::sampling::SamplingParams;
-use embody_protocol::{ErrorCode, Event, Fault, Message, Request, Status};
+use embody_engine::tool_calls::{
+    call_grammar, json_format_messages, ForcedCall, Piece, ToolCallParser, ToolFormat,
+};
+use embody_protocol::openai::ResponseFormat;
+use embody_protocol::{ErrorCode, Event, Fault, Message, Request, Status, ToolChoice};
 use ractor::{Actor, ActorRef};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
@@ -60,11 +66,17 @@ pub struct DrainReport {
 /// The events answering one request. It ends after exactly one terminal
 /// event ([`Event::Finished`] or [`Event::Error`]). Dropping it before the end
 /// cancels the request.
+///
+/// When the request offered tools, the model's calls are read out of its text
+/// here, so every interface gets them as [`Event::ToolCall`]s and the text of
+/// a call never appears in a [`Event::Delta`].
 pub struct EventStream {
     id: u64,
     rx: UnboundedReceiver<Event>,
     done: bool,
     shared: Arc<Shared>,
+    tools: Option<ToolCallParser>,
+    ready: VecDeque<Event>,
 }
 
 impl EventStream {
@@ -75,17 +87,95 @@ impl EventStream {
 
     /// The next event; `None` after the terminal one.
     pub async fn next(&mut self) -> Option<Event> {
-        if self.done {
-            return None;
+        loop {
+            if let Some(ev) = self.ready.pop_front() {
+                return Some(ev);
+            }
+            if self.done {
+                return None;
+            }
+            let ev = self.rx.recv().await.unwrap_or_else(|| {
+                // Every path that drops a request sends its terminal event first;
+                // this is the last line of defence against a stream that hangs.
+                Event::error(ErrorCode::Internal, "the request ended without a result")
+            });
+            self.done = ev.is_terminal();
+            match self.tools.as_mut() {
+                None => return Some(ev),
+                Some(parser) => route(parser, ev, &mut self.ready),
+            }
         }
-        let ev = self.rx.recv().await.unwrap_or_else(|| {
-            // Every path that drops a request sends its terminal event first;
-            // this is the last line of defence against a stream that hangs.
-            Event::error(ErrorCode::Internal, "the request ended without a result")
-        });
-        self.done = ev.is_terminal();
-        Some(ev)
     }
+}
+
+/// Passes an event through the tool call parser into `out`.
+fn route(parser: &mut ToolCallParser, ev: Event, out: &mut VecDeque<Event>) {
+    let (pieces, mut carried) = match ev {
+        Event::Delta {
+            text,
+            token_ids,
+            logprobs,
+        } => (parser.push(&text), Some((token_ids, logprobs))),
+        ev @ Event::Finished { .. } => {
+            let pieces = parser.finish();
+            emit(pieces, &mut None, out);
+            out.push_back(ev);
+            return;
+        }
+        ev => {
+            out.push_back(ev);
+            return;
+        }
+    };
+    emit(pieces, &mut carried, out);
+    // Tokens that produced no visible text still count.
+    if let Some((token_ids, logprobs)) = carried {
+        out.push_back(Event::Delta {
+            text: String::new(),
+            token_ids,
+            logprobs,
+        });
+    }
+}
+
+/// Events for parsed pieces; the first text delta carries the token ids.
+fn emit(
+    pieces: Vec<Piece>,
+    carried: &mut Option<(Vec<u32>, Vec<embody_protocol::TokenLogprob>)>,
+    out: &mut VecDeque<Event>,
+) {
+    for piece in pieces {
+        match piece {
+            Piece::Text(text) => {
+                let (token_ids, logprobs) = carried.take().unwrap_or_default();
+                out.push_back(Event::Delta {
+                    text,
+                    token_ids,
+                    logprobs,
+                });
+            }
+            Piece::Call { name, arguments } => out.push_back(Event::ToolCall {
+                id: call_id(),
+                name,
+                arguments,
+            }),
+        }
+    }
+}
+
+/// A fresh tool call id: `call_` and 24 hex digits, unique within the process
+/// and unlikely to repeat across restarts.
+fn call_id() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let mut x = t ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xFF51_AFD7_ED55_8CCD);
+    x ^= x >> 33;
+    format!("call_{x:016x}{:08x}", n as u32)
 }
 
 impl Drop for EventStream {
@@ -163,20 +253,32 @@ impl Runtime {
     pub async fn submit(&self, req: Request) -> EventStream {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = unbounded_channel();
-        let stream = EventStream {
+        let mut stream = EventStream {
             id,
             rx,
             done: false,
             shared: self.inner.shared.clone(),
+            tools: None,
+            ready: VecDeque::new(),
         };
-        if let Err(refusal) = self.admit(id, req, tx.clone()).await {
-            tracing::debug!(id, "request refused: {refusal:?}");
-            let _ = tx.send(refusal);
+        match self.admit(id, req, tx.clone()).await {
+            Ok(format) => stream.tools = format.map(ToolCallParser::new),
+            Err(refusal) => {
+                tracing::debug!(id, "request refused: {refusal:?}");
+                let _ = tx.send(refusal);
+            }
         }
         stream
     }
 
-    async fn admit(&self, id: u64, req: Request, tx: EventTx) -> Result<(), Event> {
+    /// Checks, renders and queues a request; returns the tool call format to
+    /// parse its answer with, if it offered tools.
+    async fn admit(
+        &self,
+        id: u64,
+        mut req: Request,
+        tx: EventTx,
+    ) -> Result<Option<ToolFormat>, Event> {
         let shared = &self.inner.shared;
         let bad = |m: String| Event::error(ErrorCode::BadRequest, m);
         if shared.draining.load(Ordering::SeqCst) || shared.stopping.load(Ordering::SeqCst) {
@@ -186,15 +288,42 @@ impl Runtime {
             ));
         }
         let limits = shared.limits();
-        if req.messages.is_empty() {
-            return Err(bad("a request needs at least one message".into()));
+        let raw = req.prompt.take();
+        match (&raw, req.messages.is_empty()) {
+            (None, true) => return Err(bad("a request needs at least one message".into())),
+            (Some(_), false) => {
+                return Err(bad(
+                    "a request has either messages or a raw prompt, not both".into(),
+                ))
+            }
+            _ => {}
         }
-        if req.response_format.is_some() {
-            return Err(bad(
-                "response_format (constrained output) is not supported by this version of embodyd"
-                    .into(),
-            ));
-        }
+        let logprobs = match req.logprobs {
+            Some(n) if n > MAX_TOP_LOGPROBS => {
+                return Err(bad(format!(
+                    "logprobs asks for {n} alternatives; at most {MAX_TOP_LOGPROBS}"
+                )))
+            }
+            n => n.map(|n| n as usize),
+        };
+        let format = self.inner.source.tool_format;
+        let (tools, forced) = tool_setup(req.tools.take(), req.tool_choice.take())?;
+        let grammar = match (&forced, &tools) {
+            (Some(f), Some(t)) => Some(call_grammar(format, t, f).ok_or_else(|| {
+                bad("tool_choice names a function that is not among the tools".into())
+            })?),
+            _ => None,
+        };
+        let grammar = match (grammar, req.response_format.take()) {
+            (Some(_), Some(_)) => {
+                return Err(bad(
+                    "response_format cannot be combined with a required tool call".into(),
+                ))
+            }
+            (Some(g), None) => Some(g),
+            (None, Some(f)) => response_grammar(f)?,
+            (None, None) => None,
+        };
         let max_tokens = match req.max_tokens {
             None => limits.default_max_tokens,
             Some(0) => return Err(bad("max_tokens must be at least 1".into())),
@@ -230,14 +359,24 @@ impl Runtime {
         let sampling = engine_sampling(&req.sampling);
         sampling.validate().map_err(|e| bad(e.to_string()))?;
         let source = self.inner.source.clone();
-        let (messages, tools) = (req.messages, req.tools);
-        // Rendering and tokenizing a long prompt is CPU work: not on an async worker.
-        let prompt = tokio::task::spawn_blocking(move || render_prompt(&source, &messages, tools))
-            .await
-            .map_err(|e| {
-                Event::error(ErrorCode::Internal, format!("prompt rendering failed: {e}"))
-            })?
-            .map_err(bad)?;
+        let messages = req.messages;
+        let parse_calls = tools.is_some();
+        // Rendering and tokenizing a long prompt, and compiling a grammar, are
+        // CPU work: not on an async worker.
+        let (prompt, constraint) = tokio::task::spawn_blocking(move || {
+            let prompt = match raw {
+                Some(text) => source
+                    .tokenizer
+                    .encode(&text, true, true)
+                    .map_err(|e| e.to_string())?,
+                None => render_prompt(&source, &messages, tools.as_ref(), forced.as_ref())?,
+            };
+            let constraint = grammar.map(|g| compile(&source, &g)).transpose()?;
+            Ok::<_, String>((prompt, constraint))
+        })
+        .await
+        .map_err(|e| Event::error(ErrorCode::Internal, format!("prompt rendering failed: {e}")))?
+        .map_err(bad)?;
         let context = self.inner.source.info.context_length;
         if prompt.len() >= context {
             return Err(bad(format!(
@@ -252,6 +391,8 @@ impl Runtime {
             max_tokens: max_tokens as usize,
             stop: req.stop,
             priority: req.priority,
+            constraint,
+            logprobs,
             tx,
         };
         shared.enqueue(pending, limits.max_queued).map_err(|n| {
@@ -262,7 +403,8 @@ impl Runtime {
                     limits.max_queued
                 ),
             )
-        })
+        })?;
+        Ok(parse_calls.then_some(format))
     }
 
     async fn check_images(&self, images: Vec<embody_protocol::Image>) -> Result<(), Event> {
@@ -423,23 +565,108 @@ fn engine_sampling(s: &embody_protocol::SamplingParams) -> SamplingParams {
     }
 }
 
+/// Most alternatives a request may ask log-probabilities of.
+const MAX_TOP_LOGPROBS: u32 = 20;
+
+/// The tools to show the model and the call it must make: `none` hides the
+/// tools, `required` and a named function force a call.
+fn tool_setup(
+    tools: Option<serde_json::Value>,
+    choice: Option<ToolChoice>,
+) -> Result<(Option<serde_json::Value>, Option<ForcedCall>), Event> {
+    let bad = |m: &str| Event::error(ErrorCode::BadRequest, m);
+    let tools = tools.filter(|t| !t.is_null() && t.as_array().is_none_or(|a| !a.is_empty()));
+    if tools.as_ref().is_some_and(|t| !t.is_array()) {
+        return Err(bad("tools must be a list of tools"));
+    }
+    let forced = match choice.unwrap_or_default() {
+        ToolChoice::None => return Ok((None, None)),
+        ToolChoice::Auto => None,
+        ToolChoice::Required => Some(ForcedCall::Any),
+        ToolChoice::Function { name } => Some(ForcedCall::Named(name)),
+    };
+    if forced.is_some() && tools.is_none() {
+        return Err(bad(
+            "tool_choice asks for a tool call but no tools are given",
+        ));
+    }
+    Ok((tools, forced))
+}
+
+/// The grammar of an OpenAI `response_format`; `None` for free text.
+fn response_grammar(format: serde_json::Value) -> Result<Option<GrammarSpec>, Event> {
+    let format: ResponseFormat = serde_json::from_value(format).map_err(|e| {
+        Event::error(
+            ErrorCode::BadRequest,
+            format!("response_format is not one of text, json_object, json_schema: {e}"),
+        )
+    })?;
+    Ok(match format {
+        ResponseFormat::Text => None,
+        ResponseFormat::JsonObject => Some(GrammarSpec::JsonSchema(
+            serde_json::json!({"type": "object"}),
+        )),
+        ResponseFormat::JsonSchema { json_schema } => Some(GrammarSpec::JsonSchema(
+            json_schema.schema.unwrap_or_else(|| serde_json::json!({})),
+        )),
+    })
+}
+
+/// Compiles a grammar against the model's tokenizer.
+fn compile(src: &ModelSource, spec: &GrammarSpec) -> Result<Constraint, String> {
+    let what = match spec {
+        GrammarSpec::JsonSchema(_) => "the JSON schema",
+        GrammarSpec::Lark(_) => "the tool call grammar",
+    };
+    src.grammars()?
+        .compile(spec)
+        .map_err(|e| format!("{what} cannot be enforced: {e}"))
+}
+
+/// A protocol message as chat templates read it (tool calls in OpenAI's shape).
+fn chat_message(m: &Message) -> ChatMessage {
+    let mut c = ChatMessage::new(m.role.as_str(), m.content.clone());
+    c.tool_calls = m
+        .tool_calls
+        .iter()
+        .map(|t| {
+            serde_json::json!({
+                "id": t.id,
+                "type": "function",
+                "function": {"name": t.name, "arguments": t.arguments}
+            })
+        })
+        .collect();
+    c.tool_call_id = m.tool_call_id.clone();
+    c.name = m.name.clone();
+    c
+}
+
 /// Renders the conversation with the model's chat template and tokenizes it.
+/// Templates without tool support get the tools in a system prompt block.
 fn render_prompt(
     src: &ModelSource,
     messages: &[Message],
-    tools: Option<serde_json::Value>,
+    tools: Option<&serde_json::Value>,
+    forced: Option<&ForcedCall>,
 ) -> Result<Vec<u32>, String> {
     let Some(template) = &src.template else {
         return Err("the model file has no chat template (tokenizer.chat_template), so chat requests cannot be formatted".into());
     };
-    let messages: Vec<ChatMessage> = messages
-        .iter()
-        .map(|m| ChatMessage::new(m.role.as_str(), m.content.clone()))
-        .collect();
+    let mut messages: Vec<ChatMessage> = messages.iter().map(chat_message).collect();
     let tok = &src.tokenizer;
     let bos = tok.bos_id().and_then(|b| tok.token_text(b)).unwrap_or("");
     let eos = tok.eos_id().and_then(|e| tok.token_text(e)).unwrap_or("");
-    let extra = tools.map(|t| serde_json::json!({ "tools": t }));
+    let mut extra = None;
+    let json_format = src.tool_format == ToolFormat::Json;
+    let has_tool_turns = messages
+        .iter()
+        .any(|m| m.role == "tool" || !m.tool_calls.is_empty());
+    if json_format && (tools.is_some() || has_tool_turns) {
+        messages = json_format_messages(&messages, tools, forced);
+    } else if let Some(t) = tools {
+        extra = Some(serde_json::json!({ "tools": t }));
+    }
     let text = template
         .render(&messages, true, bos, eos, extra.as_ref())
         .map_err(|e| e.to_string())?;

@@ -28,6 +28,8 @@ pub(crate) struct Pending {
     pub max_tokens: usize,
     pub stop: Vec<String>,
     pub priority: i32,
+    pub constraint: Option<embody_engine::constraint::Constraint>,
+    pub logprobs: Option<usize>,
     pub tx: EventTx,
 }
 
