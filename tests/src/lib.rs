@@ -231,17 +231,20 @@ pub struct Daemon {
 impl Daemon {
     /// Writes `config` (TOML) and starts `embodyd --config` on it with
     /// `$XDG_RUNTIME_DIR` set to a fresh folder, plus `env`. Does not wait.
-    /// A config without a `[zenoh]` section gets zenoh turned off, so that
-    /// daemons of tests running side by side do not compete for zenoh's
-    /// fixed listening port.
+    /// A config without a `[zenoh]` section gets zenoh turned off, and one
+    /// without an `[http]` section gets the HTTP API on a free port (see
+    /// [`Daemon::http_url`]), so that daemons of tests running side by side
+    /// never compete for a fixed port.
     pub fn spawn(config: &str, env: &[(&str, &str)]) -> Self {
         let dir = TempDir::new("embodyd");
         let cfg = dir.path().join("embodyd.toml");
-        let config = if config.contains("[zenoh]") {
-            config.to_string()
-        } else {
-            format!("{config}\n[zenoh]\nenabled = false\n")
-        };
+        let mut config = config.to_string();
+        if !config.contains("[zenoh]") {
+            config.push_str("\n[zenoh]\nenabled = false\n");
+        }
+        if !config.lines().any(|l| l.trim() == "[http]") {
+            config.push_str("\n[http]\nbind = \"127.0.0.1:0\"\n");
+        }
         std::fs::write(&cfg, config).expect("writing the config");
         let log = std::fs::File::create(dir.path().join("embodyd.log")).expect("log file");
         let mut cmd = Command::new(bin("embodyd"));
@@ -294,6 +297,29 @@ impl Daemon {
                 std::time::Instant::now() < deadline,
                 "embodyd not ready after 60 s:\n{}",
                 self.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// The base URL of the HTTP API (`http://127.0.0.1:PORT`), from the
+    /// line the daemon logs when it starts listening.
+    ///
+    /// # Panics
+    /// If the daemon has not logged it within 60 s.
+    pub fn http_url(&self) -> String {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let log = self.log();
+            if let Some(addr) = log
+                .lines()
+                .find_map(|l| l.split("http: listening on ").nth(1))
+            {
+                return format!("http://{}", addr.trim());
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "embodyd did not start its HTTP API:\n{log}"
             );
             std::thread::sleep(std::time::Duration::from_millis(50));
         }

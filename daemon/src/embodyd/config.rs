@@ -28,6 +28,8 @@ pub struct Config {
     pub supervisor: SupervisorConfig,
     /// The local Unix socket.
     pub ipc: IpcConfig,
+    /// The OpenAI-compatible HTTP API.
+    pub http: HttpConfig,
     /// Behaviour as a service.
     pub service: ServiceConfig,
     /// Logging.
@@ -119,6 +121,25 @@ pub struct IpcConfig {
     pub frame_timeout_ms: u64,
 }
 
+/// `[http]`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Serve the HTTP API. Default: true.
+    pub enabled: bool,
+    /// Address and port to listen on; port 0 picks a free one (the log says
+    /// which). Default: "127.0.0.1:8080".
+    pub bind: String,
+    /// The bearer token clients must send (`Authorization: Bearer <key>`) on
+    /// `/v1/` routes; empty means none is needed. Default: "".
+    pub api_key: String,
+    /// Most bytes of a request body; larger ones get 413. Default: 8388608.
+    pub max_body_bytes: usize,
+    /// The model id `/v1/models` lists and requests name; empty means the
+    /// model file's name without its extension. Default: "".
+    pub model_id: String,
+}
+
 /// `[service]`
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -199,6 +220,18 @@ impl Default for IpcConfig {
             socket: embody_client::SYSTEM_SOCKET.into(),
             max_connections: 64,
             frame_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            bind: "127.0.0.1:8080".into(),
+            api_key: String::new(),
+            max_body_bytes: 8 << 20,
+            model_id: String::new(),
         }
     }
 }
@@ -300,6 +333,15 @@ impl Config {
         self.adapters()
             .validate()
             .map_err(|e| anyhow::anyhow!("{e}"))?;
+        if self.http.enabled && self.http.bind.parse::<std::net::SocketAddr>().is_err() {
+            bail!(
+                "http.bind must be an address and port such as \"127.0.0.1:8080\", not {:?}",
+                self.http.bind
+            );
+        }
+        if self.http.max_body_bytes == 0 {
+            bail!("http.max_body_bytes must be at least 1");
+        }
         if !matches!(self.log.format.as_str(), "auto" | "journald" | "text") {
             bail!(
                 "log.format must be \"auto\", \"journald\" or \"text\", not {:?}",
@@ -379,6 +421,9 @@ impl Config {
         }
         if self.ipc != new.ipc {
             out.push("[ipc]");
+        }
+        if self.http != new.http {
+            out.push("[http]");
         }
         if self.log.format != new.log.format {
             out.push("log.format");
@@ -471,7 +516,7 @@ mod tests {
             );
             fields += 1;
         }
-        assert_eq!(fields, 39, "every field appears in the shipped config");
+        assert_eq!(fields, 44, "every field appears in the shipped config");
     }
 
     #[test]

@@ -1,13 +1,15 @@
 //! `embodyd`: the inference service. Loads the model into the supervised actor
-//! runtime, serves the local Unix socket, and speaks systemd's notification
-//! protocol: READY once serving, WATCHDOG while the decoder makes progress,
-//! STOPPING when a drain begins.
+//! runtime, serves the local Unix socket and the OpenAI-compatible HTTP API,
+//! and speaks systemd's notification protocol: READY once serving, WATCHDOG
+//! while the decoder makes progress, STOPPING when a drain begins.
 //!
-//! Signals: SIGTERM and SIGINT stop admitting requests, let those in flight
-//! finish up to `service.drain_timeout_ms`, then exit 0. SIGHUP re-reads the
+//! Signals: SIGTERM and SIGINT stop admitting requests (HTTP answers 503
+//! while the drain lasts), let those in flight finish up to
+//! `service.drain_timeout_ms`, then exit 0. SIGHUP re-reads the
 //! configuration file and applies what can change while running.
 
 mod config;
+mod http;
 mod ipc;
 mod logging;
 mod notify;
@@ -182,15 +184,38 @@ async fn run(cli: Cli, mut cfg: Config, log: logging::LogHandle) -> Result<()> {
         None
     };
 
+    let (http_stop_tx, http_stop_rx) = tokio::sync::watch::channel(false);
+    let mut http_addr = None;
+    let http_server = if cfg.http.enabled {
+        let listener = http::bind(&cfg.http.bind).await?;
+        http_addr = listener.local_addr().ok();
+        let opts = http::HttpOptions {
+            api_key: Some(cfg.http.api_key.clone()).filter(|k| !k.is_empty()),
+            max_body_bytes: cfg.http.max_body_bytes,
+            model_id: cfg.http.model_id.clone(),
+        };
+        Some(tokio::spawn(http::serve(
+            listener,
+            runtime.clone(),
+            std::sync::Arc::new(http::metrics::Metrics::default()),
+            opts,
+            http_stop_rx,
+            Duration::from_secs(2),
+        )))
+    } else {
+        None
+    };
+
     let status = runtime.status().await?;
     let summary = format!(
-        "serving {} ({}, {} context, {} backend, {} threads) on {}",
+        "serving {} ({}, {} context, {} backend, {} threads) on {}{}",
         status.model.name,
         status.model.arch,
         status.model.context_length,
         status.backend,
         status.threads,
-        socket.display()
+        socket.display(),
+        http_addr.map_or(String::new(), |a| format!(" and http://{a}"))
     );
     tracing::info!("ready: {summary}");
     notify_or_warn(
@@ -243,6 +268,7 @@ async fn run(cli: Cli, mut cfg: Config, log: logging::LogHandle) -> Result<()> {
         a.begin_drain().await;
     }
     let _ = server.await;
+    // HTTP keeps listening while the drain lasts, answering new requests 503.
     let report = runtime.drain(deadline).await;
     if report.complete {
         tracing::info!("drained");
@@ -254,6 +280,14 @@ async fn run(cli: Cli, mut cfg: Config, log: logging::LogHandle) -> Result<()> {
     }
     if let Some(a) = adapters {
         a.stop().await;
+    }
+    let _ = http_stop_tx.send(true);
+    if let Some(h) = http_server {
+        match h.await {
+            Ok(Err(e)) => tracing::warn!("http: {e:#}"),
+            Err(e) => tracing::warn!("http: {e}"),
+            Ok(Ok(())) => {}
+        }
     }
     runtime.shutdown().await;
     tracing::info!("stopped");

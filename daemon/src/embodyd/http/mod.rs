@@ -1,0 +1,410 @@
+//! The OpenAI-compatible HTTP API: `POST /v1/chat/completions`,
+//! `POST /v1/completions`, `GET /v1/models`, plus `GET /health` and
+//! `GET /metrics`.
+//!
+//! Bodies are untrusted: they are read up to `http.max_body_bytes` (413
+//! beyond), parsed strictly into `embody_protocol::openai` types and turned
+//! into the one `Request` every interface uses, so a bad body is a 400 that
+//! names the parameter, never a crash. Answers stream as server-sent events
+//! when asked; a client that goes away drops its event stream, which cancels
+//! the generation in the runtime.
+//!
+//! This module holds the router, the shared state and the bearer-token check;
+//! each endpoint family has its own file.
+
+mod chat;
+mod completions;
+mod errors;
+pub mod metrics;
+mod sse;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Request as HttpRequest, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use embody_actors::{EventStream, Runtime};
+use embody_protocol::openai::{ModelList, ModelObject};
+use embody_protocol::{ErrorCode, Event};
+use serde::de::DeserializeOwned;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use errors::ApiError;
+use metrics::{Metrics, Tracker};
+
+/// Settings of the HTTP server.
+#[derive(Clone, Debug)]
+pub struct HttpOptions {
+    /// The bearer token clients must send; none means no check.
+    pub api_key: Option<String>,
+    /// Most bytes of a request body.
+    pub max_body_bytes: usize,
+    /// The model id requests name; empty means the model file's stem.
+    pub model_id: String,
+}
+
+/// What every handler shares.
+pub(crate) struct AppState {
+    rt: Runtime,
+    metrics: Arc<Metrics>,
+    opts: HttpOptions,
+    /// The id `/v1/models` lists.
+    model_id: String,
+    /// Names a request's `model` may use: the id, the model's own name and
+    /// the file name.
+    aliases: Vec<String>,
+    /// Unix seconds when the server started.
+    created: u64,
+}
+
+type Shared = Arc<AppState>;
+
+impl AppState {
+    /// Checks a request's `model` field.
+    fn check_model(&self, model: &str) -> Result<(), ApiError> {
+        if model.is_empty() {
+            return Err(ApiError::bad_request(
+                "you must provide a model parameter",
+                Some("model"),
+            ));
+        }
+        if self.aliases.iter().any(|a| a == model) {
+            Ok(())
+        } else {
+            Err(ApiError::unknown_model(model, &self.model_id))
+        }
+    }
+}
+
+/// Unix seconds now.
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A fresh response id: `prefix-` and 24 hex digits.
+fn new_id(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let mut x = t ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    x ^= x >> 31;
+    x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x ^= x >> 29;
+    format!("{prefix}-{x:016x}{:08x}", n as u32)
+}
+
+/// How long a streamed answer waits for its first event before the 200
+/// goes out: long enough for every refusal (a bad request, a full queue) to
+/// arrive as an HTTP error; a request still queued after it streams from
+/// then on, and a later failure comes as an error event in the stream.
+const FIRST_EVENT_WAIT: Duration = Duration::from_secs(1);
+
+/// Submits a request and reads its first event: a refusal (bad request,
+/// full queue, draining) becomes an HTTP error before any byte of an answer.
+/// With `bounded`, gives up waiting after [`FIRST_EVENT_WAIT`] and returns
+/// no event.
+async fn start(
+    st: &AppState,
+    req: embody_protocol::Request,
+    tracker: &mut Tracker,
+    bounded: bool,
+) -> Result<(EventStream, Option<Event>), ApiError> {
+    let mut events = st.rt.submit(req).await;
+    let first = if bounded {
+        match tokio::time::timeout(FIRST_EVENT_WAIT, events.next()).await {
+            Ok(ev) => ev,
+            Err(_) => return Ok((events, None)),
+        }
+    } else {
+        events.next().await
+    };
+    match first {
+        Some(Event::Error { code, message }) => {
+            let e = ApiError::from_code(code, message);
+            tracker.finish(e.outcome());
+            Err(e)
+        }
+        Some(ev) => {
+            tracker.event(&ev);
+            Ok((events, Some(ev)))
+        }
+        None => {
+            let e = ApiError::from_code(ErrorCode::Internal, "the request ended without a result");
+            tracker.finish(e.outcome());
+            Err(e)
+        }
+    }
+}
+
+/// Binds the listening socket.
+pub async fn bind(addr: &str) -> Result<TcpListener> {
+    let listener = TcpListener::bind(addr).await.with_context(|| {
+        format!("binding the HTTP API to {addr}; set http.bind to a free address or http.enabled = false")
+    })?;
+    Ok(listener)
+}
+
+/// Serves until `stop` turns true, then lets open requests finish for up to
+/// `grace`.
+pub async fn serve(
+    listener: TcpListener,
+    rt: Runtime,
+    metrics: Arc<Metrics>,
+    opts: HttpOptions,
+    mut stop: watch::Receiver<bool>,
+    grace: Duration,
+) -> Result<()> {
+    let status = rt.status().await?;
+    let path = std::path::Path::new(&status.model.path);
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| status.model.name.clone());
+    let model_id = if opts.model_id.is_empty() {
+        stem.clone()
+    } else {
+        opts.model_id.clone()
+    };
+    let mut aliases = vec![model_id.clone(), stem, status.model.name.clone()];
+    if let Some(f) = path.file_name() {
+        aliases.push(f.to_string_lossy().into_owned());
+    }
+    let state = Arc::new(AppState {
+        rt,
+        metrics,
+        model_id,
+        aliases,
+        created: unix_now(),
+        opts,
+    });
+    let app = router(state);
+    let addr: Option<SocketAddr> = listener.local_addr().ok();
+    tracing::info!(
+        "http: listening on {}",
+        addr.map_or("?".into(), |a| a.to_string())
+    );
+    let mut stop2 = stop.clone();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        stopped(&mut stop2).await;
+    });
+    let mut task = tokio::spawn(async move { server.await });
+    tokio::select! {
+        r = &mut task => return Ok(r??),
+        _ = stopped(&mut stop) => {}
+    }
+    // Open streams hold the graceful shutdown: give them `grace`, then cut them.
+    match tokio::time::timeout(grace, &mut task).await {
+        Ok(r) => r??,
+        Err(_) => {
+            tracing::warn!("http: connections still open after {grace:?}; closing them");
+            task.abort();
+        }
+    }
+    Ok(())
+}
+
+/// Resolves once `stop` is true (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    while !*stop.borrow_and_update() {
+        if stop.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The router with every route, the body limit and the token check.
+fn router(state: Shared) -> Router {
+    let api = Router::new()
+        .route("/v1/chat/completions", post(chat::handle))
+        .route("/v1/completions", post(completions::handle))
+        .route("/v1/models", get(models))
+        .route("/v1/models/{id}", get(model))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics_text))
+        .merge(api)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(state.opts.max_body_bytes))
+        .with_state(state)
+}
+
+/// Checks `Authorization: Bearer <api_key>` when a key is configured.
+async fn auth(
+    State(st): State<Shared>,
+    headers: HeaderMap,
+    req: HttpRequest,
+    next: Next,
+) -> Response {
+    if let Some(key) = &st.opts.api_key {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        let ok = given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes()));
+        if !ok {
+            st.metrics.request("http", "client_error");
+            let message = if given.is_none() {
+                "no API key given: send it as Authorization: Bearer <key>"
+            } else {
+                "the API key is not valid"
+            };
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                message,
+                "invalid_api_key",
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// Compares without an early exit, so timing does not reveal the key.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = (a.len() != b.len()) as u8;
+    for (i, &x) in a.iter().enumerate() {
+        diff |= x ^ b.get(i % b.len().max(1)).copied().unwrap_or(0);
+    }
+    diff == 0
+}
+
+/// Reads a JSON body into `T`: 413 past the size limit, 400 for anything
+/// that is not the expected JSON.
+pub(crate) fn parse_body<T: DeserializeOwned>(
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<T, ApiError> {
+    let bytes = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "the request body is larger than this server accepts (http.max_body_bytes)",
+                "request_too_large",
+            )
+        } else {
+            ApiError::bad_request(format!("cannot read the request body: {e}"), None)
+        }
+    })?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::from(embody_protocol::openai::json_error(e)))
+}
+
+/// `GET /health`: 200 while the decoder makes progress and the daemon
+/// serves, 503 otherwise.
+async fn health(State(st): State<Shared>) -> Response {
+    let h = st.rt.health();
+    let status = st.rt.status().await.ok();
+    let draining = status.as_ref().is_some_and(|s| s.draining);
+    let ready = status.as_ref().is_some_and(|s| s.ready);
+    let state = if draining {
+        "draining"
+    } else if !ready {
+        "starting"
+    } else if !h.healthy {
+        "stalled"
+    } else {
+        "ok"
+    };
+    let code = if state == "ok" {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = serde_json::json!({
+        "status": state,
+        "healthy": h.healthy,
+        "ms_since_progress": h.since_progress.as_millis() as u64,
+        "running": status.as_ref().map_or(0, |s| s.running),
+        "queued": status.as_ref().map_or(0, |s| s.queued),
+    });
+    (code, Json(body)).into_response()
+}
+
+/// `GET /metrics`: Prometheus text.
+async fn metrics_text(State(st): State<Shared>) -> Response {
+    let status = st.rt.status().await.ok();
+    let text = st.metrics.render(status.as_ref(), st.rt.health().healthy);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+fn model_object(st: &AppState) -> ModelObject {
+    ModelObject {
+        id: st.model_id.clone(),
+        object: "model".into(),
+        created: st.created,
+        owned_by: "embodyd".into(),
+    }
+}
+
+/// `GET /v1/models`.
+async fn models(State(st): State<Shared>) -> Json<ModelList> {
+    Json(ModelList {
+        object: "list".into(),
+        data: vec![model_object(&st)],
+    })
+}
+
+/// `GET /v1/models/{id}`.
+async fn model(
+    State(st): State<Shared>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<ModelObject>, ApiError> {
+    st.check_model(&id)?;
+    Ok(Json(model_object(&st)))
+}
+
+async fn not_found(req: HttpRequest) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        format!("unknown route {} {}", req.method(), req.uri().path()),
+        "unknown_url",
+    )
+}
+
+async fn method_not_allowed(req: HttpRequest) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request_error",
+        format!("{} is not allowed on {}", req.method(), req.uri().path()),
+        "method_not_allowed",
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_compare_by_content_only() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"", b"x"));
+        assert!(!constant_time_eq(b"x", b""));
+    }
+}

@@ -1,0 +1,45 @@
+//! The HTTP API against the official `openai` Python client, on SmolLM2:
+//! plain and streamed chat, usage, JSON schema answers, tool calls and their
+//! round trip, text completions, every error status, a full queue, clients
+//! that hang up mid-stream, and draining on SIGTERM
+//! (tests/python/http_openai.py holds the checks).
+
+use embody_tests::{repo_root, smollm2, test_config, test_python, Daemon};
+
+#[test]
+fn the_openai_client_is_served_faithfully() {
+    let config = test_config(
+        &smollm2(),
+        "[decoder]\nmax_running = 2\nmax_queued = 1\n\n[service]\ndrain_timeout_ms = 30000\n\n\
+         [http]\nbind = \"127.0.0.1:0\"\napi_key = \"sekrit\"\nmax_body_bytes = 1048576\n",
+    );
+    let mut d = Daemon::start(&config);
+    let url = d.http_url();
+    let script = repo_root().join("tests/python/http_openai.py");
+    let out = std::process::Command::new(test_python())
+        .arg(&script)
+        .arg(&url)
+        .arg(d.pid().to_string())
+        .output()
+        .expect("running the Python checks");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "the checks failed:\n{stdout}\n{stderr}\n--- daemon log ---\n{}",
+        d.log()
+    );
+    eprintln!("{stdout}");
+    assert_eq!(
+        stdout.lines().filter(|l| l.starts_with("ok ")).count(),
+        11,
+        "{stdout}"
+    );
+    // The last check sent SIGTERM: the daemon drains and exits cleanly.
+    let status = d
+        .wait_exit(std::time::Duration::from_secs(30))
+        .expect("embodyd exits after the drain");
+    assert!(status.success(), "{status}\n{}", d.log());
+    let log = d.log();
+    assert!(!log.contains("panicked"), "{log}");
+}
