@@ -1452,6 +1452,27 @@ pub fn json_error(e: serde_json::Error) -> ConversionError {
     }
 }
 
+/// The fuzz target's body: reads bytes as a chat request and as a text
+/// completion request and converts what parses. A request that parses must
+/// survive a round trip through JSON unchanged, conversion included.
+/// Returns whether either kind of request was accepted. Never panics on any
+/// input (the check is an assertion on our own serialization).
+pub fn exercise(bytes: &[u8]) -> bool {
+    let mut accepted = false;
+    if let Ok(chat) = serde_json::from_slice::<ChatCompletionRequest>(bytes) {
+        let again: ChatCompletionRequest =
+            serde_json::from_slice(&serde_json::to_vec(&chat).expect("serializes"))
+                .expect("a serialized request parses");
+        let (a, b) = (chat.into_request(), again.into_request());
+        assert_eq!(a, b, "conversion differs after a JSON round trip");
+        accepted |= a.is_ok();
+    }
+    if let Ok(c) = serde_json::from_slice::<CompletionRequest>(bytes) {
+        accepted |= c.into_request().is_ok();
+    }
+    accepted
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
