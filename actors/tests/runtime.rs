@@ -138,10 +138,25 @@ async fn refusals_are_one_error_event() {
         (greedy(&"long ".repeat(300), 4), "the context holds 256"),
         (
             Request {
-                response_format: Some(serde_json::json!({"type": "json_object"})),
+                response_format: Some(serde_json::json!({"type": "json_schema",
+                    "json_schema": {"name": "n", "schema": {"type": "frobnicate"}}})),
+                ..greedy("x", 4)
+            },
+            "the JSON schema cannot be enforced",
+        ),
+        (
+            Request {
+                response_format: Some(serde_json::json!({"type": "yaml"})),
                 ..greedy("x", 4)
             },
             "response_format",
+        ),
+        (
+            Request {
+                tool_choice: Some(embody_protocol::ToolChoice::Required),
+                ..greedy("x", 4)
+            },
+            "no tools are given",
         ),
     ];
     for (req, want) in cases {
@@ -153,6 +168,35 @@ async fn refusals_are_one_error_event() {
             }] => assert!(message.contains(want), "{message} lacks {want}"),
             other => panic!("{want}: {other:?}"),
         }
+    }
+    // Even random weights answer JSON under a json_object constraint.
+    let req = Request {
+        response_format: Some(serde_json::json!({"type": "json_object"})),
+        ..greedy("x", 40)
+    };
+    let ev = collect(rt.submit(req).await).await;
+    let text: String = ev
+        .iter()
+        .filter_map(|e| match e {
+            Event::Delta { text, .. } => Some(text.as_str()),
+            _ => None,
+        })
+        .collect();
+    if matches!(
+        ev.last(),
+        Some(Event::Finished {
+            reason: embody_protocol::FinishReason::Stop,
+            ..
+        })
+    ) {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(&text)
+                .unwrap()
+                .is_object(),
+            "{text}"
+        );
+    } else {
+        assert!(text.starts_with('{'), "{text}");
     }
     rt.shutdown().await;
 }
