@@ -2,7 +2,7 @@
 HTTP where the client cannot send what is tested). Run by
 tests/tests/http_openai.rs against a daemon on SmolLM2 started with:
 
-    [decoder] max_running = 2, max_queued = 1
+    [decoder] max_running = 2, max_queued = 2
     [http]    api_key = "sekrit", max_body_bytes = 1048576
 
 Usage: http_openai.py BASE_URL DAEMON_PID. Prints one line per check and
@@ -60,11 +60,12 @@ def metrics():
 
 
 def wait_idle(what):
-    """Waits until no request runs and no KV block is held."""
+    """Waits until no request runs or waits (KV blocks the prefix cache keeps
+    for reuse may stay in use)."""
     deadline = time.time() + 30
     while True:
         m = metrics()
-        if m["embodyd_requests_running"] == 0 and m["embodyd_kv_blocks_used"] == 0 and m["embodyd_queue_depth"] == 0:
+        if m["embodyd_requests_running"] == 0 and m["embodyd_queue_depth"] == 0 and m["embodyd_requests_in_flight"] == 0:
             return m
         assert time.time() < deadline, f"{what}: still busy after 30 s: {m}"
         time.sleep(0.1)
@@ -345,13 +346,13 @@ def a_full_queue_is_429_and_disconnects_free_their_slots():
             results.append(resp.status)
             conns.append((conn, resp))
 
-    threads = [threading.Thread(target=open_stream) for _ in range(6)]
+    threads = [threading.Thread(target=open_stream) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    # max_running = 2 and max_queued = 1: at most 3 are taken, the rest refused.
-    assert results.count(200) <= 3 and results.count(429) >= 3, results
+    # max_running = 2 and max_queued = 2: at most 4 are taken, the rest refused.
+    assert results.count(200) <= 4 and results.count(429) >= 4, results
     assert set(results) <= {200, 429}, results
     m = metrics()
     assert m["embodyd_requests_running"] >= 1, m
@@ -367,7 +368,7 @@ def a_full_queue_is_429_and_disconnects_free_their_slots():
     after = wait_idle("after the clients disconnected")
     cancelled = after['embodyd_requests_total{interface="http",outcome="cancelled"}'] - before['embodyd_requests_total{interface="http",outcome="cancelled"}']
     assert cancelled >= len(live), (cancelled, len(live))
-    assert after['embodyd_requests_total{interface="http",outcome="overloaded"}'] >= 3, after
+    assert after['embodyd_requests_total{interface="http",outcome="overloaded"}'] >= 4, after
     assert after["embodyd_time_to_first_token_seconds_count"] > 0, after
     assert after["embodyd_completion_tokens_total"] > 0, after
     healthy()

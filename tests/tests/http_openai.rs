@@ -10,7 +10,7 @@ use embody_tests::{repo_root, smollm2, test_config, test_python, Daemon};
 fn the_openai_client_is_served_faithfully() {
     let config = test_config(
         &smollm2(),
-        "[decoder]\nmax_running = 2\nmax_queued = 1\n\n[service]\ndrain_timeout_ms = 30000\n\n\
+        "[decoder]\nmax_running = 2\nmax_queued = 2\n\n[service]\ndrain_timeout_ms = 30000\n\n\
          [http]\nbind = \"127.0.0.1:0\"\napi_key = \"sekrit\"\nmax_body_bytes = 1048576\n",
     );
     let mut d = Daemon::start(&config);
