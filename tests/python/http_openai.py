@@ -375,6 +375,24 @@ def a_full_queue_is_429_and_disconnects_free_their_slots():
 
 
 @check
+def flush_cache_frees_the_cached_prefixes():
+    prompt = user("Name three sensors a mobile robot carries, with one sentence about each of them.")
+    client.chat.completions.create(model=MODEL, messages=prompt, max_tokens=2, temperature=0)
+    before = wait_idle("before the flush")
+    assert before["embodyd_kv_blocks_cached"] > 0, before
+    status, _ = raw("POST", "/flush_cache", key=None)
+    assert status == 401, status
+    status, body = raw("POST", "/flush_cache")
+    assert status == 200, (status, body)
+    assert body["freed_blocks"] == before["embodyd_kv_blocks_cached"], (body, before)
+    after = metrics()
+    assert after["embodyd_kv_blocks_cached"] == 0, after
+    hits = after["embodyd_prefix_hit_tokens_total"]
+    client.chat.completions.create(model=MODEL, messages=prompt, max_tokens=2, temperature=0)
+    assert metrics()["embodyd_prefix_hit_tokens_total"] == hits, "a flushed prefix was reused"
+
+
+@check
 def draining_answers_503_and_finishes_what_runs():
     stream = client.chat.completions.create(model=MODEL, messages=user("Count to twenty."), max_tokens=40, temperature=0, stream=True)
     first = next(iter(stream))

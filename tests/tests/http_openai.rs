@@ -32,7 +32,7 @@ fn the_openai_client_is_served_faithfully() {
     eprintln!("{stdout}");
     assert_eq!(
         stdout.lines().filter(|l| l.starts_with("ok ")).count(),
-        11,
+        12,
         "{stdout}"
     );
     // The last check sent SIGTERM: the daemon drains and exits cleanly.

@@ -199,6 +199,30 @@ impl Metrics {
                 "KV cache blocks in the pool.",
                 s.kv_blocks_total as u64,
             );
+            gauge(
+                &mut out,
+                "embodyd_kv_blocks_cached",
+                "KV cache blocks held by the prefix cache (part of the blocks in use).",
+                s.kv_blocks_cached as u64,
+            );
+            counter(
+                &mut out,
+                "embodyd_prefix_hit_tokens_total",
+                "Prompt tokens served from the prefix cache instead of being prefilled.",
+                s.prefix_hit_tokens,
+            );
+            counter(
+                &mut out,
+                "embodyd_prefix_lookup_tokens_total",
+                "Prompt tokens looked up in the prefix cache.",
+                s.prefix_lookup_tokens,
+            );
+            counter(
+                &mut out,
+                "embodyd_prefix_evicted_blocks_total",
+                "Cached KV blocks evicted to make room.",
+                s.prefix_evicted_blocks,
+            );
             counter(
                 &mut out,
                 "embodyd_decoder_steps_total",

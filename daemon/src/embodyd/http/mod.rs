@@ -232,6 +232,7 @@ fn router(state: Shared) -> Router {
         .route("/v1/completions", post(completions::handle))
         .route("/v1/models", get(models))
         .route("/v1/models/{id}", get(model))
+        .route("/flush_cache", post(flush_cache))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/health", get(health))
@@ -349,6 +350,15 @@ async fn metrics_text(State(st): State<Shared>) -> Response {
         text,
     )
         .into_response()
+}
+
+/// `POST /flush_cache`: drops every cached prompt prefix that no request is
+/// using, and answers how many KV blocks that freed.
+async fn flush_cache(State(st): State<Shared>) -> Result<Json<serde_json::Value>, ApiError> {
+    let freed = st.rt.flush_cache().await.map_err(|e| {
+        ApiError::from_code(ErrorCode::Unavailable, format!("cache flush failed: {e}"))
+    })?;
+    Ok(Json(serde_json::json!({ "freed_blocks": freed })))
 }
 
 fn model_object(st: &AppState) -> ModelObject {
