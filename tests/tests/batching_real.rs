@@ -124,7 +124,6 @@ fn alone(m: &Loaded, prompts: &[Vec<u32>], max_tokens: usize) -> Vec<Vec<u32>> {
 }
 
 #[test]
-#[ignore = "batch invariance is broken on main since the tiled prefill products: a row computed inside a batch of 8 or more tokens differs from the same row alone (docs/correctness.md)"]
 fn smollm2_cache_on_off_alone_and_batched_agree() {
     let m = open(SMOL);
     let prompts = prompts(&m.tok);
@@ -184,7 +183,6 @@ fn smollm2_cache_on_off_alone_and_batched_agree() {
 }
 
 #[test]
-#[ignore = "batch invariance is broken on main since the tiled prefill products: a row computed inside a batch of 8 or more tokens differs from the same row alone (docs/correctness.md)"]
 fn smollm2_preempted_requests_resume_with_the_same_tokens() {
     let m = open(SMOL);
     // Distinct from the first token on, so sharing alone cannot make them fit.

@@ -1,7 +1,7 @@
 //! Tiled matrix products for prefill: [`PANEL_ROWS`] weight rows against many
 //! tokens per pass.
 //!
-//! A matrix product over many tokens first unpacks each group of
+//! A matrix product (over any number of tokens) first unpacks each group of
 //! [`PANEL_ROWS`] weight rows into a *panel* ([`pack`]), a layout the CPU's
 //! kernel multiplies without decoding (values as bytes, the rows interleaved,
 //! scales as f32), then multiplies the panel with every token ([`multiply`]).

@@ -516,7 +516,7 @@ fn dot_f32_f16_and_axpy_f16_match_reference() {
 }
 
 #[test]
-fn tiled_products_match_reference() {
+fn tiled_products_match_reference_and_do_not_depend_on_the_batch() {
     use super::gemm::{meta_bytes, PANEL_ROWS};
     use super::x86::gemm as tiled;
     let mut rng = Rng(0x5eed_0202);
@@ -571,6 +571,18 @@ fn tiled_products_match_reference() {
                         assert!(out[t * stride + PANEL_ROWS..(t + 1) * stride]
                             .iter()
                             .all(|v| v.is_nan()));
+                        // Batch invariance: the token alone gives the same bits.
+                        let mut one = [f32::NAN; PANEL_ROWS];
+                        let mt = &meta[t * mr..(t + 1) * mr];
+                        tiled::multiply_at(level, ty, k, &panel, xt, mt, 1, &mut one, PANEL_ROWS);
+                        for (r, v) in one.iter().enumerate() {
+                            assert_eq!(
+                                v.to_bits(),
+                                out[t * stride + r].to_bits(),
+                                "{} {ty} k={k} n={n} token {t} row {r}: alone vs batched",
+                                level.name()
+                            );
+                        }
                     }
                 }
             }

@@ -21,10 +21,6 @@ const TOKENS_PER_ROW_PASS: usize = 4;
 /// Most matrices in one [`Backend::matmul_group`] pass.
 const MAX_GROUP: usize = 4;
 
-/// Fewest tokens for which a matrix product unpacks weight panels for the
-/// tiled kernel ([`gemm`]); fewer tokens would not repay the unpacking.
-const GEMM_MIN_TOKENS: usize = 8;
-
 /// One matrix of a [`Backend::matmul_group`] pass.
 #[derive(Clone, Copy)]
 struct Job<'a> {
@@ -141,7 +137,10 @@ impl Backend for CpuBackend {
                 if o.w.ty.vec_dot_type() != act_ty || n_jobs == MAX_GROUP {
                     break;
                 }
-                let tiled = n >= GEMM_MIN_TOKENS && gemm::supported(o.w.ty);
+                // Every token count takes the tiled kernel where it has one, so a
+                // token's results are the same bits alone and in any batch: the
+                // kernel adds each (row, token) result in one fixed order.
+                let tiled = gemm::supported(o.w.ty);
                 let units = if tiled {
                     o.w.rows().div_ceil(PANEL_ROWS)
                 } else {
