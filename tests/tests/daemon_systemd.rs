@@ -208,7 +208,7 @@ async fn sighup_reloads_limits_and_switches() {
         d.config_path(),
         test_config(
             &tiny,
-            "[decoder]\nmax_queued = 5\n\n[testing]\nfault_injection = true\n",
+            "[decoder]\nmax_queued = 5\n\n[testing]\nfault_injection = true\n\n[http]\nbind = \"127.0.0.1:0\"\n",
         ),
     )
     .unwrap();
@@ -232,7 +232,7 @@ async fn sighup_reloads_limits_and_switches() {
         d.config_path(),
         test_config(
             &tiny,
-            "[decoder]\nmax_queued = 5\nmax_running = 3\n\n[testing]\nfault_injection = true\n",
+            "[decoder]\nmax_queued = 5\nmax_running = 3\n\n[testing]\nfault_injection = true\n\n[http]\nbind = \"127.0.0.1:0\"\n",
         ),
     )
     .unwrap();
