@@ -120,7 +120,7 @@ async def run(args):
     system = system_prompt()
     out = {"label": args.label}
     c = AsyncOpenAI(base_url=f"{args.url}/v1", api_key=args.api_key or "none", timeout=600)
-    m = args.model
+    m = args.model or (await c.models.list()).data[0].id
     # 1. Sequential: cold, then warm questions behind the same system prompt.
     cold, _, _ = await one(c, m, chat(system, QUESTIONS[0]), 16)
     warm = []
@@ -156,7 +156,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8080")
     p.add_argument("--label", default="server")
-    p.add_argument("--model", default="default")
+    p.add_argument("--model", default="", help="model id (default: the server's first)")
     p.add_argument("--api-key", default="")
     p.add_argument("--shared-tokens", type=int, default=64, help="tokens per request of load 2")
     args = p.parse_args()

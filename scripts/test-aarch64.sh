@@ -32,7 +32,8 @@ export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64-static -L /"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}/aarch64-cross"
 
-echo "== cargo test (aarch64 under qemu: quant kernels)"
-# Emulation is slow: only the quant tests, optimized. Extra arguments go to
-# cargo test (e.g. `-- --nocapture`).
-cargo test --release -p embody-engine --target aarch64-unknown-linux-gnu --lib quant "$@"
+echo "== cargo test (aarch64 under qemu: quant kernels and attention)"
+# Emulation is slow: only the quant and attention tests, optimized. Extra
+# arguments go to the test binary (e.g. `--nocapture`).
+cargo test --release -p embody-engine --target aarch64-unknown-linux-gnu --lib \
+    -- quant backend::cpu::attention "$@"

@@ -247,20 +247,20 @@ fn main() {
             println!("{label:<24} {:<9} {:>10.1}", path.name(), t * 1e9);
         }
     }
-    let a = rng.row(64);
-    let b: Vec<half::f16> = rng.row(64).into_iter().map(half::f16::from_f32).collect();
+    let src: Vec<half::f16> = rng.row(1024).into_iter().map(half::f16::from_f32).collect();
+    let mut dst = vec![0.0f32; 1024];
     for &path in &paths {
         let t = time(Duration::from_millis(30), 3, || {
-            let s = match path {
-                Path::Reference => reference::dot_f32_f16(black_box(&a), &b),
+            match path {
+                Path::Reference => reference::f16_to_f32_slice(black_box(&src), &mut dst),
                 #[cfg(target_arch = "x86_64")]
-                Path::X86(level) => x86::dot_f32_f16_at(level, black_box(&a), &b),
-            };
-            black_box(s);
+                Path::X86(level) => x86::f16_to_f32_slice_at(level, black_box(&src), &mut dst),
+            }
+            black_box(&dst);
         });
         println!(
             "{:<24} {:<9} {:>10.1}",
-            "dot_f32_f16 ×64",
+            "f16_to_f32 ×1024",
             path.name(),
             t * 1e9
         );

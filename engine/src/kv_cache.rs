@@ -3,8 +3,10 @@
 //! the blocks of a common prefix.
 //!
 //! Keys and values are stored as f16 (as llama.cpp does by default). Within a
-//! block, each KV head's rows are contiguous: `[n_kv_heads, block_size, head_dim]`,
-//! so attention for one head streams memory in order.
+//! block each KV head has its own contiguous part: values as rows
+//! (`[block_size, head_dim]`) and keys transposed (`[head_dim, block_size]`), so
+//! that attention computes a query's scores against a whole block with one
+//! vector multiply-add per element of the head.
 //!
 //! Models whose layers attend through a sliding window (Gemma 3 interleaves five
 //! sliding layers with one full-attention layer) keep those layers in a second
@@ -337,21 +339,21 @@ impl KvCache {
         let base = block as usize * l.block_elems();
         let slot_in_block = pos % l.block_size;
         for h in 0..l.n_kv_heads {
-            let dst = base + (h * l.block_size + slot_in_block) * l.head_dim;
+            let head = base + h * l.block_size * l.head_dim;
             let src = h * l.head_dim..(h + 1) * l.head_dim;
-            for (d, s) in pool.k[slot][dst..dst + l.head_dim]
-                .iter_mut()
-                .zip(&k[src.clone()])
-            {
+            let keys = pool.k[slot][head + slot_in_block..].iter_mut();
+            for (d, s) in keys.step_by(l.block_size).zip(&k[src.clone()]) {
                 *d = f16::from_f32(*s);
             }
+            let dst = head + slot_in_block * l.head_dim;
             for (d, s) in pool.v[slot][dst..dst + l.head_dim].iter_mut().zip(&v[src]) {
                 *d = f16::from_f32(*s);
             }
         }
     }
 
-    /// K rows of one head in one block of `layer`'s pool: `[block_size, head_dim]`.
+    /// Keys of one head in one block of `layer`'s pool, transposed:
+    /// `[head_dim, block_size]`.
     pub fn k_block(&self, layer: usize, block: u32, head: usize) -> &[f16] {
         let (in_window, slot) = self.slots[layer];
         let pool = if in_window { &self.window } else { &self.main };
@@ -589,8 +591,11 @@ mod tests {
         let blk = t.blocks[1];
         assert_ne!(blk, other);
         let kh1 = c.k_block(1, blk, 1);
-        // Position 5 is slot 1 of the second block; head 1 holds elements 4..8.
-        assert_eq!(&kh1[4..8], &[4.0, 5.0, 6.0, 7.0].map(f16::from_f32));
+        // Position 5 is slot 1 of the second block; head 1 holds elements 4..8,
+        // stored transposed (element d of slot 1 at d * block_size + 1).
+        let col: Vec<f16> = (0..4).map(|d| kh1[d * 4 + 1]).collect();
+        assert_eq!(col, [4.0, 5.0, 6.0, 7.0].map(f16::from_f32));
+        assert_eq!(kh1[0], f16::ZERO, "slot 0 untouched");
         assert_eq!(c.v_block(1, blk, 0)[4], f16::from_f32(-0.0));
         assert_eq!(c.v_block(1, blk, 0)[5], f16::from_f32(-1.0));
         assert!(

@@ -58,8 +58,10 @@ pub struct Workspace {
     pub(crate) panels: Vec<u8>,
     /// Per-thread results of the tiled products (tokens × panel rows).
     pub(crate) tile_out: Vec<f32>,
-    /// Attention scores, one row of `max_ctx` per thread.
-    pub(crate) scores: Vec<f32>,
+    /// Attention scratch per thread (sized at the first call).
+    pub(crate) attn: Vec<f32>,
+    /// Attention work items of the current call.
+    pub(crate) attn_items: Vec<cpu::attention::Item>,
     pub(crate) max_ctx: usize,
 }
 

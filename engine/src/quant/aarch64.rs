@@ -200,47 +200,26 @@ pub fn quantize_row_at(level: Level, ty: GgmlType, src: &[f32], dst: &mut [u8]) 
     true
 }
 
-/// `Σ a[i] * b[i]` at the best level: f32 products, f32 accumulators. Always
-/// `Some`: NEON is part of the aarch64 baseline.
+/// Converts f16 values to f32 (exactly) at the best level; always `true`: NEON
+/// is part of the aarch64 baseline.
 ///
 /// # Panics
 /// If the lengths differ.
 #[inline]
-pub fn dot_f32_f16(a: &[f32], b: &[f16]) -> Option<f32> {
-    Some(dot_f32_f16_at(best(), a, b))
-}
-
-/// [`dot_f32_f16`] at a given level (both levels run the same code).
-///
-/// # Panics
-/// If the level is not available or the lengths differ.
-pub fn dot_f32_f16_at(level: Level, a: &[f32], b: &[f16]) -> f32 {
-    expect_level(level);
-    assert_eq!(a.len(), b.len(), "dot_f32_f16: length mismatch");
-    // SAFETY: NEON is baseline; equal lengths.
-    unsafe { dot_f32_f16_neon(a, b) }
-}
-
-/// `y[i] += a * x[i]` at the best level; always `true`.
-///
-/// # Panics
-/// If the lengths differ.
-#[inline]
-pub fn axpy_f16(y: &mut [f32], a: f32, x: &[f16]) -> bool {
-    axpy_f16_at(best(), y, a, x);
+pub fn f16_to_f32_slice(src: &[f16], dst: &mut [f32]) -> bool {
+    f16_to_f32_slice_at(best(), src, dst);
     true
 }
 
-/// [`axpy_f16`] at a given level (fused multiply-add per element; both levels
-/// run the same code).
+/// [`f16_to_f32_slice`] at a given level (both levels run the same code).
 ///
 /// # Panics
 /// If the level is not available or the lengths differ.
-pub fn axpy_f16_at(level: Level, y: &mut [f32], a: f32, x: &[f16]) {
+pub fn f16_to_f32_slice_at(level: Level, src: &[f16], dst: &mut [f32]) {
     expect_level(level);
-    assert_eq!(y.len(), x.len(), "axpy_f16: length mismatch");
+    assert_eq!(src.len(), dst.len(), "f16_to_f32_slice: length mismatch");
     // SAFETY: NEON is baseline; equal lengths.
-    unsafe { axpy_f16_neon(y, a, x) }
+    unsafe { f16_to_f32_neon(src, dst) }
 }
 
 // ---------------------------------------------------------------------------
@@ -1117,51 +1096,21 @@ impl<F: FloatFmt> RowDot for Floats<F> {
 }
 
 // ---------------------------------------------------------------------------
-// f32 · f16 for attention over an f16 KV cache
+// f16 to f32, for reading the KV cache
 
 #[target_feature(enable = "neon")]
-unsafe fn dot_f32_f16_neon(a: &[f32], b: &[f16]) -> f32 {
-    let n = a.len();
-    let (pa, pb) = (a.as_ptr(), b.as_ptr().cast::<u8>());
-    let mut acc = [vdupq_n_f32(0.0); 4];
-    let mut i = 0;
-    while i + 16 <= n {
-        let [b0, b1] = F16::load8(pb.add(2 * i));
-        let [b2, b3] = F16::load8(pb.add(2 * i + 16));
-        acc[0] = vfmaq_f32(acc[0], vld1q_f32(pa.add(i)), b0);
-        acc[1] = vfmaq_f32(acc[1], vld1q_f32(pa.add(i + 4)), b1);
-        acc[2] = vfmaq_f32(acc[2], vld1q_f32(pa.add(i + 8)), b2);
-        acc[3] = vfmaq_f32(acc[3], vld1q_f32(pa.add(i + 12)), b3);
-        i += 16;
-    }
-    while i + 4 <= n {
-        let bv = cvt_f16x4(vld1_u16(pb.add(2 * i).cast()));
-        acc[0] = vfmaq_f32(acc[0], vld1q_f32(pa.add(i)), bv);
-        i += 4;
-    }
-    let mut sum = vaddvq_f32(vaddq_f32(
-        vaddq_f32(acc[0], acc[1]),
-        vaddq_f32(acc[2], acc[3]),
-    ));
-    for k in i..n {
-        sum += a[k] * f16_to_f32(b[k].to_bits());
-    }
-    sum
-}
-
-#[target_feature(enable = "neon")]
-unsafe fn axpy_f16_neon(y: &mut [f32], a: f32, x: &[f16]) {
-    let n = y.len();
-    let (py, px) = (y.as_mut_ptr(), x.as_ptr().cast::<u8>());
+unsafe fn f16_to_f32_neon(src: &[f16], dst: &mut [f32]) {
+    let n = src.len();
+    let (ps, pd) = (src.as_ptr().cast::<u8>(), dst.as_mut_ptr());
     let mut i = 0;
     while i + 8 <= n {
-        let [x0, x1] = F16::load8(px.add(2 * i));
-        vst1q_f32(py.add(i), vfmaq_n_f32(vld1q_f32(py.add(i)), x0, a));
-        vst1q_f32(py.add(i + 4), vfmaq_n_f32(vld1q_f32(py.add(i + 4)), x1, a));
+        let [a, b] = F16::load8(ps.add(2 * i));
+        vst1q_f32(pd.add(i), a);
+        vst1q_f32(pd.add(i + 4), b);
         i += 8;
     }
     for k in i..n {
-        y[k] = a.mul_add(f16_to_f32(x[k].to_bits()), y[k]);
+        dst[k] = f16_to_f32(src[k].to_bits());
     }
 }
 

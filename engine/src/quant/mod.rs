@@ -42,10 +42,7 @@ mod arch {
     pub fn quantize_row(_: GgmlType, _: &[f32], _: &mut [u8]) -> bool {
         false
     }
-    pub fn dot_f32_f16(_: &[f32], _: &[half::f16]) -> Option<f32> {
-        None
-    }
-    pub fn axpy_f16(_: &mut [f32], _: f32, _: &[half::f16]) -> bool {
+    pub fn f16_to_f32_slice(_: &[half::f16], _: &mut [f32]) -> bool {
         false
     }
 }
@@ -112,28 +109,16 @@ pub fn quantize_row(ty: GgmlType, src: &[f32], dst: &mut [u8]) {
     reference::quantize_row(ty, src, dst)
 }
 
-/// `Σ a[i] * b[i]`, for attention scores over an f16 KV cache.
+/// Converts f16 values to f32 (exactly), for reading the KV cache.
 ///
 /// # Panics
 /// If the lengths differ.
 #[inline]
-pub fn dot_f32_f16(a: &[f32], b: &[half::f16]) -> f32 {
-    if let Some(v) = arch::dot_f32_f16(a, b) {
-        return v;
-    }
-    reference::dot_f32_f16(a, b)
-}
-
-/// `y[i] += a * x[i]`, for attention outputs over an f16 KV cache.
-///
-/// # Panics
-/// If the lengths differ.
-#[inline]
-pub fn axpy_f16(y: &mut [f32], a: f32, x: &[half::f16]) {
-    if arch::axpy_f16(y, a, x) {
+pub fn f16_to_f32_slice(src: &[half::f16], dst: &mut [f32]) {
+    if arch::f16_to_f32_slice(src, dst) {
         return;
     }
-    reference::axpy_f16(y, a, x)
+    reference::f16_to_f32_slice(src, dst)
 }
 
 /// A tensor element format, numbered as in GGUF files (`ggml_type`).

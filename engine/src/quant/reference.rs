@@ -162,23 +162,14 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     f64_sum(a.iter().zip(b).map(|(&a, &b)| a * b))
 }
 
-/// `Σ a[i] * b[i]` for attention over an f16 KV cache: f32 products summed in f64.
+/// Converts f16 values to f32 (exactly), for reading the KV cache.
 ///
 /// # Panics
 /// If the lengths differ.
-pub fn dot_f32_f16(a: &[f32], b: &[f16]) -> f32 {
-    assert_eq!(a.len(), b.len(), "dot_f32_f16: length mismatch");
-    f64_sum(a.iter().zip(b).map(|(&a, &b)| a * b.to_f32()))
-}
-
-/// `y[i] += a * x[i]` over an f16 row, multiplied and added in f32 (not fused).
-///
-/// # Panics
-/// If the lengths differ.
-pub fn axpy_f16(y: &mut [f32], a: f32, x: &[f16]) {
-    assert_eq!(y.len(), x.len(), "axpy_f16: length mismatch");
-    for (y, x) in y.iter_mut().zip(x) {
-        *y += a * x.to_f32();
+pub fn f16_to_f32_slice(src: &[f16], dst: &mut [f32]) {
+    assert_eq!(src.len(), dst.len(), "f16_to_f32_slice: length mismatch");
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = s.to_f32();
     }
 }
 

@@ -223,59 +223,33 @@ pub fn quantize_row_at(level: Level, ty: GgmlType, src: &[f32], dst: &mut [u8]) 
     true
 }
 
-/// `Σ a[i] * b[i]` at the best level (`None` without one): f32 products, f32
-/// accumulators.
+/// Converts f16 values to f32 (exactly) at the best level; `false` without one.
 ///
 /// # Panics
 /// If the lengths differ.
 #[inline]
-pub fn dot_f32_f16(a: &[f32], b: &[f16]) -> Option<f32> {
-    best().map(|level| dot_f32_f16_at(level, a, b))
-}
-
-/// [`dot_f32_f16`] at a given level.
-///
-/// # Panics
-/// If the level is not available or the lengths differ.
-pub fn dot_f32_f16_at(level: Level, a: &[f32], b: &[f16]) -> f32 {
-    expect_level(level);
-    assert_eq!(a.len(), b.len(), "dot_f32_f16: length mismatch");
-    // SAFETY: level available, equal lengths.
-    unsafe {
-        match level {
-            Level::Avx2 => dot_f32_f16_avx2(a, b),
-            Level::Avx512 => dot_f32_f16_avx512(a, b),
-        }
-    }
-}
-
-/// `y[i] += a * x[i]` at the best level; `false` without one.
-///
-/// # Panics
-/// If the lengths differ.
-#[inline]
-pub fn axpy_f16(y: &mut [f32], a: f32, x: &[f16]) -> bool {
+pub fn f16_to_f32_slice(src: &[f16], dst: &mut [f32]) -> bool {
     match best() {
         Some(level) => {
-            axpy_f16_at(level, y, a, x);
+            f16_to_f32_slice_at(level, src, dst);
             true
         }
         None => false,
     }
 }
 
-/// [`axpy_f16`] at a given level (fused multiply-add per element).
+/// [`f16_to_f32_slice`] at a given level.
 ///
 /// # Panics
 /// If the level is not available or the lengths differ.
-pub fn axpy_f16_at(level: Level, y: &mut [f32], a: f32, x: &[f16]) {
+pub fn f16_to_f32_slice_at(level: Level, src: &[f16], dst: &mut [f32]) {
     expect_level(level);
-    assert_eq!(y.len(), x.len(), "axpy_f16: length mismatch");
+    assert_eq!(src.len(), dst.len(), "f16_to_f32_slice: length mismatch");
     // SAFETY: level available, equal lengths.
     unsafe {
         match level {
-            Level::Avx2 => axpy_f16_avx2(y, a, x),
-            Level::Avx512 => axpy_f16_avx512(y, a, x),
+            Level::Avx2 => f16_to_f32_avx2(src, dst),
+            Level::Avx512 => f16_to_f32_avx512(src, dst),
         }
     }
 }
@@ -1080,88 +1054,32 @@ impl<F: FloatFmt> RowDot for Floats<F> {
 }
 
 // ---------------------------------------------------------------------------
-// f32 · f16 for attention over an f16 KV cache
+// f16 to f32, for reading the KV cache
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_f32_f16_avx2(a: &[f32], b: &[f16]) -> f32 {
-    let n = a.len();
-    let (pa, pb) = (a.as_ptr(), b.as_ptr().cast::<u8>());
-    let mut acc0 = _mm256_setzero_ps();
-    let mut acc1 = _mm256_setzero_ps();
-    let mut i = 0;
-    while i + 16 <= n {
-        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), F16::load8(pb.add(2 * i)), acc0);
-        acc1 = _mm256_fmadd_ps(
-            _mm256_loadu_ps(pa.add(i + 8)),
-            F16::load8(pb.add(2 * i + 16)),
-            acc1,
-        );
-        i += 16;
-    }
-    if i + 8 <= n {
-        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), F16::load8(pb.add(2 * i)), acc0);
-        i += 8;
-    }
-    let mut sum = hsum_ps(_mm256_add_ps(acc0, acc1));
-    for k in i..n {
-        sum += a[k] * b[k].to_f32();
-    }
-    sum
-}
-
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn dot_f32_f16_avx512(a: &[f32], b: &[f16]) -> f32 {
-    let n = a.len();
-    let (pa, pb) = (a.as_ptr(), b.as_ptr());
-    let mut acc0 = _mm512_setzero_ps();
-    let mut acc1 = _mm512_setzero_ps();
-    let mut i = 0;
-    while i + 32 <= n {
-        let b0 = _mm512_cvtph_ps(_mm256_loadu_si256(pb.add(i).cast()));
-        let b1 = _mm512_cvtph_ps(_mm256_loadu_si256(pb.add(i + 16).cast()));
-        acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), b0, acc0);
-        acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i + 16)), b1, acc1);
-        i += 32;
-    }
-    // The rest (< 32) with masked loads: no scalar tail.
-    while i < n {
-        let k = (n - i).min(16);
-        let m: __mmask16 = ((1u32 << k) - 1) as u16;
-        let bv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, pb.add(i).cast()));
-        acc0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, pa.add(i)), bv, acc0);
-        i += k;
-    }
-    _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn axpy_f16_avx2(y: &mut [f32], a: f32, x: &[f16]) {
-    let n = y.len();
-    let (py, px) = (y.as_mut_ptr(), x.as_ptr().cast::<u8>());
-    let av = _mm256_set1_ps(a);
+unsafe fn f16_to_f32_avx2(src: &[f16], dst: &mut [f32]) {
+    let n = src.len();
+    let (ps, pd) = (src.as_ptr().cast::<u8>(), dst.as_mut_ptr());
     let mut i = 0;
     while i + 8 <= n {
-        let v = _mm256_fmadd_ps(av, F16::load8(px.add(2 * i)), _mm256_loadu_ps(py.add(i)));
-        _mm256_storeu_ps(py.add(i), v);
+        _mm256_storeu_ps(pd.add(i), F16::load8(ps.add(2 * i)));
         i += 8;
     }
     for k in i..n {
-        y[k] = a.mul_add(x[k].to_f32(), y[k]);
+        dst[k] = src[k].to_f32();
     }
 }
 
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn axpy_f16_avx512(y: &mut [f32], a: f32, x: &[f16]) {
-    let n = y.len();
-    let (py, px) = (y.as_mut_ptr(), x.as_ptr());
-    let av = _mm512_set1_ps(a);
+unsafe fn f16_to_f32_avx512(src: &[f16], dst: &mut [f32]) {
+    let n = src.len();
+    let (ps, pd) = (src.as_ptr(), dst.as_mut_ptr());
     let mut i = 0;
     while i < n {
         let k = (n - i).min(16);
         let m: __mmask16 = ((1u32 << k) - 1) as u16;
-        let xv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, px.add(i).cast()));
-        let v = _mm512_fmadd_ps(av, xv, _mm512_maskz_loadu_ps(m, py.add(i)));
-        _mm512_mask_storeu_ps(py.add(i), m, v);
+        let v = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, ps.add(i).cast()));
+        _mm512_mask_storeu_ps(pd.add(i), m, v);
         i += k;
     }
 }

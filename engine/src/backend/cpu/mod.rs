@@ -5,6 +5,7 @@
 //! thread streams its own part of the matrix and reuses every row it loads for
 //! all tokens of the batch.
 
+pub(crate) mod attention;
 pub mod pool;
 
 use super::{AttnParams, AttnSeq, Backend, MatOut, Workspace};
@@ -101,7 +102,8 @@ impl Backend for CpuBackend {
             meta: vec![0; max_tokens * gemm::meta_bytes(max_cols)],
             panels: vec![0; nt * gemm::max_panel_bytes(max_cols)],
             tile_out: vec![0.0; nt * max_tokens * PANEL_ROWS],
-            scores: vec![0.0; self.threads() * max_ctx],
+            attn: Vec::new(),
+            attn_items: Vec::new(),
             max_ctx,
         }
     }
@@ -250,84 +252,7 @@ impl Backend for CpuBackend {
         out: &mut [f32],
         ws: &mut Workspace,
     ) {
-        let hd = p.head_dim;
-        let row_len = p.n_heads * hd;
-        let n_tokens: usize = seqs.iter().map(|s| s.n_tokens).sum();
-        assert_eq!(q.len(), n_tokens * row_len);
-        assert!(out.len() >= n_tokens * row_len);
-        let group = p.n_heads / p.n_kv_heads;
-        let bs = kv.layout().block_size;
-        let max_ctx = ws.max_ctx;
-        for s in seqs {
-            assert!(
-                s.start_pos + s.n_tokens <= max_ctx.min(s.table.capacity(bs)),
-                "attention past the workspace context or the block table"
-            );
-        }
-        let scores = SharedMut(ws.scores.as_mut_ptr());
-        let out_ptr = SharedMut(out.as_mut_ptr());
-        let items = n_tokens * p.n_heads;
-        self.pool.run(&|ti, nt| {
-            // SAFETY: each thread has its own scores row.
-            let sc = unsafe { scores.slice(ti * max_ctx, max_ctx) };
-            let mut seq_idx = 0;
-            let mut seq_first_row = 0;
-            for item in split(items, ti, nt) {
-                let (row, h) = (item / p.n_heads, item % p.n_heads);
-                while row >= seq_first_row + seqs[seq_idx].n_tokens {
-                    seq_first_row += seqs[seq_idx].n_tokens;
-                    seq_idx += 1;
-                }
-                let s = &seqs[seq_idx];
-                let pos = s.start_pos + (row - seq_first_row);
-                let first = p.window.map_or(0, |w| (pos + 1).saturating_sub(w));
-                let qh = &q[row * row_len + h * hd..row * row_len + (h + 1) * hd];
-                let kvh = h / group;
-                // SAFETY: (row, head) items are disjoint between threads.
-                let o = unsafe { out_ptr.slice(row * row_len + h * hd, hd) };
-                attend_one(kv, p.layer, s, kvh, qh, p.scale, first, pos, sc, o);
-            }
-        });
-    }
-}
-
-/// Attention of one query head at position `last` over positions `first..=last`.
-#[allow(clippy::too_many_arguments)]
-fn attend_one(
-    kv: &KvCache,
-    layer: usize,
-    s: &AttnSeq<'_>,
-    kvh: usize,
-    qh: &[f32],
-    scale: f32,
-    first: usize,
-    last: usize,
-    scores: &mut [f32],
-    out: &mut [f32],
-) {
-    let hd = qh.len();
-    let bs = kv.layout().block_size;
-    // Sliding-window layers read the table's window-pool blocks.
-    let blocks = kv.blocks(layer, s.table);
-    let mut max = f32::NEG_INFINITY;
-    for pos in first..=last {
-        let kb = kv.k_block(layer, blocks[pos / bs], kvh);
-        let kr = &kb[(pos % bs) * hd..(pos % bs + 1) * hd];
-        let d = quant::dot_f32_f16(qh, kr) * scale;
-        scores[pos] = d;
-        max = max.max(d);
-    }
-    let mut sum = 0f64;
-    for sc in &mut scores[first..=last] {
-        *sc = (*sc - max).exp();
-        sum += *sc as f64;
-    }
-    let inv = (1.0 / sum) as f32;
-    out.fill(0.0);
-    for pos in first..=last {
-        let vb = kv.v_block(layer, blocks[pos / bs], kvh);
-        let vr = &vb[(pos % bs) * hd..(pos % bs + 1) * hd];
-        quant::axpy_f16(out, scores[pos] * inv, vr);
+        attention::attention(self, p, q, kv, seqs, out, ws)
     }
 }
 

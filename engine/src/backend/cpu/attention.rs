@@ -1,0 +1,567 @@
+//! Attention on the CPU: causal softmax(q·Kᵀ)·V over each sequence's KV blocks.
+//!
+//! Work items are runs of one sequence's tokens times some query heads of one
+//! KV head. An item walks the positions in chunks of [`CHUNK`], aligned to
+//! absolute positions, converts each chunk's keys and values from f16 once,
+//! and folds the chunk into every query of the item with a running maximum
+//! (online softmax). A query's arithmetic depends only on its own position and
+//! the cache, never on the item it lands in, so a token gets the same bits
+//! alone, in a prefill or inside a batch of sequences.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::{CpuBackend, SharedMut};
+use crate::backend::{AttnParams, AttnSeq, Backend, Workspace};
+use crate::kv_cache::KvCache;
+use crate::quant;
+
+/// Positions folded in at once: one row of 16 scores per query.
+const CHUNK: usize = 16;
+
+/// Most queries in one work item: their running maxima and sums live in the
+/// thread's scratch.
+const MAX_ITEM_QUERIES: usize = 32;
+
+/// Tokens `t0..t1` of sequence `seq` (whose first token is batch row `row0`),
+/// query heads `h0..h1`, all reading KV head `kvh`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Item {
+    seq: usize,
+    row0: usize,
+    t0: usize,
+    t1: usize,
+    h0: usize,
+    h1: usize,
+    kvh: usize,
+}
+
+/// What every item of one call reads.
+struct Ctx<'a> {
+    p: &'a AttnParams,
+    q: &'a [f32],
+    kv: &'a KvCache,
+    seqs: &'a [AttnSeq<'a>],
+    out: SharedMut<f32>,
+}
+
+/// f32 scratch per thread: one chunk of keys and one of values, then the
+/// item's running maxima and sums.
+fn scratch_len(head_dim: usize) -> usize {
+    2 * CHUNK * head_dim + 2 * MAX_ITEM_QUERIES
+}
+
+pub(super) fn attention(
+    b: &CpuBackend,
+    p: &AttnParams,
+    q: &[f32],
+    kv: &KvCache,
+    seqs: &[AttnSeq<'_>],
+    out: &mut [f32],
+    ws: &mut Workspace,
+) {
+    let hd = p.head_dim;
+    let row_len = p.n_heads * hd;
+    let n_tokens: usize = seqs.iter().map(|s| s.n_tokens).sum();
+    assert_eq!(q.len(), n_tokens * row_len);
+    assert!(out.len() >= n_tokens * row_len);
+    assert_eq!(p.n_heads % p.n_kv_heads, 0, "query heads per KV head");
+    let group = p.n_heads / p.n_kv_heads;
+    let bs = kv.layout().block_size;
+    for s in seqs {
+        assert!(
+            s.start_pos + s.n_tokens <= ws.max_ctx.min(s.table.capacity(bs)),
+            "attention past the workspace context or the block table"
+        );
+    }
+    let nt = b.threads();
+
+    // Whole groups of query heads share each converted chunk; a batch too
+    // small to give every thread two items splits the groups instead.
+    let heads = if n_tokens * p.n_kv_heads >= 2 * nt {
+        group
+    } else {
+        1
+    };
+    let tokens = (MAX_ITEM_QUERIES / heads).max(1);
+    let items = &mut ws.attn_items;
+    items.clear();
+    let mut row0 = 0;
+    for (seq, s) in seqs.iter().enumerate() {
+        for kvh in 0..p.n_kv_heads {
+            for h0 in (kvh * group..(kvh + 1) * group).step_by(heads) {
+                for t0 in (0..s.n_tokens).step_by(tokens) {
+                    items.push(Item {
+                        seq,
+                        row0,
+                        t0,
+                        t1: (t0 + tokens).min(s.n_tokens),
+                        h0,
+                        h1: h0 + heads,
+                        kvh,
+                    });
+                }
+            }
+        }
+        row0 += s.n_tokens;
+    }
+
+    let per = scratch_len(hd);
+    if ws.attn.len() < nt * per {
+        // Once per workspace and head size, not per call.
+        ws.attn.resize(nt * per, 0.0);
+    }
+    let scratch = SharedMut(ws.attn.as_mut_ptr());
+    let ctx = Ctx {
+        p,
+        q,
+        kv,
+        seqs,
+        out: SharedMut(out.as_mut_ptr()),
+    };
+    let items = &ws.attn_items[..];
+    // Items differ in cost (later tokens see more positions): threads take
+    // the next one as they finish.
+    let next = AtomicUsize::new(0);
+    b.pool.run(&|ti, _| {
+        // SAFETY: each thread has its own scratch.
+        let sc = unsafe { scratch.slice(ti * per, per) };
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(it) = items.get(i) else { break };
+            run_item(&ctx, it, sc);
+        }
+    });
+}
+
+fn run_item(c: &Ctx<'_>, it: &Item, sc: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use quant::x86::Level;
+        // SAFETY: each level's features are present.
+        match quant::x86::best() {
+            Some(Level::Avx512) => return unsafe { item_avx512(c, it, sc) },
+            Some(Level::Avx2) => return unsafe { item_avx2(c, it, sc) },
+            None => {}
+        }
+    }
+    item_body(c, it, sc)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+unsafe fn item_avx512(c: &Ctx<'_>, it: &Item, sc: &mut [f32]) {
+    item_body(c, it, sc)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn item_avx2(c: &Ctx<'_>, it: &Item, sc: &mut [f32]) {
+    item_body(c, it, sc)
+}
+
+#[inline(always)]
+fn item_body(c: &Ctx<'_>, it: &Item, sc: &mut [f32]) {
+    let p = c.p;
+    let hd = p.head_dim;
+    let row_len = p.n_heads * hd;
+    let s = &c.seqs[it.seq];
+    // Sliding-window layers read the table's window-pool blocks.
+    let blocks = c.kv.blocks(p.layer, s.table);
+    let (kf, rest) = sc.split_at_mut(CHUNK * hd);
+    let (vf, rest) = rest.split_at_mut(CHUNK * hd);
+    let (m, l) = rest.split_at_mut(MAX_ITEM_QUERIES);
+    let nh = it.h1 - it.h0;
+    let first = |pos: usize| p.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+    // SAFETY (for every `out` slice below): items own disjoint (row, head)
+    // pairs of the output.
+    let out = |t: usize, h: usize| unsafe { c.out.slice((it.row0 + t) * row_len + h * hd, hd) };
+    for t in it.t0..it.t1 {
+        for h in it.h0..it.h1 {
+            out(t, h).fill(0.0);
+        }
+    }
+    m.fill(f32::NEG_INFINITY);
+    l.fill(0.0);
+
+    // Positions some query of the item sees.
+    let lo = first(s.start_pos + it.t0);
+    let hi = s.start_pos + it.t1 - 1;
+    for c0 in (lo / CHUNK * CHUNK..=hi).step_by(CHUNK) {
+        load_chunk(c.kv, p.layer, blocks, it.kvh, c0, lo.max(c0), hi, kf, vf);
+        for t in it.t0..it.t1 {
+            let pos = s.start_pos + t;
+            let (a, z) = (first(pos).max(c0), pos.min(c0 + CHUNK - 1));
+            if a > z {
+                continue;
+            }
+            let qrow = (it.row0 + t) * row_len;
+            for h in it.h0..it.h1 {
+                let qi = (t - it.t0) * nh + (h - it.h0);
+                let qv = &c.q[qrow + h * hd..qrow + (h + 1) * hd];
+                let (mq, lq) = (&mut m[qi], &mut l[qi]);
+                fold_chunk(qv, kf, vf, a - c0, z - c0, p.scale, mq, lq, out(t, h));
+            }
+        }
+    }
+    for t in it.t0..it.t1 {
+        for h in it.h0..it.h1 {
+            // Every query sees at least its own position, so the sum is > 0.
+            let inv = 1.0 / l[(t - it.t0) * nh + (h - it.h0)];
+            for x in out(t, h) {
+                *x *= inv;
+            }
+        }
+    }
+}
+
+/// Converts the keys (transposed: `kf[d * CHUNK + j]`) and values
+/// (`vf[j * head_dim + d]`) of positions `c0 + j` to f32, for at least the
+/// positions `a..=z.min(c0 + CHUNK - 1)`; other lanes keep stale values.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn load_chunk(
+    kv: &KvCache,
+    layer: usize,
+    blocks: &[u32],
+    kvh: usize,
+    c0: usize,
+    a: usize,
+    z: usize,
+    kf: &mut [f32],
+    vf: &mut [f32],
+) {
+    let l = kv.layout();
+    let (bs, hd) = (l.block_size, l.head_dim);
+    if bs % CHUNK == 0 {
+        // The chunk lies in one block, at slot `off`.
+        let (block, off) = (blocks[c0 / bs], c0 % bs);
+        let kb = kv.k_block(layer, block, kvh);
+        if bs == CHUNK {
+            quant::f16_to_f32_slice(kb, kf);
+        } else {
+            for d in 0..hd {
+                let src = &kb[d * bs + off..d * bs + off + CHUNK];
+                quant::f16_to_f32_slice(src, &mut kf[d * CHUNK..(d + 1) * CHUNK]);
+            }
+        }
+        let vb = kv.v_block(layer, block, kvh);
+        quant::f16_to_f32_slice(&vb[off * hd..(off + CHUNK) * hd], vf);
+        return;
+    }
+    // Other block sizes: position by position, only those needed (a chunk
+    // may run past the table's last block).
+    for pos in a..=z.min(c0 + CHUNK - 1) {
+        let (block, slot, j) = (blocks[pos / bs], pos % bs, pos - c0);
+        let kb = kv.k_block(layer, block, kvh);
+        for d in 0..hd {
+            kf[d * CHUNK + j] = kb[d * bs + slot].to_f32();
+        }
+        let vb = kv.v_block(layer, block, kvh);
+        quant::f16_to_f32_slice(
+            &vb[slot * hd..(slot + 1) * hd],
+            &mut vf[j * hd..(j + 1) * hd],
+        );
+    }
+}
+
+/// Folds lanes `a..=z` of a chunk into one query's running maximum `m`, sum
+/// `l` and unnormalised output `o`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn fold_chunk(
+    q: &[f32],
+    kf: &[f32],
+    vf: &[f32],
+    a: usize,
+    z: usize,
+    scale: f32,
+    m: &mut f32,
+    l: &mut f32,
+    o: &mut [f32],
+) {
+    let hd = q.len();
+    // Scores of all lanes; four partial sums keep four multiply-add chains
+    // in flight.
+    let mut acc = [[0f32; CHUNK]; 4];
+    let mut d = 0;
+    while d + 4 <= hd {
+        for (u, part) in acc.iter_mut().enumerate() {
+            let qd = q[d + u];
+            let k = &kf[(d + u) * CHUNK..(d + u + 1) * CHUNK];
+            for j in 0..CHUNK {
+                part[j] = qd.mul_add(k[j], part[j]);
+            }
+        }
+        d += 4;
+    }
+    for d in d..hd {
+        let k = &kf[d * CHUNK..(d + 1) * CHUNK];
+        for j in 0..CHUNK {
+            acc[0][j] = q[d].mul_add(k[j], acc[0][j]);
+        }
+    }
+    let mut s = [0f32; CHUNK];
+    for j in 0..CHUNK {
+        s[j] = ((acc[0][j] + acc[1][j]) + (acc[2][j] + acc[3][j])) * scale;
+    }
+    // Lanes outside a..=z may hold stale values: masked here, never read below.
+    let live = |j: usize| (a..=z).contains(&j);
+    let mut mx = f32::NEG_INFINITY;
+    for (j, &x) in s.iter().enumerate() {
+        mx = mx.max(if live(j) { x } else { f32::NEG_INFINITY });
+    }
+    let m_new = m.max(mx);
+    let mut e = [0f32; CHUNK];
+    for j in 0..CHUNK {
+        e[j] = if live(j) { exp_le0(s[j] - m_new) } else { 0.0 };
+    }
+    // A fixed tree of sums (vectorizes; dead lanes add exact zeros).
+    let mut w = CHUNK / 2;
+    let mut t = e;
+    while w > 0 {
+        for i in 0..w {
+            t[i] += t[i + w];
+        }
+        w /= 2;
+    }
+    let sum = t[0];
+    if *m != m_new {
+        let corr = if *m == f32::NEG_INFINITY {
+            0.0
+        } else {
+            exp_le0(*m - m_new)
+        };
+        *l *= corr;
+        for x in o.iter_mut() {
+            *x *= corr;
+        }
+    }
+    *l += sum;
+    *m = m_new;
+    // Four 16-lane accumulators per pass over the lanes: four independent
+    // multiply-add chains.
+    let mut dc = 0;
+    while dc + 64 <= hd {
+        let mut acc = [[0f32; 16]; 4];
+        for (u, part) in acc.iter_mut().enumerate() {
+            part.copy_from_slice(&o[dc + 16 * u..dc + 16 * (u + 1)]);
+        }
+        for (j, &p) in e.iter().enumerate().take(z + 1).skip(a) {
+            let v = &vf[j * hd + dc..j * hd + dc + 64];
+            for (u, part) in acc.iter_mut().enumerate() {
+                for i in 0..16 {
+                    part[i] = p.mul_add(v[16 * u + i], part[i]);
+                }
+            }
+        }
+        for (u, part) in acc.iter().enumerate() {
+            o[dc + 16 * u..dc + 16 * (u + 1)].copy_from_slice(part);
+        }
+        dc += 64;
+    }
+    for (d, x) in o.iter_mut().enumerate().skip(dc) {
+        for (j, &p) in e.iter().enumerate().take(z + 1).skip(a) {
+            *x = p.mul_add(vf[j * hd + d], *x);
+        }
+    }
+}
+
+/// `e^x` for `x ≤ 0` (a score minus the running maximum), within about one
+/// ulp, `exp_le0(0) == 1` exactly; written so that it vectorizes.
+#[inline(always)]
+fn exp_le0(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let x = x.max(-87.0);
+    let n = x.mul_add(std::f32::consts::LOG2_E, 0.5).floor();
+    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));
+    // Taylor series to degree 6: |r| ≤ ln2 / 2 leaves a relative error ~1e-7.
+    let mut p: f32 = 1.0 / 720.0;
+    p = p.mul_add(r, 1.0 / 120.0);
+    p = p.mul_add(r, 1.0 / 24.0);
+    p = p.mul_add(r, 1.0 / 6.0);
+    p = p.mul_add(r, 0.5);
+    p = p.mul_add(r, 1.0);
+    p = p.mul_add(r, 1.0);
+    p * f32::from_bits(((n as i32 + 127) << 23) as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Backend;
+    use crate::kv_cache::{BlockTable, KvLayout};
+
+    #[test]
+    fn exp_matches_std_over_the_softmax_range() {
+        assert_eq!(exp_le0(0.0), 1.0);
+        let mut x = 0.0f32;
+        while x > -87.0 {
+            let (got, want) = (exp_le0(x) as f64, (x as f64).exp());
+            assert!(
+                (got - want).abs() <= 3e-7 * want,
+                "exp({x}) = {got}, want {want}"
+            );
+            x -= 0.0137;
+        }
+        assert!(exp_le0(-1e4) < 1e-37 && exp_le0(f32::NEG_INFINITY) >= 0.0);
+    }
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+    }
+
+    /// Softmax attention in f64 over the f16-rounded cache.
+    #[allow(clippy::too_many_arguments)]
+    fn naive(
+        keys: &[Vec<f32>],
+        vals: &[Vec<f32>],
+        q: &[f32],
+        kvh: usize,
+        hd: usize,
+        first: usize,
+        last: usize,
+        scale: f32,
+    ) -> Vec<f64> {
+        let r = |x: f32| half::f16::from_f32(x).to_f32() as f64;
+        let kh = |p: usize| &keys[p][kvh * hd..(kvh + 1) * hd];
+        let vh = |p: usize| &vals[p][kvh * hd..(kvh + 1) * hd];
+        let sc: Vec<f64> = (first..=last)
+            .map(|p| {
+                q.iter()
+                    .zip(kh(p))
+                    .map(|(&a, &b)| a as f64 * r(b))
+                    .sum::<f64>()
+                    * scale as f64
+            })
+            .collect();
+        let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let w: Vec<f64> = sc.iter().map(|s| (s - mx).exp()).collect();
+        let tot: f64 = w.iter().sum();
+        (0..hd)
+            .map(|d| {
+                (first..=last)
+                    .zip(&w)
+                    .map(|(p, w)| w * r(vh(p)[d]))
+                    .sum::<f64>()
+                    / tot
+            })
+            .collect()
+    }
+
+    /// Random sequences in one batch (new tokens after cached ones), against
+    /// the f64 oracle, for the default and odd block sizes, windows and GQA;
+    /// then each sequence again token by token: the same bits.
+    #[test]
+    fn matches_naive_softmax_and_does_not_depend_on_the_batch() {
+        let mut seed = 7;
+        for (bs, hd, n_heads, n_kv, window, threads) in [
+            (16, 64, 6, 2, None, 2),
+            (16, 16, 4, 1, Some(21), 3),
+            (32, 16, 2, 2, None, 1),
+            (3, 12, 3, 1, Some(5), 2),
+            (5, 6, 2, 1, None, 2),
+        ] {
+            let layout = KvLayout {
+                n_layers: 1,
+                n_kv_heads: n_kv,
+                head_dim: hd,
+                block_size: bs,
+                window: None,
+            };
+            let mut kv = KvCache::new(layout, 64);
+            let kvd = n_kv * hd;
+            // (cached positions, new tokens)
+            let shapes = [(0, 37), (40, 1), (13, 5), (0, 1), (70, 20)];
+            let mut tables = Vec::new();
+            let mut keys = Vec::new();
+            let mut vals = Vec::new();
+            for &(cached, new) in &shapes {
+                let mut t = BlockTable::new();
+                t.reserve(&mut kv, cached + new).unwrap();
+                let k: Vec<Vec<f32>> = (0..cached + new)
+                    .map(|_| (0..kvd).map(|_| 4.0 * lcg(&mut seed)).collect())
+                    .collect();
+                let v: Vec<Vec<f32>> = (0..cached + new)
+                    .map(|_| (0..kvd).map(|_| lcg(&mut seed)).collect())
+                    .collect();
+                for p in 0..cached + new {
+                    kv.write(0, &t, p, &k[p], &v[p]);
+                }
+                tables.push(t);
+                keys.push(k);
+                vals.push(v);
+            }
+            let row_len = n_heads * hd;
+            let n: usize = shapes.iter().map(|s| s.1).sum();
+            let q: Vec<f32> = (0..n * row_len).map(|_| lcg(&mut seed)).collect();
+            let p = AttnParams {
+                layer: 0,
+                n_heads,
+                n_kv_heads: n_kv,
+                head_dim: hd,
+                scale: 0.3,
+                window,
+            };
+            let b = CpuBackend::new(threads);
+            let mut ws = b.workspace(n, row_len, 128);
+            let seqs: Vec<AttnSeq> = shapes
+                .iter()
+                .zip(&tables)
+                .map(|(&(cached, new), t)| AttnSeq {
+                    table: t,
+                    start_pos: cached,
+                    n_tokens: new,
+                })
+                .collect();
+            let mut out = vec![0.0; n * row_len];
+            b.attention(&p, &q, &kv, &seqs, &mut out, &mut ws);
+            let group = n_heads / n_kv;
+            let mut row = 0;
+            for (si, &(cached, new)) in shapes.iter().enumerate() {
+                for t in 0..new {
+                    let pos = cached + t;
+                    let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                    for h in 0..n_heads {
+                        let qh = &q[row * row_len + h * hd..][..hd];
+                        let want = naive(&keys[si], &vals[si], qh, h / group, hd, first, pos, 0.3);
+                        let got = &out[row * row_len + h * hd..][..hd];
+                        for (g, w) in got.iter().zip(&want) {
+                            assert!(
+                                (*g as f64 - w).abs() < 2e-5,
+                                "bs {bs} seq {si} pos {pos} head {h}: {g} vs {w}"
+                            );
+                        }
+                    }
+                    // The same token alone, as a decode step would see it.
+                    let one = [AttnSeq {
+                        table: &tables[si],
+                        start_pos: pos,
+                        n_tokens: 1,
+                    }];
+                    let mut alone = vec![0.0; row_len];
+                    b.attention(
+                        &p,
+                        &q[row * row_len..(row + 1) * row_len],
+                        &kv,
+                        &one,
+                        &mut alone,
+                        &mut ws,
+                    );
+                    let batched = &out[row * row_len..(row + 1) * row_len];
+                    assert!(
+                        alone
+                            .iter()
+                            .zip(batched)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "bs {bs} seq {si} pos {pos}: alone differs from batched"
+                    );
+                    row += 1;
+                }
+            }
+        }
+    }
+}
