@@ -48,8 +48,15 @@ const RAM_BYTES: usize = 192 << 20;
 #[derive(Copy, Clone)]
 enum Path {
     Reference,
+    /// Row kernels ([`x86::vec_dot_multi_at`]).
     #[cfg(target_arch = "x86_64")]
     X86(Level),
+    /// Tiled kernels straight from the rows, eight at a time.
+    #[cfg(target_arch = "x86_64")]
+    Rows(Level),
+    /// Tiled kernels: unpack a panel of eight rows, then multiply.
+    #[cfg(target_arch = "x86_64")]
+    Panel(Level),
 }
 
 impl Path {
@@ -58,19 +65,33 @@ impl Path {
             Path::Reference => "reference",
             #[cfg(target_arch = "x86_64")]
             Path::X86(level) => level.name(),
+            #[cfg(target_arch = "x86_64")]
+            Path::Rows(Level::Avx2) => "avx2 rows",
+            #[cfg(target_arch = "x86_64")]
+            Path::Rows(Level::Avx512) => "512 rows",
+            #[cfg(target_arch = "x86_64")]
+            Path::Panel(Level::Avx2) => "avx2 panel",
+            #[cfg(target_arch = "x86_64")]
+            Path::Panel(Level::Avx512) => "512 panel",
         }
+    }
+
+    /// The reference or a row kernel (every kernel has one).
+    fn is_row_kernel(&self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if let Path::Rows(_) | Path::Panel(_) = self {
+            return false;
+        }
+        true
     }
 
     fn available() -> Vec<Path> {
         #[allow(unused_mut)]
         let mut paths = vec![Path::Reference];
         #[cfg(target_arch = "x86_64")]
-        paths.extend(
-            Level::ALL
-                .into_iter()
-                .filter(|l| l.is_available())
-                .map(Path::X86),
-        );
+        for level in Level::ALL.into_iter().filter(|l| l.is_available()) {
+            paths.extend([Path::X86(level), Path::Rows(level), Path::Panel(level)]);
+        }
         paths
     }
 }
@@ -107,9 +128,37 @@ fn weights(rng: &mut Rng, ty: GgmlType, k: usize, rows: usize) -> Vec<u8> {
 }
 
 /// `out[r * acts + t] = w_r · x_t` for every weight row r.
-fn matmul(path: Path, ty: GgmlType, k: usize, w: &[u8], x: &[u8], acts: usize, out: &mut [f32]) {
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    path: Path,
+    ty: GgmlType,
+    k: usize,
+    w: &[u8],
+    x: &[u8],
+    meta: &[u8],
+    acts: usize,
+    out: &mut [f32],
+    panel: &mut [u8],
+) {
     let w_row = ty.row_bytes(k).unwrap();
     let x_row = x.len() / acts;
+    #[cfg(target_arch = "x86_64")]
+    if let Path::Rows(level) | Path::Panel(level) = path {
+        let rows = embody_engine::quant::gemm::PANEL_ROWS;
+        for (wr, o) in w
+            .chunks_exact(rows * w_row)
+            .zip(out.chunks_exact_mut(rows * acts))
+        {
+            if let Path::Rows(_) = path {
+                x86::gemm::multiply_rows_at(level, ty, k, wr, x, meta, acts, o, rows);
+            } else {
+                x86::gemm::pack_at(level, ty, k, wr, panel);
+                x86::gemm::multiply_at(level, ty, k, panel, x, meta, acts, o, rows);
+            }
+        }
+        return;
+    }
+    let _ = (meta, &panel);
     for (wr, o) in w.chunks_exact(w_row).zip(out.chunks_exact_mut(acts)) {
         match path {
             Path::Reference => {
@@ -121,12 +170,12 @@ fn matmul(path: Path, ty: GgmlType, k: usize, w: &[u8], x: &[u8], acts: usize, o
             Path::X86(level) => {
                 x86::vec_dot_multi_at(level, ty, k, wr, x, o);
             }
+            #[cfg(target_arch = "x86_64")]
+            Path::Rows(_) | Path::Panel(_) => unreachable!(),
         }
     }
 }
 
-/// Seconds per call of `f`: the best of several batches that each run at least
-/// `min_batch` (after one warm-up call).
 fn time(min_batch: Duration, batches: usize, mut f: impl FnMut()) -> f64 {
     f();
     let mut best = f64::INFINITY;
@@ -188,7 +237,28 @@ fn main() {
                     .flat_map(|_| quantized(ty.vec_dot_type(), &rng.row(k)))
                     .collect();
                 let mut out = vec![0.0f32; rows * acts];
+                let x_row = ty.vec_dot_type().row_bytes(k).unwrap();
+                let meta_row = embody_engine::quant::gemm::meta_bytes(k);
+                let mut meta = vec![0u8; acts * meta_row];
+                let tiled = embody_engine::quant::gemm::supported(ty);
+                if tiled {
+                    for (xr, m) in x.chunks_exact(x_row).zip(meta.chunks_exact_mut(meta_row)) {
+                        embody_engine::quant::gemm::prepare(ty.vec_dot_type(), k, xr, m);
+                    }
+                }
+                let mut panel = vec![0u8; embody_engine::quant::gemm::max_panel_bytes(k)];
                 for &path in &paths {
+                    #[cfg(target_arch = "x86_64")]
+                    if let Path::Rows(level) | Path::Panel(level) = path {
+                        if !x86::gemm::supported(level, ty) {
+                            continue;
+                        }
+                    }
+                    let panel = &mut panel[..if tiled {
+                        embody_engine::quant::gemm::panel_bytes(ty, k)
+                    } else {
+                        0
+                    }];
                     let slow = matches!(path, Path::Reference);
                     let (batch, batches) = if slow {
                         (Duration::from_millis(100), 2)
@@ -196,7 +266,7 @@ fn main() {
                         (Duration::from_millis(60), 5)
                     };
                     let hot = time(batch, batches, || {
-                        matmul(path, ty, k, black_box(&w), &x, acts, &mut out);
+                        matmul(path, ty, k, black_box(&w), &x, &meta, acts, &mut out, panel);
                         black_box(&out);
                     });
                     // From RAM: one pass over all copies per call.
@@ -205,7 +275,7 @@ fn main() {
                     } else {
                         let t = time(Duration::from_millis(1), 3, || {
                             for c in &cold {
-                                matmul(path, ty, k, black_box(c), &x, acts, &mut out);
+                                matmul(path, ty, k, black_box(c), &x, &meta, acts, &mut out, panel);
                             }
                             black_box(&out);
                         }) / copies as f64;
@@ -232,7 +302,7 @@ fn main() {
     let v = rng.row(4864);
     for ty in [GgmlType::Q8_1, GgmlType::Q8_0, GgmlType::Q8_K] {
         let mut dst = vec![0u8; ty.row_bytes(v.len()).unwrap()];
-        for &path in &paths {
+        for &path in paths.iter().filter(|p| p.is_row_kernel()) {
             let t = time(Duration::from_millis(30), 3, || {
                 match path {
                     Path::Reference => reference::quantize_row(ty, black_box(&v), &mut dst),
@@ -240,6 +310,8 @@ fn main() {
                     Path::X86(level) => {
                         x86::quantize_row_at(level, ty, black_box(&v), &mut dst);
                     }
+                    #[cfg(target_arch = "x86_64")]
+                    Path::Rows(_) | Path::Panel(_) => unreachable!(),
                 }
                 black_box(&dst);
             });
@@ -249,12 +321,14 @@ fn main() {
     }
     let src: Vec<half::f16> = rng.row(1024).into_iter().map(half::f16::from_f32).collect();
     let mut dst = vec![0.0f32; 1024];
-    for &path in &paths {
+    for &path in paths.iter().filter(|p| p.is_row_kernel()) {
         let t = time(Duration::from_millis(30), 3, || {
             match path {
                 Path::Reference => reference::f16_to_f32_slice(black_box(&src), &mut dst),
                 #[cfg(target_arch = "x86_64")]
                 Path::X86(level) => x86::f16_to_f32_slice_at(level, black_box(&src), &mut dst),
+                #[cfg(target_arch = "x86_64")]
+                Path::Rows(_) | Path::Panel(_) => unreachable!(),
             }
             black_box(&dst);
         });

@@ -10,6 +10,11 @@
 //! across the eight rows. Activations are quantized as for [`super::vec_dot`],
 //! plus a few bytes per block from [`prepare`].
 //!
+//! For a few tokens (decode), [`multiply_rows`] computes the same results
+//! straight from the weight rows, since unpacking a panel would cost more than
+//! it saves; it makes the same integer sums and the same f32 operations, so a
+//! token's results do not depend on which path ran.
+//!
 //! The integer sums are the reference's; only the order of the f32 additions
 //! differs. Where the CPU has no such kernel ([`supported`] is false) callers
 //! use [`super::vec_dot_multi`].
@@ -106,6 +111,35 @@ pub fn multiply(
     #[cfg(not(target_arch = "x86_64"))]
     {
         let _ = (panel, act, meta, n, out, out_stride);
+        unsupported(ty, k)
+    }
+}
+
+/// Token counts below this take [`multiply_rows`]; from here on a panel pays
+/// for its unpacking.
+pub const ROWS_BELOW: usize = 4;
+
+/// [`multiply`]'s results, bit for bit, from [`PANEL_ROWS`] rows of `ty` (back
+/// to back in `rows`) without a panel: cheaper for a few tokens.
+///
+/// # Panics
+/// If [`supported`] is false for `ty` or a length is wrong.
+#[allow(clippy::too_many_arguments)]
+pub fn multiply_rows(
+    ty: GgmlType,
+    k: usize,
+    rows: &[u8],
+    act: &[u8],
+    meta: &[u8],
+    n: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    return super::x86::gemm::multiply_rows_at(best(), ty, k, rows, act, meta, n, out, out_stride);
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (rows, act, meta, n, out, out_stride);
         unsupported(ty, k)
     }
 }

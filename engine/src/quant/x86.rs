@@ -37,6 +37,7 @@ use super::GgmlType;
 
 /// Tiled prefill products (see [`super::gemm`]).
 pub mod gemm;
+mod gemm_direct;
 mod gemm_k;
 
 // ---------------------------------------------------------------------------

@@ -568,18 +568,48 @@ fn tiled_products_match_reference_and_do_not_depend_on_the_batch() {
                         assert!(out[t * stride + PANEL_ROWS..(t + 1) * stride]
                             .iter()
                             .all(|v| v.is_nan()));
-                        // Batch invariance: the token alone gives the same bits.
+                        // Batch invariance: the token alone gives the same bits,
+                        // from the panel and straight from the rows.
                         let mut one = [f32::NAN; PANEL_ROWS];
                         let mt = &meta[t * mr..(t + 1) * mr];
                         tiled::multiply_at(level, ty, k, &panel, xt, mt, 1, &mut one, PANEL_ROWS);
-                        for (r, v) in one.iter().enumerate() {
+                        let mut direct = [f32::NAN; PANEL_ROWS];
+                        tiled::multiply_rows_at(
+                            level,
+                            ty,
+                            k,
+                            &w,
+                            xt,
+                            mt,
+                            1,
+                            &mut direct,
+                            PANEL_ROWS,
+                        );
+                        for (r, (v, d)) in one.iter().zip(&direct).enumerate() {
                             assert_eq!(
                                 v.to_bits(),
                                 out[t * stride + r].to_bits(),
                                 "{} {ty} k={k} n={n} token {t} row {r}: alone vs batched",
                                 level.name()
                             );
+                            assert_eq!(
+                                d.to_bits(),
+                                v.to_bits(),
+                                "{} {ty} k={k} n={n} token {t} row {r}: rows vs panel",
+                                level.name()
+                            );
                         }
+                    }
+                    // All tokens at once straight from the rows: the same bits.
+                    let mut direct = vec![f32::NAN; n * stride];
+                    tiled::multiply_rows_at(level, ty, k, &w, &x, &meta, n, &mut direct, stride);
+                    for (i, (d, v)) in direct.iter().zip(&out).enumerate() {
+                        assert_eq!(
+                            d.to_bits(),
+                            v.to_bits(),
+                            "{} {ty} k={k} n={n} [{i}]: rows vs panel",
+                            level.name()
+                        );
                     }
                 }
             }

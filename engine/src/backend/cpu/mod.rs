@@ -139,9 +139,10 @@ impl Backend for CpuBackend {
                 if o.w.ty.vec_dot_type() != act_ty || n_jobs == MAX_GROUP {
                     break;
                 }
-                // Every token count takes the tiled kernel where it has one, so a
-                // token's results are the same bits alone and in any batch: the
-                // kernel adds each (row, token) result in one fixed order.
+                // Every token count takes the tiled kernels where there are some
+                // (from a panel, or straight from the rows for a few tokens), so a
+                // token's results are the same bits alone and in any batch: both
+                // add each (row, token) result in one fixed order.
                 let tiled = gemm::supported(o.w.ty);
                 let units = if tiled {
                     o.w.rows().div_ceil(PANEL_ROWS)
@@ -210,8 +211,12 @@ impl Backend for CpuBackend {
                         };
                         let rb = w.row_bytes();
                         let src = &w.data[first_row * rb..(first_row + PANEL_ROWS) * rb];
-                        gemm::pack(w.ty, k, src, panel);
-                        gemm::multiply(w.ty, k, panel, act, meta, n, res, PANEL_ROWS);
+                        if n < gemm::ROWS_BELOW {
+                            gemm::multiply_rows(w.ty, k, src, act, meta, n, res, PANEL_ROWS);
+                        } else {
+                            gemm::pack(w.ty, k, src, panel);
+                            gemm::multiply(w.ty, k, panel, act, meta, n, res, PANEL_ROWS);
+                        }
                         for (t, tr) in res.chunks_exact(PANEL_ROWS).enumerate() {
                             for (dr, &v) in tr.iter().enumerate() {
                                 // SAFETY: these rows of this matrix belong to this thread alone.

@@ -23,12 +23,14 @@ use super::{
 use crate::quant::gemm::{META_BYTES, PANEL_ROWS};
 use crate::quant::GgmlType;
 
+pub use super::gemm_direct::multiply_rows_at;
+
 /// Tokens per tile at each level (accumulators: one i32 and one f32 vector each).
 const TILE_AVX2: usize = 4;
 const TILE_AVX512: usize = 8;
 
 /// A 32-value format in a panel.
-trait Panel: Q32 {
+pub(super) trait Panel: Q32 {
     /// Added to each value to make it unsigned.
     const OFFSET: i32;
 }

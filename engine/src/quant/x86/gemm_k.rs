@@ -213,7 +213,7 @@ pub(super) unsafe fn pack<F: KPanel>(nb: usize, src: *const u8, dst: *mut u8) {
 }
 
 #[inline(always)]
-unsafe fn bsum(xb: *const u8, j: usize) -> i32 {
+pub(super) unsafe fn bsum(xb: *const u8, j: usize) -> i32 {
     i32::from(xb.add(Q8K_BSUMS + 2 * j).cast::<i16>().read_unaligned())
 }
 

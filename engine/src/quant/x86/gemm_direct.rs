@@ -1,0 +1,257 @@
+//! The tiled products' results for a few tokens, straight from the weight
+//! rows: no panel is unpacked, which for one or two tokens (decode) costs more
+//! than the products themselves.
+//!
+//! Each of the eight rows' block values are dotted with the token on their
+//! own, the eight 8-lane partial sums are reduced into one vector whose lane r
+//! is row r's integer sum, and from there every f32 operation is the one
+//! [`super::gemm`]'s tile makes, in the same order, on the same scales. Integer
+//! sums are exact in any order, so both paths give a token the same bits and
+//! callers may pick either by token count.
+
+use std::arch::x86_64::*;
+
+use super::gemm::{supported, Panel};
+use super::gemm_k::{bsum, KPanel, Q4K, Q5K, Q6K};
+use super::{
+    expect_level, ld256, rd_f32, rd_i32, rd_u16, Avx2, Avx512, Isa, Level, Q4_0, Q4_1, Q5_0, Q5_1,
+    Q8K_BSUMS, Q8K_BYTES, Q8K_QS, Q8_0,
+};
+use crate::quant::gemm::{META_BYTES, PANEL_ROWS};
+use crate::quant::GgmlType;
+
+/// [`super::gemm::multiply_at`]'s results for `rows` ([`PANEL_ROWS`] weight
+/// rows of `ty`, back to back) instead of their panel.
+///
+/// # Panics
+/// If the level is not available, the type has no tiled kernel there, or a
+/// length is wrong.
+#[allow(clippy::too_many_arguments)]
+pub fn multiply_rows_at(
+    level: Level,
+    ty: GgmlType,
+    k: usize,
+    rows: &[u8],
+    act: &[u8],
+    meta: &[u8],
+    n: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    expect_level(level);
+    assert!(supported(level, ty), "gemm: no tiled kernel for {ty}");
+    let rb = ty
+        .row_bytes(k)
+        .expect("gemm: k is not a whole number of blocks");
+    assert_eq!(rows.len(), PANEL_ROWS * rb, "gemm: rows");
+    assert!(rb <= i32::MAX as usize / PANEL_ROWS, "gemm: rows too long");
+    let act_row = ty.vec_dot_type().row_bytes(k).expect("row size");
+    let nb = k / 32;
+    assert_eq!(act.len(), n * act_row, "gemm: act");
+    assert_eq!(meta.len(), n * nb * META_BYTES, "gemm: meta");
+    if n == 0 {
+        return;
+    }
+    assert!(out_stride >= PANEL_ROWS, "gemm: out_stride");
+    assert!(
+        out.len() >= (n - 1) * out_stride + PANEL_ROWS,
+        "gemm: out too short"
+    );
+    let a = Args {
+        nb,
+        rows: rows.as_ptr(),
+        rb,
+        act: act.as_ptr(),
+        act_row,
+        meta: meta.as_ptr(),
+        out: out.as_mut_ptr(),
+        out_stride,
+    };
+    // SAFETY: level available; lengths checked above.
+    unsafe {
+        match level {
+            Level::Avx2 => rows_avx2(ty, n, a),
+            Level::Avx512 => rows_avx512(ty, n, a),
+        }
+    }
+}
+
+/// Pointers and strides of one [`multiply_rows_at`] call.
+#[derive(Clone, Copy)]
+struct Args {
+    nb: usize,
+    rows: *const u8,
+    rb: usize,
+    act: *const u8,
+    act_row: usize,
+    meta: *const u8,
+    out: *mut f32,
+    out_stride: usize,
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows_avx2(ty: GgmlType, n: usize, a: Args) {
+    rows_body::<Avx2>(ty, n, a)
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn rows_avx512(ty: GgmlType, n: usize, a: Args) {
+    rows_body::<Avx512>(ty, n, a)
+}
+
+#[inline(always)]
+unsafe fn rows_body<I: Isa>(ty: GgmlType, n: usize, a: Args) {
+    match ty {
+        GgmlType::Q4_0 => tiles::<Q4_0, I>(n, a),
+        GgmlType::Q4_1 => tiles::<Q4_1, I>(n, a),
+        GgmlType::Q5_0 => tiles::<Q5_0, I>(n, a),
+        GgmlType::Q5_1 => tiles::<Q5_1, I>(n, a),
+        GgmlType::Q8_0 => tiles::<Q8_0, I>(n, a),
+        GgmlType::Q4_K => tiles_k::<Q4K, I>(n, a),
+        GgmlType::Q5_K => tiles_k::<Q5K, I>(n, a),
+        GgmlType::Q6_K => tiles_k::<Q6K, I>(n, a),
+        _ => unreachable!(),
+    }
+}
+
+#[inline(always)]
+unsafe fn tiles<F: Panel, I: Isa>(n: usize, a: Args) {
+    for t in 0..n {
+        direct::<F, I>(t, a);
+    }
+}
+
+#[inline(always)]
+unsafe fn tiles_k<F: KPanel, I: Isa>(n: usize, a: Args) {
+    for t in 0..n {
+        direct_k::<F, I>(t, a);
+    }
+}
+
+/// Lane r: the sum of the eight lanes of `p[r]`.
+#[inline(always)]
+unsafe fn reduce8(p: [__m256i; 8]) -> __m256i {
+    let t0 = _mm256_hadd_epi32(p[0], p[1]);
+    let t1 = _mm256_hadd_epi32(p[2], p[3]);
+    let t2 = _mm256_hadd_epi32(p[4], p[5]);
+    let t3 = _mm256_hadd_epi32(p[6], p[7]);
+    // Per 128-bit half: rows 0..4 in u0, 4..8 in u1.
+    let u0 = _mm256_hadd_epi32(t0, t1);
+    let u1 = _mm256_hadd_epi32(t2, t3);
+    _mm256_add_epi32(
+        _mm256_permute2x128_si256::<0x20>(u0, u1),
+        _mm256_permute2x128_si256::<0x31>(u0, u1),
+    )
+}
+
+/// The eight rows' f16 at byte `at` of block `b`, as f32, the same values the
+/// panel stores.
+#[inline(always)]
+unsafe fn gather_f16(a: &Args, at: usize) -> __m256 {
+    let mut h = [0u16; PANEL_ROWS];
+    for (r, v) in h.iter_mut().enumerate() {
+        *v = rd_u16(a.rows.add(r * a.rb + at));
+    }
+    _mm256_cvtph_ps(_mm_loadu_si128(h.as_ptr().cast()))
+}
+
+/// Token `t` of a 32-value block format.
+#[inline(always)]
+unsafe fn direct<F: Panel, I: Isa>(t: usize, a: Args) {
+    let x_size = if F::MIN { 36 } else { 34 };
+    let x_head = x_size - 32;
+    let off = _mm256_set1_epi8(F::OFFSET as i8);
+    let zero = _mm256_setzero_si256();
+    let mut acc = _mm256_setzero_ps();
+    let xs = a.act.add(t * a.act_row + x_head);
+    let meta = a.meta.add(t * a.nb * META_BYTES);
+    for b in 0..a.nb {
+        let at = b * F::SIZE;
+        let x = ld256(xs.add(b * x_size));
+        let mb = meta.add(b * META_BYTES);
+        let mut s = reduce8(std::array::from_fn(|r| {
+            let v = _mm256_add_epi8(F::values::<I>(a.rows.add(r * a.rb + at)), off);
+            I::dot_acc(zero, v, x)
+        }));
+        if F::OFFSET != 0 {
+            s = _mm256_add_epi32(s, _mm256_set1_epi32(-F::OFFSET * rd_i32(mb.add(4))));
+        }
+        // From here on, the tile's operations exactly.
+        let scale = _mm256_mul_ps(gather_f16(&a, at), _mm256_set1_ps(rd_f32(mb)));
+        if F::MIN {
+            let m = gather_f16(&a, at + 2);
+            let ms = _mm256_mul_ps(m, _mm256_set1_ps(rd_f32(mb.add(4))));
+            let block = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, ms);
+            acc = _mm256_add_ps(acc, block);
+        } else {
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc);
+        }
+    }
+    _mm256_storeu_ps(a.out.add(t * a.out_stride), acc);
+}
+
+/// Token `t` of a K-quant (Q8_K activations).
+#[inline(always)]
+unsafe fn direct_k<F: KPanel, I: Isa>(t: usize, a: Args) {
+    let zero = _mm256_setzero_si256();
+    let mut acc = _mm256_setzero_ps();
+    let xt = a.act.add(t * a.act_row);
+    for b in 0..a.nb / 8 {
+        let at = b * F::SIZE;
+        let xb = xt.add(b * Q8K_BYTES);
+        let x: [__m256i; 8] = std::array::from_fn(|c| ld256(xb.add(Q8K_QS + 32 * c)));
+        let bsums = ld256(xb.add(Q8K_BSUMS));
+        let mut p = [zero; PANEL_ROWS];
+        let mut d = [0f32; PANEL_ROWS];
+        let mut dmin = [0f32; PANEL_ROWS];
+        let mut msum = [0i32; PANEL_ROWS];
+        for r in 0..PANEL_ROWS {
+            let w = a.rows.add(r * a.rb + at);
+            let vals = F::values(w);
+            let mut sc = [0i32; 16];
+            let mut mn = [0i32; 8];
+            (d[r], dmin[r]) = F::scales(w, &mut sc, &mut mn);
+            let mut pr = zero;
+            for (c, (&v, &xc)) in vals.iter().zip(&x).enumerate() {
+                let dot = I::dot_acc(zero, v, xc);
+                // The scale of each 4-value lane: one sub-block per vector,
+                // or two (Q6_K's 16-value sub-blocks).
+                let scale = if F::SUB == 32 {
+                    _mm256_set1_epi32(sc[c])
+                } else {
+                    let pair =
+                        _mm256_castsi128_si256(_mm_loadl_epi64(sc.as_ptr().add(2 * c).cast()));
+                    _mm256_permutevar8x32_epi32(pair, _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1))
+                };
+                pr = _mm256_add_epi32(pr, _mm256_mullo_epi32(dot, scale));
+            }
+            if F::OFFSET != 0 {
+                // −OFFSET · Σ scale · block sum, in the lanes the reduction adds up.
+                let s16 = _mm256_permute4x64_epi64::<0xD8>(_mm256_packs_epi32(
+                    _mm256_loadu_si256(sc.as_ptr().cast()),
+                    _mm256_loadu_si256(sc.as_ptr().add(8).cast()),
+                ));
+                let o = _mm256_madd_epi16(s16, bsums);
+                pr = _mm256_sub_epi32(pr, _mm256_mullo_epi32(o, _mm256_set1_epi32(F::OFFSET)));
+            }
+            p[r] = pr;
+            if F::MIN {
+                for (s, &m) in mn.iter().enumerate() {
+                    let xsum = bsum(xb, 2 * s) + bsum(xb, 2 * s + 1);
+                    msum[r] = msum[r].wrapping_add(m.wrapping_mul(xsum));
+                }
+            }
+        }
+        let isum = reduce8(p);
+        // From here on, the tile's operations exactly.
+        let dx = _mm256_set1_ps(rd_f32(xb));
+        let dv = _mm256_loadu_ps(d.as_ptr());
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dv, dx), acc);
+        if F::MIN {
+            let msum = _mm256_loadu_si256(msum.as_ptr().cast());
+            let dmin = _mm256_mul_ps(_mm256_loadu_ps(dmin.as_ptr()), dx);
+            acc = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum), dmin, acc);
+        }
+    }
+    _mm256_storeu_ps(a.out.add(t * a.out_stride), acc);
+}
