@@ -301,6 +301,17 @@ impl KvCache {
         self.main.retain(block)
     }
 
+    /// Copies main-pool block `src`'s keys and values, every layer, into
+    /// `dst`: a sequence's own copy of a block whose first positions it
+    /// shares with a cached prefix (the rest it overwrites before reading).
+    pub fn copy_block(&mut self, src: u32, dst: u32) {
+        let be = self.layout.block_elems();
+        let (s, d) = (src as usize * be, dst as usize * be);
+        for data in self.main.k.iter_mut().chain(self.main.v.iter_mut()) {
+            data.copy_within(s..s + be, d);
+        }
+    }
+
     /// Drops a reference to a main-pool block; it returns to the pool at zero.
     ///
     /// # Panics
@@ -602,6 +613,27 @@ mod tests {
             c.k_block(0, blk, 1).iter().all(|x| *x == f16::ZERO),
             "other layer untouched"
         );
+    }
+
+    #[test]
+    fn copy_block_copies_every_layer() {
+        let mut c = KvCache::new(layout(), 4);
+        let mut t = BlockTable::new();
+        t.reserve(&mut c, 2).unwrap();
+        let k: Vec<f32> = (0..8).map(|i| i as f32).collect();
+        let v: Vec<f32> = (0..8).map(|i| -(i as f32)).collect();
+        for layer in 0..2 {
+            c.write(layer, &t, 1, &k, &v);
+        }
+        let dst = c.allocate().unwrap();
+        c.copy_block(t.blocks[0], dst);
+        for layer in 0..2 {
+            for h in 0..2 {
+                assert_eq!(c.k_block(layer, dst, h), c.k_block(layer, t.blocks[0], h));
+                assert_eq!(c.v_block(layer, dst, h), c.v_block(layer, t.blocks[0], h));
+            }
+        }
+        assert_eq!(c.v_block(1, dst, 1)[4], f16::from_f32(-4.0));
     }
 
     #[test]

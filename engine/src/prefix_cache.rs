@@ -87,6 +87,10 @@ pub struct Reuse {
     pub blocks: Vec<u32>,
     /// Positions they hold.
     pub tokens: usize,
+    /// A cached block whose first positions continue the prefix, and how
+    /// many: the sequence holds a reference on it until it has copied them
+    /// into a block of its own (see [`KvCache::copy_block`]).
+    pub partial: Option<(u32, usize)>,
     /// The pinned node; give it back with [`PrefixCache::unpin`].
     pub node: NodeId,
     /// The epoch it was pinned in.
@@ -151,26 +155,29 @@ impl PrefixCache {
         self.epoch
     }
 
-    /// The longest cached whole-block prefix of `key`, with a reference taken
-    /// on each of its blocks and its node pinned. `None` on a miss.
+    /// The longest cached prefix of `key`: its whole blocks, with a reference
+    /// taken on each and the node pinned, and the block whose first positions
+    /// continue it, also referenced. `None` on a miss.
     pub fn lookup(&mut self, key: &[u64], kv: &mut KvCache) -> Option<Reuse> {
         self.lookup_tokens += key.len() as u64;
         if !self.enabled {
             return None;
         }
         let m = self.index.match_prefix(key);
+        let partial = m.partial.filter(|&(_, n)| n > 0);
         // The index's own counters count every lookup; ours count admissions.
-        if m.tokens == 0 {
+        if m.tokens == 0 && partial.is_none() {
             return None;
         }
-        self.hit_tokens += m.tokens as u64;
-        for &b in &m.blocks {
+        self.hit_tokens += (m.tokens + partial.map_or(0, |p| p.1)) as u64;
+        for &b in m.blocks.iter().chain(partial.iter().map(|(b, _)| b)) {
             kv.retain(b);
         }
         self.index.pin(m.node);
         Some(Reuse {
             blocks: m.blocks,
             tokens: m.tokens,
+            partial,
             node: m.node,
             epoch: self.epoch,
         })
@@ -208,6 +215,7 @@ impl PrefixCache {
         Some(Reuse {
             blocks: Vec::new(),
             tokens: key.len() / self.index.block_size() * self.index.block_size(),
+            partial: None,
             node,
             epoch: self.epoch,
         })
@@ -413,6 +421,40 @@ mod tests {
             kv.release(b);
         }
         assert_eq!(pc.stats().hit_tokens, 8);
+    }
+
+    #[test]
+    fn a_partly_shared_block_is_offered_for_copying() {
+        let mut kv = kv(8);
+        let mut pc = PrefixCache::new(2, true);
+        let mut key = Vec::new();
+        prefix_key(&[1, 2, 3, 4, 5, 6], &[], &mut key);
+        let mut t = BlockTable::new();
+        t.reserve(&mut kv, 6).unwrap();
+        pc.insert(&key, &t.blocks, &mut kv);
+        // Two whole blocks and the first position of the third.
+        prefix_key(&[1, 2, 3, 4, 5, 9], &[], &mut key);
+        let r = pc.lookup(&key, &mut kv).unwrap();
+        assert_eq!((r.tokens, r.partial), (4, Some((t.blocks[2], 1))));
+        assert_eq!(kv.refcount(t.blocks[2]), 3, "table, index and the copy's");
+        assert_eq!(pc.stats().hit_tokens, 5);
+        // Nothing in common within the third block: nothing to copy.
+        prefix_key(&[1, 2, 3, 4, 7, 8], &[], &mut key);
+        let r2 = pc.lookup(&key, &mut kv).unwrap();
+        assert_eq!((r2.tokens, r2.partial), (4, None));
+        // Only a part of the first block: still a hit.
+        prefix_key(&[1, 7], &[], &mut key);
+        let r3 = pc.lookup(&key, &mut kv).unwrap();
+        assert_eq!((r3.tokens, r3.partial), (0, Some((t.blocks[0], 1))));
+        for r in [r, r2, r3] {
+            pc.unpin(&r);
+            for b in r.blocks.into_iter().chain(r.partial.map(|p| p.0)) {
+                kv.release(b);
+            }
+        }
+        t.release(&mut kv);
+        pc.flush(Some(&mut kv));
+        assert_eq!(kv.free_blocks(), 8, "references balance");
     }
 
     #[test]

@@ -46,6 +46,9 @@ pub struct PrefixMatch {
     pub tokens: usize,
     /// The deepest node of the match (pin it while the blocks are in use).
     pub node: NodeId,
+    /// A cached block whose first positions (fewer than a block) continue the
+    /// match, and how many: a sequence may copy them instead of computing them.
+    pub partial: Option<(u32, usize)>,
 }
 
 /// Counters for metrics.
@@ -143,12 +146,18 @@ impl RadixIndex {
             pos += n * bs;
             node = child;
         }
+        let partial = key.get(pos).and_then(|k| {
+            let c = &self.nodes[*self.nodes[node].children.get(k)?];
+            let same = c.key.iter().zip(&key[pos..]).take_while(|(a, b)| a == b);
+            Some((c.blocks[0], same.count().min(bs - 1)))
+        });
         self.stats.lookup_tokens += key.len() as u64;
         self.stats.hit_tokens += pos as u64;
         PrefixMatch {
             blocks,
             tokens: pos,
             node,
+            partial,
         }
     }
 

@@ -488,15 +488,25 @@ impl Scheduler {
                     if !c.make_room(need - have, &mut self.kv) {
                         if let Some(r) = reuse {
                             c.unpin(&r);
-                            for b in r.blocks {
+                            let partial = r.partial.map(|(b, _)| b);
+                            for b in r.blocks.into_iter().chain(partial) {
                                 self.kv.release(b);
                             }
                         }
                         break;
                     }
-                    if let Some(r) = reuse {
+                    if let Some(mut r) = reuse {
                         front.table.blocks.extend_from_slice(&r.blocks);
                         front.cached = r.tokens;
+                        if let Some((src, n)) = r.partial.take() {
+                            // The block's first positions are ours too: a copy
+                            // of our own, since the rest of it will differ.
+                            let dst = self.kv.allocate().expect("make_room left room");
+                            self.kv.copy_block(src, dst);
+                            self.kv.release(src);
+                            front.table.blocks.push(dst);
+                            front.cached += n;
+                        }
                         front.reuse = Some(r);
                     }
                 }

@@ -273,18 +273,19 @@ fn cached_prefixes_give_the_same_tokens_and_skip_prefill() {
     let expected: Vec<Vec<u32>> = reqs.iter().cloned().map(alone_req).collect();
     let (mut s, pc) = cached_scheduler(128, 4, 64);
     let log = Log::default();
-    // One at a time: each after the first reuses the 20 shared positions (5 blocks).
+    // One at a time: each after the first reuses the 21 shared positions (5
+    // blocks, and the first position of the sixth copied into its own block).
     for r in &reqs[..3] {
         submit(&mut s, &log, r.clone());
         run(&mut s);
     }
-    assert_eq!(pc.stats().hit_tokens, 2 * 20, "{:?}", pc.stats());
+    assert_eq!(pc.stats().hit_tokens, 2 * 21, "{:?}", pc.stats());
     // Then three at once, the prefix and the earlier answers all cached.
     for r in &reqs[3..] {
         submit(&mut s, &log, r.clone());
     }
     run(&mut s);
-    assert_eq!(pc.stats().hit_tokens, 5 * 20);
+    assert_eq!(pc.stats().hit_tokens, 5 * 21);
     for (i, e) in expected.iter().enumerate() {
         assert_eq!(&tokens_of(&log, i as u64), e, "sequence {i}");
     }
@@ -296,8 +297,8 @@ fn cached_prefixes_give_the_same_tokens_and_skip_prefill() {
     assert_eq!(tokens_of(&log, 100), expected[0]);
     assert_eq!(
         pc.stats().hit_tokens - before,
-        20,
-        "24 prompt positions less the last: 5 blocks"
+        23,
+        "24 prompt positions less the last: 5 blocks and 3 positions copied"
     );
     // Only the index holds blocks now; a flush gives every one back.
     let cached = pc.stats().cached_blocks;

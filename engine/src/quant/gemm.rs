@@ -116,8 +116,9 @@ pub fn multiply(
 }
 
 /// Token counts below this take [`multiply_rows`]; from here on a panel pays
-/// for its unpacking.
-pub const ROWS_BELOW: usize = 4;
+/// for its unpacking (`kernel_bench`: a panel costs about as much as the
+/// products of one token from the rows, and each further token a third of that).
+pub const ROWS_BELOW: usize = 2;
 
 /// [`multiply`]'s results, bit for bit, from [`PANEL_ROWS`] rows of `ty` (back
 /// to back in `rows`) without a panel: cheaper for a few tokens.
