@@ -30,20 +30,16 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::OnceLock;
 
-use tokenizers::decoders::byte_fallback::ByteFallback;
-use tokenizers::decoders::fuse::Fuse;
-use tokenizers::decoders::sequence::Sequence as DecoderSequence;
-use tokenizers::decoders::strip::Strip;
 use tokenizers::models::bpe::{Vocab, BPE};
-use tokenizers::normalizers::{Prepend, Replace, Sequence as NormalizerSequence};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::{
-    AddedToken, DecoderWrapper, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior,
-};
+use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
 
 use crate::{Error, Result};
+
+mod spm;
+use spm::Spm;
 
 /// The SentencePiece word-boundary mark that stands for a space.
 const SPM_SPACE: char = '\u{2581}';
@@ -422,6 +418,8 @@ pub struct Tokenizer {
     /// made on first use of `parse_special = false`.
     hf_plain: OnceLock<tokenizers::Tokenizer>,
     kind: Kind,
+    /// SentencePiece encoding for GGUF `llama` vocabularies.
+    spm: Option<Spm>,
     /// Token text by id, as the vocabulary stores it (byte-level or `▁` form).
     tokens: Vec<String>,
     attrs: Vec<Attr>,
@@ -632,21 +630,13 @@ impl Tokenizer {
             attrs[s as usize] = Attr::Normal;
         }
 
-        let mut vocab: Vocab = Vocab::default();
-        vocab.extend(tokens.iter().cloned().zip(0u32..));
         let model = if spm {
-            let scores = spec.scores.as_deref().unwrap_or(&[]);
-            let merges = spm_merges(&tokens, scores, &index);
-            let mut builder = BPE::builder()
-                .vocab_and_merges(vocab, merges)
-                .byte_fallback(true)
-                .fuse_unk(true);
-            if let Some(unk) = unk {
-                builder = builder.unk_token(tokens[unk as usize].clone());
-            }
-            builder.build()
+            // Encoded by `Spm`; the Hugging Face side only holds the added tokens.
+            Ok(BPE::default())
         } else {
             let merges = bpe_merges(spec.merges.as_deref().unwrap_or(&[]), &index);
+            let mut vocab: Vocab = Vocab::default();
+            vocab.extend(tokens.iter().cloned().zip(0u32..));
             BPE::builder()
                 .vocab_and_merges(vocab, merges)
                 .ignore_merges(ignore_merges)
@@ -655,28 +645,11 @@ impl Tokenizer {
         .map_err(|e| tok_err("building the BPE model", e))?;
 
         let mut hf = tokenizers::Tokenizer::new(model);
-        if spm {
-            let escape = NormalizerWrapper::from(
-                Replace::new(" ", SPM_SPACE.to_string()).map_err(|e| tok_err("normalizer", e))?,
-            );
-            let normalizer = if add_space_prefix {
-                NormalizerSequence::new(vec![Prepend::new(SPM_SPACE.into()).into(), escape]).into()
-            } else {
-                escape
-            };
-            hf.with_normalizer(Some(normalizer));
-            let mut decoders: Vec<DecoderWrapper> = vec![
-                Replace::new(SPM_SPACE.to_string(), " ")
-                    .map_err(|e| tok_err("decoder", e))?
-                    .into(),
-                ByteFallback::new().into(),
-                Fuse::new().into(),
-            ];
-            if add_space_prefix {
-                decoders.push(Strip::new(' ', 1, 0).into());
-            }
-            hf.with_decoder(Some(DecoderSequence::new(decoders)));
-        } else {
+        let spm = spm.then(|| {
+            let scores = spec.scores.as_deref().unwrap_or(&[]);
+            Spm::new(&tokens, scores, unk)
+        });
+        if spm.is_none() {
             let mut steps: Vec<PreTokenizerWrapper> = Vec::with_capacity(regexes.len() + 1);
             for re in regexes {
                 let split = Split::new(
@@ -716,11 +689,12 @@ impl Tokenizer {
         Ok(Self {
             hf,
             hf_plain: OnceLock::new(),
-            kind: Kind::Gguf { spm },
+            kind: Kind::Gguf { spm: spm.is_some() },
+            byte_level: spm.is_none(),
+            spm,
             tokens,
             attrs,
             specials,
-            byte_level: !spm,
             bos,
             eos,
             add_bos,
@@ -821,6 +795,7 @@ impl Tokenizer {
             hf,
             hf_plain: OnceLock::new(),
             kind: Kind::HfJson,
+            spm: None,
             specials: SpecialIndex::default(),
             byte_level,
             bos,
@@ -865,6 +840,17 @@ impl Tokenizer {
             match fragment {
                 Fragment::Token(id) => ids.push(id),
                 Fragment::Text(s) => {
+                    if let Some(spm) = &self.spm {
+                        // Each fragment gets the space prefix, as the
+                        // SentencePiece normalizer would give it.
+                        let mut text = String::with_capacity(s.len() + 8);
+                        if self.add_space_prefix {
+                            text.push(SPM_SPACE);
+                        }
+                        text.extend(s.chars().map(|c| if c == ' ' { SPM_SPACE } else { c }));
+                        spm.encode(&self.tokens, &text, &mut ids);
+                        continue;
+                    }
                     let enc = self
                         .hf
                         .encode_fast(s, false)
@@ -1197,42 +1183,6 @@ fn bpe_merges(merges: &[String], index: &FxMap<&str, u32>) -> Vec<(String, Strin
                 && index.contains_key(format!("{a}{b}").as_str());
             (ok && seen.insert((a, b))).then(|| (a.to_owned(), b.to_owned()))
         })
-        .collect()
-}
-
-/// BPE merges equivalent to SentencePiece scores (as HF's SentencePieceExtractor
-/// derives them): every split of a piece into two pieces, ranked by the merged
-/// piece's score (highest first), then by piece id, left id and right id.
-fn spm_merges(
-    tokens: &[String],
-    scores: &[f32],
-    index: &FxMap<&str, u32>,
-) -> Vec<(String, String)> {
-    let mut merges: Vec<(f32, u32, u32, u32)> = Vec::new();
-    for (id, piece) in tokens.iter().enumerate() {
-        // Only ids that own their text (later duplicates win in llama.cpp).
-        if index.get(piece.as_str()) != Some(&(id as u32)) {
-            continue;
-        }
-        let score = scores.get(id).copied().unwrap_or(0.0);
-        for (at, _) in piece.char_indices().skip(1) {
-            let (l, r) = piece.split_at(at);
-            if let Some(&l) = index.get(l) {
-                if let Some(&r) = index.get(r) {
-                    merges.push((score, id as u32, l, r));
-                }
-            }
-        }
-    }
-    merges.sort_unstable_by(|a, b| {
-        b.0.total_cmp(&a.0)
-            .then(a.1.cmp(&b.1))
-            .then(a.2.cmp(&b.2))
-            .then(a.3.cmp(&b.3))
-    });
-    merges
-        .into_iter()
-        .map(|(_, _, l, r)| (tokens[l as usize].clone(), tokens[r as usize].clone()))
         .collect()
 }
 
