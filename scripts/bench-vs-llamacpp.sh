@@ -21,11 +21,21 @@ EMBODY="${CARGO_TARGET_DIR:-target}/release/embody"
 results=$(mktemp)
 for model in "$@"; do
   for round in $(seq "$ROUNDS"); do
-    "$BIN/llama-bench" -m "$model" -t "$THREADS" -p "$PROMPT" -n "$GEN" -r 1 -o json 2>/dev/null \
-      | python3 -c '
+    # Prefill from an empty context; decode after the prompt (depth PROMPT),
+    # as `embody bench` measures it.
+    { "$BIN/llama-bench" -m "$model" -t "$THREADS" -p "$PROMPT" -n 0 -r 1 -o json 2>/dev/null
+      "$BIN/llama-bench" -m "$model" -t "$THREADS" -p 0 -n "$GEN" -d "$PROMPT" -r 1 -o json 2>/dev/null
+    } | python3 -c '
 import json, sys
-rows = json.load(sys.stdin)
 out = {"tool": "llama.cpp", "model": sys.argv[1]}
+text, dec, rows = sys.stdin.read(), json.JSONDecoder(), []
+i = 0
+while i < len(text):
+    if text[i].isspace():
+        i += 1
+        continue
+    part, i = dec.raw_decode(text, i)
+    rows += part
 for r in rows:
     key = "prefill_tok_s" if r["n_prompt"] > 0 else "decode_tok_s"
     out[key] = r["avg_ts"]

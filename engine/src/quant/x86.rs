@@ -1076,6 +1076,13 @@ unsafe fn f16_to_f32_avx512(src: &[f16], dst: &mut [f32]) {
     let n = src.len();
     let (ps, pd) = (src.as_ptr(), dst.as_mut_ptr());
     let mut i = 0;
+    while i + 64 <= n {
+        for j in (0..64).step_by(16) {
+            let v = _mm512_cvtph_ps(_mm256_loadu_si256(ps.add(i + j).cast()));
+            _mm512_storeu_ps(pd.add(i + j), v);
+        }
+        i += 64;
+    }
     while i < n {
         let k = (n - i).min(16);
         let m: __mmask16 = ((1u32 << k) - 1) as u16;

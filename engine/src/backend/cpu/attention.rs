@@ -75,12 +75,20 @@ pub(super) fn attention(
     }
     let nt = b.threads();
 
-    // Whole groups of query heads share each converted chunk; a batch too
-    // small to give every thread two items splits the groups instead.
-    let heads = if n_tokens * p.n_kv_heads >= 2 * nt {
-        group
-    } else {
+    // Whole groups of query heads share each converted chunk. Splitting a
+    // group makes every head convert the chunks again (about the cost of one
+    // query's products) but spreads few items over the threads: split where
+    // that finishes sooner, in units of one conversion or one query.
+    let whole = seqs
+        .iter()
+        .map(|s| s.n_tokens.div_ceil((MAX_ITEM_QUERIES / group).max(1)))
+        .sum::<usize>()
+        * p.n_kv_heads;
+    let split_sooner = whole.div_ceil(nt) * (1 + group) > (whole * group).div_ceil(nt) * 2;
+    let heads = if split_sooner && whole * group <= 4 * nt {
         1
+    } else {
+        group
     };
     let tokens = (MAX_ITEM_QUERIES / heads).max(1);
     let items = &mut ws.attn_items;

@@ -17,8 +17,8 @@ use std::arch::x86_64::*;
 
 use super::gemm_k::{self, Q4K, Q5K, Q6K};
 use super::{
-    expect_level, f16_to_f32, ld256, rd_f32, rd_i32, rd_u16, Avx2, Avx512, Isa, Level, Q32, Q4_0,
-    Q4_1, Q5_0, Q5_1, Q8_0,
+    expect_level, ld256, rd_f32, rd_i32, rd_u16, Avx2, Avx512, Isa, Level, Q32, Q4_0, Q4_1, Q5_0,
+    Q5_1, Q8_0,
 };
 use crate::quant::gemm::{META_BYTES, PANEL_ROWS};
 use crate::quant::GgmlType;
@@ -176,13 +176,19 @@ unsafe fn pack_fmt<F: Panel, I: Isa>(k: usize, rows: &[u8], panel: &mut [u8]) {
         for (g, t) in transpose8(v).into_iter().enumerate() {
             _mm256_storeu_si256(out.add(32 * g).cast(), t);
         }
+        // The eight rows' scales (and mins) converted as one vector each.
         let scales = out.add(PANEL_ROWS * 32).cast::<f32>();
-        for r in 0..PANEL_ROWS {
-            scales.add(r).write_unaligned(f16_to_f32(rd_u16(w(r))));
-            if F::MIN {
-                let m = f16_to_f32(rd_u16(w(r).add(2)));
-                scales.add(PANEL_ROWS + r).write_unaligned(m);
+        let mut h = [0u16; PANEL_ROWS];
+        for (r, h) in h.iter_mut().enumerate() {
+            *h = rd_u16(w(r));
+        }
+        _mm256_storeu_ps(scales, _mm256_cvtph_ps(_mm_loadu_si128(h.as_ptr().cast())));
+        if F::MIN {
+            for (r, h) in h.iter_mut().enumerate() {
+                *h = rd_u16(w(r).add(2));
             }
+            let m = _mm256_cvtph_ps(_mm_loadu_si128(h.as_ptr().cast()));
+            _mm256_storeu_ps(scales.add(PANEL_ROWS), m);
         }
     }
 }
