@@ -14,8 +14,8 @@ use std::arch::x86_64::*;
 use super::gemm::{supported, Panel};
 use super::gemm_k::{bsum, KPanel, Q4K, Q5K, Q6K};
 use super::{
-    expect_level, ld256, rd_f32, rd_i32, rd_u16, Avx2, Avx512, Isa, Level, Q4_0, Q4_1, Q5_0, Q5_1,
-    Q8K_BSUMS, Q8K_BYTES, Q8K_QS, Q8_0,
+    expect_level, f16_to_f32, ld256, rd_f32, rd_i32, rd_u16, Avx2, Avx512, Isa, Level, Q4_0, Q4_1,
+    Q5_0, Q5_1, Q8K_BSUMS, Q8K_BYTES, Q8K_QS, Q8_0,
 };
 use crate::quant::gemm::{META_BYTES, PANEL_ROWS};
 use crate::quant::GgmlType;
@@ -144,87 +144,75 @@ unsafe fn reduce8(p: [__m256i; 8]) -> __m256i {
     )
 }
 
-/// The eight rows' f16 at byte `at` of block `b`, as f32, the same values the
-/// panel stores.
-#[inline(always)]
-unsafe fn gather_f16(a: &Args, at: usize) -> __m256 {
-    let mut h = [0u16; PANEL_ROWS];
-    for (r, v) in h.iter_mut().enumerate() {
-        *v = rd_u16(a.rows.add(r * a.rb + at));
-    }
-    _mm256_cvtph_ps(_mm_loadu_si128(h.as_ptr().cast()))
-}
-
-/// How far ahead of the current block each row is fetched.
-const PREFETCH_BYTES: usize = 192;
-
-/// Token `t` of a 32-value block format.
+/// Token `t` of a 32-value block format, one row after the other (one
+/// sequential stream from memory). Eight consecutive blocks' integer sums
+/// are reduced into one vector at a time; the f32 operations are then the
+/// tile's, for one lane, block by block.
 #[inline(always)]
 unsafe fn direct<F: Panel, I: Isa>(t: usize, a: Args) {
     let x_size = if F::MIN { 36 } else { 34 };
     let x_head = x_size - 32;
     let off = _mm256_set1_epi8(F::OFFSET as i8);
     let zero = _mm256_setzero_si256();
-    let mut acc = _mm256_setzero_ps();
     let xs = a.act.add(t * a.act_row + x_head);
     let meta = a.meta.add(t * a.nb * META_BYTES);
-    for b in 0..a.nb {
-        let at = b * F::SIZE;
-        // Eight interleaved streams: ask for each row's bytes a few blocks
-        // ahead, within this call's rows only.
-        let ahead = at + PREFETCH_BYTES;
-        if ahead < a.rb {
-            for r in 0..PANEL_ROWS {
-                _mm_prefetch::<_MM_HINT_T0>(a.rows.add(r * a.rb + ahead).cast());
+    let mut out = [0f32; PANEL_ROWS];
+    for (r, out) in out.iter_mut().enumerate() {
+        let row = a.rows.add(r * a.rb);
+        let mut acc = 0f32;
+        for b0 in (0..a.nb).step_by(8) {
+            let blocks = 8.min(a.nb - b0);
+            let mut p = [zero; 8];
+            for (c, p) in p.iter_mut().enumerate().take(blocks) {
+                let b = b0 + c;
+                let v = _mm256_add_epi8(F::values::<I>(row.add(b * F::SIZE)), off);
+                *p = I::dot_acc(zero, v, ld256(xs.add(b * x_size)));
+            }
+            let mut sums = [0i32; 8];
+            _mm256_storeu_si256(sums.as_mut_ptr().cast(), reduce8(p));
+            for (c, &sum) in sums.iter().enumerate().take(blocks) {
+                let b = b0 + c;
+                let (w, mb) = (row.add(b * F::SIZE), meta.add(b * META_BYTES));
+                let mut s = sum;
+                if F::OFFSET != 0 {
+                    s = s.wrapping_add(-F::OFFSET * rd_i32(mb.add(4)));
+                }
+                // From here on, the tile's operations exactly.
+                let scale = f16_to_f32(rd_u16(w)) * rd_f32(mb);
+                if F::MIN {
+                    let ms = f16_to_f32(rd_u16(w.add(2))) * rd_f32(mb.add(4));
+                    acc += (s as f32).mul_add(scale, ms);
+                } else {
+                    acc = (s as f32).mul_add(scale, acc);
+                }
             }
         }
-        let x = ld256(xs.add(b * x_size));
-        let mb = meta.add(b * META_BYTES);
-        let mut s = reduce8(std::array::from_fn(|r| {
-            let v = _mm256_add_epi8(F::values::<I>(a.rows.add(r * a.rb + at)), off);
-            I::dot_acc(zero, v, x)
-        }));
-        if F::OFFSET != 0 {
-            s = _mm256_add_epi32(s, _mm256_set1_epi32(-F::OFFSET * rd_i32(mb.add(4))));
-        }
-        // From here on, the tile's operations exactly.
-        let scale = _mm256_mul_ps(gather_f16(&a, at), _mm256_set1_ps(rd_f32(mb)));
-        if F::MIN {
-            let m = gather_f16(&a, at + 2);
-            let ms = _mm256_mul_ps(m, _mm256_set1_ps(rd_f32(mb.add(4))));
-            let block = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, ms);
-            acc = _mm256_add_ps(acc, block);
-        } else {
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc);
-        }
+        *out = acc;
     }
-    _mm256_storeu_ps(a.out.add(t * a.out_stride), acc);
+    _mm256_storeu_ps(a.out.add(t * a.out_stride), _mm256_loadu_ps(out.as_ptr()));
 }
 
-/// Token `t` of a K-quant (Q8_K activations).
+/// Token `t` of a K-quant (Q8_K activations), one row after the other (one
+/// sequential stream from memory); per super-block, the tile's operations
+/// for one lane.
 #[inline(always)]
 unsafe fn direct_k<F: KPanel, I: Isa>(t: usize, a: Args) {
     let zero = _mm256_setzero_si256();
-    let mut acc = _mm256_setzero_ps();
     let xt = a.act.add(t * a.act_row);
-    for b in 0..a.nb / 8 {
-        let at = b * F::SIZE;
-        let xb = xt.add(b * Q8K_BYTES);
-        let x: [__m256i; 8] = std::array::from_fn(|c| ld256(xb.add(Q8K_QS + 32 * c)));
-        let bsums = ld256(xb.add(Q8K_BSUMS));
-        let mut p = [zero; PANEL_ROWS];
-        let mut d = [0f32; PANEL_ROWS];
-        let mut dmin = [0f32; PANEL_ROWS];
-        let mut msum = [0i32; PANEL_ROWS];
-        for r in 0..PANEL_ROWS {
-            let w = a.rows.add(r * a.rb + at);
+    let mut out = [0f32; PANEL_ROWS];
+    for (r, out) in out.iter_mut().enumerate() {
+        let row = a.rows.add(r * a.rb);
+        let mut acc = 0f32;
+        for b in 0..a.nb / 8 {
+            let w = row.add(b * F::SIZE);
+            let xb = xt.add(b * Q8K_BYTES);
             let vals = F::values(w);
             let mut sc = [0i32; 16];
             let mut mn = [0i32; 8];
-            (d[r], dmin[r]) = F::scales(w, &mut sc, &mut mn);
-            let mut pr = zero;
-            for (c, (&v, &xc)) in vals.iter().zip(&x).enumerate() {
-                let dot = I::dot_acc(zero, v, xc);
+            let (d, dmin) = F::scales(w, &mut sc, &mut mn);
+            let mut p = zero;
+            for (c, &v) in vals.iter().enumerate() {
+                let dot = I::dot_acc(zero, v, ld256(xb.add(Q8K_QS + 32 * c)));
                 // The scale of each 4-value lane: one sub-block per vector,
                 // or two (Q6_K's 16-value sub-blocks).
                 let scale = if F::SUB == 32 {
@@ -234,35 +222,40 @@ unsafe fn direct_k<F: KPanel, I: Isa>(t: usize, a: Args) {
                         _mm256_castsi128_si256(_mm_loadl_epi64(sc.as_ptr().add(2 * c).cast()));
                     _mm256_permutevar8x32_epi32(pair, _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1))
                 };
-                pr = _mm256_add_epi32(pr, _mm256_mullo_epi32(dot, scale));
+                p = _mm256_add_epi32(p, _mm256_mullo_epi32(dot, scale));
             }
             if F::OFFSET != 0 {
-                // −OFFSET · Σ scale · block sum, in the lanes the reduction adds up.
+                // −OFFSET · Σ scale · block sum, in lanes the sum below adds up.
                 let s16 = _mm256_permute4x64_epi64::<0xD8>(_mm256_packs_epi32(
                     _mm256_loadu_si256(sc.as_ptr().cast()),
                     _mm256_loadu_si256(sc.as_ptr().add(8).cast()),
                 ));
-                let o = _mm256_madd_epi16(s16, bsums);
-                pr = _mm256_sub_epi32(pr, _mm256_mullo_epi32(o, _mm256_set1_epi32(F::OFFSET)));
+                let o = _mm256_madd_epi16(s16, ld256(xb.add(Q8K_BSUMS)));
+                p = _mm256_sub_epi32(p, _mm256_mullo_epi32(o, _mm256_set1_epi32(F::OFFSET)));
             }
-            p[r] = pr;
+            let isum = hsum_i32(p);
+            // From here on, the tile's operations exactly.
+            let dx = rd_f32(xb);
+            acc = (isum as f32).mul_add(d * dx, acc);
             if F::MIN {
+                let mut msum = 0i32;
                 for (s, &m) in mn.iter().enumerate() {
                     let xsum = bsum(xb, 2 * s) + bsum(xb, 2 * s + 1);
-                    msum[r] = msum[r].wrapping_add(m.wrapping_mul(xsum));
+                    msum = msum.wrapping_add(m.wrapping_mul(xsum));
                 }
+                acc = (-(msum as f32)).mul_add(dmin * dx, acc);
             }
         }
-        let isum = reduce8(p);
-        // From here on, the tile's operations exactly.
-        let dx = _mm256_set1_ps(rd_f32(xb));
-        let dv = _mm256_loadu_ps(d.as_ptr());
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dv, dx), acc);
-        if F::MIN {
-            let msum = _mm256_loadu_si256(msum.as_ptr().cast());
-            let dmin = _mm256_mul_ps(_mm256_loadu_ps(dmin.as_ptr()), dx);
-            acc = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum), dmin, acc);
-        }
+        *out = acc;
     }
-    _mm256_storeu_ps(a.out.add(t * a.out_stride), acc);
+    _mm256_storeu_ps(a.out.add(t * a.out_stride), _mm256_loadu_ps(out.as_ptr()));
+}
+
+/// The sum of the eight i32 lanes (wrapping, as the vector adds).
+#[inline(always)]
+unsafe fn hsum_i32(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+    _mm_cvtsi128_si32(s)
 }
