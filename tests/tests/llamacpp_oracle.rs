@@ -59,13 +59,16 @@ fn fixture(name: &str) -> Fixture {
 /// as often as we do); a wrong model puts llama.cpp's tokens several logits down.
 const MAX_GAP: f32 = 0.5;
 
-struct CaseResult {
-    agree: usize,
-    max_gap: f32,
-}
+/// Share of teacher-forced positions whose top token must be llama.cpp's
+/// (97–99% measured; a wrong model falls far below, and far behind `MAX_GAP`).
+/// Every position counts, not only those before the first flip: teacher
+/// forcing gives each the same context as llama.cpp had.
+const MIN_TOP1: f64 = 0.9;
 
-fn teacher_forced(name: &str) {
-    let f = fixture(name);
+/// Per case of the fixture, per generated position: how far llama.cpp's token
+/// trails our top token (0 where they agree), every position forced to
+/// llama.cpp's text so that each is compared in the same context.
+fn teacher_forced_gaps(f: &Fixture) -> Vec<Vec<f32>> {
     let g = Gguf::open(&model(&f.model)).unwrap();
     let tok = Tokenizer::from_gguf(&g).unwrap();
     let opts = LoadOptions {
@@ -76,7 +79,7 @@ fn teacher_forced(name: &str) {
     let info = m.info().clone();
     let v = info.vocab_size;
     let mut kv = KvCache::new(info.kv, info.kv.blocks_for_tokens(1024));
-    let mut results = Vec::new();
+    let mut all = Vec::new();
     for c in &f.cases {
         let prompt = if c.chat {
             // The Gemma 3 file has no template: the CLI's fallback, which the
@@ -109,47 +112,44 @@ fn teacher_forced(name: &str) {
         }];
         m.forward(&b, &mut kv, &mut logits).unwrap();
         table.release(&mut kv);
-        let mut r = CaseResult {
-            agree: 0,
-            max_gap: 0.0,
-        };
-        let mut diverged = false;
-        for (j, &t) in c.tokens.iter().enumerate() {
-            let row = &logits[(prompt.len() - 1 + j) * v..(prompt.len() + j) * v];
-            let (top, top_logit) =
-                row.iter()
-                    .enumerate()
-                    .fold((0, f32::MIN), |a, (i, &l)| if l > a.1 { (i, l) } else { a });
-            diverged |= top as u32 != t;
-            if !diverged {
-                r.agree += 1;
-            }
-            r.max_gap = r.max_gap.max(top_logit - row[t as usize]);
-        }
+        let gaps = c
+            .tokens
+            .iter()
+            .enumerate()
+            .map(|(j, &t)| {
+                let row = &logits[(prompt.len() - 1 + j) * v..(prompt.len() + j) * v];
+                let top = row.iter().copied().fold(f32::MIN, f32::max);
+                top - row[t as usize]
+            })
+            .collect();
+        all.push(gaps);
+    }
+    all
+}
+
+fn teacher_forced(name: &str) {
+    let f = fixture(name);
+    let gaps = teacher_forced_gaps(&f);
+    let (mut top1, mut total, mut worst) = (0usize, 0usize, 0f32);
+    for (c, g) in f.cases.iter().zip(&gaps) {
+        let agree = g.iter().filter(|&&x| x == 0.0).count();
+        let largest = g.iter().copied().fold(0.0, f32::max);
         eprintln!(
-            "{name}: {:>2}/{:<2} greedy tokens agree, largest gap {:.3}  chat={} {:?} -> {:?}",
-            r.agree,
-            c.tokens.len(),
-            r.max_gap,
+            "{name}: {agree:>2}/{:<2} positions agree, largest gap {largest:.3}  chat={} {:?} -> {:?}",
+            g.len(),
             c.chat,
             c.prompt,
             c.text.chars().take(40).collect::<String>()
         );
-        results.push((r, c.tokens.len()));
+        top1 += agree;
+        total += g.len();
+        worst = worst.max(largest);
     }
-    let agreeing = results
-        .iter()
-        .filter(|(r, n)| r.agree >= 16.min(*n))
-        .count();
-    let worst = results.iter().map(|(r, _)| r.max_gap).fold(0.0, f32::max);
-    eprintln!(
-        "{name}: {agreeing} of {} prompts agree over 16 tokens; largest gap {worst:.3}",
-        results.len()
-    );
+    let share = top1 as f64 / total as f64;
+    eprintln!("{name}: {top1} of {total} positions agree ({share:.3}); largest gap {worst:.3}");
     assert!(
-        agreeing * 2 >= results.len(),
-        "{name}: only {agreeing} of {} prompts agree with llama.cpp over 16 tokens",
-        results.len()
+        share >= MIN_TOP1,
+        "{name}: our top token is llama.cpp's at only {share:.3} of the positions"
     );
     assert!(
         worst < MAX_GAP,
@@ -162,12 +162,16 @@ fn smollm2_greedy_agrees_with_llamacpp() {
     teacher_forced("smollm2");
 }
 
-/// The CLI end to end: raw and chat prompts stream exactly llama.cpp's text.
+/// The CLI end to end: raw and chat prompts stream llama.cpp's text, up to
+/// where a near-tie flips (our top token and llama.cpp's within `MAX_GAP`
+/// logits at that position, teacher-forced).
 fn cli_generate_streams_llamacpp_text(name: &str, prompts: &[(&str, bool)]) {
     let f = fixture(name);
     let path = model(&f.model);
+    let gaps = teacher_forced_gaps(&f);
     for &(prompt, chat) in prompts {
-        let c = f.cases.iter().find(|c| c.prompt == prompt).unwrap();
+        let ci = f.cases.iter().position(|c| c.prompt == prompt).unwrap();
+        let c = &f.cases[ci];
         let mut args = vec![
             "generate",
             "-m",
@@ -202,9 +206,13 @@ fn cli_generate_streams_llamacpp_text(name: &str, prompts: &[(&str, bool)]) {
             agree += 1;
         }
         let need = CLI_MIN_AGREEMENT.min(c.pieces.len());
+        // An earlier divergence must be a near-tie: llama.cpp's token close
+        // behind ours in the same context.
+        let gap = gaps[ci].get(agree).copied().unwrap_or(0.0);
         assert!(
-            agree >= need,
-            "{name}: prompt {prompt:?}: {agree} tokens agree (need {need})\n  ours:  {text:?}\n  llama: {:?}",
+            agree >= need || (gap > 0.0 && gap < MAX_GAP),
+            "{name}: prompt {prompt:?}: {agree} tokens agree (need {need}, or a near-tie; \
+             llama.cpp's next token trails ours by {gap})\n  ours:  {text:?}\n  llama: {:?}",
             c.text
         );
     }
