@@ -242,25 +242,11 @@ pub fn multiply_at(
     out: &mut [f32],
     out_stride: usize,
 ) {
-    expect_level(level);
-    assert!(supported(level, ty), "gemm: no tiled kernel for {ty}");
-    let nb = k / 32;
-    assert!(
-        k.is_multiple_of(ty.block_size()),
-        "gemm: k is not a whole number of blocks"
-    );
+    let (nb, act_row) = check_products(level, ty, k, act, meta, n, out, out_stride);
     assert_eq!(panel.len(), panel_bytes(ty, k), "gemm: panel");
-    let act_row = ty.vec_dot_type().row_bytes(k).expect("row size");
-    assert_eq!(act.len(), n * act_row, "gemm: act");
-    assert_eq!(meta.len(), n * nb * META_BYTES, "gemm: meta");
     if n == 0 {
         return;
     }
-    assert!(out_stride >= PANEL_ROWS, "gemm: out_stride");
-    assert!(
-        out.len() >= (n - 1) * out_stride + PANEL_ROWS,
-        "gemm: out too short"
-    );
     let a = Args {
         nb,
         panel: panel.as_ptr(),
@@ -277,6 +263,40 @@ pub fn multiply_at(
             Level::Avx512 => multiply_avx512(ty, n, a),
         }
     }
+}
+
+/// Checks what [`multiply_at`] and [`multiply_rows_at`] take alike (the
+/// level and type, the activations, their metadata, the output); returns the
+/// blocks per row and the bytes per activation row.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn check_products(
+    level: Level,
+    ty: GgmlType,
+    k: usize,
+    act: &[u8],
+    meta: &[u8],
+    n: usize,
+    out: &[f32],
+    out_stride: usize,
+) -> (usize, usize) {
+    expect_level(level);
+    assert!(supported(level, ty), "gemm: no tiled kernel for {ty}");
+    assert!(
+        k.is_multiple_of(ty.block_size()),
+        "gemm: k is not a whole number of blocks"
+    );
+    let nb = k / 32;
+    let act_row = ty.vec_dot_type().row_bytes(k).expect("row size");
+    assert_eq!(act.len(), n * act_row, "gemm: act");
+    assert_eq!(meta.len(), n * nb * META_BYTES, "gemm: meta");
+    if n > 0 {
+        assert!(out_stride >= PANEL_ROWS, "gemm: out_stride");
+        assert!(
+            out.len() >= (n - 1) * out_stride + PANEL_ROWS,
+            "gemm: out too short"
+        );
+    }
+    (nb, act_row)
 }
 
 /// Pointers and strides of one [`multiply_at`] call.

@@ -11,11 +11,11 @@
 
 use std::arch::x86_64::*;
 
-use super::gemm::{supported, Panel};
+use super::gemm::{check_products, Panel};
 use super::gemm_k::{bsum, KPanel, Q4K, Q5K, Q6K};
 use super::{
-    expect_level, f16_to_f32, ld256, rd_f32, rd_i32, rd_u16, Avx2, Avx512, Isa, Level, Q4_0, Q4_1,
-    Q5_0, Q5_1, Q8K_BSUMS, Q8K_BYTES, Q8K_QS, Q8_0,
+    f16_to_f32, ld256, rd_f32, rd_i32, rd_u16, Avx2, Avx512, Isa, Level, Q4_0, Q4_1, Q5_0, Q5_1,
+    Q8K_BSUMS, Q8K_BYTES, Q8K_QS, Q8_0,
 };
 use crate::quant::gemm::{META_BYTES, PANEL_ROWS};
 use crate::quant::GgmlType;
@@ -38,25 +38,12 @@ pub fn multiply_rows_at(
     out: &mut [f32],
     out_stride: usize,
 ) {
-    expect_level(level);
-    assert!(supported(level, ty), "gemm: no tiled kernel for {ty}");
-    let rb = ty
-        .row_bytes(k)
-        .expect("gemm: k is not a whole number of blocks");
+    let (nb, act_row) = check_products(level, ty, k, act, meta, n, out, out_stride);
+    let rb = ty.row_bytes(k).expect("whole blocks: checked");
     assert_eq!(rows.len(), PANEL_ROWS * rb, "gemm: rows");
-    assert!(rb <= i32::MAX as usize / PANEL_ROWS, "gemm: rows too long");
-    let act_row = ty.vec_dot_type().row_bytes(k).expect("row size");
-    let nb = k / 32;
-    assert_eq!(act.len(), n * act_row, "gemm: act");
-    assert_eq!(meta.len(), n * nb * META_BYTES, "gemm: meta");
     if n == 0 {
         return;
     }
-    assert!(out_stride >= PANEL_ROWS, "gemm: out_stride");
-    assert!(
-        out.len() >= (n - 1) * out_stride + PANEL_ROWS,
-        "gemm: out too short"
-    );
     let a = Args {
         nb,
         rows: rows.as_ptr(),
