@@ -1,7 +1,7 @@
 //! Matmul kernel throughput per weight type and kernel path.
 //!
 //! For each type, a weight matrix of the size of a real model's projection is
-//! multiplied with 1 and with 4 activation rows, one weight row at a time as the
+//! multiplied with several activation rows (1 and 4 unless `ACTS` says), one weight row at a time as the
 //! CPU backend does (`vec_dot_multi`, so ×4 decodes each weight row once). Prints
 //! the time per weight row and the weight bytes streamed per second, both with
 //! the matrix hot in cache (the same matrix again and again) and from RAM
@@ -13,8 +13,10 @@
 //! the transposed `ffn_down` shapes, 1536 × 576 and 4864 × 896: the same bytes.
 //!
 //! ```text
-//! cargo run --release -p embody-engine --example kernel_bench [TYPE ...]
+//! [ACTS=1,4] cargo run --release -p embody-engine --example kernel_bench [TYPE ...]
 //! ```
+//!
+//! `ACTS` lists the activation-row counts to time (default 1 and 4).
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -168,7 +170,10 @@ fn matmul(
             }
             #[cfg(target_arch = "x86_64")]
             Path::X86(level) => {
-                x86::vec_dot_multi_at(level, ty, k, wr, x, o);
+                // Four activation rows per call at most, as the backend passes them.
+                for (xs, o) in x.chunks(4 * x_row).zip(o.chunks_mut(4)) {
+                    x86::vec_dot_multi_at(level, ty, k, wr, xs, o);
+                }
             }
             #[cfg(target_arch = "x86_64")]
             Path::Rows(_) | Path::Panel(_) => unreachable!(),
@@ -216,6 +221,11 @@ fn main() {
         "{:<5} {:>11} {:>4}  {:<9} {:>10} {:>9} {:>9}",
         "type", "k × rows", "acts", "path", "ns/row", "GB/s hot", "GB/s RAM"
     );
+    let acts_list: Vec<usize> = std::env::var("ACTS")
+        .unwrap_or_else(|_| String::from("1,4"))
+        .split(',')
+        .map(|a| a.trim().parse().expect("ACTS: a list of token counts"))
+        .collect();
     let mut rng = Rng(0x5eed_b3c4);
     for ty in TYPES {
         if !wanted.is_empty() && !wanted.iter().any(|w| w == ty.name()) {
@@ -232,7 +242,7 @@ fn main() {
             let copies = (RAM_BYTES / w.len()).max(2);
             let cold: Vec<Vec<u8>> = (0..copies).map(|_| w.clone()).collect();
             let bytes = w.len() as f64;
-            for acts in [1, 4] {
+            for &acts in &acts_list {
                 let x: Vec<u8> = (0..acts)
                     .flat_map(|_| quantized(ty.vec_dot_type(), &rng.row(k)))
                     .collect();

@@ -115,10 +115,18 @@ pub fn multiply(
     }
 }
 
-/// Token counts below this take [`multiply_rows`]; from here on a panel pays
-/// for its unpacking (`kernel_bench`: a panel costs about as much as the
-/// products of one token from the rows, and each further token a third of that).
-pub const ROWS_BELOW: usize = 2;
+/// Token counts below this take [`multiply_rows`] for weights of type `ty`;
+/// from here on a panel pays for its unpacking. `ACTS=1,2,4,6,8 kernel_bench`:
+/// for the 32-value formats a panel costs about as much as one token's
+/// products from the rows and each further token a third of that; the
+/// K-quants' panels cost three tokens' products, and their rows, read as one
+/// stream from memory, stay ahead up to four tokens.
+pub fn rows_below(ty: GgmlType) -> usize {
+    match ty {
+        GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => 5,
+        _ => 2,
+    }
+}
 
 /// [`multiply`]'s results, bit for bit, from [`PANEL_ROWS`] rows of `ty` (back
 /// to back in `rows`) without a panel: cheaper for a few tokens.

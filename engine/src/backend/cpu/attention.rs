@@ -4,11 +4,16 @@
 //! KV head. An item walks the positions in chunks of [`CHUNK`], aligned to
 //! absolute positions, converts each chunk's keys and values from f16 once,
 //! and folds the chunk into every query of the item with a running maximum
-//! (online softmax). A query's arithmetic depends only on its own position and
+//! (online softmax). Items of a few queries (a decode step's query heads)
+//! convert sixteen values at a time as they use them instead, shared by the
+//! item's queries, without going through scratch. A query's arithmetic depends only on its own position and
 //! the cache, never on the item it lands in, so a token gets the same bits
 //! alone, in a prefill or inside a batch of sequences.
 
+use std::array::from_fn;
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+use half::f16;
 
 use super::{CpuBackend, SharedMut};
 use crate::backend::{AttnParams, AttnSeq, Backend, Workspace};
@@ -152,23 +157,77 @@ fn run_item(c: &Ctx<'_>, it: &Item, sc: &mut [f32]) {
             None => {}
         }
     }
-    item_body(c, it, sc)
+    // SAFETY: `Soft` needs nothing of the CPU.
+    unsafe { item_body::<Soft>(c, it, sc) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
 unsafe fn item_avx512(c: &Ctx<'_>, it: &Item, sc: &mut [f32]) {
-    item_body(c, it, sc)
+    item_body::<F16c>(c, it, sc)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn item_avx2(c: &Ctx<'_>, it: &Item, sc: &mut [f32]) {
-    item_body(c, it, sc)
+    item_body::<F16c>(c, it, sc)
 }
 
+/// f16 to f32, [`CHUNK`] values at a time, exactly.
+trait Cvt {
+    /// Whether converting as values are used beats converting a chunk once
+    /// into scratch (where [`quant::f16_to_f32_slice`] has vector code).
+    const INLINE: bool;
+    /// The first [`CHUNK`] values of `src`.
+    ///
+    /// # Safety
+    /// The CPU has what the implementation uses.
+    unsafe fn cvt16(src: &[f16]) -> [f32; CHUNK];
+}
+
+/// Conversion in plain code.
+struct Soft;
+
+impl Cvt for Soft {
+    const INLINE: bool = false;
+
+    #[inline(always)]
+    unsafe fn cvt16(src: &[f16]) -> [f32; CHUNK] {
+        std::array::from_fn(|j| src[j].to_f32())
+    }
+}
+
+/// Conversion by F16C instructions.
+#[cfg(target_arch = "x86_64")]
+struct F16c;
+
+#[cfg(target_arch = "x86_64")]
+impl Cvt for F16c {
+    const INLINE: bool = true;
+
+    #[inline(always)]
+    unsafe fn cvt16(src: &[f16]) -> [f32; CHUNK] {
+        use std::arch::x86_64::*;
+        let src = &src[..CHUNK];
+        let p = src.as_ptr().cast::<__m128i>();
+        let mut out = [0f32; CHUNK];
+        _mm256_storeu_ps(out.as_mut_ptr(), _mm256_cvtph_ps(_mm_loadu_si128(p)));
+        _mm256_storeu_ps(
+            out.as_mut_ptr().add(8),
+            _mm256_cvtph_ps(_mm_loadu_si128(p.add(1))),
+        );
+        out
+    }
+}
+
+/// Most queries in an item folded by [`fold_chunk_f16`] (a decode step's
+/// group of query heads); larger items convert each chunk once into scratch.
+const MAX_FUSED: usize = 4;
+
+/// # Safety
+/// The CPU has what `C` uses.
 #[inline(always)]
-fn item_body(c: &Ctx<'_>, it: &Item, sc: &mut [f32]) {
+unsafe fn item_body<C: Cvt>(c: &Ctx<'_>, it: &Item, sc: &mut [f32]) {
     let p = c.p;
     let hd = p.head_dim;
     let row_len = p.n_heads * hd;
@@ -194,6 +253,19 @@ fn item_body(c: &Ctx<'_>, it: &Item, sc: &mut [f32]) {
     // Positions some query of the item sees.
     let lo = first(s.start_pos + it.t0);
     let hi = s.start_pos + it.t1 - 1;
+    let bs = c.kv.layout().block_size;
+    let nq = (it.t1 - it.t0) * nh;
+    if C::INLINE && bs.is_multiple_of(CHUNK) && nq <= MAX_FUSED {
+        let (m, l) = (&mut m[..nq], &mut l[..nq]);
+        match nq {
+            1 => fused::<C, 1>(c, it, blocks, lo, hi, m, l, out),
+            2 => fused::<C, 2>(c, it, blocks, lo, hi, m, l, out),
+            3 => fused::<C, 3>(c, it, blocks, lo, hi, m, l, out),
+            _ => fused::<C, 4>(c, it, blocks, lo, hi, m, l, out),
+        }
+        normalize(it, nh, l, out);
+        return;
+    }
     for c0 in (lo / CHUNK * CHUNK..=hi).step_by(CHUNK) {
         load_chunk(c.kv, p.layer, blocks, it.kvh, c0, lo.max(c0), hi, kf, vf);
         for t in it.t0..it.t1 {
@@ -211,6 +283,64 @@ fn item_body(c: &Ctx<'_>, it: &Item, sc: &mut [f32]) {
             }
         }
     }
+    normalize(it, nh, l, out);
+}
+
+/// The chunks `lo..=hi` of an item of `NQ` queries (block size a multiple
+/// of [`CHUNK`]) by [`fold_chunk_f16`].
+///
+/// # Safety
+/// The CPU has what `C` uses.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn fused<'a, C: Cvt, const NQ: usize>(
+    c: &Ctx<'_>,
+    it: &Item,
+    blocks: &[u32],
+    lo: usize,
+    hi: usize,
+    m: &mut [f32],
+    l: &mut [f32],
+    out: impl Fn(usize, usize) -> &'a mut [f32],
+) {
+    let p = c.p;
+    let (hd, nh) = (p.head_dim, it.h1 - it.h0);
+    let row_len = p.n_heads * hd;
+    let s = &c.seqs[it.seq];
+    let bs = c.kv.layout().block_size;
+    // Query qi is token t0 + qi / nh, head h0 + qi % nh.
+    let mut pos = [0usize; NQ];
+    let mut q: [&[f32]; NQ] = [&[]; NQ];
+    for qi in 0..NQ {
+        let (t, h) = (it.t0 + qi / nh, it.h0 + qi % nh);
+        pos[qi] = s.start_pos + t;
+        let at = (it.row0 + t) * row_len + h * hd;
+        q[qi] = &c.q[at..at + hd];
+    }
+    let mut o: [&mut [f32]; NQ] = from_fn(|qi| out(it.t0 + qi / nh, it.h0 + qi % nh));
+    let first = |pos: usize| p.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+    for c0 in (lo / CHUNK * CHUNK..=hi).step_by(CHUNK) {
+        let (block, off) = (blocks[c0 / bs], c0 % bs);
+        let keys = Keys {
+            kb: c.kv.k_block(p.layer, block, it.kvh),
+            stride: bs,
+            off,
+        };
+        let v = &c.kv.v_block(p.layer, block, it.kvh)[off * hd..];
+        let mut live = [(1, 0); NQ];
+        for (live, &pos) in live.iter_mut().zip(&pos) {
+            let (a, z) = (first(pos).max(c0), pos.min(c0 + CHUNK - 1));
+            if a <= z {
+                *live = (a - c0, z - c0);
+            }
+        }
+        fold_chunk_f16::<C, NQ>(q, keys, v, live, p.scale, m, l, &mut o);
+    }
+}
+
+/// Divides each query's output of `it` by its sum of weights.
+#[inline(always)]
+fn normalize<'a>(it: &Item, nh: usize, l: &[f32], out: impl Fn(usize, usize) -> &'a mut [f32]) {
     for t in it.t0..it.t1 {
         for h in it.h0..it.h1 {
             // Every query sees at least its own position, so the sum is > 0.
@@ -308,6 +438,48 @@ fn fold_chunk(
             acc[0][j] = q[d].mul_add(k[j], acc[0][j]);
         }
     }
+    let e = softmax_step(&acc, scale, a, z, m, l, o);
+    // Four 16-lane accumulators per pass over the lanes: four independent
+    // multiply-add chains.
+    let mut dc = 0;
+    while dc + 64 <= hd {
+        let mut acc = [[0f32; 16]; 4];
+        for (u, part) in acc.iter_mut().enumerate() {
+            part.copy_from_slice(&o[dc + 16 * u..dc + 16 * (u + 1)]);
+        }
+        for (j, &p) in e.iter().enumerate().take(z + 1).skip(a) {
+            let v = &vf[j * hd + dc..j * hd + dc + 64];
+            for (u, part) in acc.iter_mut().enumerate() {
+                for i in 0..16 {
+                    part[i] = p.mul_add(v[16 * u + i], part[i]);
+                }
+            }
+        }
+        for (u, part) in acc.iter().enumerate() {
+            o[dc + 16 * u..dc + 16 * (u + 1)].copy_from_slice(part);
+        }
+        dc += 64;
+    }
+    for (d, x) in o.iter_mut().enumerate().skip(dc) {
+        for (j, &p) in e.iter().enumerate().take(z + 1).skip(a) {
+            *x = p.mul_add(vf[j * hd + d], *x);
+        }
+    }
+}
+
+/// One query's scores of a chunk (`acc`: four partial sums per lane) folded
+/// into its running maximum `m`, sum `l` and unnormalised output `o`; returns
+/// the weights of lanes `a..=z` (others zero).
+#[inline(always)]
+fn softmax_step(
+    acc: &[[f32; CHUNK]; 4],
+    scale: f32,
+    a: usize,
+    z: usize,
+    m: &mut f32,
+    l: &mut f32,
+    o: &mut [f32],
+) -> [f32; CHUNK] {
     let mut s = [0f32; CHUNK];
     for j in 0..CHUNK {
         s[j] = ((acc[0][j] + acc[1][j]) + (acc[2][j] + acc[3][j])) * scale;
@@ -346,30 +518,114 @@ fn fold_chunk(
     }
     *l += sum;
     *m = m_new;
-    // Four 16-lane accumulators per pass over the lanes: four independent
-    // multiply-add chains.
-    let mut dc = 0;
-    while dc + 64 <= hd {
-        let mut acc = [[0f32; 16]; 4];
-        for (u, part) in acc.iter_mut().enumerate() {
-            part.copy_from_slice(&o[dc + 16 * u..dc + 16 * (u + 1)]);
-        }
-        for (j, &p) in e.iter().enumerate().take(z + 1).skip(a) {
-            let v = &vf[j * hd + dc..j * hd + dc + 64];
-            for (u, part) in acc.iter_mut().enumerate() {
-                for i in 0..16 {
-                    part[i] = p.mul_add(v[16 * u + i], part[i]);
+    e
+}
+
+/// Where a chunk's keys are: key dimension d of lane j at
+/// `kb[d * stride + off + j]`.
+#[derive(Clone, Copy)]
+struct Keys<'a> {
+    kb: &'a [f16],
+    stride: usize,
+    off: usize,
+}
+
+/// [`fold_chunk`] for `NQ` queries at once, reading the chunk's keys and
+/// values (lane j's at `v[j * head_dim..]`) straight from the cache: each
+/// 16 values are converted once for all the queries, and nothing is written
+/// to scratch. Each query's operations are [`fold_chunk`]'s, in its order;
+/// `live[qi]` is that query's `(a, z)` (`a > z`: the chunk is past it).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn fold_chunk_f16<C: Cvt, const NQ: usize>(
+    q: [&[f32]; NQ],
+    k: Keys<'_>,
+    v: &[f16],
+    live: [(usize, usize); NQ],
+    scale: f32,
+    m: &mut [f32],
+    l: &mut [f32],
+    o: &mut [&mut [f32]; NQ],
+) {
+    let hd = q[0].len();
+    let key = |d: usize| C::cvt16(&k.kb[d * k.stride + k.off..]);
+    let mut acc = [[[0f32; CHUNK]; 4]; NQ];
+    let mut d = 0;
+    while d + 4 <= hd {
+        for u in 0..4 {
+            let kd = key(d + u);
+            for (acc, q) in acc.iter_mut().zip(&q) {
+                let qd = q[d + u];
+                for j in 0..CHUNK {
+                    acc[u][j] = qd.mul_add(kd[j], acc[u][j]);
                 }
             }
         }
-        for (u, part) in acc.iter().enumerate() {
-            o[dc + 16 * u..dc + 16 * (u + 1)].copy_from_slice(part);
+        d += 4;
+    }
+    for d in d..hd {
+        let kd = key(d);
+        for (acc, q) in acc.iter_mut().zip(&q) {
+            for j in 0..CHUNK {
+                acc[0][j] = q[d].mul_add(kd[j], acc[0][j]);
+            }
+        }
+    }
+    let mut e = [[0f32; CHUNK]; NQ];
+    let (mut lo, mut hi) = (CHUNK, 0);
+    for qi in 0..NQ {
+        let (a, z) = live[qi];
+        if a > z {
+            continue;
+        }
+        (lo, hi) = (lo.min(a), hi.max(z));
+        e[qi] = softmax_step(&acc[qi], scale, a, z, &mut m[qi], &mut l[qi], o[qi]);
+    }
+    let seen = |qi: usize, j: usize| (live[qi].0..=live[qi].1).contains(&j);
+    // A decode step's queries (one token) all see the same lanes.
+    let same = live.iter().all(|&x| x == live[0]);
+    let mut dc = 0;
+    while dc + 64 <= hd {
+        let mut acc = [[[0f32; 16]; 4]; NQ];
+        for (acc, o) in acc.iter_mut().zip(o.iter()) {
+            for (u, part) in acc.iter_mut().enumerate() {
+                part.copy_from_slice(&o[dc + 16 * u..dc + 16 * (u + 1)]);
+            }
+        }
+        for j in lo..=hi {
+            let row = &v[j * hd + dc..];
+            let vj = [
+                C::cvt16(row),
+                C::cvt16(&row[16..]),
+                C::cvt16(&row[32..]),
+                C::cvt16(&row[48..]),
+            ];
+            for qi in 0..NQ {
+                if !same && !seen(qi, j) {
+                    continue;
+                }
+                let p = e[qi][j];
+                for (part, vu) in acc[qi].iter_mut().zip(&vj) {
+                    for i in 0..16 {
+                        part[i] = p.mul_add(vu[i], part[i]);
+                    }
+                }
+            }
+        }
+        for (acc, o) in acc.iter().zip(o.iter_mut()) {
+            for (u, part) in acc.iter().enumerate() {
+                o[dc + 16 * u..dc + 16 * (u + 1)].copy_from_slice(part);
+            }
         }
         dc += 64;
     }
-    for (d, x) in o.iter_mut().enumerate().skip(dc) {
-        for (j, &p) in e.iter().enumerate().take(z + 1).skip(a) {
-            *x = p.mul_add(vf[j * hd + d], *x);
+    for (qi, o) in o.iter_mut().enumerate() {
+        for (d, x) in o.iter_mut().enumerate().skip(dc) {
+            for j in lo..=hi {
+                if seen(qi, j) {
+                    *x = e[qi][j].mul_add(v[j * hd + d].to_f32(), *x);
+                }
+            }
         }
     }
 }
@@ -480,10 +736,10 @@ mod tests {
                 block_size: bs,
                 window: None,
             };
-            let mut kv = KvCache::new(layout, 64);
+            let mut kv = KvCache::new(layout, 96);
             let kvd = n_kv * hd;
             // (cached positions, new tokens)
-            let shapes = [(0, 37), (40, 1), (13, 5), (0, 1), (70, 20)];
+            let shapes = [(0, 37), (40, 1), (13, 5), (0, 1), (70, 20), (21, 3), (0, 2)];
             let mut tables = Vec::new();
             let mut keys = Vec::new();
             let mut vals = Vec::new();

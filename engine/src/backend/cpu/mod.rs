@@ -211,7 +211,7 @@ impl Backend for CpuBackend {
                         };
                         let rb = w.row_bytes();
                         let src = &w.data[first_row * rb..(first_row + PANEL_ROWS) * rb];
-                        if n < gemm::ROWS_BELOW {
+                        if n < gemm::rows_below(w.ty) {
                             gemm::multiply_rows(w.ty, k, src, act, meta, n, res, PANEL_ROWS);
                         } else {
                             gemm::pack(w.ty, k, src, panel);

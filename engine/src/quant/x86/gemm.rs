@@ -158,6 +158,9 @@ pub(super) unsafe fn transpose8(v: [__m256i; 8]) -> [__m256i; 8] {
     ]
 }
 
+/// One row after the other (eight rows read block by block defeat the
+/// hardware prefetcher), each row's values stored where the transposed ones
+/// go; then each block's values are transposed in place.
 #[inline(always)]
 unsafe fn pack_fmt<F: Panel, I: Isa>(k: usize, rows: &[u8], panel: &mut [u8]) {
     let nb = k / 32;
@@ -165,30 +168,42 @@ unsafe fn pack_fmt<F: Panel, I: Isa>(k: usize, rows: &[u8], panel: &mut [u8]) {
     let stride = block_stride(F::MIN);
     let (src, dst) = (rows.as_ptr(), panel.as_mut_ptr());
     let off = _mm256_set1_epi8(F::OFFSET as i8);
-    for b in 0..nb {
-        let w = |r: usize| src.add(r * rb + b * F::SIZE);
-        // A plain loop: a closure would not inherit the target features.
-        let mut v = [_mm256_setzero_si256(); PANEL_ROWS];
-        for (r, vr) in v.iter_mut().enumerate() {
-            *vr = _mm256_add_epi8(F::values::<I>(w(r)), off);
+    for r in 0..PANEL_ROWS {
+        for b in 0..nb {
+            let w = src.add(r * rb + b * F::SIZE);
+            let out = dst.add(b * stride);
+            let v = _mm256_add_epi8(F::values::<I>(w), off);
+            _mm256_storeu_si256(out.add(32 * r).cast(), v);
         }
+    }
+    for b in 0..nb {
         let out = dst.add(b * stride);
+        // The eight rows' scales (and mins) converted as one vector each,
+        // from rows the first pass brought into the cache.
+        let halves = |at: usize| {
+            let h = |r: usize| rd_u16(src.add(r * rb + b * F::SIZE + at)) as i16;
+            _mm256_cvtph_ps(_mm_setr_epi16(
+                h(0),
+                h(1),
+                h(2),
+                h(3),
+                h(4),
+                h(5),
+                h(6),
+                h(7),
+            ))
+        };
+        let scales = out.add(PANEL_ROWS * 32).cast::<f32>();
+        _mm256_storeu_ps(scales, halves(0));
+        if F::MIN {
+            _mm256_storeu_ps(scales.add(PANEL_ROWS), halves(2));
+        }
+        let mut v = [_mm256_setzero_si256(); PANEL_ROWS];
+        for (r, v) in v.iter_mut().enumerate() {
+            *v = ld256(out.add(32 * r));
+        }
         for (g, t) in transpose8(v).into_iter().enumerate() {
             _mm256_storeu_si256(out.add(32 * g).cast(), t);
-        }
-        // The eight rows' scales (and mins) converted as one vector each.
-        let scales = out.add(PANEL_ROWS * 32).cast::<f32>();
-        let mut h = [0u16; PANEL_ROWS];
-        for (r, h) in h.iter_mut().enumerate() {
-            *h = rd_u16(w(r));
-        }
-        _mm256_storeu_ps(scales, _mm256_cvtph_ps(_mm_loadu_si128(h.as_ptr().cast())));
-        if F::MIN {
-            for (r, h) in h.iter_mut().enumerate() {
-                *h = rd_u16(w(r).add(2));
-            }
-            let m = _mm256_cvtph_ps(_mm_loadu_si128(h.as_ptr().cast()));
-            _mm256_storeu_ps(scales.add(PANEL_ROWS), m);
         }
     }
 }
@@ -344,9 +359,17 @@ unsafe fn tiles_k<F: gemm_k::KPanel, I: Isa, const RN: usize>(n: usize, a: Args)
         gemm_k::tile::<F, I, RN>(nb, a.panel, a.act, a.act_row, t, a.out, a.out_stride);
         t += RN;
     }
-    while t < n {
+    // The rest in halving tiles: each pass reads the whole panel.
+    if RN > 4 && t + 4 <= n {
+        gemm_k::tile::<F, I, 4>(nb, a.panel, a.act, a.act_row, t, a.out, a.out_stride);
+        t += 4;
+    }
+    if t + 2 <= n {
+        gemm_k::tile::<F, I, 2>(nb, a.panel, a.act, a.act_row, t, a.out, a.out_stride);
+        t += 2;
+    }
+    if t < n {
         gemm_k::tile::<F, I, 1>(nb, a.panel, a.act, a.act_row, t, a.out, a.out_stride);
-        t += 1;
     }
 }
 
@@ -357,9 +380,17 @@ unsafe fn tiles<F: Panel, I: Isa, const RN: usize>(n: usize, a: Args) {
         tile::<F, I, RN>(t, a);
         t += RN;
     }
-    while t < n {
+    // The rest in halving tiles: each pass reads the whole panel.
+    if RN > 4 && t + 4 <= n {
+        tile::<F, I, 4>(t, a);
+        t += 4;
+    }
+    if t + 2 <= n {
+        tile::<F, I, 2>(t, a);
+        t += 2;
+    }
+    if t < n {
         tile::<F, I, 1>(t, a);
-        t += 1;
     }
 }
 

@@ -13,11 +13,11 @@
 
 use std::arch::x86_64::*;
 
-use super::gemm::{check_products, Panel};
+use super::gemm::{check_products, transpose8, Panel};
 use super::gemm_k::{bsum, KPanel, Q4K, Q5K, Q6K};
 use super::{
-    f16_to_f32, ld256, rd_f32, rd_i32, rd_u16, Avx2, Avx512, Isa, Level, Q4_0, Q4_1, Q5_0, Q5_1,
-    Q8K_BSUMS, Q8K_BYTES, Q8K_QS, Q8_0,
+    ld256, rd_f32, rd_u16, Avx2, Avx512, Isa, Level, Q4_0, Q4_1, Q5_0, Q5_1, Q8K_BSUMS, Q8K_BYTES,
+    Q8K_QS, Q8_0,
 };
 use crate::quant::gemm::{META_BYTES, PANEL_ROWS};
 use crate::quant::GgmlType;
@@ -103,6 +103,13 @@ unsafe fn rows_body<I: Isa>(ty: GgmlType, n: usize, a: Args) {
     }
 }
 
+/// Tokens per pass over the rows of a K-quant: one f32 accumulator each per row.
+const TOKENS: usize = 8;
+
+/// Eight-block chunks per segment of a 32-value format's rows: [`direct`]
+/// keeps a segment's terms of all eight rows (8 KiB) before adding them up.
+const SEGMENT: usize = 16;
+
 #[inline(always)]
 unsafe fn tiles<F: Panel, I: Isa>(n: usize, a: Args) {
     for t in 0..n {
@@ -112,8 +119,12 @@ unsafe fn tiles<F: Panel, I: Isa>(n: usize, a: Args) {
 
 #[inline(always)]
 unsafe fn tiles_k<F: KPanel, I: Isa>(n: usize, a: Args) {
-    for t in 0..n {
-        direct_k::<F, I>(t, a);
+    if n == 1 {
+        // Decode: a pass the compiler lays out for exactly one token.
+        return direct_k::<F, I, 1>(0, 1, a);
+    }
+    for t0 in (0..n).step_by(TOKENS) {
+        direct_k::<F, I, TOKENS>(t0, TOKENS.min(n - t0), a);
     }
 }
 
@@ -133,111 +144,228 @@ unsafe fn reduce8(p: [__m256i; 8]) -> __m256i {
     )
 }
 
-/// Token `t` of a 32-value block format, one row after the other (one
-/// sequential stream from memory). Eight consecutive blocks' integer sums
-/// are reduced into one vector at a time; the f32 operations are then the
-/// tile's, for one lane, block by block.
+/// The two 4-byte fields of `n` (at most eight) consecutive [`META_BYTES`]
+/// records at `m`: lane c holds record c's first field in the first vector,
+/// its second in the second; lanes from `n` on are zero.
 #[inline(always)]
-unsafe fn direct<F: Panel, I: Isa>(t: usize, a: Args) {
+unsafe fn meta8(m: *const u8, n: usize) -> (__m256, __m256) {
+    let (lo, hi) = if n == 8 {
+        (_mm256_loadu_ps(m.cast()), _mm256_loadu_ps(m.add(32).cast()))
+    } else {
+        // Lane i of the first load is record i / 2's; of the second, 4 + i / 2's.
+        let lane = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+        let first = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lane);
+        let second = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32 - 4), lane);
+        (
+            _mm256_maskload_ps(m.cast(), first),
+            _mm256_maskload_ps(m.add(32).cast(), second),
+        )
+    };
+    // Per 128-bit half: records 0, 1, 4, 5 and 2, 3, 6, 7; then in order.
+    let d = _mm256_shuffle_ps::<0b10_00_10_00>(lo, hi);
+    let e = _mm256_shuffle_ps::<0b11_01_11_01>(lo, hi);
+    let order = |v: __m256| _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(v)));
+    (order(d), order(e))
+}
+
+/// For `n` (at most eight) blocks of a 32-value format from block `b0` of
+/// `row`, against a token's blocks `xs` and their [`META_BYTES`] records
+/// `meta`: per block (lane), the tile's integer sum as f32, its scale and,
+/// for formats with a min, the min's term. Lanes from `n` on are zero.
+#[inline(always)]
+unsafe fn chunk<F: Panel, I: Isa, const N: usize>(
+    row: *const u8,
+    xs: *const u8,
+    meta: *const u8,
+    b0: usize,
+) -> (__m256, __m256, __m256) {
+    let n = N;
     let x_size = if F::MIN { 36 } else { 34 };
-    let x_head = x_size - 32;
     let off = _mm256_set1_epi8(F::OFFSET as i8);
     let zero = _mm256_setzero_si256();
+    let w = |c: usize| row.add((b0 + c) * F::SIZE);
+    let mut p = [zero; 8];
+    for (c, p) in p.iter_mut().enumerate().take(n) {
+        let v = _mm256_add_epi8(F::values::<I>(w(c)), off);
+        *p = I::dot_acc(zero, v, ld256(xs.add((b0 + c) * x_size)));
+    }
+    let mut sums = reduce8(p);
+    let (xd, xe) = meta8(meta.add(b0 * META_BYTES), n);
+    if F::OFFSET != 0 {
+        let share = _mm256_mullo_epi32(_mm256_castps_si256(xe), _mm256_set1_epi32(F::OFFSET));
+        sums = _mm256_sub_epi32(sums, share);
+    }
+    // Straight from the blocks: eight u16 stores read back as one vector
+    // would wait for the stores to retire.
+    let halves = |at: usize| {
+        let h = |c: usize| {
+            if c < n {
+                rd_u16(w(c).add(at)) as i16
+            } else {
+                0
+            }
+        };
+        _mm256_cvtph_ps(_mm_setr_epi16(
+            h(0),
+            h(1),
+            h(2),
+            h(3),
+            h(4),
+            h(5),
+            h(6),
+            h(7),
+        ))
+    };
+    let scale = _mm256_mul_ps(halves(0), xd);
+    let min = if F::MIN {
+        _mm256_mul_ps(halves(2), xe)
+    } else {
+        _mm256_setzero_ps()
+    };
+    (_mm256_cvtepi32_ps(sums), scale, min)
+}
+
+/// Eight f32 vectors transposed (lane c of vector r to lane r of vector c).
+#[inline(always)]
+unsafe fn transpose8_ps(v: [__m256; 8]) -> [__m256; 8] {
+    transpose8(v.map(|x| _mm256_castps_si256(x))).map(|x| _mm256_castsi256_ps(x))
+}
+
+/// Token `t` of a 32-value block format, one row after the other (each one
+/// sequential stream from memory), a segment of the rows at a time. First
+/// each row's eight-block chunks give their blocks' terms as vectors (lanes:
+/// blocks); then the chunks of the eight rows, transposed (lanes: rows), are
+/// added up block by block with the tile's very operations. Summing a row's
+/// blocks in one lane instead would chain every addition of the row, the
+/// eight rows one after the other.
+#[inline(always)]
+unsafe fn direct<F: Panel, I: Isa>(t: usize, a: Args) {
+    let x_head = if F::MIN { 4 } else { 2 };
     let xs = a.act.add(t * a.act_row + x_head);
     let meta = a.meta.add(t * a.nb * META_BYTES);
-    let mut out = [0f32; PANEL_ROWS];
-    for (r, out) in out.iter_mut().enumerate() {
-        let row = a.rows.add(r * a.rb);
-        let mut acc = 0f32;
-        for b0 in (0..a.nb).step_by(8) {
-            let blocks = 8.min(a.nb - b0);
-            let mut p = [zero; 8];
-            for (c, p) in p.iter_mut().enumerate().take(blocks) {
-                let b = b0 + c;
-                let v = _mm256_add_epi8(F::values::<I>(row.add(b * F::SIZE)), off);
-                *p = I::dot_acc(zero, v, ld256(xs.add(b * x_size)));
-            }
-            let mut sums = [0i32; 8];
-            _mm256_storeu_si256(sums.as_mut_ptr().cast(), reduce8(p));
-            for (c, &sum) in sums.iter().enumerate().take(blocks) {
-                let b = b0 + c;
-                let (w, mb) = (row.add(b * F::SIZE), meta.add(b * META_BYTES));
-                let mut s = sum;
-                if F::OFFSET != 0 {
-                    s = s.wrapping_add(-F::OFFSET * rd_i32(mb.add(4)));
-                }
-                // From here on, the tile's operations exactly.
-                let scale = f16_to_f32(rd_u16(w)) * rd_f32(mb);
+    let chunks = a.nb.div_ceil(8);
+    let mut acc = _mm256_setzero_ps();
+    // Per chunk and row: the block terms (with a min) or integer sums, and
+    // the scales (without).
+    let mut terms = [[_mm256_setzero_ps(); PANEL_ROWS]; SEGMENT];
+    let mut scales = [[_mm256_setzero_ps(); PANEL_ROWS]; SEGMENT];
+    for seg in (0..chunks).step_by(SEGMENT) {
+        let seg_chunks = SEGMENT.min(chunks - seg);
+        for r in 0..PANEL_ROWS {
+            let row = a.rows.add(r * a.rb);
+            for i in 0..seg_chunks {
+                let b0 = (seg + i) * 8;
+                let (s, scale, min) = match a.nb - b0 {
+                    1 => chunk::<F, I, 1>(row, xs, meta, b0),
+                    2 => chunk::<F, I, 2>(row, xs, meta, b0),
+                    3 => chunk::<F, I, 3>(row, xs, meta, b0),
+                    4 => chunk::<F, I, 4>(row, xs, meta, b0),
+                    5 => chunk::<F, I, 5>(row, xs, meta, b0),
+                    6 => chunk::<F, I, 6>(row, xs, meta, b0),
+                    7 => chunk::<F, I, 7>(row, xs, meta, b0),
+                    _ => chunk::<F, I, 8>(row, xs, meta, b0),
+                };
                 if F::MIN {
-                    let ms = f16_to_f32(rd_u16(w.add(2))) * rd_f32(mb.add(4));
-                    acc += (s as f32).mul_add(scale, ms);
+                    // The block's two terms first, as the tile adds them.
+                    terms[i][r] = _mm256_fmadd_ps(s, scale, min);
                 } else {
-                    acc = (s as f32).mul_add(scale, acc);
+                    terms[i][r] = s;
+                    scales[i][r] = scale;
                 }
             }
         }
-        *out = acc;
+        for i in 0..seg_chunks {
+            let blocks = 8.min(a.nb - (seg + i) * 8);
+            let tt = transpose8_ps(terms[i]);
+            if F::MIN {
+                for term in &tt[..blocks] {
+                    acc = _mm256_add_ps(acc, *term);
+                }
+            } else {
+                let st = transpose8_ps(scales[i]);
+                for (s, scale) in tt[..blocks].iter().zip(&st) {
+                    acc = _mm256_fmadd_ps(*s, *scale, acc);
+                }
+            }
+        }
     }
-    _mm256_storeu_ps(a.out.add(t * a.out_stride), _mm256_loadu_ps(out.as_ptr()));
+    _mm256_storeu_ps(a.out.add(t * a.out_stride), acc);
 }
 
-/// Token `t` of a K-quant (Q8_K activations), one row after the other (one
-/// sequential stream from memory); per super-block, the tile's operations
-/// for one lane.
+/// Tokens `t0..t0 + n` of a K-quant (Q8_K activations), one row after the
+/// other (one sequential stream from memory). Per row and super-block the
+/// values and scales are unpacked once; per token, the tile's operations for
+/// that row's lane.
 #[inline(always)]
-unsafe fn direct_k<F: KPanel, I: Isa>(t: usize, a: Args) {
+#[allow(clippy::needless_range_loop)] // rows × tokens, transposed: indices read clearer
+unsafe fn direct_k<F: KPanel, I: Isa, const N: usize>(t0: usize, n: usize, a: Args) {
     let zero = _mm256_setzero_si256();
-    let xt = a.act.add(t * a.act_row);
-    let mut out = [0f32; PANEL_ROWS];
-    for (r, out) in out.iter_mut().enumerate() {
+    let mut out = [[0f32; PANEL_ROWS]; N];
+    for r in 0..PANEL_ROWS {
         let row = a.rows.add(r * a.rb);
-        let mut acc = 0f32;
+        let mut acc = [0f32; N];
         for b in 0..a.nb / 8 {
             let w = row.add(b * F::SIZE);
-            let xb = xt.add(b * Q8K_BYTES);
             let vals = F::values(w);
             let mut sc = [0i32; 16];
             let mut mn = [0i32; 8];
             let (d, dmin) = F::scales(w, &mut sc, &mut mn);
-            let mut p = zero;
-            for (c, &v) in vals.iter().enumerate() {
-                let dot = I::dot_acc(zero, v, ld256(xb.add(Q8K_QS + 32 * c)));
-                // The scale of each 4-value lane: one sub-block per vector,
-                // or two (Q6_K's 16-value sub-blocks).
-                let scale = if F::SUB == 32 {
+            // The scale of each 4-value lane: one sub-block per vector, or two
+            // (Q6_K's 16-value sub-blocks). Broadcasts: a vector load of
+            // several scalar stores would wait for them to retire.
+            let mut scale = [zero; 8];
+            for (c, scale) in scale.iter_mut().enumerate() {
+                *scale = if F::SUB == 32 {
                     _mm256_set1_epi32(sc[c])
                 } else {
-                    let pair =
-                        _mm256_castsi128_si256(_mm_loadl_epi64(sc.as_ptr().add(2 * c).cast()));
-                    _mm256_permutevar8x32_epi32(pair, _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1))
+                    _mm256_blend_epi32::<0xF0>(
+                        _mm256_set1_epi32(sc[2 * c]),
+                        _mm256_set1_epi32(sc[2 * c + 1]),
+                    )
                 };
-                p = _mm256_add_epi32(p, _mm256_mullo_epi32(dot, scale));
             }
-            if F::OFFSET != 0 {
-                // −OFFSET · Σ scale · block sum, in lanes the sum below adds up.
-                let s16 = _mm256_permute4x64_epi64::<0xD8>(_mm256_packs_epi32(
-                    _mm256_loadu_si256(sc.as_ptr().cast()),
-                    _mm256_loadu_si256(sc.as_ptr().add(8).cast()),
-                ));
-                let o = _mm256_madd_epi16(s16, ld256(xb.add(Q8K_BSUMS)));
-                p = _mm256_sub_epi32(p, _mm256_mullo_epi32(o, _mm256_set1_epi32(F::OFFSET)));
-            }
-            let isum = hsum_i32(p);
-            // From here on, the tile's operations exactly.
-            let dx = rd_f32(xb);
-            acc = (isum as f32).mul_add(d * dx, acc);
-            if F::MIN {
-                let mut msum = 0i32;
-                for (s, &m) in mn.iter().enumerate() {
-                    let xsum = bsum(xb, 2 * s) + bsum(xb, 2 * s + 1);
-                    msum = msum.wrapping_add(m.wrapping_mul(xsum));
+            // The sub-block scales as i16, in the order of the block sums.
+            let s16 = _mm256_permute4x64_epi64::<0xD8>(_mm256_packs_epi32(
+                _mm256_loadu_si256(sc.as_ptr().cast()),
+                _mm256_loadu_si256(sc.as_ptr().add(8).cast()),
+            ));
+            for (t, acc) in acc.iter_mut().enumerate().take(n) {
+                let xb = a.act.add((t0 + t) * a.act_row + b * Q8K_BYTES);
+                let mut p = zero;
+                for (c, &v) in vals.iter().enumerate() {
+                    let dot = I::dot_acc(zero, v, ld256(xb.add(Q8K_QS + 32 * c)));
+                    p = _mm256_add_epi32(p, _mm256_mullo_epi32(dot, scale[c]));
                 }
-                acc = (-(msum as f32)).mul_add(dmin * dx, acc);
+                let bsums = ld256(xb.add(Q8K_BSUMS));
+                if F::OFFSET != 0 {
+                    // −OFFSET · Σ scale · block sum, in lanes the sum below adds up.
+                    let o = _mm256_madd_epi16(s16, bsums);
+                    p = _mm256_sub_epi32(p, _mm256_mullo_epi32(o, _mm256_set1_epi32(F::OFFSET)));
+                }
+                let isum = hsum_i32(p);
+                // From here on, the tile's operations exactly.
+                let dx = rd_f32(xb);
+                *acc = (isum as f32).mul_add(d * dx, *acc);
+                if F::MIN {
+                    let mut msum = 0i32;
+                    for (s, &m) in mn.iter().enumerate() {
+                        let xsum = bsum(xb, 2 * s) + bsum(xb, 2 * s + 1);
+                        msum = msum.wrapping_add(m.wrapping_mul(xsum));
+                    }
+                    *acc = (-(msum as f32)).mul_add(dmin * dx, *acc);
+                }
             }
         }
-        *out = acc;
+        for (t, acc) in acc.iter().enumerate().take(n) {
+            out[t][r] = *acc;
+        }
     }
-    _mm256_storeu_ps(a.out.add(t * a.out_stride), _mm256_loadu_ps(out.as_ptr()));
+    for (t, o) in out.iter().enumerate().take(n) {
+        _mm256_storeu_ps(
+            a.out.add((t0 + t) * a.out_stride),
+            _mm256_loadu_ps(o.as_ptr()),
+        );
+    }
 }
 
 /// The sum of the eight i32 lanes (wrapping, as the vector adds).

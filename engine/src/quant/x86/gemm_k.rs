@@ -163,50 +163,51 @@ pub(super) const fn panel_bytes<F: KPanel>(k: usize) -> usize {
 
 /// Unpacks eight rows of `F` (each `rb` bytes, back to back at `src`).
 ///
+/// One row after the other (eight rows read block by block defeat the
+/// hardware prefetcher), each row's values stored where the transposed ones
+/// go; then each block's values are transposed in place.
+///
 /// # Safety
 /// AVX2; `src` holds eight rows of `nb` blocks and `dst` [`panel_bytes`].
 #[inline(always)]
-#[allow(clippy::needless_range_loop)] // rows × sub-blocks, transposed: indices read clearer
 pub(super) unsafe fn pack<F: KPanel>(nb: usize, src: *const u8, dst: *mut u8) {
     let (sc_at, mn_at, d_at, dmin_at, stride) = layout::<F>();
     let rb = nb * F::SIZE;
-    for b in 0..nb {
-        let out = dst.add(b * stride);
-        let mut vals = [[_mm256_setzero_si256(); 8]; PANEL_ROWS];
-        let mut sc = [[0i32; 16]; PANEL_ROWS];
-        let mut mn = [[0i32; 8]; PANEL_ROWS];
-        for r in 0..PANEL_ROWS {
+    for r in 0..PANEL_ROWS {
+        for b in 0..nb {
             let w = src.add(r * rb + b * F::SIZE);
-            vals[r] = F::values(w);
-            let (d, dmin) = F::scales(w, &mut sc[r], &mut mn[r]);
+            let out = dst.add(b * stride);
+            for (c, v) in F::values(w).into_iter().enumerate() {
+                _mm256_storeu_si256(out.add(32 * (8 * c + r)).cast(), v);
+            }
+            let mut sc = [0i32; 16];
+            let mut mn = [0i32; 8];
+            let (d, dmin) = F::scales(w, &mut sc, &mut mn);
             out.add(d_at + 4 * r).cast::<f32>().write_unaligned(d);
-            if F::MIN {
-                out.add(dmin_at + 4 * r).cast::<f32>().write_unaligned(dmin);
-            }
-        }
-        for c in 0..8 {
-            let mut v = [_mm256_setzero_si256(); PANEL_ROWS];
-            for r in 0..PANEL_ROWS {
-                v[r] = vals[r][c];
-            }
-            for (g, t) in super::gemm::transpose8(v).into_iter().enumerate() {
-                _mm256_storeu_si256(out.add(32 * (8 * c + g)).cast(), t);
-            }
-        }
-        for s in 0..subs::<F>() {
-            for r in 0..PANEL_ROWS {
+            for (s, &v) in sc.iter().enumerate().take(subs::<F>()) {
                 out.add(sc_at + 32 * s + 4 * r)
                     .cast::<i32>()
-                    .write_unaligned(sc[r][s]);
+                    .write_unaligned(v);
             }
-        }
-        if F::MIN {
-            for s in 0..8 {
-                for r in 0..PANEL_ROWS {
+            if F::MIN {
+                out.add(dmin_at + 4 * r).cast::<f32>().write_unaligned(dmin);
+                for (s, &v) in mn.iter().enumerate() {
                     out.add(mn_at + 32 * s + 4 * r)
                         .cast::<i32>()
-                        .write_unaligned(mn[r][s]);
+                        .write_unaligned(v);
                 }
+            }
+        }
+    }
+    for b in 0..nb {
+        for c in 0..8 {
+            let at = dst.add(b * stride + 32 * 8 * c);
+            let mut v = [_mm256_setzero_si256(); PANEL_ROWS];
+            for (r, v) in v.iter_mut().enumerate() {
+                *v = _mm256_loadu_si256(at.add(32 * r).cast());
+            }
+            for (g, t) in super::gemm::transpose8(v).into_iter().enumerate() {
+                _mm256_storeu_si256(at.add(32 * g).cast(), t);
             }
         }
     }
