@@ -173,19 +173,18 @@ struct Weights {
     rope_freqs: Option<Vec<f32>>, // [rope_dim / 2]
 }
 
-/// Per-forward scratch, sized at load for `max_batch_tokens` rows.
+/// Per-forward scratch, sized at load for `max_batch_tokens` rows. Buffers
+/// whose lives do not overlap share one: the queries and the attention
+/// output live in `gate` until the MLP needs it, the projections back to the
+/// residual in `up`, the rows that want logits in `xn` after the last layer.
 struct Scratch {
     x: Vec<f32>,           // [T, d_model] residual stream
-    xn: Vec<f32>,          // [T, d_model] normed input
-    q: Vec<f32>,           // [T, n_heads * head_dim]
+    xn: Vec<f32>,          // [T, d_model] normed input; then logit rows
     k: Vec<f32>,           // [T, n_kv_heads * head_dim]
     v: Vec<f32>,           // [T, n_kv_heads * head_dim]
-    attn: Vec<f32>,        // [T, n_heads * head_dim]
-    proj: Vec<f32>,        // [T, d_model]
-    gate: Vec<f32>,        // [T, d_ff]
-    up: Vec<f32>,          // [T, d_ff]
+    gate: Vec<f32>,        // [T, max(d_ff, 2 * n_heads * head_dim)]: q and attention, then gate
+    up: Vec<f32>,          // [T, max(d_ff, d_model)]: projections, then up
     rope: Vec<(f32, f32)>, // [T, rope_dim / 2]
-    out_x: Vec<f32>,       // [T, d_model] rows that want logits
 }
 
 /// A loaded Llama-family model.
@@ -265,15 +264,11 @@ impl Llama {
         let s = Scratch {
             x: vec![0.0; t * d],
             xn: vec![0.0; t * d],
-            q: vec![0.0; t * qd],
             k: vec![0.0; t * kvd],
             v: vec![0.0; t * kvd],
-            attn: vec![0.0; t * qd],
-            proj: vec![0.0; t * d],
-            gate: vec![0.0; t * cfg.d_ff],
-            up: vec![0.0; t * cfg.d_ff],
+            gate: vec![0.0; t * cfg.d_ff.max(2 * qd)],
+            up: vec![0.0; t * cfg.d_ff.max(d)],
             rope: vec![(0.0, 0.0); t * (cfg.rope_dim / 2)],
-            out_x: vec![0.0; t * d],
         };
         let ws = backend.workspace(t, d.max(cfg.d_ff).max(qd), ctx);
         let name = match src.gguf() {
@@ -346,10 +341,11 @@ impl Model for Llama {
             par_chunks(be, &mut s.xn[..n * d], d, &|o, out| {
                 ops::rms_norm(&src[o..o + out.len()], &l.attn_norm, c.rms_eps, out)
             });
+            let (q, attn) = s.gate.split_at_mut(n * qd);
             let qkv = &mut [
                 MatOut {
                     w: &l.wq,
-                    y: &mut s.q,
+                    y: &mut *q,
                 },
                 MatOut {
                     w: &l.wk,
@@ -363,7 +359,7 @@ impl Model for Llama {
             be.matmul_group(&s.xn[..n * d], n, qkv, ws);
             rope_rows(
                 be,
-                &mut s.q[..n * qd],
+                &mut q[..],
                 &mut s.k[..n * kvd],
                 (qd, kvd),
                 hd,
@@ -387,11 +383,9 @@ impl Model for Llama {
                 scale: 1.0 / (hd as f32).sqrt(),
                 window: None,
             };
-            with_attn_seqs(batch, |seqs| {
-                be.attention(&p, &s.q[..n * qd], kv, seqs, &mut s.attn, ws)
-            });
-            be.matmul(&l.wo, &s.attn[..n * qd], n, &mut s.proj, ws);
-            ops::add_inplace(&mut s.x[..n * d], &s.proj[..n * d]);
+            with_attn_seqs(batch, |seqs| be.attention(&p, q, kv, seqs, attn, ws));
+            be.matmul(&l.wo, &attn[..n * qd], n, &mut s.up, ws);
+            ops::add_inplace(&mut s.x[..n * d], &s.up[..n * d]);
 
             // MLP: norm, SwiGLU, project back.
             let src = &s.x[..n * d];
@@ -416,14 +410,14 @@ impl Model for Llama {
                 elementwise_unit(c.d_ff),
                 &|o, g| ops::swiglu_inplace(g, &up[o..o + g.len()]),
             );
-            be.matmul(&l.w_down, &s.gate[..n * c.d_ff], n, &mut s.proj, ws);
-            ops::add_inplace(&mut s.x[..n * d], &s.proj[..n * d]);
+            be.matmul(&l.w_down, &s.gate[..n * c.d_ff], n, &mut s.up, ws);
+            ops::add_inplace(&mut s.x[..n * d], &s.up[..n * d]);
         }
 
         // Final norm and output head, only for the rows asked for.
-        gather_logit_rows(batch, &s.x, d, &mut s.out_x);
-        ops::rms_norm_inplace(&mut s.out_x[..n_out * d], &w.output_norm, c.rms_eps);
-        be.matmul(&w.output, &s.out_x[..n_out * d], n_out, logits, ws);
+        gather_logit_rows(batch, &s.x, d, &mut s.xn);
+        ops::rms_norm_inplace(&mut s.xn[..n_out * d], &w.output_norm, c.rms_eps);
+        be.matmul(&w.output, &s.xn[..n_out * d], n_out, logits, ws);
         Ok(())
     }
 }
