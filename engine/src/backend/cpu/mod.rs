@@ -1,12 +1,14 @@
 //! The CPU backend: a persistent thread pool running the quant kernels.
 //!
 //! Matrix products quantize the activation rows once into the weight type's
-//! dot-product format, then split the weight's rows between threads so each
-//! thread streams its own part of the matrix and reuses every row it loads for
-//! all tokens of the batch.
+//! dot-product format, then share the weight's rows out between threads in
+//! runs, so each thread streams its runs of the matrix and reuses every row
+//! it loads for all tokens of the batch.
 
 pub(crate) mod attention;
 pub mod pool;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::{AttnParams, AttnSeq, Backend, MatOut, Workspace};
 use crate::kv_cache::KvCache;
@@ -14,6 +16,13 @@ use crate::quant::gemm::{self, PANEL_ROWS};
 use crate::quant::{self, GgmlType};
 use crate::tensor::QTensor;
 use pool::{split, Pool};
+
+/// Token counts up to this quantize their activations on the calling thread.
+const INLINE_QUANTIZE_TOKENS: usize = 2;
+
+/// Runs of work units per thread in a matrix product: fewer means longer
+/// sequential reads, more means better balance when a thread falls behind.
+const UNIT_RUNS_PER_THREAD: usize = 8;
 
 /// Activation rows multiplied per pass over a weight row (the most
 /// `quant::vec_dot_multi` takes).
@@ -165,7 +174,7 @@ impl Backend for CpuBackend {
             assert!(!any_tiled || ws.meta.len() >= n * meta_row);
             let act = SharedMut(ws.act.as_mut_ptr());
             let meta = SharedMut(ws.meta.as_mut_ptr());
-            self.pool.run(&|i, nt| {
+            let quantize = |i: usize, nt: usize| {
                 for t in split(n, i, nt) {
                     // SAFETY: each thread quantizes its own token rows.
                     let dst = unsafe { act.slice(t * act_row, act_row) };
@@ -176,7 +185,13 @@ impl Backend for CpuBackend {
                         gemm::prepare(act_ty, k, dst, m);
                     }
                 }
-            });
+            };
+            if n <= INLINE_QUANTIZE_TOKENS {
+                // Less work than waking the pool for it.
+                quantize(0, 1);
+            } else {
+                self.pool.run(&quantize);
+            }
             let act = &ws.act[..n * act_row];
             let meta = &ws.meta[..if any_tiled { n * meta_row } else { 0 }];
             let panel_stride = gemm::max_panel_bytes(k);
@@ -185,10 +200,18 @@ impl Backend for CpuBackend {
             assert!(!any_tiled || ws.tile_out.len() >= self.threads() * tile_stride);
             let panels = SharedMut(ws.panels.as_mut_ptr());
             let tile_out = SharedMut(ws.tile_out.as_mut_ptr());
-            self.pool.run(&|i, nt| {
+            let next_unit = AtomicUsize::new(0);
+            let grain = total_units.div_ceil(self.threads() * UNIT_RUNS_PER_THREAD);
+            self.pool.run(&|i, _| {
                 let mut acc = [0f32; TOKENS_PER_ROW_PASS];
                 let mut j = 0;
-                for u in split(total_units, i, nt) {
+                // Units are claimed a run at a time, so a thread the host
+                // slows down (a shared machine) leaves its share to the others.
+                let runs = std::iter::from_fn(|| {
+                    let start = next_unit.fetch_add(grain, Ordering::Relaxed);
+                    (start < total_units).then(|| start..(start + grain).min(total_units))
+                });
+                for u in runs.flatten() {
                     while u >= jobs[j].first_unit + jobs[j].units {
                         j += 1;
                     }
