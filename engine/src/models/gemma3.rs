@@ -375,20 +375,19 @@ struct Weights {
     output: QTensor,       // [d_model -> vocab], tok_embd unless the file has its own
 }
 
-/// Per-forward scratch, sized at load for `max_batch_tokens` rows.
+/// Per-forward scratch, sized at load for `max_batch_tokens` rows. Buffers
+/// whose lives do not overlap share one: the queries and the attention
+/// output live in `gate` until the MLP needs it, the projections back to the
+/// residual in `up`, the rows that want logits in `xn` after the last layer.
 struct Scratch {
     x: Vec<f32>,                  // [T, d_model] residual stream
-    xn: Vec<f32>,                 // [T, d_model] normed input
-    q: Vec<f32>,                  // [T, n_heads * head_dim]
+    xn: Vec<f32>,                 // [T, d_model] normed input; then logit rows
     k: Vec<f32>,                  // [T, n_kv_heads * head_dim]
     v: Vec<f32>,                  // [T, n_kv_heads * head_dim]
-    attn: Vec<f32>,               // [T, n_heads * head_dim]
-    proj: Vec<f32>,               // [T, d_model]
-    gate: Vec<f32>,               // [T, d_ff]
-    up: Vec<f32>,                 // [T, d_ff]
+    gate: Vec<f32>, // [T, max(d_ff, 2 * n_heads * head_dim)]: q and attention, then gate
+    up: Vec<f32>,   // [T, max(d_ff, d_model)]: projections, then up
     rope_global: Vec<(f32, f32)>, // [T, head_dim / 2]
-    rope_local: Vec<(f32, f32)>,  // [T, head_dim / 2]
-    out_x: Vec<f32>,              // [T, d_model] rows that want logits
+    rope_local: Vec<(f32, f32)>, // [T, head_dim / 2]
 }
 
 /// A loaded Gemma 3 model.
@@ -480,16 +479,12 @@ impl Gemma3 {
         let s = Scratch {
             x: vec![0.0; t * d],
             xn: vec![0.0; t * d],
-            q: vec![0.0; t * qd],
             k: vec![0.0; t * kvd],
             v: vec![0.0; t * kvd],
-            attn: vec![0.0; t * qd],
-            proj: vec![0.0; t * d],
-            gate: vec![0.0; t * cfg.d_ff],
-            up: vec![0.0; t * cfg.d_ff],
+            gate: vec![0.0; t * cfg.d_ff.max(2 * qd)],
+            up: vec![0.0; t * cfg.d_ff.max(d)],
             rope_global: vec![(0.0, 0.0); t * (hd / 2)],
             rope_local: vec![(0.0, 0.0); t * (hd / 2)],
-            out_x: vec![0.0; t * d],
         };
         let ws = backend.workspace(t, d.max(cfg.d_ff).max(qd), ctx);
         let sliding: Vec<bool> = cfg.windows.iter().map(Option::is_some).collect();
@@ -589,10 +584,11 @@ impl Model for Gemma3 {
             par_chunks(be, &mut s.xn[..n * d], d, &|o, out| {
                 ops::rms_norm(&src[o..o + out.len()], &l.attn_norm, c.rms_eps, out)
             });
+            let (q, attn) = s.gate.split_at_mut(n * qd);
             let qkv = &mut [
                 MatOut {
                     w: &l.wq,
-                    y: &mut s.q,
+                    y: &mut *q,
                 },
                 MatOut {
                     w: &l.wk,
@@ -604,7 +600,7 @@ impl Model for Gemma3 {
                 },
             ];
             be.matmul_group(&s.xn[..n * d], n, qkv, ws);
-            par_chunks(be, &mut s.q[..n * qd], l.q_norm.len(), &|_, r| {
+            par_chunks(be, q, l.q_norm.len(), &|_, r| {
                 ops::rms_norm_inplace(r, &l.q_norm, c.rms_eps)
             });
             par_chunks(be, &mut s.k[..n * kvd], l.k_norm.len(), &|_, r| {
@@ -618,7 +614,7 @@ impl Model for Gemma3 {
             };
             rope_rows(
                 be,
-                &mut s.q[..n * qd],
+                &mut q[..],
                 &mut s.k[..n * kvd],
                 (qd, kvd),
                 hd,
@@ -642,14 +638,12 @@ impl Model for Gemma3 {
                 scale: c.attn_scale,
                 window,
             };
-            with_attn_seqs(batch, |seqs| {
-                be.attention(&p, &s.q[..n * qd], kv, seqs, &mut s.attn, ws)
-            });
-            be.matmul(&l.wo, &s.attn[..n * qd], n, &mut s.proj, ws);
-            par_chunks(be, &mut s.proj[..n * d], l.post_attn_norm.len(), &|_, r| {
+            with_attn_seqs(batch, |seqs| be.attention(&p, q, kv, seqs, attn, ws));
+            be.matmul(&l.wo, &attn[..n * qd], n, &mut s.up, ws);
+            par_chunks(be, &mut s.up[..n * d], l.post_attn_norm.len(), &|_, r| {
                 ops::rms_norm_inplace(r, &l.post_attn_norm, c.rms_eps)
             });
-            ops::add_inplace(&mut s.x[..n * d], &s.proj[..n * d]);
+            ops::add_inplace(&mut s.x[..n * d], &s.up[..n * d]);
 
             // MLP: norm, GeGLU, project back, post-norm, add.
             let src = &s.x[..n * d];
@@ -674,17 +668,17 @@ impl Model for Gemma3 {
                 elementwise_unit(c.d_ff),
                 &|o, g| ops::geglu_inplace(g, &up[o..o + g.len()]),
             );
-            be.matmul(&l.w_down, &s.gate[..n * c.d_ff], n, &mut s.proj, ws);
-            par_chunks(be, &mut s.proj[..n * d], l.post_ffn_norm.len(), &|_, r| {
+            be.matmul(&l.w_down, &s.gate[..n * c.d_ff], n, &mut s.up, ws);
+            par_chunks(be, &mut s.up[..n * d], l.post_ffn_norm.len(), &|_, r| {
                 ops::rms_norm_inplace(r, &l.post_ffn_norm, c.rms_eps)
             });
-            ops::add_inplace(&mut s.x[..n * d], &s.proj[..n * d]);
+            ops::add_inplace(&mut s.x[..n * d], &s.up[..n * d]);
         }
 
         // Final norm, output head and soft-capping, only for the rows asked for.
-        gather_logit_rows(batch, &s.x, d, &mut s.out_x);
-        ops::rms_norm_inplace(&mut s.out_x[..n_out * d], &w.output_norm, c.rms_eps);
-        be.matmul(&w.output, &s.out_x[..n_out * d], n_out, logits, ws);
+        gather_logit_rows(batch, &s.x, d, &mut s.xn);
+        ops::rms_norm_inplace(&mut s.xn[..n_out * d], &w.output_norm, c.rms_eps);
+        be.matmul(&w.output, &s.xn[..n_out * d], n_out, logits, ws);
         if let Some(cap) = c.final_logit_softcap {
             ops::softcap_inplace(&mut logits[..n_out * c.vocab_size], cap);
         }
