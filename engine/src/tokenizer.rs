@@ -469,7 +469,7 @@ impl Tokenizer {
 
     /// Builds a tokenizer from GGUF tokenizer fields, reproducing llama.cpp's
     /// defaults and corrections for them.
-    pub fn from_vocab(spec: GgufVocab) -> Result<Self> {
+    pub fn from_vocab(mut spec: GgufVocab) -> Result<Self> {
         let spm = match spec.model.as_str() {
             "gpt2" => false,
             "llama" => true,
@@ -634,7 +634,11 @@ impl Tokenizer {
             // Encoded by `Spm`; the Hugging Face side only holds the added tokens.
             Ok(BPE::default())
         } else {
-            let merges = bpe_merges(spec.merges.as_deref().unwrap_or(&[]), &index);
+            // The file's merge strings go before the tokenizer is built: the
+            // load's peak memory is what a robot's budget has to hold.
+            let file_merges = spec.merges.take().unwrap_or_default();
+            let merges = bpe_merges(&file_merges, &index);
+            drop(file_merges);
             let mut vocab: Vocab = Vocab::default();
             vocab.extend(tokens.iter().cloned().zip(0u32..));
             BPE::builder()

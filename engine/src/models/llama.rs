@@ -174,15 +174,14 @@ struct Weights {
 }
 
 /// Per-forward scratch, sized at load for `max_batch_tokens` rows. Buffers
-/// whose lives do not overlap share one: the queries and the attention
-/// output live in `gate` until the MLP needs it, the projections back to the
-/// residual in `up`, the rows that want logits in `xn` after the last layer.
+/// whose lives do not overlap share one: the queries, keys, values and the
+/// attention output live in `gate` until the MLP needs it, the projections
+/// back to the residual in `up`, the rows that want logits in `xn` after the
+/// last layer.
 struct Scratch {
     x: Vec<f32>,           // [T, d_model] residual stream
     xn: Vec<f32>,          // [T, d_model] normed input; then logit rows
-    k: Vec<f32>,           // [T, n_kv_heads * head_dim]
-    v: Vec<f32>,           // [T, n_kv_heads * head_dim]
-    gate: Vec<f32>,        // [T, max(d_ff, 2 * n_heads * head_dim)]: q and attention, then gate
+    gate: Vec<f32>,        // [T, max(d_ff, 2 * (q + kv width))]: q, k, v and attention, then gate
     up: Vec<f32>,          // [T, max(d_ff, d_model)]: projections, then up
     rope: Vec<(f32, f32)>, // [T, rope_dim / 2]
 }
@@ -264,9 +263,7 @@ impl Llama {
         let s = Scratch {
             x: vec![0.0; t * d],
             xn: vec![0.0; t * d],
-            k: vec![0.0; t * kvd],
-            v: vec![0.0; t * kvd],
-            gate: vec![0.0; t * cfg.d_ff.max(2 * qd)],
+            gate: vec![0.0; t * cfg.d_ff.max(2 * (qd + kvd))],
             up: vec![0.0; t * cfg.d_ff.max(d)],
             rope: vec![(0.0, 0.0); t * (cfg.rope_dim / 2)],
         };
@@ -341,7 +338,9 @@ impl Model for Llama {
             par_chunks(be, &mut s.xn[..n * d], d, &|o, out| {
                 ops::rms_norm(&src[o..o + out.len()], &l.attn_norm, c.rms_eps, out)
             });
-            let (q, attn) = s.gate.split_at_mut(n * qd);
+            let (q, rest) = s.gate.split_at_mut(n * qd);
+            let (k, rest) = rest.split_at_mut(n * kvd);
+            let (v, attn) = rest.split_at_mut(n * kvd);
             let qkv = &mut [
                 MatOut {
                     w: &l.wq,
@@ -349,18 +348,18 @@ impl Model for Llama {
                 },
                 MatOut {
                     w: &l.wk,
-                    y: &mut s.k,
+                    y: &mut *k,
                 },
                 MatOut {
                     w: &l.wv,
-                    y: &mut s.v,
+                    y: &mut *v,
                 },
             ];
             be.matmul_group(&s.xn[..n * d], n, qkv, ws);
             rope_rows(
                 be,
                 &mut q[..],
-                &mut s.k[..n * kvd],
+                &mut k[..],
                 (qd, kvd),
                 hd,
                 c.rope_style,
@@ -370,8 +369,8 @@ impl Model for Llama {
             let mut r = 0;
             for b in batch {
                 for i in 0..b.tokens.len() {
-                    let (k, v) = (&s.k[r * kvd..(r + 1) * kvd], &s.v[r * kvd..(r + 1) * kvd]);
-                    kv.write(li, b.table, b.start_pos + i, k, v);
+                    let (kr, vr) = (&k[r * kvd..(r + 1) * kvd], &v[r * kvd..(r + 1) * kvd]);
+                    kv.write(li, b.table, b.start_pos + i, kr, vr);
                     r += 1;
                 }
             }
