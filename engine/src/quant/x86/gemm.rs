@@ -161,6 +161,30 @@ pub(super) unsafe fn transpose8(v: [__m256i; 8]) -> [__m256i; 8] {
 /// One row after the other (eight rows read block by block defeat the
 /// hardware prefetcher), each row's values stored where the transposed ones
 /// go; then each block's values are transposed in place.
+/// Lane i: the f16 at `p + i * stride` as f32, for `i < n` (at most 8); the
+/// other lanes 0. Read straight from memory: eight u16 stores read back as
+/// one vector would wait for the stores to retire.
+#[inline(always)]
+pub(super) unsafe fn f16x8(p: *const u8, stride: usize, n: usize) -> __m256 {
+    let h = |i: usize| {
+        if i < n {
+            rd_u16(p.add(i * stride)) as i16
+        } else {
+            0
+        }
+    };
+    _mm256_cvtph_ps(_mm_setr_epi16(
+        h(0),
+        h(1),
+        h(2),
+        h(3),
+        h(4),
+        h(5),
+        h(6),
+        h(7),
+    ))
+}
+
 #[inline(always)]
 unsafe fn pack_fmt<F: Panel, I: Isa>(k: usize, rows: &[u8], panel: &mut [u8]) {
     let nb = k / 32;
@@ -180,23 +204,11 @@ unsafe fn pack_fmt<F: Panel, I: Isa>(k: usize, rows: &[u8], panel: &mut [u8]) {
         let out = dst.add(b * stride);
         // The eight rows' scales (and mins) converted as one vector each,
         // from rows the first pass brought into the cache.
-        let halves = |at: usize| {
-            let h = |r: usize| rd_u16(src.add(r * rb + b * F::SIZE + at)) as i16;
-            _mm256_cvtph_ps(_mm_setr_epi16(
-                h(0),
-                h(1),
-                h(2),
-                h(3),
-                h(4),
-                h(5),
-                h(6),
-                h(7),
-            ))
-        };
+        let first = src.add(b * F::SIZE);
         let scales = out.add(PANEL_ROWS * 32).cast::<f32>();
-        _mm256_storeu_ps(scales, halves(0));
+        _mm256_storeu_ps(scales, f16x8(first, rb, PANEL_ROWS));
         if F::MIN {
-            _mm256_storeu_ps(scales.add(PANEL_ROWS), halves(2));
+            _mm256_storeu_ps(scales.add(PANEL_ROWS), f16x8(first.add(2), rb, PANEL_ROWS));
         }
         let mut v = [_mm256_setzero_si256(); PANEL_ROWS];
         for (r, v) in v.iter_mut().enumerate() {

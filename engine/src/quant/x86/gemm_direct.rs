@@ -14,11 +14,11 @@
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
-use super::gemm::{check_products, transpose8, Panel};
+use super::gemm::{check_products, f16x8, transpose8, Panel};
 use super::gemm_k::{bsum, KPanel, Q4K, Q5K, Q6K};
 use super::{
-    ld256, rd_f32, rd_u16, Avx2, Avx512, Isa, Level, Q4_0, Q4_1, Q5_0, Q5_1, Q8K_BSUMS, Q8K_BYTES,
-    Q8K_QS, Q8_0,
+    ld256, rd_f32, Avx2, Avx512, Isa, Level, Q4_0, Q4_1, Q5_0, Q5_1, Q8K_BSUMS, Q8K_BYTES, Q8K_QS,
+    Q8_0,
 };
 use crate::quant::gemm::{META_BYTES, PANEL_ROWS};
 use crate::quant::GgmlType;
@@ -196,30 +196,9 @@ unsafe fn chunk<F: Panel, I: Isa, const N: usize>(
         let share = _mm256_mullo_epi32(_mm256_castps_si256(xe), _mm256_set1_epi32(F::OFFSET));
         sums = _mm256_sub_epi32(sums, share);
     }
-    // Straight from the blocks: eight u16 stores read back as one vector
-    // would wait for the stores to retire.
-    let halves = |at: usize| {
-        let h = |c: usize| {
-            if c < n {
-                rd_u16(w(c).add(at)) as i16
-            } else {
-                0
-            }
-        };
-        _mm256_cvtph_ps(_mm_setr_epi16(
-            h(0),
-            h(1),
-            h(2),
-            h(3),
-            h(4),
-            h(5),
-            h(6),
-            h(7),
-        ))
-    };
-    let scale = _mm256_mul_ps(halves(0), xd);
+    let scale = _mm256_mul_ps(f16x8(w(0), F::SIZE, n), xd);
     let min = if F::MIN {
-        _mm256_mul_ps(halves(2), xe)
+        _mm256_mul_ps(f16x8(w(0).add(2), F::SIZE, n), xe)
     } else {
         _mm256_setzero_ps()
     };
