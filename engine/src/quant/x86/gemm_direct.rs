@@ -1,15 +1,16 @@
-//! The tiled products' results for a single token, straight from the weight
+//! The tiled products' results for a few tokens, straight from the weight
 //! rows: no panel is unpacked, which for one token (decode) costs more than
-//! the products themselves.
+//! the products themselves (for the K-quants, up to four tokens).
 //!
 //! The eight rows are read one after the other, each as one sequential
 //! stream (eight rows interleaved block by block defeat the hardware
 //! prefetcher). A row's block values are dotted with the token, the integer
 //! sums of eight blocks reduced into one vector at a time, and from there
 //! every f32 operation is the one [`super::gemm`]'s tile makes for that row's
-//! lane, in the same order, on the same scales. Integer sums are exact in any
-//! order, so both paths give a token the same bits and callers may pick
-//! either by token count.
+//! lane, in the same order, on the same scales (made as vectors over the
+//! blocks, then transposed to the tile's layout for the additions). Integer
+//! sums are exact in any order, so both paths give a token the same bits and
+//! callers may pick either by token count.
 
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
