@@ -50,19 +50,17 @@ struct Weights {
     output: QTensor,       // [d_model -> vocab], maybe tok_embd itself
 }
 
-/// Per-forward scratch, sized at load for `max_batch_tokens` rows.
+/// Per-forward scratch, sized at load for `max_batch_tokens` rows. Buffers
+/// whose lives do not overlap share one: the queries, keys, values and the
+/// attention output live in `gate` until the MLP needs it, the projections
+/// back to the residual in `up`, the rows that want logits in `xn` after the
+/// last layer.
 struct Scratch {
     x: Vec<f32>,           // [T, d_model] residual stream
-    xn: Vec<f32>,          // [T, d_model] normed input
-    q: Vec<f32>,           // [T, n_heads * head_dim]
-    k: Vec<f32>,           // [T, n_kv_heads * head_dim]
-    v: Vec<f32>,           // [T, n_kv_heads * head_dim]
-    attn: Vec<f32>,        // [T, n_heads * head_dim]
-    proj: Vec<f32>,        // [T, d_model]
-    gate: Vec<f32>,        // [T, d_ff]
-    up: Vec<f32>,          // [T, d_ff]
+    xn: Vec<f32>,          // [T, d_model] normed input; then logit rows
+    gate: Vec<f32>,        // [T, max(d_ff, 2 * (q + kv width))]: q, k, v and attention, then gate
+    up: Vec<f32>,          // [T, max(d_ff, d_model)]: projections, then up
     rope: Vec<(f32, f32)>, // [T, head_dim / 2]
-    out_x: Vec<f32>,       // [T, d_model] rows that want logits
 }
 
 /// A loaded Qwen3 model.
@@ -137,15 +135,9 @@ impl Qwen3 {
         let s = Scratch {
             x: vec![0.0; t * d],
             xn: vec![0.0; t * d],
-            q: vec![0.0; t * qd],
-            k: vec![0.0; t * kvd],
-            v: vec![0.0; t * kvd],
-            attn: vec![0.0; t * qd],
-            proj: vec![0.0; t * d],
-            gate: vec![0.0; t * cfg.d_ff],
-            up: vec![0.0; t * cfg.d_ff],
+            gate: vec![0.0; t * cfg.d_ff.max(2 * (qd + kvd))],
+            up: vec![0.0; t * cfg.d_ff.max(d)],
             rope: vec![(0.0, 0.0); t * (hd / 2)],
-            out_x: vec![0.0; t * d],
         };
         let ws = backend.workspace(t, d.max(cfg.d_ff).max(qd), ctx);
         let sliding: Vec<bool> = cfg.windows.iter().map(Option::is_some).collect();
@@ -227,31 +219,34 @@ impl Model for Qwen3 {
             par_chunks(be, &mut s.xn[..n * d], d, &|o, out| {
                 ops::rms_norm(&src[o..o + out.len()], &l.attn_norm, c.rms_eps, out)
             });
+            let (q, rest) = s.gate.split_at_mut(n * qd);
+            let (k, rest) = rest.split_at_mut(n * kvd);
+            let (v, attn) = rest.split_at_mut(n * kvd);
             let qkv = &mut [
                 MatOut {
                     w: &l.wq,
-                    y: &mut s.q,
+                    y: &mut *q,
                 },
                 MatOut {
                     w: &l.wk,
-                    y: &mut s.k,
+                    y: &mut *k,
                 },
                 MatOut {
                     w: &l.wv,
-                    y: &mut s.v,
+                    y: &mut *v,
                 },
             ];
             be.matmul_group(&s.xn[..n * d], n, qkv, ws);
-            par_chunks(be, &mut s.q[..n * qd], l.q_norm.len(), &|_, r| {
+            par_chunks(be, q, l.q_norm.len(), &|_, r| {
                 ops::rms_norm_inplace(r, &l.q_norm, c.rms_eps)
             });
-            par_chunks(be, &mut s.k[..n * kvd], l.k_norm.len(), &|_, r| {
+            par_chunks(be, k, l.k_norm.len(), &|_, r| {
                 ops::rms_norm_inplace(r, &l.k_norm, c.rms_eps)
             });
             rope_rows(
                 be,
-                &mut s.q[..n * qd],
-                &mut s.k[..n * kvd],
+                &mut q[..],
+                &mut k[..],
                 (qd, kvd),
                 hd,
                 RopeStyle::Halves,
@@ -261,8 +256,8 @@ impl Model for Qwen3 {
             let mut r = 0;
             for b in batch {
                 for i in 0..b.tokens.len() {
-                    let (k, v) = (&s.k[r * kvd..(r + 1) * kvd], &s.v[r * kvd..(r + 1) * kvd]);
-                    kv.write(li, b.table, b.start_pos + i, k, v);
+                    let (kr, vr) = (&k[r * kvd..(r + 1) * kvd], &v[r * kvd..(r + 1) * kvd]);
+                    kv.write(li, b.table, b.start_pos + i, kr, vr);
                     r += 1;
                 }
             }
@@ -274,11 +269,9 @@ impl Model for Qwen3 {
                 scale: 1.0 / (hd as f32).sqrt(),
                 window: c.windows[li],
             };
-            with_attn_seqs(batch, |seqs| {
-                be.attention(&p, &s.q[..n * qd], kv, seqs, &mut s.attn, ws)
-            });
-            be.matmul(&l.wo, &s.attn[..n * qd], n, &mut s.proj, ws);
-            ops::add_inplace(&mut s.x[..n * d], &s.proj[..n * d]);
+            with_attn_seqs(batch, |seqs| be.attention(&p, q, kv, seqs, attn, ws));
+            be.matmul(&l.wo, &attn[..n * qd], n, &mut s.up, ws);
+            ops::add_inplace(&mut s.x[..n * d], &s.up[..n * d]);
 
             // MLP: norm, SwiGLU, project back.
             let src = &s.x[..n * d];
@@ -303,14 +296,14 @@ impl Model for Qwen3 {
                 elementwise_unit(c.d_ff),
                 &|o, g| ops::swiglu_inplace(g, &up[o..o + g.len()]),
             );
-            be.matmul(&l.w_down, &s.gate[..n * c.d_ff], n, &mut s.proj, ws);
-            ops::add_inplace(&mut s.x[..n * d], &s.proj[..n * d]);
+            be.matmul(&l.w_down, &s.gate[..n * c.d_ff], n, &mut s.up, ws);
+            ops::add_inplace(&mut s.x[..n * d], &s.up[..n * d]);
         }
 
         // Final norm and output head, only for the rows asked for.
-        gather_logit_rows(batch, &s.x, d, &mut s.out_x);
-        ops::rms_norm_inplace(&mut s.out_x[..n_out * d], &w.output_norm, c.rms_eps);
-        be.matmul(&w.output, &s.out_x[..n_out * d], n_out, logits, ws);
+        gather_logit_rows(batch, &s.x, d, &mut s.xn);
+        ops::rms_norm_inplace(&mut s.xn[..n_out * d], &w.output_norm, c.rms_eps);
+        be.matmul(&w.output, &s.xn[..n_out * d], n_out, logits, ws);
         Ok(())
     }
 }
