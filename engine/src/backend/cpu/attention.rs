@@ -20,6 +20,9 @@ use crate::backend::{AttnParams, AttnSeq, Backend, Workspace};
 use crate::kv_cache::KvCache;
 use crate::quant;
 
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
 /// Positions folded in at once: one row of 16 scores per query.
 const CHUNK: usize = 16;
 
@@ -164,7 +167,7 @@ fn run_item(c: &Ctx<'_>, it: &Item, sc: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
 unsafe fn item_avx512(c: &Ctx<'_>, it: &Item, sc: &mut [f32]) {
-    item_body::<F16c>(c, it, sc)
+    item_body::<Avx512>(c, it, sc)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -183,6 +186,32 @@ trait Cvt {
     /// # Safety
     /// The CPU has what the implementation uses.
     unsafe fn cvt16(src: &[f16]) -> [f32; CHUNK];
+
+    /// Asks for `data` in cache ahead of its use.
+    #[inline(always)]
+    fn prefetch(_data: &[f16]) {}
+
+    /// [`fold_chunk_f16`], or the same operations in the implementation's
+    /// own code.
+    ///
+    /// # Safety
+    /// The CPU has what the implementation uses.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn fold<const NQ: usize>(
+        q: [&[f32]; NQ],
+        k: Keys<'_>,
+        v: &[f16],
+        live: [(usize, usize); NQ],
+        scale: f32,
+        m: &mut [f32],
+        l: &mut [f32],
+        o: &mut [&mut [f32]; NQ],
+    ) where
+        Self: Sized,
+    {
+        fold_chunk_f16::<Self, NQ>(q, k, v, live, scale, m, l, o)
+    }
 }
 
 /// Conversion in plain code.
@@ -217,6 +246,52 @@ impl Cvt for F16c {
             _mm256_cvtph_ps(_mm_loadu_si128(p.add(1))),
         );
         out
+    }
+
+    #[inline(always)]
+    fn prefetch(data: &[f16]) {
+        use std::arch::x86_64::*;
+        for i in (0..data.len()).step_by(32) {
+            // SAFETY: a hint; the address lies inside `data`.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(data.as_ptr().add(i).cast()) };
+        }
+    }
+}
+
+/// F16C conversion, and AVX-512 code for the chunks of a decode step.
+#[cfg(target_arch = "x86_64")]
+struct Avx512;
+
+#[cfg(target_arch = "x86_64")]
+impl Cvt for Avx512 {
+    const INLINE: bool = true;
+
+    #[inline(always)]
+    unsafe fn cvt16(src: &[f16]) -> [f32; CHUNK] {
+        F16c::cvt16(src)
+    }
+
+    #[inline(always)]
+    fn prefetch(data: &[f16]) {
+        F16c::prefetch(data)
+    }
+
+    #[inline(always)]
+    unsafe fn fold<const NQ: usize>(
+        q: [&[f32]; NQ],
+        k: Keys<'_>,
+        v: &[f16],
+        live: [(usize, usize); NQ],
+        scale: f32,
+        m: &mut [f32],
+        l: &mut [f32],
+        o: &mut [&mut [f32]; NQ],
+    ) {
+        if q[0].len().is_multiple_of(16) {
+            x86::fold_chunk::<NQ>(q, k, v, live, scale, m, l, o)
+        } else {
+            fold_chunk_f16::<Self, NQ>(q, k, v, live, scale, m, l, o)
+        }
     }
 }
 
@@ -321,6 +396,10 @@ unsafe fn fused<'a, C: Cvt, const NQ: usize>(
     let first = |pos: usize| p.window.map_or(0, |w| (pos + 1).saturating_sub(w));
     for c0 in (lo / CHUNK * CHUNK..=hi).step_by(CHUNK) {
         let (block, off) = (blocks[c0 / bs], c0 % bs);
+        if let Some(&next) = blocks.get((c0 + CHUNK) / bs).filter(|_| c0 + CHUNK <= hi) {
+            C::prefetch(c.kv.k_block(p.layer, next, it.kvh));
+            C::prefetch(c.kv.v_block(p.layer, next, it.kvh));
+        }
         let keys = Keys {
             kb: c.kv.k_block(p.layer, block, it.kvh),
             stride: bs,
@@ -334,7 +413,7 @@ unsafe fn fused<'a, C: Cvt, const NQ: usize>(
                 *live = (a - c0, z - c0);
             }
         }
-        fold_chunk_f16::<C, NQ>(q, keys, v, live, p.scale, m, l, &mut o);
+        C::fold::<NQ>(q, keys, v, live, p.scale, m, l, &mut o);
     }
 }
 
@@ -630,12 +709,14 @@ unsafe fn fold_chunk_f16<C: Cvt, const NQ: usize>(
     }
 }
 
+/// ln 2 split in two parts for [`exp_le0`]'s range reduction.
+const LN2_HI: f32 = 0.693_145_75;
+const LN2_LO: f32 = 1.428_606_8e-6;
+
 /// `e^x` for `x ≤ 0` (a score minus the running maximum), within about one
 /// ulp, `exp_le0(0) == 1` exactly; written so that it vectorizes.
 #[inline(always)]
 fn exp_le0(x: f32) -> f32 {
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
     let x = x.max(-87.0);
     let n = x.mul_add(std::f32::consts::LOG2_E, 0.5).floor();
     let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));
@@ -724,6 +805,7 @@ mod tests {
         let mut seed = 7;
         for (bs, hd, n_heads, n_kv, window, threads) in [
             (16, 64, 6, 2, None, 2),
+            (16, 80, 3, 1, None, 2),
             (16, 16, 4, 1, Some(21), 3),
             (32, 16, 2, 2, None, 1),
             (3, 12, 3, 1, Some(5), 2),
