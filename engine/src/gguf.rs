@@ -1,7 +1,8 @@
 //! A reader for GGUF files (llama.cpp's model format), versions 2 and 3.
 //!
 //! The file is memory-mapped and parsed once: metadata into typed values,
-//! tensor infos into names, types, shapes and byte ranges. The file is
+//! tensor infos into names, types, shapes and byte ranges; the tensor data is
+//! then copied into memory of its own where there is room for it. The file is
 //! untrusted input, so every length, count and offset is checked against the
 //! bytes that remain before anything is read or allocated; a bad file gives
 //! [`Error::Gguf`] naming the file and, where there is one, the tensor or key.
@@ -133,11 +134,24 @@ pub struct Gguf {
     index: HashMap<String, usize>,
     tensors: Vec<TensorInfo>,
     tensor_index: HashMap<String, usize>,
+    /// The tensors' own copy, where [`Gguf::open`] made one.
+    resident: Option<Arc<FileBytes>>,
 }
 
 impl Gguf {
-    /// Maps and parses a GGUF file.
+    /// Parses a GGUF file and copies the tensors a forward pass reads whole
+    /// into memory of its own ([`FileBytes::resident`]); the rest, or all
+    /// where memory is short, stays mapped.
     pub fn open(path: &Path) -> Result<Self> {
+        Self::open_as(path, true)
+    }
+
+    /// Maps and parses a GGUF file; the tensor data stays in the file's pages.
+    pub fn open_mapped(path: &Path) -> Result<Self> {
+        Self::open_as(path, false)
+    }
+
+    fn open_as(path: &Path, resident: bool) -> Result<Self> {
         let io = |source| Error::Io {
             path: path.to_path_buf(),
             source,
@@ -145,7 +159,32 @@ impl Gguf {
         let file = std::fs::File::open(path).map_err(io)?;
         // SAFETY: the map is read-only; model files are not modified while served.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
-        Self::parse(path.to_path_buf(), FileBytes::Mapped(map))
+        let mut g = Self::parse(path.to_path_buf(), FileBytes::Mapped(map))?;
+        // The header is parsed into values: its pages are not read again.
+        let data_start = g.tensors.iter().map(|t| t.offset).min().unwrap_or(0);
+        g.bytes.release(0..data_start);
+        if resident {
+            // Only the tensors a forward pass reads whole: the header is
+            // parsed into values already, and an embedding table apart from
+            // the output matrix is read a few rows per token (on Qwen2.5 0.5B
+            // a fifth of the file), so it stays in the map.
+            let ranges: Vec<_> = g
+                .tensors
+                .iter()
+                .filter(|t| !g.lookup_only(&t.name))
+                .map(|t| t.offset..t.offset + t.size)
+                .collect();
+            g.resident = FileBytes::resident(&file, g.bytes.len(), &ranges)
+                .map_err(io)?
+                .map(Arc::new);
+        }
+        Ok(g)
+    }
+
+    /// Whether a tensor is only ever read a row at a time: the token
+    /// embedding of a file that has its own output matrix.
+    fn lookup_only(&self, name: &str) -> bool {
+        name == "token_embd.weight" && self.tensor_index.contains_key("output.weight")
     }
 
     /// Parses a GGUF image held in memory; `name` stands for the path in errors.
@@ -178,6 +217,7 @@ impl Gguf {
             index,
             tensors: header.tensors,
             tensor_index,
+            resident: None,
         })
     }
 
@@ -308,7 +348,13 @@ impl Gguf {
             name: info.name.clone(),
             ty: info.ty,
             shape: info.shape.clone(),
-            data: Bytes::new(self.bytes.clone(), info.offset..info.offset + info.size),
+            data: Bytes::new(
+                match &self.resident {
+                    Some(copy) if !self.lookup_only(name) => copy.clone(),
+                    _ => self.bytes.clone(),
+                },
+                info.offset..info.offset + info.size,
+            ),
         })
     }
 }
@@ -748,6 +794,33 @@ mod tests {
         let q = g.tensor("q").unwrap();
         assert_eq!(q.data.len(), 34);
         assert!(q.data.iter().all(|&b| b == 7));
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn a_file_reads_the_same_copied_or_mapped() {
+        let path = std::env::temp_dir().join(format!("embody-gguf-{}.gguf", std::process::id()));
+        std::fs::write(&path, sample()).unwrap();
+        let (copied, mapped) = (
+            Gguf::open(&path).unwrap(),
+            Gguf::open_mapped(&path).unwrap(),
+        );
+        std::fs::remove_file(&path).unwrap();
+        // A few KiB always fit: this is the copy, not the map.
+        assert!(matches!(
+            copied.resident.as_deref(),
+            Some(FileBytes::Resident(_))
+        ));
+        assert!(mapped.resident.is_none());
+        assert_eq!(copied.metadata(), mapped.metadata());
+        for t in mapped.tensors() {
+            let (a, b) = (
+                copied.tensor(&t.name).unwrap(),
+                mapped.tensor(&t.name).unwrap(),
+            );
+            assert_eq!(&a.data[..], &b.data[..], "tensor {}", t.name);
+        }
+        assert_eq!(mapped.tensors().len(), 2);
     }
 
     #[test]
