@@ -40,6 +40,75 @@ pub struct AttnParams {
     pub window: Option<usize>,
 }
 
+/// The input rows of a [`Backend::matmul_group_in`]: as they are, or made
+/// by an element-wise step on their way into the activation quantize, where
+/// the step costs no pass over the batch and no synchronisation of its own.
+#[derive(Clone, Copy, Debug)]
+pub enum MatIn<'a> {
+    /// `[n, k]` values.
+    Rows(&'a [f32]),
+    /// [`ops::rms_norm`](crate::ops::rms_norm) of each `[n, k]` row of `x`.
+    RmsNorm {
+        /// The rows to normalise.
+        x: &'a [f32],
+        /// The norm's weight (`k` values).
+        weight: &'a [f32],
+        /// Added to the mean square.
+        eps: f32,
+    },
+    /// `silu(gate) * up`, element-wise ([`ops::swiglu_inplace`](crate::ops::swiglu_inplace)).
+    SwiGlu {
+        /// `[n, k]` gate projections.
+        gate: &'a [f32],
+        /// `[n, k]` up projections.
+        up: &'a [f32],
+    },
+    /// `gelu(gate) * up`, element-wise ([`ops::geglu_inplace`](crate::ops::geglu_inplace)).
+    GeGlu {
+        /// `[n, k]` gate projections.
+        gate: &'a [f32],
+        /// `[n, k]` up projections.
+        up: &'a [f32],
+    },
+}
+
+impl MatIn<'_> {
+    /// Values over all rows (`n * k`).
+    pub fn len(&self) -> usize {
+        match self {
+            MatIn::Rows(x) | MatIn::RmsNorm { x, .. } => x.len(),
+            MatIn::SwiGlu { gate, up } | MatIn::GeGlu { gate, up } => gate.len().min(up.len()),
+        }
+    }
+
+    /// Whether there are no values.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Row `t` of `k` values: the input's own, or made in `tmp` (`k` long).
+    pub fn row<'b>(&'b self, t: usize, k: usize, tmp: &'b mut [f32]) -> &'b [f32] {
+        let at = t * k..(t + 1) * k;
+        match *self {
+            MatIn::Rows(x) => &x[at],
+            MatIn::RmsNorm { x, weight, eps } => {
+                crate::ops::rms_norm(&x[at], weight, eps, tmp);
+                tmp
+            }
+            MatIn::SwiGlu { gate, up } => {
+                tmp.copy_from_slice(&gate[at.clone()]);
+                crate::ops::swiglu_inplace(tmp, &up[at]);
+                tmp
+            }
+            MatIn::GeGlu { gate, up } => {
+                tmp.copy_from_slice(&gate[at.clone()]);
+                crate::ops::geglu_inplace(tmp, &up[at]);
+                tmp
+            }
+        }
+    }
+}
+
 /// One matrix of a [`Backend::matmul_group`] and where its product goes.
 pub struct MatOut<'a> {
     /// The weight, `[cols, rows]`.
@@ -62,6 +131,8 @@ pub struct Workspace {
     pub(crate) attn: Vec<f32>,
     /// Attention work items of the current call.
     pub(crate) attn_items: Vec<cpu::attention::Item>,
+    /// One input row per thread, made by a [`MatIn`] step.
+    pub(crate) rows: Vec<f32>,
     pub(crate) max_ctx: usize,
 }
 
@@ -79,13 +150,23 @@ pub trait Backend: Send + Sync {
 
     /// `y[t][r] = w.row(r) · x[t]` for `t < n`: x is `[n, w.cols()]`, y is `[n, w.rows()]`.
     fn matmul(&self, w: &QTensor, x: &[f32], n: usize, y: &mut [f32], ws: &mut Workspace) {
-        self.matmul_group(x, n, &mut [MatOut { w, y }], ws);
+        self.matmul_group_in(MatIn::Rows(x), n, &mut [MatOut { w, y }], ws);
+    }
+
+    /// [`Backend::matmul`] of rows an element-wise step makes on the way in.
+    fn matmul_in(&self, w: &QTensor, x: MatIn<'_>, n: usize, y: &mut [f32], ws: &mut Workspace) {
+        self.matmul_group_in(x, n, &mut [MatOut { w, y }], ws);
     }
 
     /// Several matrices applied to the same input (Q, K and V; gate and up): the
     /// input is quantized once per format and all their rows are shared out in
     /// one pass, instead of one synchronisation per matrix.
-    fn matmul_group(&self, x: &[f32], n: usize, outs: &mut [MatOut<'_>], ws: &mut Workspace);
+    fn matmul_group(&self, x: &[f32], n: usize, outs: &mut [MatOut<'_>], ws: &mut Workspace) {
+        self.matmul_group_in(MatIn::Rows(x), n, outs, ws);
+    }
+
+    /// [`Backend::matmul_group`] of rows an element-wise step makes on the way in.
+    fn matmul_group_in(&self, x: MatIn<'_>, n: usize, outs: &mut [MatOut<'_>], ws: &mut Workspace);
 
     /// Runs `f` on contiguous ranges that together cover `0..n` once, one per
     /// thread where the backend has several; by default `f(0..n)` here.

@@ -23,13 +23,13 @@ use serde::Deserialize;
 
 use crate::backend::cpu::dequantize_row;
 use crate::backend::par_chunks;
-use crate::backend::{AttnParams, Backend, MatOut, Workspace};
+use crate::backend::{AttnParams, Backend, MatIn, MatOut, Workspace};
 use crate::gguf::{Gguf, Value};
 use crate::kv_cache::{KvCache, KvLayout};
 use crate::models::{
-    check_batch, elementwise_unit, gather_logit_rows, gguf_f32, gguf_usize, hf_sliding_layers,
-    rope_rows, sliding_window, with_attn_seqs, Dims, HfRope, LoadOptions, Model, ModelInfo, Rope,
-    SeqBatch, Source,
+    check_batch, gather_logit_rows, gguf_f32, gguf_usize, hf_sliding_layers, rope_rows,
+    sliding_window, with_attn_seqs, Dims, HfRope, LoadOptions, Model, ModelInfo, Rope, SeqBatch,
+    Source,
 };
 use crate::ops::{self, RopeStyle};
 use crate::tensor::QTensor;
@@ -580,10 +580,6 @@ impl Model for Gemma3 {
             // Attention: norm, project, norm each Q/K head, rotate (local or global
             // base), store K/V, attend (through the window on sliding layers),
             // project back, post-norm, add.
-            let src = &s.x[..n * d];
-            par_chunks(be, &mut s.xn[..n * d], d, &|o, out| {
-                ops::rms_norm(&src[o..o + out.len()], &l.attn_norm, c.rms_eps, out)
-            });
             let (q, attn) = s.gate.split_at_mut(n * qd);
             let qkv = &mut [
                 MatOut {
@@ -599,7 +595,13 @@ impl Model for Gemma3 {
                     y: &mut s.v,
                 },
             ];
-            be.matmul_group(&s.xn[..n * d], n, qkv, ws);
+            // The norm is made row by row as the input is quantized.
+            let normed = MatIn::RmsNorm {
+                x: &s.x[..n * d],
+                weight: &l.attn_norm,
+                eps: c.rms_eps,
+            };
+            be.matmul_group_in(normed, n, qkv, ws);
             par_chunks(be, q, l.q_norm.len(), &|_, r| {
                 ops::rms_norm_inplace(r, &l.q_norm, c.rms_eps)
             });
@@ -646,10 +648,6 @@ impl Model for Gemma3 {
             ops::add_inplace(&mut s.x[..n * d], &s.up[..n * d]);
 
             // MLP: norm, GeGLU, project back, post-norm, add.
-            let src = &s.x[..n * d];
-            par_chunks(be, &mut s.xn[..n * d], d, &|o, out| {
-                ops::rms_norm(&src[o..o + out.len()], &l.ffn_norm, c.rms_eps, out)
-            });
             let gate_up = &mut [
                 MatOut {
                     w: &l.w_gate,
@@ -660,19 +658,22 @@ impl Model for Gemma3 {
                     y: &mut s.up,
                 },
             ];
-            be.matmul_group(&s.xn[..n * d], n, gate_up, ws);
-            let up = &s.up[..n * c.d_ff];
-            par_chunks(
-                be,
-                &mut s.gate[..n * c.d_ff],
-                elementwise_unit(c.d_ff),
-                &|o, g| ops::geglu_inplace(g, &up[o..o + g.len()]),
-            );
-            be.matmul(&l.w_down, &s.gate[..n * c.d_ff], n, &mut s.up, ws);
-            par_chunks(be, &mut s.up[..n * d], l.post_ffn_norm.len(), &|_, r| {
+            let normed = MatIn::RmsNorm {
+                x: &s.x[..n * d],
+                weight: &l.ffn_norm,
+                eps: c.rms_eps,
+            };
+            be.matmul_group_in(normed, n, gate_up, ws);
+            // gelu(gate) * up is made row by row as the input is quantized.
+            let act = MatIn::GeGlu {
+                gate: &s.gate[..n * c.d_ff],
+                up: &s.up[..n * c.d_ff],
+            };
+            be.matmul_in(&l.w_down, act, n, &mut s.xn[..n * d], ws);
+            par_chunks(be, &mut s.xn[..n * d], l.post_ffn_norm.len(), &|_, r| {
                 ops::rms_norm_inplace(r, &l.post_ffn_norm, c.rms_eps)
             });
-            ops::add_inplace(&mut s.x[..n * d], &s.up[..n * d]);
+            ops::add_inplace(&mut s.x[..n * d], &s.xn[..n * d]);
         }
 
         // Final norm, output head and soft-capping, only for the rows asked for.

@@ -152,16 +152,6 @@ pub(crate) fn rope_rows(
     }
 }
 
-/// A unit for spreading element-wise work on rows of `width`: 64 values where
-/// that divides the rows, else whole rows.
-pub(crate) fn elementwise_unit(width: usize) -> usize {
-    if width.is_multiple_of(64) {
-        64
-    } else {
-        width
-    }
-}
-
 /// Loads the model in a GGUF file for the given backend.
 pub fn load_gguf(
     gguf: &Gguf,

@@ -13,11 +13,11 @@ use std::sync::Arc;
 
 use crate::backend::cpu::dequantize_row;
 use crate::backend::par_chunks;
-use crate::backend::{AttnParams, Backend, MatOut, Workspace};
+use crate::backend::{AttnParams, Backend, MatIn, MatOut, Workspace};
 use crate::kv_cache::{KvCache, KvLayout};
 use crate::models::{
-    check_batch, elementwise_unit, gather_logit_rows, rope_rows, sliding_window, with_attn_seqs,
-    LoadOptions, Model, ModelInfo, SeqBatch, Source,
+    check_batch, gather_logit_rows, rope_rows, sliding_window, with_attn_seqs, LoadOptions, Model,
+    ModelInfo, SeqBatch, Source,
 };
 use crate::ops::{self, RopeStyle};
 use crate::tensor::QTensor;
@@ -215,10 +215,6 @@ impl Model for Qwen3 {
         for (li, l) in w.layers.iter().enumerate() {
             // Attention: norm, project, norm each Q/K head, rotate halves, store K/V,
             // attend, project back.
-            let src = &s.x[..n * d];
-            par_chunks(be, &mut s.xn[..n * d], d, &|o, out| {
-                ops::rms_norm(&src[o..o + out.len()], &l.attn_norm, c.rms_eps, out)
-            });
             let (q, rest) = s.gate.split_at_mut(n * qd);
             let (k, rest) = rest.split_at_mut(n * kvd);
             let (v, attn) = rest.split_at_mut(n * kvd);
@@ -236,7 +232,13 @@ impl Model for Qwen3 {
                     y: &mut *v,
                 },
             ];
-            be.matmul_group(&s.xn[..n * d], n, qkv, ws);
+            // The norm is made row by row as the input is quantized.
+            let normed = MatIn::RmsNorm {
+                x: &s.x[..n * d],
+                weight: &l.attn_norm,
+                eps: c.rms_eps,
+            };
+            be.matmul_group_in(normed, n, qkv, ws);
             par_chunks(be, q, l.q_norm.len(), &|_, r| {
                 ops::rms_norm_inplace(r, &l.q_norm, c.rms_eps)
             });
@@ -274,10 +276,6 @@ impl Model for Qwen3 {
             ops::add_inplace(&mut s.x[..n * d], &s.up[..n * d]);
 
             // MLP: norm, SwiGLU, project back.
-            let src = &s.x[..n * d];
-            par_chunks(be, &mut s.xn[..n * d], d, &|o, out| {
-                ops::rms_norm(&src[o..o + out.len()], &l.ffn_norm, c.rms_eps, out)
-            });
             let gate_up = &mut [
                 MatOut {
                     w: &l.w_gate,
@@ -288,16 +286,19 @@ impl Model for Qwen3 {
                     y: &mut s.up,
                 },
             ];
-            be.matmul_group(&s.xn[..n * d], n, gate_up, ws);
-            let up = &s.up[..n * c.d_ff];
-            par_chunks(
-                be,
-                &mut s.gate[..n * c.d_ff],
-                elementwise_unit(c.d_ff),
-                &|o, g| ops::swiglu_inplace(g, &up[o..o + g.len()]),
-            );
-            be.matmul(&l.w_down, &s.gate[..n * c.d_ff], n, &mut s.up, ws);
-            ops::add_inplace(&mut s.x[..n * d], &s.up[..n * d]);
+            let normed = MatIn::RmsNorm {
+                x: &s.x[..n * d],
+                weight: &l.ffn_norm,
+                eps: c.rms_eps,
+            };
+            be.matmul_group_in(normed, n, gate_up, ws);
+            // silu(gate) * up is made row by row as the input is quantized.
+            let act = MatIn::SwiGlu {
+                gate: &s.gate[..n * c.d_ff],
+                up: &s.up[..n * c.d_ff],
+            };
+            be.matmul_in(&l.w_down, act, n, &mut s.xn[..n * d], ws);
+            ops::add_inplace(&mut s.x[..n * d], &s.xn[..n * d]);
         }
 
         // Final norm and output head, only for the rows asked for.

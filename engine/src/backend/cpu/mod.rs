@@ -10,7 +10,7 @@ pub mod pool;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::{AttnParams, AttnSeq, Backend, MatOut, Workspace};
+use super::{AttnParams, AttnSeq, Backend, MatIn, MatOut, Workspace};
 use crate::kv_cache::KvCache;
 use crate::quant::gemm::{self, PANEL_ROWS};
 use crate::quant::{self, GgmlType};
@@ -113,14 +113,16 @@ impl Backend for CpuBackend {
             tile_out: vec![0.0; nt * max_tokens * PANEL_ROWS],
             attn: Vec::new(),
             attn_items: Vec::new(),
+            rows: vec![0.0; nt * max_cols],
             max_ctx,
         }
     }
 
-    fn matmul_group(&self, x: &[f32], n: usize, outs: &mut [MatOut<'_>], ws: &mut Workspace) {
+    fn matmul_group_in(&self, x: MatIn<'_>, n: usize, outs: &mut [MatOut<'_>], ws: &mut Workspace) {
         let Some(first) = outs.first() else { return };
         let k = first.w.cols();
         assert_eq!(x.len(), n * k, "matmul {}: input shape", first.w.name);
+        assert!(ws.rows.len() >= self.threads() * k, "workspace too narrow");
         for o in outs.iter() {
             assert_eq!(o.w.cols(), k, "matmul group {}: input width", o.w.name);
             assert!(
@@ -174,11 +176,14 @@ impl Backend for CpuBackend {
             assert!(!any_tiled || ws.meta.len() >= n * meta_row);
             let act = SharedMut(ws.act.as_mut_ptr());
             let meta = SharedMut(ws.meta.as_mut_ptr());
+            let rows = SharedMut(ws.rows.as_mut_ptr());
             let quantize = |i: usize, nt: usize| {
+                // SAFETY: each thread has its own row.
+                let tmp = unsafe { rows.slice(i * k, k) };
                 for t in split(n, i, nt) {
                     // SAFETY: each thread quantizes its own token rows.
                     let dst = unsafe { act.slice(t * act_row, act_row) };
-                    quant::quantize_row(act_ty, &x[t * k..(t + 1) * k], dst);
+                    quant::quantize_row(act_ty, x.row(t, k, tmp), dst);
                     if any_tiled {
                         // SAFETY: as above, this token's metadata only.
                         let m = unsafe { meta.slice(t * meta_row, meta_row) };
@@ -379,6 +384,44 @@ mod tests {
             assert_eq!(a, b, "matrix {i}");
         }
         assert!(separate[0].iter().any(|v| v.abs() > 1e-3));
+    }
+
+    #[test]
+    fn a_step_on_the_way_in_equals_the_step_then_the_product() {
+        let (k, mut s) = (256, 3);
+        let w = tensor("w", GgmlType::Q4_K, k, 24, &mut s);
+        let weight: Vec<f32> = (0..k).map(|_| 1.0 + lcg(&mut s)).collect();
+        // One token takes the inline quantize, nine the pool's.
+        for n in [1, 9] {
+            let x: Vec<f32> = (0..k * n).map(|_| 3.0 * lcg(&mut s)).collect();
+            let up: Vec<f32> = (0..k * n).map(|_| lcg(&mut s)).collect();
+            let b = CpuBackend::new(2);
+            let mut ws = b.workspace(n, k, 8);
+            let mut normed = vec![0.0; k * n];
+            crate::ops::rms_norm(&x, &weight, 1e-5, &mut normed);
+            let (mut swiglu, mut geglu) = (x.clone(), x.clone());
+            crate::ops::swiglu_inplace(&mut swiglu, &up);
+            crate::ops::geglu_inplace(&mut geglu, &up);
+            let steps = [
+                (
+                    MatIn::RmsNorm {
+                        x: &x,
+                        weight: &weight,
+                        eps: 1e-5,
+                    },
+                    normed,
+                ),
+                (MatIn::SwiGlu { gate: &x, up: &up }, swiglu),
+                (MatIn::GeGlu { gate: &x, up: &up }, geglu),
+            ];
+            for (i, (input, made)) in steps.into_iter().enumerate() {
+                let (mut fused, mut apart) = (vec![f32::NAN; n * 24], vec![f32::NAN; n * 24]);
+                b.matmul_in(&w, input, n, &mut fused, &mut ws);
+                b.matmul(&w, &made, n, &mut apart, &mut ws);
+                assert_eq!(fused, apart, "step {i}, {n} tokens");
+                assert!(fused.iter().any(|v| v.abs() > 1e-3));
+            }
+        }
     }
 
     #[test]
