@@ -194,7 +194,8 @@ const PAR_MIN_LEN: usize = 2048;
 /// A pointer that threads share to write disjoint parts of one slice.
 #[derive(Clone, Copy)]
 struct Disjoint(*mut f32);
-// SAFETY: `par_chunks` hands each thread a range no other thread touches.
+// SAFETY: `par_chunks` and `par_rows2` hand each thread a range no other
+// thread touches.
 unsafe impl Send for Disjoint {}
 unsafe impl Sync for Disjoint {}
 
@@ -233,6 +234,47 @@ pub fn par_chunks(
         let chunk =
             unsafe { std::slice::from_raw_parts_mut(p.get().add(r.start * unit), r.len() * unit) };
         f(r.start * unit, chunk)
+    });
+}
+
+/// What [`par_rows2`] runs: the first row's index and the rows of each buffer.
+pub type RowsFn<'a> = dyn Fn(usize, &mut [f32], &mut [f32]) + Sync + 'a;
+
+/// `f(row, a_rows, b_rows)` over rows of two buffers with as many rows each
+/// (`a` of `a_width`, `b` of `b_width`), the same rows of both on one
+/// thread: one pass and one synchronisation for both (queries and keys).
+///
+/// # Panics
+/// If a width is 0 or the buffers do not have the same number of rows.
+pub fn par_rows2(
+    be: &dyn Backend,
+    (a, a_width): (&mut [f32], usize),
+    (b, b_width): (&mut [f32], usize),
+    f: &RowsFn<'_>,
+) {
+    assert!(a_width > 0 && b_width > 0, "par_rows2: width");
+    let rows = a.len() / a_width;
+    assert!(
+        a.len() == rows * a_width && b.len() == rows * b_width,
+        "par_rows2: row counts"
+    );
+    if a.len() + b.len() < PAR_MIN_LEN || rows < 2 || be.threads() < 2 {
+        return f(0, a, b);
+    }
+    let (pa, pb) = (Disjoint(a.as_mut_ptr()), Disjoint(b.as_mut_ptr()));
+    be.for_ranges(rows, &|r| {
+        if r.is_empty() {
+            return;
+        }
+        // SAFETY: the ranges are disjoint rows of `a` and `b`, which stay
+        // borrowed mutably until every thread is done.
+        let (ra, rb) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(pa.get().add(r.start * a_width), r.len() * a_width),
+                std::slice::from_raw_parts_mut(pb.get().add(r.start * b_width), r.len() * b_width),
+            )
+        };
+        f(r.start, ra, rb)
     });
 }
 

@@ -28,8 +28,8 @@ use crate::gguf::{Gguf, Value};
 use crate::kv_cache::{KvCache, KvLayout};
 use crate::models::{
     check_batch, gather_logit_rows, gguf_f32, gguf_usize, hf_sliding_layers, rope_rows,
-    sliding_window, with_attn_seqs, Dims, HfRope, LoadOptions, Model, ModelInfo, Rope, SeqBatch,
-    Source,
+    sliding_window, with_attn_seqs, Dims, HeadNorms, HfRope, LoadOptions, Model, ModelInfo, Rope,
+    SeqBatch, Source,
 };
 use crate::ops::{self, RopeStyle};
 use crate::tensor::QTensor;
@@ -602,12 +602,6 @@ impl Model for Gemma3 {
                 eps: c.rms_eps,
             };
             be.matmul_group_in(normed, n, qkv, ws);
-            par_chunks(be, q, l.q_norm.len(), &|_, r| {
-                ops::rms_norm_inplace(r, &l.q_norm, c.rms_eps)
-            });
-            par_chunks(be, &mut s.k[..n * kvd], l.k_norm.len(), &|_, r| {
-                ops::rms_norm_inplace(r, &l.k_norm, c.rms_eps)
-            });
             let window = c.windows[li];
             let rope = if window.is_some() {
                 &s.rope_local
@@ -623,6 +617,11 @@ impl Model for Gemma3 {
                 RopeStyle::Halves,
                 rope,
                 half,
+                Some(HeadNorms {
+                    q: &l.q_norm,
+                    k: &l.k_norm,
+                    eps: c.rms_eps,
+                }),
             );
             let mut r = 0;
             for b in batch {

@@ -366,6 +366,7 @@ impl Model for Llama {
                 c.rope_style,
                 &s.rope,
                 half,
+                None,
             );
             let mut r = 0;
             for b in batch {

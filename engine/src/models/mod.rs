@@ -129,8 +129,18 @@ pub const SUPPORTED_HF: &[&str] = &[
     "Gemma3ForConditionalGeneration",
 ];
 
+/// RMSNorm weights of each query and key head (Qwen3, Gemma 3), applied
+/// before the rotation.
+#[derive(Clone, Copy)]
+pub(crate) struct HeadNorms<'a> {
+    pub q: &'a [f32],
+    pub k: &'a [f32],
+    pub eps: f32,
+}
+
 /// Rotates every head of the `n` rows of `q` (`qd` wide) and `k` (`kvd` wide),
-/// row `r` by the angles `rope[r * half..][..half]`, on the backend's threads.
+/// row `r` by the angles `rope[r * half..][..half]`, after normalising each
+/// head where the model has head norms: one pass on the backend's threads.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn rope_rows(
     be: &dyn Backend,
@@ -141,15 +151,20 @@ pub(crate) fn rope_rows(
     style: crate::ops::RopeStyle,
     rope: &[(f32, f32)],
     half: usize,
+    norms: Option<HeadNorms<'_>>,
 ) {
-    for (buf, width) in [(q, qd), (k, kvd)] {
-        crate::backend::par_chunks(be, buf, width, &|o, rows| {
-            for (i, row) in rows.chunks_exact_mut(width).enumerate() {
-                let r = o / width + i;
-                crate::ops::rope_apply(row, hd, style, &rope[r * half..(r + 1) * half]);
+    crate::backend::par_rows2(be, (q, qd), (k, kvd), &|r0, q, k| {
+        let rows = q.chunks_exact_mut(qd).zip(k.chunks_exact_mut(kvd));
+        for (r, (qr, kr)) in (r0..).zip(rows) {
+            if let Some(n) = norms {
+                crate::ops::rms_norm_inplace(qr, n.q, n.eps);
+                crate::ops::rms_norm_inplace(kr, n.k, n.eps);
             }
-        });
-    }
+            let cs = &rope[r * half..(r + 1) * half];
+            crate::ops::rope_apply(qr, hd, style, cs);
+            crate::ops::rope_apply(kr, hd, style, cs);
+        }
+    });
 }
 
 /// Loads the model in a GGUF file for the given backend.

@@ -382,6 +382,7 @@ impl Model for Qwen2 {
                 RopeStyle::Halves,
                 &s.rope,
                 half,
+                None,
             );
             let mut r = 0;
             for b in batch {

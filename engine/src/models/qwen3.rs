@@ -12,12 +12,11 @@
 use std::sync::Arc;
 
 use crate::backend::cpu::dequantize_row;
-use crate::backend::par_chunks;
 use crate::backend::{AttnParams, Backend, MatIn, MatOut, Workspace};
 use crate::kv_cache::{KvCache, KvLayout};
 use crate::models::{
-    check_batch, gather_logit_rows, rope_rows, sliding_window, with_attn_seqs, LoadOptions, Model,
-    ModelInfo, SeqBatch, Source,
+    check_batch, gather_logit_rows, rope_rows, sliding_window, with_attn_seqs, HeadNorms,
+    LoadOptions, Model, ModelInfo, SeqBatch, Source,
 };
 use crate::ops::{self, RopeStyle};
 use crate::tensor::QTensor;
@@ -239,12 +238,11 @@ impl Model for Qwen3 {
                 eps: c.rms_eps,
             };
             be.matmul_group_in(normed, n, qkv, ws);
-            par_chunks(be, q, l.q_norm.len(), &|_, r| {
-                ops::rms_norm_inplace(r, &l.q_norm, c.rms_eps)
-            });
-            par_chunks(be, k, l.k_norm.len(), &|_, r| {
-                ops::rms_norm_inplace(r, &l.k_norm, c.rms_eps)
-            });
+            let norms = HeadNorms {
+                q: &l.q_norm,
+                k: &l.k_norm,
+                eps: c.rms_eps,
+            };
             rope_rows(
                 be,
                 &mut q[..],
@@ -254,6 +252,7 @@ impl Model for Qwen3 {
                 RopeStyle::Halves,
                 &s.rope,
                 half,
+                Some(norms),
             );
             let mut r = 0;
             for b in batch {
