@@ -3,8 +3,9 @@
 //! `model.safetensors.index.json` lists.
 //!
 //! Weight files are memory-mapped and read through the `safetensors` crate; F32,
-//! F16 and BF16 tensors become [`QTensor`]s over the mapped bytes, without
-//! conversion. Safetensors lists dimensions outermost first (PyTorch's order) and
+//! F16 and BF16 tensors become [`QTensor`]s over the file's bytes, without
+//! conversion: copied into memory of their own where there is room
+//! ([`FileBytes::resident`]), else mapped. Safetensors lists dimensions outermost first (PyTorch's order) and
 //! the engine innermost first (GGUF's order), so a linear weight stored as
 //! `[out, in]` is the engine's `[in, out]`: the same bytes, rows of `in` values.
 //!
@@ -180,8 +181,16 @@ struct Index {
 
 impl HfFolder {
     /// Opens a folder: reads `config.json` and `generation_config.json` (when
-    /// present) and maps the weight files.
+    /// present) and maps the weight files, then copies the tensors a forward
+    /// pass reads whole into memory of their own where there is room.
     pub fn open(dir: &Path) -> Result<Self> {
+        let mut folder = Self::open_mapped(dir)?;
+        folder.make_resident()?;
+        Ok(folder)
+    }
+
+    /// [`HfFolder::open`] with every tensor left in the file maps.
+    pub fn open_mapped(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
             return Err(io_err(
                 dir,
@@ -229,6 +238,41 @@ impl HfFolder {
             ));
         }
         Ok(folder)
+    }
+
+    /// Copies each weight file's tensors, but an embedding table apart from
+    /// the output matrix (read a few rows per token), into memory of their own.
+    fn make_resident(&mut self) -> Result<()> {
+        let has_head = self.tensors.keys().any(|n| n.ends_with("lm_head.weight"));
+        let whole = |name: &str| !(has_head && name.ends_with("embed_tokens.weight"));
+        for (idx, path) in self.files.iter().enumerate() {
+            let ranges: Vec<Range<usize>> = self
+                .tensors
+                .iter()
+                .filter(|(name, e)| e.file_idx == idx && whole(name))
+                .map(|(_, e)| e.range.clone())
+                .collect();
+            let Some(len) = self
+                .tensors
+                .values()
+                .find(|e| e.file_idx == idx)
+                .map(|e| e.file.len())
+            else {
+                continue;
+            };
+            let f = std::fs::File::open(path).map_err(|e| io_err(path, e))?;
+            let Some(copy) = FileBytes::resident(&f, len, &ranges).map_err(|e| io_err(path, e))?
+            else {
+                continue;
+            };
+            let copy = Arc::new(copy);
+            for (name, e) in self.tensors.iter_mut() {
+                if e.file_idx == idx && whole(name) {
+                    e.file = copy.clone();
+                }
+            }
+        }
+        Ok(())
     }
 
     fn open_shards(&mut self, index_path: &Path) -> Result<()> {
@@ -295,6 +339,8 @@ impl HfFolder {
         })?;
         // read_metadata checked that the offsets tile the data section exactly.
         let base = 8 + header;
+        // The header is parsed: its pages are not read again.
+        file.release(0..base);
         let file_idx = self.files.len();
         self.files.push(path.to_path_buf());
         for (name, info) in meta.tensors() {

@@ -432,6 +432,23 @@ fn generation_config_defaults_are_read() {
     );
 }
 
+#[test]
+fn tensors_read_the_same_copied_or_mapped() {
+    for name in ["llama", "qwen2", "qwen3", "gemma3"] {
+        let (copied, mapped) = (
+            HfFolder::open(&dir(name)).unwrap(),
+            HfFolder::open_mapped(&dir(name)).unwrap(),
+        );
+        let names = mapped.tensor_names();
+        assert!(!names.is_empty() && names == copied.tensor_names());
+        for t in names {
+            let (a, b) = (copied.tensor(t).unwrap(), mapped.tensor(t).unwrap());
+            assert_eq!((a.ty, &a.shape), (b.ty, &b.shape), "{name} {t}");
+            assert_eq!(&a.data[..], &b.data[..], "{name} {t}");
+        }
+    }
+}
+
 /// A copy of a fixture folder to break.
 fn scratch_copy(name: &str, tag: &str) -> PathBuf {
     let to = std::env::temp_dir().join(format!("embody-hf-{tag}-{}", std::process::id()));
