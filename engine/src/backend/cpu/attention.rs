@@ -196,21 +196,16 @@ trait Cvt {
     ///
     /// # Safety
     /// The CPU has what the implementation uses.
-    #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     unsafe fn fold<const NQ: usize>(
-        q: [&[f32]; NQ],
-        k: Keys<'_>,
-        v: &[f16],
-        live: [(usize, usize); NQ],
-        scale: f32,
+        ch: &Chunk<'_, NQ>,
         m: &mut [f32],
         l: &mut [f32],
         o: &mut [&mut [f32]; NQ],
     ) where
         Self: Sized,
     {
-        fold_chunk_f16::<Self, NQ>(q, k, v, live, scale, m, l, o)
+        fold_chunk_f16::<Self, NQ>(ch, m, l, o)
     }
 }
 
@@ -278,19 +273,15 @@ impl Cvt for Avx512 {
 
     #[inline(always)]
     unsafe fn fold<const NQ: usize>(
-        q: [&[f32]; NQ],
-        k: Keys<'_>,
-        v: &[f16],
-        live: [(usize, usize); NQ],
-        scale: f32,
+        ch: &Chunk<'_, NQ>,
         m: &mut [f32],
         l: &mut [f32],
         o: &mut [&mut [f32]; NQ],
     ) {
-        if q[0].len().is_multiple_of(16) {
-            x86::fold_chunk::<NQ>(q, k, v, live, scale, m, l, o)
+        if ch.q[0].len().is_multiple_of(16) {
+            x86::fold_chunk::<NQ>(ch, m, l, o)
         } else {
-            fold_chunk_f16::<Self, NQ>(q, k, v, live, scale, m, l, o)
+            fold_chunk_f16::<Self, NQ>(ch, m, l, o)
         }
     }
 }
@@ -413,7 +404,14 @@ unsafe fn fused<'a, C: Cvt, const NQ: usize>(
                 *live = (a - c0, z - c0);
             }
         }
-        C::fold::<NQ>(q, keys, v, live, p.scale, m, l, &mut o);
+        let ch = Chunk {
+            q,
+            k: keys,
+            v,
+            live,
+            scale: p.scale,
+        };
+        C::fold::<NQ>(&ch, m, l, &mut o);
     }
 }
 
@@ -609,23 +607,37 @@ struct Keys<'a> {
     off: usize,
 }
 
+/// One chunk folded into `NQ` queries: the queries, the chunk's keys and
+/// values (lane j's at `v[j * head_dim..]`) in the cache, each query's live
+/// lanes `(a, z)` (`a > z`: the chunk is past it) and the score scale.
+#[derive(Clone, Copy)]
+struct Chunk<'a, const NQ: usize> {
+    q: [&'a [f32]; NQ],
+    k: Keys<'a>,
+    v: &'a [f16],
+    live: [(usize, usize); NQ],
+    scale: f32,
+}
+
 /// [`fold_chunk`] for `NQ` queries at once, reading the chunk's keys and
 /// values (lane j's at `v[j * head_dim..]`) straight from the cache: each
 /// 16 values are converted once for all the queries, and nothing is written
 /// to scratch. Each query's operations are [`fold_chunk`]'s, in its order;
 /// `live[qi]` is that query's `(a, z)` (`a > z`: the chunk is past it).
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn fold_chunk_f16<C: Cvt, const NQ: usize>(
-    q: [&[f32]; NQ],
-    k: Keys<'_>,
-    v: &[f16],
-    live: [(usize, usize); NQ],
-    scale: f32,
+    ch: &Chunk<'_, NQ>,
     m: &mut [f32],
     l: &mut [f32],
     o: &mut [&mut [f32]; NQ],
 ) {
+    let Chunk {
+        q,
+        k,
+        v,
+        live,
+        scale,
+    } = *ch;
     let hd = q[0].len();
     let key = |d: usize| C::cvt16(&k.kb[d * k.stride + k.off..]);
     let mut acc = [[[0f32; CHUNK]; 4]; NQ];

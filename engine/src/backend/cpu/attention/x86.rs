@@ -14,7 +14,7 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
-use super::{Keys, CHUNK, LN2_HI, LN2_LO};
+use super::{Chunk, CHUNK, LN2_HI, LN2_LO};
 
 /// Lanes `a..=z` of a chunk (none when `a > z`).
 #[inline(always)]
@@ -78,18 +78,20 @@ unsafe fn load16(p: *const f16) -> __m512 {
 ///
 /// # Safety
 /// The CPU has AVX-512F; `head_dim % 16 == 0`.
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub(super) unsafe fn fold_chunk<const NQ: usize>(
-    q: [&[f32]; NQ],
-    k: Keys<'_>,
-    v: &[f16],
-    live: [(usize, usize); NQ],
-    scale: f32,
+    ch: &Chunk<'_, NQ>,
     m: &mut [f32],
     l: &mut [f32],
     o: &mut [&mut [f32]; NQ],
 ) {
+    let Chunk {
+        q,
+        k,
+        v,
+        live,
+        scale,
+    } = *ch;
     let hd = q[0].len();
     debug_assert!(hd.is_multiple_of(16));
     let mask: [__mmask16; NQ] = std::array::from_fn(|qi| lanes(live[qi].0, live[qi].1));
