@@ -175,12 +175,23 @@ enum ModelFiles {
 }
 
 impl ModelFiles {
-    /// Opens a GGUF file, or a Hugging Face folder when the path is a directory.
+    /// Opens a GGUF file, or a Hugging Face folder when the path is a directory,
+    /// its weights copied into memory to run the model.
     fn open(path: &Path) -> Result<Self> {
         Ok(if path.is_dir() {
             Self::Hf(HfFolder::open(path)?)
         } else {
             Self::Gguf(Gguf::open(path)?)
+        })
+    }
+
+    /// [`ModelFiles::open`] with the weights left in the file maps, for
+    /// commands that only read metadata or the tokenizer.
+    fn open_mapped(path: &Path) -> Result<Self> {
+        Ok(if path.is_dir() {
+            Self::Hf(HfFolder::open_mapped(path)?)
+        } else {
+            Self::Gguf(Gguf::open_mapped(path)?)
         })
     }
 
@@ -290,7 +301,7 @@ fn run(cli: Cli) -> Result<()> {
             prompt,
             no_special,
         } => {
-            let tok = ModelFiles::open(&model)?.tokenizer()?;
+            let tok = ModelFiles::open_mapped(&model)?.tokenizer()?;
             let ids = tok.encode(&prompt, !no_special, true)?;
             let s: Vec<String> = ids.iter().map(u32::to_string).collect();
             println!("{}", s.join(","));
@@ -449,7 +460,7 @@ fn chat_prompt(
 }
 
 fn inspect(path: &Path) -> Result<()> {
-    let g = Gguf::open(path)?;
+    let g = Gguf::open_mapped(path)?;
     let mut out = std::io::stdout().lock();
     writeln!(out, "{}: GGUF v{}", path.display(), g.version())?;
     writeln!(out, "metadata ({} keys):", g.metadata().len())?;
