@@ -12,6 +12,7 @@ use half::f16;
 
 use super::aarch64::{self, Level};
 use super::blocks::{Block, BlockQ8_K, QK, QK_K};
+use super::kernel_tests::{act_rows, available, quantize_ref, Kernels, ONE_F16};
 use super::reference;
 use super::tests::Rng;
 use super::GgmlType;
@@ -75,229 +76,22 @@ fn lengths(ty: GgmlType) -> &'static [usize] {
     }
 }
 
-/// The levels this CPU runs; a skipped level is reported, not silently passed.
-fn levels() -> Vec<Level> {
-    Level::ALL
-        .into_iter()
-        .filter(|l| {
-            let ok = l.is_available();
-            if !ok {
-                eprintln!("skipping the {} kernels: CPU lacks the features", l.name());
-            }
-            ok
-        })
-        .collect()
-}
-
-fn quantize_ref(ty: GgmlType, x: &[f32]) -> Vec<u8> {
-    let mut out = vec![0u8; ty.row_bytes(x.len()).unwrap()];
-    reference::quantize_row(ty, x, &mut out);
-    out
-}
-
-fn dequantize_ref(ty: GgmlType, bytes: &[u8], n: usize) -> Vec<f32> {
-    let mut out = vec![0f32; n];
-    reference::dequantize_row(ty, bytes, &mut out);
-    out
-}
-
-fn f16_le(b: &[u8]) -> f32 {
-    f16::from_le_bytes([b[0], b[1]]).to_f32()
-}
-
-/// Σ of the magnitudes of the terms of `w · x` (see [`FAST_DOT_ERROR`]).
-fn magnitude(ty: GgmlType, w: &[u8], x: &[u8], n: usize) -> f64 {
-    let xt = ty.vec_dot_type();
-    let (wd, xd) = (dequantize_ref(ty, w, n), dequantize_ref(xt, x, n));
-    let mut sum: f64 = wd
-        .iter()
-        .zip(&xd)
-        .map(|(&a, &b)| (f64::from(a) * f64::from(b)).abs())
-        .sum();
-    if matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1) {
-        // Value = d·q + m: |d·q·x| ≤ (|value| + |m|)·|x|, plus the term m·s itself.
-        let blocks = w.chunks_exact(ty.type_size()).zip(x.chunks_exact(36));
-        for (b, (wb, xb)) in blocks.enumerate() {
-            let (m, s) = (f64::from(f16_le(&wb[2..])), f64::from(f16_le(&xb[2..])));
-            let xs: f64 = xd[32 * b..32 * b + 32]
-                .iter()
-                .map(|&v| f64::from(v).abs())
-                .sum();
-            sum += m.abs() * (xs + s.abs());
-        }
+fn kernels() -> Kernels<Level> {
+    Kernels {
+        levels: available(&Level::ALL, Level::is_available, Level::name),
+        name: Level::name,
+        multi_at: aarch64::vec_dot_multi_at,
     }
-    sum
-}
-
-/// `rows` activation rows, back to back.
-fn act_rows(rng: &mut Rng, ty: GgmlType, n: usize, rows: usize) -> Vec<u8> {
-    (0..rows)
-        .flat_map(|_| quantize_ref(ty.vec_dot_type(), &rng.row(n)))
-        .collect()
-}
-
-fn fast(level: Level, ty: GgmlType, n: usize, w: &[u8], x: &[u8], rows: usize) -> Vec<f32> {
-    let mut out = vec![f32::NAN; rows];
-    assert!(
-        aarch64::vec_dot_multi_at(level, ty, n, w, x, &mut out),
-        "{ty}: no kernel"
-    );
-    out
 }
 
 #[test]
 fn vec_dot_multi_matches_reference_on_realistic_rows() {
-    let mut rng = Rng(0x5eed_0201);
-    for level in levels() {
-        for ty in DOT_TYPES {
-            let mut worst = 0.0f64;
-            for &n in lengths(ty) {
-                let w = quantize_ref(ty, &rng.row(n));
-                for rows in 1..=4 {
-                    let x = act_rows(&mut rng, ty, n, rows);
-                    let got = fast(level, ty, n, &w, &x, rows);
-                    for (r, xr) in x.chunks_exact(x.len() / rows).enumerate() {
-                        let want = reference::vec_dot(ty, &w, xr, n);
-                        let rel = (f64::from(got[r]) - f64::from(want)).abs()
-                            / magnitude(ty, &w, xr, n).max(f64::MIN_POSITIVE);
-                        assert!(
-                            rel <= bound(ty),
-                            "{} {ty} n={n} row {r}/{rows}: {} vs reference {want} \
-                             (error {rel:.2e} of the magnitude > {:.1e})",
-                            level.name(),
-                            got[r],
-                            bound(ty)
-                        );
-                        worst = worst.max(rel);
-                        // The same row alone: the same operations, the same bits.
-                        let single = fast(level, ty, n, &w, xr, 1)[0];
-                        assert_eq!(
-                            got[r].to_bits(),
-                            single.to_bits(),
-                            "{} {ty} n={n}: row {r} of {rows} differs from the row alone",
-                            level.name()
-                        );
-                    }
-                }
-            }
-            eprintln!("{} {ty}: worst relative error {worst:.2e}", level.name());
-        }
-    }
-}
-
-/// Little-endian f16 bits of 1.0.
-const ONE_F16: [u8; 2] = [0x00, 0x3c];
-
-/// A weight row with every scale 1 and random values, so that the dot of it
-/// with [`exact_act_row`] is a sum of integers below 2^24: exact in f32 in any
-/// order.
-fn exact_weight_row(rng: &mut Rng, ty: GgmlType, n: usize) -> Vec<u8> {
-    let small = |rng: &mut Rng| (rng.next_u64() % 17) as f32 - 8.0;
-    match ty {
-        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
-            let v: Vec<f32> = (0..n).map(|_| small(rng)).collect();
-            return quantize_ref(ty, &v);
-        }
-        _ => {}
-    }
-    let mut row: Vec<u8> = (0..ty.row_bytes(n).unwrap())
-        .map(|_| rng.next_u64() as u8)
-        .collect();
-    for b in row.chunks_exact_mut(ty.type_size()) {
-        match ty {
-            GgmlType::Q4_0 | GgmlType::Q5_0 => b[..2].copy_from_slice(&ONE_F16),
-            GgmlType::Q8_0 => {
-                b[..2].copy_from_slice(&ONE_F16);
-                // -128 is outside what ggml's quantizers write.
-                for q in b[2..].iter_mut().filter(|q| **q == 0x80) {
-                    *q = 0x81;
-                }
-            }
-            GgmlType::Q4_1 | GgmlType::Q5_1 => {
-                b[..2].copy_from_slice(&ONE_F16);
-                let m = f16::from_f32(small(rng) / 4.0);
-                b[2..4].copy_from_slice(&m.to_le_bytes());
-            }
-            GgmlType::Q4_K | GgmlType::Q5_K => {
-                b[..2].copy_from_slice(&ONE_F16);
-                b[2..4].copy_from_slice(&ONE_F16);
-            }
-            GgmlType::Q6_K => {
-                // Scales in -64..64 keep a block's sum below 2^21.
-                for s in &mut b[192..208] {
-                    *s = ((*s as i8) / 2) as u8;
-                }
-                b[208..].copy_from_slice(&ONE_F16);
-            }
-            _ => unreachable!(),
-        }
-    }
-    row
-}
-
-/// An activation row with scale 1 and small values (see [`exact_weight_row`]).
-fn exact_act_row(rng: &mut Rng, ty: GgmlType, n: usize) -> Vec<u8> {
-    let mut int = |range: i64| (rng.next_u64() % (2 * range as u64 + 1)) as i64 - range;
-    match ty {
-        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
-            let v: Vec<f32> = (0..n).map(|_| int(8) as f32).collect();
-            quantize_ref(ty, &v)
-        }
-        GgmlType::Q8_0 | GgmlType::Q8_1 => {
-            let mut row = Vec::new();
-            for _ in 0..n / 32 {
-                // |Σ q| ≤ 2016 is exact in f16.
-                let qs: Vec<i8> = (0..32).map(|_| int(63) as i8).collect();
-                let sum: i32 = qs.iter().map(|&q| i32::from(q)).sum();
-                row.extend(ONE_F16);
-                if ty == GgmlType::Q8_1 {
-                    row.extend(f16::from_f32(sum as f32).to_le_bytes());
-                }
-                row.extend(qs.iter().map(|&q| q as u8));
-            }
-            row
-        }
-        GgmlType::Q8_K => {
-            let mut row = vec![0u8; GgmlType::Q8_K.row_bytes(n).unwrap()];
-            for out in row.chunks_exact_mut(GgmlType::Q8_K.type_size()) {
-                let qs: [i8; QK_K] = std::array::from_fn(|_| int(4) as i8);
-                let bsums = std::array::from_fn(|j| {
-                    qs[16 * j..16 * j + 16].iter().map(|&q| i16::from(q)).sum()
-                });
-                BlockQ8_K { d: 1.0, qs, bsums }.write(out);
-            }
-            row
-        }
-        _ => unreachable!(),
-    }
+    kernels().realistic_rows(0x5eed_0201, &DOT_TYPES, lengths, bound);
 }
 
 #[test]
 fn vec_dot_multi_is_exact_on_integer_rows() {
-    let mut rng = Rng(0x5eed_0202);
-    for level in levels() {
-        for ty in DOT_TYPES {
-            // Short enough that every partial sum stays below 2^24.
-            let ns: &[usize] = match ty.block_size() {
-                1 => &[1, 9, 16, 33, 1041, 4099],
-                32 => &[32, 64, 96, 224, 288, 576, 1024],
-                _ => &[256, 512, 1024],
-            };
-            for &n in ns {
-                let w = exact_weight_row(&mut rng, ty, n);
-                for rows in 1..=4 {
-                    let x: Vec<u8> = (0..rows)
-                        .flat_map(|_| exact_act_row(&mut rng, ty.vec_dot_type(), n))
-                        .collect();
-                    let got = fast(level, ty, n, &w, &x, rows);
-                    for (r, xr) in x.chunks_exact(x.len() / rows).enumerate() {
-                        let want = reference::vec_dot(ty, &w, xr, n);
-                        assert_eq!(got[r], want, "{} {ty} n={n} row {r}/{rows}", level.name());
-                    }
-                }
-            }
-        }
-    }
+    kernels().integer_rows(0x5eed_0202, &DOT_TYPES, &[32, 64, 96, 224, 288, 576, 1024]);
 }
 
 /// Activation bytes at the edge of the NEON level's i16 sums: every weight at
@@ -305,7 +99,7 @@ fn vec_dot_multi_is_exact_on_integer_rows() {
 /// formats whose weights stay within ±63).
 #[test]
 fn vec_dot_multi_is_exact_at_extreme_values() {
-    for level in levels() {
+    for level in kernels().levels {
         for ty in DOT_TYPES.into_iter().filter(|t| t.block_size() > 1) {
             let n = ty.block_size() * 2;
             // Largest level everywhere: all value bits set; Q8_0 gets -127.
@@ -361,7 +155,7 @@ fn vec_dot_multi_is_exact_at_extreme_values() {
                     _ => unreachable!(),
                 }
             }
-            let got = fast(level, ty, n, &w, &x, 1)[0];
+            let got = kernels().fast(level, ty, n, &w, &x, 1)[0];
             let want = reference::vec_dot(ty, &w, &x, n);
             assert_eq!(got, want, "{} {ty}", level.name());
         }
@@ -380,7 +174,7 @@ fn public_functions_dispatch_to_the_best_level() {
         let mut out = [0.0f32; 3];
         super::vec_dot_multi(ty, n, &w, &x, &mut out);
         let single = super::vec_dot(ty, &w, &x[..x.len() / 3], n);
-        let want = fast(best, ty, n, &w, &x, 3);
+        let want = kernels().fast(best, ty, n, &w, &x, 3);
         assert_eq!(out.to_vec(), want, "{ty}");
         assert_eq!(single, want[0], "{ty}");
     }
@@ -392,7 +186,7 @@ fn types_without_a_kernel_fall_back_to_the_reference() {
     for ty in [GgmlType::Q8_1, GgmlType::Q8_K] {
         let n = 512;
         let (w, x) = (quantize_ref(ty, &rng.row(n)), quantize_ref(ty, &rng.row(n)));
-        for level in levels() {
+        for level in kernels().levels {
             assert!(!aarch64::vec_dot_multi_at(level, ty, n, &w, &x, &mut [0.0]));
         }
         assert_eq!(
@@ -448,7 +242,7 @@ fn quantize_inputs(rng: &mut Rng) -> Vec<Vec<f32>> {
 fn q8_k_f16_bf16_f32_quantize_bit_exact() {
     let mut rng = Rng(0x5eed_0205);
     let inputs = quantize_inputs(&mut rng);
-    for level in levels() {
+    for level in kernels().levels {
         for ty in [GgmlType::Q8_K, GgmlType::F16, GgmlType::BF16, GgmlType::F32] {
             for v in &inputs {
                 assert_eq!(
@@ -522,7 +316,7 @@ fn q8_ties_even(ty: GgmlType, x: &[f32]) -> Vec<u8> {
 fn q8_0_q8_1_quantize_as_llama_cpp_arm() {
     let mut rng = Rng(0x5eed_0206);
     let inputs = quantize_inputs(&mut rng);
-    for level in levels() {
+    for level in kernels().levels {
         for ty in [GgmlType::Q8_0, GgmlType::Q8_1] {
             let (mut values, mut differ) = (0usize, 0usize);
             for v in &inputs {
@@ -557,7 +351,7 @@ fn q8_0_rounds_half_to_even_like_llama_cpp_arm() {
     // (roundf) would give 3, -3, 1, -1.
     let mut x = [0.0f32; 32];
     x[..6].copy_from_slice(&[127.0, 2.5, -2.5, 0.5, -0.5, 1.4]);
-    for level in levels() {
+    for level in kernels().levels {
         let q = quantize_at(level, GgmlType::Q8_0, &x);
         assert_eq!(q[..2], ONE_F16);
         let qs: Vec<i8> = q[2..8].iter().map(|&b| b as i8).collect();
@@ -577,7 +371,7 @@ fn f16_to_f32_slice_is_exact() {
         f32::INFINITY,
         f32::NEG_INFINITY,
     ];
-    for level in levels() {
+    for level in kernels().levels {
         for n in (0..40).chain([127, 1024, 1031]) {
             let mut src: Vec<f16> = rng.row(n).into_iter().map(f16::from_f32).collect();
             for (s, v) in src.iter_mut().zip(specials) {

@@ -18,6 +18,9 @@ mod tests;
 // x86_64 kernels, public so that tests and benchmarks can pick a feature level.
 #[cfg(target_arch = "x86_64")]
 pub mod x86;
+// What the architectures' kernel tests share.
+#[cfg(all(test, any(target_arch = "x86_64", target_arch = "aarch64")))]
+mod kernel_tests;
 #[cfg(all(test, target_arch = "x86_64"))]
 mod x86_tests;
 // aarch64 (NEON, dotprod) kernels, public for the same reason.
