@@ -12,7 +12,7 @@ use half::f16;
 
 use super::aarch64::{self, Level};
 use super::blocks::{Block, BlockQ8_K, QK, QK_K};
-use super::kernel_tests::{act_rows, available, quantize_ref, Kernels, ONE_F16};
+use super::kernel_tests::{act_rows, available, quantize_inputs, quantize_ref, Kernels, ONE_F16};
 use super::reference;
 use super::tests::Rng;
 use super::GgmlType;
@@ -81,6 +81,7 @@ fn kernels() -> Kernels<Level> {
         levels: available(&Level::ALL, Level::is_available, Level::name),
         name: Level::name,
         multi_at: aarch64::vec_dot_multi_at,
+        quantize_at: aarch64::quantize_row_at,
     }
 }
 
@@ -182,60 +183,7 @@ fn public_functions_dispatch_to_the_best_level() {
 
 #[test]
 fn types_without_a_kernel_fall_back_to_the_reference() {
-    let mut rng = Rng(0x5eed_0204);
-    for ty in [GgmlType::Q8_1, GgmlType::Q8_K] {
-        let n = 512;
-        let (w, x) = (quantize_ref(ty, &rng.row(n)), quantize_ref(ty, &rng.row(n)));
-        for level in kernels().levels {
-            assert!(!aarch64::vec_dot_multi_at(level, ty, n, &w, &x, &mut [0.0]));
-        }
-        assert_eq!(
-            super::vec_dot(ty, &w, &x, n),
-            reference::vec_dot(ty, &w, &x, n)
-        );
-    }
-    // Weight formats quantize through the reference.
-    let v = rng.row(256);
-    let mut got = vec![0u8; GgmlType::Q4_K.row_bytes(256).unwrap()];
-    super::quantize_row(GgmlType::Q4_K, &v, &mut got);
-    assert_eq!(got, quantize_ref(GgmlType::Q4_K, &v));
-}
-
-#[test]
-#[should_panic(expected = "takes 360 bytes")]
-fn vec_dot_rejects_a_short_weight_row() {
-    let x = vec![0u8; GgmlType::Q8_1.row_bytes(576).unwrap()];
-    super::vec_dot(GgmlType::Q4_1, &[0u8; 359], &x, 576);
-}
-
-#[test]
-#[should_panic(expected = "activation rows")]
-fn vec_dot_multi_rejects_five_rows() {
-    let w = vec![0u8; GgmlType::Q8_0.row_bytes(32).unwrap()];
-    let x = vec![0u8; 5 * w.len()];
-    super::vec_dot_multi(GgmlType::Q8_0, 32, &w, &x, &mut [0.0; 5]);
-}
-
-fn quantize_at(level: Level, ty: GgmlType, v: &[f32]) -> Vec<u8> {
-    let mut out = vec![0xAAu8; ty.row_bytes(v.len()).unwrap()];
-    assert!(aarch64::quantize_row_at(level, ty, v, &mut out));
-    out
-}
-
-/// Rows for the quantizers: realistic rows, a zero block, a block whose
-/// largest magnitude appears with both signs (the first one wins), and
-/// exact halves.
-fn quantize_inputs(rng: &mut Rng) -> Vec<Vec<f32>> {
-    let mut rows: Vec<Vec<f32>> = [256, 512, 4096, 4352].map(|n| rng.row(n)).to_vec();
-    let mut special = rng.row(1024);
-    special[..256].fill(0.0);
-    special[300] = -3.0;
-    special[400] = 3.0;
-    for (i, v) in special[512..768].iter_mut().enumerate() {
-        *v = (i as f32 - 128.0) * 0.5;
-    }
-    rows.push(special);
-    rows
+    kernels().fall_back(0x5eed_0204);
 }
 
 #[test]
@@ -246,7 +194,7 @@ fn q8_k_f16_bf16_f32_quantize_bit_exact() {
         for ty in [GgmlType::Q8_K, GgmlType::F16, GgmlType::BF16, GgmlType::F32] {
             for v in &inputs {
                 assert_eq!(
-                    quantize_at(level, ty, v),
+                    kernels().quantize(level, ty, v),
                     quantize_ref(ty, v),
                     "{} {ty} n={}",
                     level.name(),
@@ -258,7 +206,7 @@ fn q8_k_f16_bf16_f32_quantize_bit_exact() {
             for n in 1..40 {
                 let v = rng.row(n);
                 assert_eq!(
-                    quantize_at(level, ty, &v),
+                    kernels().quantize(level, ty, &v),
                     quantize_ref(ty, &v),
                     "{ty} n={n}"
                 );
@@ -281,7 +229,7 @@ fn q8_k_f16_bf16_f32_quantize_bit_exact() {
         let v: Vec<f32> = v.iter().cycle().take(30).copied().collect();
         for ty in [GgmlType::F16, GgmlType::BF16] {
             assert_eq!(
-                quantize_at(level, ty, &v),
+                kernels().quantize(level, ty, &v),
                 quantize_ref(ty, &v),
                 "{} {ty}",
                 level.name()
@@ -320,7 +268,7 @@ fn q8_0_q8_1_quantize_as_llama_cpp_arm() {
         for ty in [GgmlType::Q8_0, GgmlType::Q8_1] {
             let (mut values, mut differ) = (0usize, 0usize);
             for v in &inputs {
-                let got = quantize_at(level, ty, v);
+                let got = kernels().quantize(level, ty, v);
                 assert_eq!(got, q8_ties_even(ty, v), "{} {ty}", level.name());
                 // Against the reference: the same scales, values within one
                 // (only at exact halves).
@@ -352,7 +300,7 @@ fn q8_0_rounds_half_to_even_like_llama_cpp_arm() {
     let mut x = [0.0f32; 32];
     x[..6].copy_from_slice(&[127.0, 2.5, -2.5, 0.5, -0.5, 1.4]);
     for level in kernels().levels {
-        let q = quantize_at(level, GgmlType::Q8_0, &x);
+        let q = kernels().quantize(level, GgmlType::Q8_0, &x);
         assert_eq!(q[..2], ONE_F16);
         let qs: Vec<i8> = q[2..8].iter().map(|&b| b as i8).collect();
         assert_eq!(qs, [127, 2, -2, 0, 0, 1], "{}", level.name());

@@ -18,6 +18,8 @@ pub(super) struct Kernels<L> {
     pub name: fn(L) -> &'static str,
     /// The architecture's `vec_dot_multi_at`.
     pub multi_at: MultiAt<L>,
+    /// The architecture's `quantize_row_at`.
+    pub quantize_at: fn(L, GgmlType, &[f32], &mut [u8]) -> bool,
 }
 
 /// `vec_dot_multi_at(level, type, n, weight row, activation rows, out)`.
@@ -176,7 +178,67 @@ pub(super) fn exact_act_row(rng: &mut Rng, ty: GgmlType, n: usize) -> Vec<u8> {
     }
 }
 
+/// Rows for the quantizers: realistic rows, a zero block, a block whose
+/// largest magnitude appears with both signs (the first one wins), and
+/// exact halves.
+pub(super) fn quantize_inputs(rng: &mut Rng) -> Vec<Vec<f32>> {
+    let mut rows: Vec<Vec<f32>> = [256, 512, 4096, 4352].map(|n| rng.row(n)).to_vec();
+    let mut special = rng.row(1024);
+    special[..256].fill(0.0);
+    special[300] = -3.0;
+    special[400] = 3.0;
+    for (i, v) in special[512..768].iter_mut().enumerate() {
+        *v = (i as f32 - 128.0) * 0.5;
+    }
+    rows.push(special);
+    rows
+}
+
+#[test]
+#[should_panic(expected = "takes 360 bytes")]
+fn vec_dot_rejects_a_short_weight_row() {
+    let x = vec![0u8; GgmlType::Q8_1.row_bytes(576).unwrap()];
+    super::vec_dot(GgmlType::Q4_1, &[0u8; 359], &x, 576);
+}
+
+#[test]
+#[should_panic(expected = "activation rows")]
+fn vec_dot_multi_rejects_five_rows() {
+    let w = vec![0u8; GgmlType::Q8_0.row_bytes(32).unwrap()];
+    let x = vec![0u8; 5 * w.len()];
+    super::vec_dot_multi(GgmlType::Q8_0, 32, &w, &x, &mut [0.0; 5]);
+}
+
 impl<L: Copy> Kernels<L> {
+    /// `v` quantized by the kernel of `level`.
+    pub(super) fn quantize(&self, level: L, ty: GgmlType, v: &[f32]) -> Vec<u8> {
+        let mut out = vec![0xAAu8; ty.row_bytes(v.len()).unwrap()];
+        assert!((self.quantize_at)(level, ty, v, &mut out));
+        out
+    }
+
+    /// Types with no kernel (activation formats as weights) are refused at
+    /// every level and computed by the reference; weight formats quantize
+    /// through the reference.
+    pub(super) fn fall_back(&self, seed: u64) {
+        let mut rng = Rng(seed);
+        for ty in [GgmlType::Q8_1, GgmlType::Q8_K] {
+            let n = 512;
+            let (w, x) = (quantize_ref(ty, &rng.row(n)), quantize_ref(ty, &rng.row(n)));
+            for &level in &self.levels {
+                assert!(!(self.multi_at)(level, ty, n, &w, &x, &mut [0.0]));
+            }
+            assert_eq!(
+                super::vec_dot(ty, &w, &x, n),
+                reference::vec_dot(ty, &w, &x, n)
+            );
+        }
+        let v = rng.row(256);
+        let mut got = vec![0u8; GgmlType::Q4_K.row_bytes(256).unwrap()];
+        super::quantize_row(GgmlType::Q4_K, &v, &mut got);
+        assert_eq!(got, quantize_ref(GgmlType::Q4_K, &v));
+    }
+
     /// `rows` products of the weight row `w` with the activation rows `x`.
     pub(super) fn fast(
         &self,
