@@ -101,6 +101,7 @@ impl ModelSource {
             .or_else(|| file_stem(&args.model_path))
             .unwrap_or_default();
         let weights_bytes = gguf.tensors().iter().map(|t| t.size as u64).sum();
+        log_residency(&gguf, weights_bytes);
         Ok(Self {
             path: args.model_path.clone(),
             gguf,
@@ -252,5 +253,26 @@ impl Actor for DeviceActor {
             }
         }
         Ok(())
+    }
+}
+
+/// Says how the weights sit in memory: copied (and how much of that in huge
+/// pages, which decode speed depends on) or read through the file's map.
+fn log_residency(gguf: &Gguf, weights_bytes: u64) {
+    const MIB: f64 = 1024.0 * 1024.0;
+    let copied = gguf.resident_bytes() as f64 / MIB;
+    if copied == 0.0 {
+        tracing::info!(
+            "weights: {:.0} MiB read through the file map",
+            weights_bytes as f64 / MIB
+        );
+        return;
+    }
+    match embody_engine::tensor::huge_page_bytes() {
+        Some(huge) => tracing::info!(
+            "weights: {copied:.0} MiB in memory of their own, {:.0} MiB of the process in huge pages",
+            huge as f64 / MIB
+        ),
+        None => tracing::info!("weights: {copied:.0} MiB in memory of their own"),
     }
 }

@@ -181,6 +181,19 @@ impl Gguf {
         Ok(g)
     }
 
+    /// Bytes of tensor data copied into memory of its own by [`Gguf::open`]
+    /// (0 where the file stayed mapped).
+    pub fn resident_bytes(&self) -> usize {
+        if self.resident.is_none() {
+            return 0;
+        }
+        self.tensors
+            .iter()
+            .filter(|t| !self.lookup_only(&t.name))
+            .map(|t| t.size)
+            .sum()
+    }
+
     /// Whether a tensor is only ever read a row at a time: the token
     /// embedding of a file that has its own output matrix.
     fn lookup_only(&self, name: &str) -> bool {
@@ -812,6 +825,11 @@ mod tests {
             Some(FileBytes::Resident(_))
         ));
         assert!(mapped.resident.is_none());
+        assert_eq!(
+            copied.resident_bytes(),
+            copied.tensors().iter().map(|t| t.size).sum::<usize>()
+        );
+        assert_eq!(mapped.resident_bytes(), 0);
         assert_eq!(copied.metadata(), mapped.metadata());
         for t in mapped.tensors() {
             let (a, b) = (

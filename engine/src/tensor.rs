@@ -82,6 +82,15 @@ impl FileBytes {
     }
 }
 
+/// Bytes of this process's anonymous memory in huge pages
+/// (`AnonHugePages` of /proc/self/smaps_rollup), where the platform says.
+pub fn huge_page_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/self/smaps_rollup").ok()?;
+    let line = info.lines().find(|l| l.starts_with("AnonHugePages:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
 /// `MemAvailable` of /proc/meminfo in bytes.
 #[cfg(target_os = "linux")]
 fn available_memory() -> Option<usize> {
