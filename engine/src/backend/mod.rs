@@ -165,6 +165,11 @@ pub trait Backend: Send + Sync {
         self.matmul_group_in(MatIn::Rows(x), n, outs, ws);
     }
 
+    /// `y[t][r] += w.row(r) · x[t]`: a product added into the residual
+    /// stream where it is made, instead of stored and added in a pass of
+    /// its own (the same bits as that pass).
+    fn matmul_add_in(&self, w: &QTensor, x: MatIn<'_>, n: usize, y: &mut [f32], ws: &mut Workspace);
+
     /// [`Backend::matmul_group`] of rows an element-wise step makes on the way in.
     fn matmul_group_in(&self, x: MatIn<'_>, n: usize, outs: &mut [MatOut<'_>], ws: &mut Workspace);
 

@@ -385,8 +385,14 @@ impl Model for Llama {
                 window: None,
             };
             with_attn_seqs(batch, |seqs| be.attention(&p, q, kv, seqs, attn, ws));
-            be.matmul(&l.wo, &attn[..n * qd], n, &mut s.up, ws);
-            ops::add_inplace(&mut s.x[..n * d], &s.up[..n * d]);
+            // Added into the residual stream as the products are made.
+            be.matmul_add_in(
+                &l.wo,
+                MatIn::Rows(&attn[..n * qd]),
+                n,
+                &mut s.x[..n * d],
+                ws,
+            );
 
             // MLP: norm, SwiGLU, project back.
             let gate_up = &mut [
@@ -410,8 +416,7 @@ impl Model for Llama {
                 gate: &s.gate[..n * c.d_ff],
                 up: &s.up[..n * c.d_ff],
             };
-            be.matmul_in(&l.w_down, act, n, &mut s.xn[..n * d], ws);
-            ops::add_inplace(&mut s.x[..n * d], &s.xn[..n * d]);
+            be.matmul_add_in(&l.w_down, act, n, &mut s.x[..n * d], ws);
         }
 
         // Final norm and output head, only for the rows asked for.

@@ -41,6 +41,26 @@ struct Job<'a> {
     units: usize,
     /// Units are panels of [`PANEL_ROWS`] rows for the tiled kernel.
     tiled: bool,
+    /// Products are added to the output instead of stored.
+    add: bool,
+}
+
+impl Job<'_> {
+    /// Stores (or adds) the product for output element `i`.
+    ///
+    /// # Safety
+    /// As [`SharedMut::write`].
+    #[inline(always)]
+    unsafe fn put(&self, i: usize, v: f32) {
+        unsafe {
+            if self.add {
+                let p = self.out.0.add(i);
+                p.write(p.read() + v);
+            } else {
+                self.out.write(i, v);
+            }
+        }
+    }
 }
 
 impl Job<'_> {
@@ -50,6 +70,7 @@ impl Job<'_> {
         first_unit: 0,
         units: 0,
         tiled: false,
+        add: false,
     };
 }
 
@@ -119,6 +140,48 @@ impl Backend for CpuBackend {
     }
 
     fn matmul_group_in(&self, x: MatIn<'_>, n: usize, outs: &mut [MatOut<'_>], ws: &mut Workspace) {
+        self.products(x, n, outs, ws, false);
+    }
+
+    fn matmul_add_in(
+        &self,
+        w: &QTensor,
+        x: MatIn<'_>,
+        n: usize,
+        y: &mut [f32],
+        ws: &mut Workspace,
+    ) {
+        self.products(x, n, &mut [MatOut { w, y }], ws, true);
+    }
+
+    fn for_ranges(&self, n: usize, f: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
+        self.pool.run(&|i, nt| f(split(n, i, nt)));
+    }
+
+    fn attention(
+        &self,
+        p: &AttnParams,
+        q: &[f32],
+        kv: &KvCache,
+        seqs: &[AttnSeq<'_>],
+        out: &mut [f32],
+        ws: &mut Workspace,
+    ) {
+        attention::attention(self, p, q, kv, seqs, out, ws)
+    }
+}
+
+impl CpuBackend {
+    /// The products of a [`Backend::matmul_group_in`], stored in the outputs
+    /// or (`add`) added to them.
+    fn products(
+        &self,
+        x: MatIn<'_>,
+        n: usize,
+        outs: &mut [MatOut<'_>],
+        ws: &mut Workspace,
+        add: bool,
+    ) {
         let Some(first) = outs.first() else { return };
         let k = first.w.cols();
         assert_eq!(x.len(), n * k, "matmul {}: input shape", first.w.name);
@@ -166,6 +229,7 @@ impl Backend for CpuBackend {
                     first_unit: total_units,
                     units,
                     tiled,
+                    add,
                 };
                 total_units += units;
                 n_jobs += 1;
@@ -248,7 +312,7 @@ impl Backend for CpuBackend {
                         for (t, tr) in res.chunks_exact(PANEL_ROWS).enumerate() {
                             for (dr, &v) in tr.iter().enumerate() {
                                 // SAFETY: these rows of this matrix belong to this thread alone.
-                                unsafe { job.out.write(t * rows + first_row + dr, v) };
+                                unsafe { job.put(t * rows + first_row + dr, v) };
                             }
                         }
                         continue;
@@ -262,7 +326,7 @@ impl Backend for CpuBackend {
                             quant::vec_dot_multi(w.ty, k, wr, xs, &mut acc[..cnt]);
                             for (dt, &v) in acc[..cnt].iter().enumerate() {
                                 // SAFETY: row r of this matrix belongs to this thread alone.
-                                unsafe { job.out.write((t0 + dt) * rows + r, v) };
+                                unsafe { job.put((t0 + dt) * rows + r, v) };
                             }
                         }
                     }
@@ -270,22 +334,6 @@ impl Backend for CpuBackend {
             });
             done += n_jobs;
         }
-    }
-
-    fn for_ranges(&self, n: usize, f: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
-        self.pool.run(&|i, nt| f(split(n, i, nt)));
-    }
-
-    fn attention(
-        &self,
-        p: &AttnParams,
-        q: &[f32],
-        kv: &KvCache,
-        seqs: &[AttnSeq<'_>],
-        out: &mut [f32],
-        ws: &mut Workspace,
-    ) {
-        attention::attention(self, p, q, kv, seqs, out, ws)
     }
 }
 
@@ -420,6 +468,33 @@ mod tests {
                 b.matmul(&w, &made, n, &mut apart, &mut ws);
                 assert_eq!(fused, apart, "step {i}, {n} tokens");
                 assert!(fused.iter().any(|v| v.abs() > 1e-3));
+            }
+        }
+    }
+
+    #[test]
+    fn products_added_in_place_equal_the_product_then_the_add() {
+        let (k, mut s) = (256, 11);
+        // Tiled formats (with a partial panel) and one without a tiled kernel.
+        let ws_ = [
+            tensor("a", GgmlType::Q4_1, k, 21, &mut s),
+            tensor("b", GgmlType::Q4_K, k, 16, &mut s),
+            tensor("c", GgmlType::F32, k, 5, &mut s),
+        ];
+        for n in [1, 9] {
+            let b = CpuBackend::new(2);
+            let mut ws = b.workspace(n, k, 8);
+            let x: Vec<f32> = (0..k * n).map(|_| lcg(&mut s)).collect();
+            for w in &ws_ {
+                let base: Vec<f32> = (0..n * w.rows()).map(|_| lcg(&mut s)).collect();
+                let mut product = vec![f32::NAN; n * w.rows()];
+                b.matmul(w, &x, n, &mut product, &mut ws);
+                let mut apart = base.clone();
+                crate::ops::add_inplace(&mut apart, &product);
+                let mut added = base.clone();
+                b.matmul_add_in(w, MatIn::Rows(&x), n, &mut added, &mut ws);
+                assert_eq!(added, apart, "{}, {n} tokens", w.name);
+                assert_ne!(added, base);
             }
         }
     }
