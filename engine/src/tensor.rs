@@ -58,9 +58,7 @@ impl FileBytes {
             Ok(None)
         }
     }
-}
 
-impl FileBytes {
     /// Gives back the memory of a map's pages in `range` (read once, not
     /// needed again); a later read faults them back in from the file.
     pub fn release(&self, range: Range<usize>) {
@@ -85,17 +83,19 @@ impl FileBytes {
 /// Bytes of this process's anonymous memory in huge pages
 /// (`AnonHugePages` of /proc/self/smaps_rollup), where the platform says.
 pub fn huge_page_bytes() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/self/smaps_rollup").ok()?;
-    let line = info.lines().find(|l| l.starts_with("AnonHugePages:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    kib.checked_mul(1024)
+    proc_kib("/proc/self/smaps_rollup", "AnonHugePages:").map(|b| b as u64)
 }
 
 /// `MemAvailable` of /proc/meminfo in bytes.
 #[cfg(target_os = "linux")]
 fn available_memory() -> Option<usize> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    proc_kib("/proc/meminfo", "MemAvailable:")
+}
+
+/// The `key  N kB` line of a /proc file, in bytes.
+fn proc_kib(path: &str, key: &str) -> Option<usize> {
+    let info = std::fs::read_to_string(path).ok()?;
+    let line = info.lines().find(|l| l.starts_with(key))?;
     let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
     kib.checked_mul(1024)
 }
