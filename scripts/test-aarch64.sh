@@ -12,8 +12,12 @@ installed() {
     dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"
 }
 
+# libc6-dev-arm64-cross (crti.o, libc.so for the cross link) is only a
+# Recommends of the cross compiler: it is named, since recommends are off.
+packages=(rustc-web libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu libc6-dev-arm64-cross
+    qemu-user-static)
 missing=()
-for pkg in rustc-web libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu qemu-user-static; do
+for pkg in "${packages[@]}"; do
     installed "$pkg" || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -24,6 +28,15 @@ if [ ${#missing[@]} -gt 0 ]; then
     $sudo apt-get update
     $sudo apt-get install -y --no-install-recommends "${missing[@]}"
 fi
+
+# Every file the cross build and qemu read comes from a package named above or
+# one it Depends on, never from something this machine happens to have.
+cross_files=(/usr/bin/rustc /usr/bin/qemu-aarch64-static /lib/aarch64-linux-gnu/libc.so.6)
+for f in crt1.o crti.o crtn.o libc.so libm.so libgcc_s.so libgcc.a; do
+    cross_files+=("$(aarch64-linux-gnu-gcc -print-file-name="$f")")
+done
+cross_files+=(/usr/lib/rustlib/aarch64-unknown-linux-gnu/lib/libstd-*.rlib)
+python3 scripts/check-packages.py --packages "${packages[@]}" --files "${cross_files[@]}"
 
 export RUSTC=/usr/bin/rustc
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
