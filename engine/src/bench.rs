@@ -50,6 +50,8 @@ pub fn run(
             let b = [SeqBatch {
                 tokens: &prompt[start..end],
                 start_pos: start,
+                embeds: &[],
+                positions: Default::default(),
                 table: &table,
                 logits: if end == prompt_tokens {
                     Logits::Last
@@ -68,6 +70,8 @@ pub fn run(
             let b = [SeqBatch {
                 tokens: std::slice::from_ref(&next),
                 start_pos: prompt_tokens + g,
+                embeds: &[],
+                positions: Default::default(),
                 table: &table,
                 logits: Logits::Last,
             }];

@@ -57,6 +57,34 @@ pub fn rope_angles(
     }
 }
 
+/// [`rope_angles`] for multimodal RoPE: pair `i` turns by the position of
+/// the stream whose section holds it (the first `sections[0]` pairs by the
+/// temporal id, the next `sections[1]` by the height id, the rest by the
+/// width id). With three equal ids the angles equal [`rope_angles`]'s bits.
+pub fn rope_angles_sections(
+    pos: [f32; 3],
+    sections: [usize; 3],
+    base: f32,
+    rope_dim: usize,
+    cs: &mut [(f32, f32)],
+) {
+    let theta_scale = base.powf(-2.0 / rope_dim as f32);
+    let mut theta = pos;
+    let (first, second) = (sections[0], sections[0] + sections[1]);
+    for (i, c) in cs.iter_mut().enumerate().take(rope_dim / 2) {
+        let stream = if i < first {
+            0
+        } else if i < second {
+            1
+        } else {
+            2
+        };
+        let t = theta[stream];
+        *c = (t.cos(), t.sin());
+        theta.iter_mut().for_each(|t| *t *= theta_scale);
+    }
+}
+
 /// Rotates each head (`head_dim` wide) of one token row by the angles in `cs`;
 /// only the first `2 * cs.len()` elements of a head rotate.
 pub fn rope_apply(row: &mut [f32], head_dim: usize, style: RopeStyle, cs: &[(f32, f32)]) {
@@ -135,6 +163,24 @@ pub fn scale_inplace(x: &mut [f32], a: f32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sectioned_angles_follow_their_streams() {
+        let (base, dim) = (10000.0, 16);
+        let mut one = [(0.0, 0.0); 8];
+        rope_angles(37.0, base, dim, None, &mut one);
+        let mut three = [(0.0, 0.0); 8];
+        rope_angles_sections([37.0; 3], [2, 3, 3], base, dim, &mut three);
+        assert_eq!(one, three, "equal ids: the text angles, bit for bit");
+
+        rope_angles_sections([5.0, 9.0, 11.0], [2, 3, 3], base, dim, &mut three);
+        for (i, &(c, s)) in three.iter().enumerate() {
+            let p = [5.0, 5.0, 9.0, 9.0, 9.0, 11.0, 11.0, 11.0][i];
+            let mut row = [(0.0, 0.0); 8];
+            rope_angles(p, base, dim, None, &mut row);
+            assert_eq!((c, s), row[i], "pair {i} turns by stream id {p}");
+        }
+    }
 
     #[test]
     fn rms_norm_unit_rms() {

@@ -71,6 +71,8 @@ pub fn perplexity(
             let batch = [SeqBatch {
                 tokens: &chunk[start..end],
                 start_pos: start,
+                embeds: &[],
+                positions: Default::default(),
                 table: &table,
                 logits: Logits::All,
             }];

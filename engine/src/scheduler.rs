@@ -393,6 +393,8 @@ impl Scheduler {
                 SeqBatch {
                     tokens: &s.tokens[s.cached..s.cached + take],
                     start_pos: s.cached,
+                    embeds: &[],
+                    positions: Default::default(),
                     table: &s.table,
                     logits: if s.cached + take == s.tokens.len() {
                         Logits::Last

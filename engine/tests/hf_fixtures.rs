@@ -15,10 +15,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use embody_engine::backend::cpu::CpuBackend;
+use embody_engine::backend::reference::ReferenceBackend;
+use embody_engine::backend::Backend;
 use embody_engine::gguf::Gguf;
 use embody_engine::hf::HfFolder;
 use embody_engine::kv_cache::{BlockTable, KvCache};
-use embody_engine::models::{load_gguf, load_hf_dir, LoadOptions, Logits, Model, SeqBatch};
+use embody_engine::models::{
+    load_gguf, load_hf_dir, EmbedRows, LoadOptions, Logits, Model, Positions, SeqBatch,
+};
 use embody_engine::tokenizer::Tokenizer;
 use safetensors::SafeTensors;
 
@@ -88,13 +92,42 @@ fn expected(name: &str) -> Expected {
     }
 }
 
+const FAMILIES: [&str; 4] = ["llama", "qwen2", "qwen3", "gemma3"];
+
 fn load(name: &str) -> Box<dyn Model> {
+    load_on(name, Arc::new(CpuBackend::new(2)))
+}
+
+fn load_on(name: &str, backend: Arc<dyn Backend>) -> Box<dyn Model> {
     let opts = LoadOptions {
         max_batch_tokens: 64,
         block_size: BLOCK,
         ..Default::default()
     };
-    load_hf_dir(&dir(name), Arc::new(CpuBackend::new(2)), opts).unwrap()
+    load_hf_dir(&dir(name), backend, opts).unwrap()
+}
+
+/// Every row's logits of one forward over `tokens` from position 0 in a
+/// fresh cache, with the given rows and position ids.
+fn run_once(
+    m: &mut dyn Model,
+    tokens: &[u32],
+    embeds: &[EmbedRows<'_>],
+    positions: Positions<'_>,
+) -> embody_engine::Result<Vec<f32>> {
+    let v = m.info().vocab_size;
+    let mut kv = KvCache::new(m.info().kv, 64);
+    let mut table = BlockTable::new();
+    table.reserve(&mut kv, tokens.len()).unwrap();
+    let mut logits = vec![0.0; tokens.len() * v];
+    let b = [SeqBatch {
+        embeds,
+        positions,
+        ..SeqBatch::text(tokens, 0, &table, Logits::All)
+    }];
+    let r = m.forward(&b, &mut kv, &mut logits);
+    table.release(&mut kv);
+    r.map(|()| logits)
 }
 
 /// Largest absolute difference, after checking the rows' top tokens agree.
@@ -141,6 +174,8 @@ fn prefill_and_decode(name: &str, m: &mut dyn Model, kv: &mut KvCache, e: &Expec
         let b = [SeqBatch {
             tokens: &e.a[start..end],
             start_pos: start,
+            embeds: &[],
+            positions: Default::default(),
             table: &table,
             logits: Logits::All,
         }];
@@ -162,6 +197,8 @@ fn prefill_and_decode(name: &str, m: &mut dyn Model, kv: &mut KvCache, e: &Expec
         let b = [SeqBatch {
             tokens: std::slice::from_ref(&t),
             start_pos: pos,
+            embeds: &[],
+            positions: Default::default(),
             table: &table,
             logits: Logits::Last,
         }];
@@ -285,6 +322,8 @@ fn gemma3_sliding_layers_keep_only_the_window() {
         let b = [SeqBatch {
             tokens: &all[start..end],
             start_pos: start,
+            embeds: &[],
+            positions: Default::default(),
             table: &table,
             logits: Logits::Last,
         }];
@@ -309,6 +348,8 @@ fn gemma3_sliding_layers_keep_only_the_window() {
     let b = [SeqBatch {
         tokens: &all[..1],
         start_pos: 20,
+        embeds: &[],
+        positions: Default::default(),
         table: &table,
         logits: Logits::Last,
     }];
@@ -338,6 +379,8 @@ fn ragged_batches_match_for_every_family() {
             let b = [SeqBatch {
                 tokens: &e.a[start..end],
                 start_pos: start,
+                embeds: &[],
+                positions: Default::default(),
                 table: &ta,
                 logits: Logits::None,
             }];
@@ -352,12 +395,16 @@ fn ragged_batches_match_for_every_family() {
             SeqBatch {
                 tokens: &e.b,
                 start_pos: 0,
+                embeds: &[],
+                positions: Default::default(),
                 table: &tb,
                 logits: Logits::All,
             },
             SeqBatch {
                 tokens: &e.decode[..1],
                 start_pos: pos,
+                embeds: &[],
+                positions: Default::default(),
                 table: &ta,
                 logits: Logits::Last,
             },
@@ -383,6 +430,115 @@ fn ragged_batches_match_for_every_family() {
         );
         ta.release(&mut kv);
         tb.release(&mut kv);
+    }
+}
+
+/// The scalar reference backend runs every family through the same trunk
+/// within the same transformers bounds, and the CPU backend's logits stay
+/// within those bounds of the reference's.
+#[test]
+fn reference_backend_matches_transformers_and_the_cpu() {
+    for name in FAMILIES {
+        let e = expected(name);
+        let mut r = load_on(name, Arc::new(ReferenceBackend));
+        let mut kv = KvCache::new(r.info().kv, 64);
+        let rel = prefill_and_decode(name, r.as_mut(), &mut kv, &e);
+        let v = r.info().vocab_size;
+        let on_ref = run_once(r.as_mut(), &e.b, &[], Positions::Sequential).unwrap();
+        let on_cpu = run_once(load(name).as_mut(), &e.b, &[], Positions::Sequential).unwrap();
+        let cpu_vs_ref = max_diff(&on_cpu, &on_ref, v, &format!("{name} cpu vs reference")) / e.std;
+        eprintln!(
+            "{name} (reference): max |logit error| = {rel:.2e} x std; CPU vs reference {cpu_vs_ref:.2e} x std"
+        );
+        assert!(rel < tolerance(name), "{name} reference: {rel:.2e} x std");
+        assert!(
+            cpu_vs_ref < tolerance(name),
+            "{name} cpu vs reference: {cpu_vs_ref:.2e} x std"
+        );
+    }
+}
+
+/// Rows given as embeddings enter the trunk exactly as token rows do: the
+/// tokens' own embeddings give the token forward's logits bit for bit, and
+/// another token's embedding at a position gives the logits of the sequence
+/// with that token there. Position ids given as data equal `start + index`.
+#[test]
+fn embedding_rows_and_position_ids_equal_the_token_forward() {
+    for name in FAMILIES {
+        let e = expected(name);
+        let mut m = load(name);
+        let d = m.info().d_model;
+        let toks = &e.b[..e.b.len().min(12)];
+        let n = toks.len();
+        let want = run_once(m.as_mut(), toks, &[], Positions::Sequential).unwrap();
+
+        let mut own = vec![0.0; n * d];
+        m.token_embeddings(toks, &mut own).unwrap();
+        let whole = [EmbedRows { at: 0, rows: &own }];
+        let got = run_once(m.as_mut(), toks, &whole, Positions::Sequential).unwrap();
+        assert!(got == want, "{name}: all rows given");
+        let part = [EmbedRows {
+            at: 2,
+            rows: &own[2 * d..7 * d],
+        }];
+        let got = run_once(m.as_mut(), toks, &part, Positions::Sequential).unwrap();
+        assert!(got == want, "{name}: rows 2..7 given");
+
+        // Other tokens' rows at 2..7 (an image span, say): the logits of the
+        // sequence holding those tokens, and not the original's.
+        let mut other: Vec<u32> = toks.to_vec();
+        for t in &mut other[2..7] {
+            *t = (*t + 7) % m.info().vocab_size as u32;
+        }
+        let mut rows = vec![0.0; 5 * d];
+        m.token_embeddings(&other[2..7], &mut rows).unwrap();
+        let span = [EmbedRows { at: 2, rows: &rows }];
+        let got = run_once(m.as_mut(), toks, &span, Positions::Sequential).unwrap();
+        let swapped = run_once(m.as_mut(), &other, &[], Positions::Sequential).unwrap();
+        assert!(got == swapped, "{name}: given rows stand for their tokens");
+        assert!(got != want, "{name}: given rows change the logits");
+
+        let ids: Vec<u32> = (0..n as u32).collect();
+        let got = run_once(m.as_mut(), toks, &[], Positions::Ids(&ids)).unwrap();
+        assert!(got == want, "{name}: position ids as data");
+        let streams: Vec<[u32; 3]> = ids.iter().map(|&i| [i; 3]).collect();
+        let got = run_once(m.as_mut(), toks, &[], Positions::MRope(&streams)).unwrap();
+        assert!(got == want, "{name}: three equal streams");
+        let shifted: Vec<u32> = (5..5 + n as u32).collect();
+        let got = run_once(m.as_mut(), toks, &[], Positions::Ids(&shifted)).unwrap();
+        assert!(got != want, "{name}: the ids are what rotates");
+
+        // Malformed inputs are refused before anything runs.
+        let ragged = [EmbedRows {
+            at: 0,
+            rows: &own[..d + 1],
+        }];
+        let bad_rows = [EmbedRows {
+            at: n - 1,
+            rows: &own[..2 * d],
+        }];
+        let overlap = [
+            EmbedRows {
+                at: 2,
+                rows: &own[..2 * d],
+            },
+            EmbedRows {
+                at: 3,
+                rows: &own[..d],
+            },
+        ];
+        for (what, embeds, positions) in [
+            ("a partial row", &ragged[..], Positions::Sequential),
+            ("rows past the end", &bad_rows[..], Positions::Sequential),
+            ("overlapping spans", &overlap[..], Positions::Sequential),
+            ("too few ids", &[][..], Positions::Ids(&ids[1..])),
+        ] {
+            let err = run_once(m.as_mut(), toks, embeds, positions).unwrap_err();
+            assert!(
+                matches!(err, embody_engine::Error::InvalidRequest(_)),
+                "{name}: {what}: {err}"
+            );
+        }
     }
 }
 

@@ -36,6 +36,8 @@ fn one_by_one(m: &mut dyn Model, tokens: &[u32]) -> Vec<Vec<f32>> {
         let b = [SeqBatch {
             tokens: std::slice::from_ref(t),
             start_pos: p,
+            embeds: &[],
+            positions: Default::default(),
             table: &table,
             logits: Logits::Last,
         }];
@@ -67,6 +69,8 @@ fn prefill_equals_token_by_token_decode() {
     let b = [SeqBatch {
         tokens: &PROMPT,
         start_pos: 0,
+        embeds: &[],
+        positions: Default::default(),
         table: &table,
         logits: Logits::All,
     }];
@@ -99,6 +103,8 @@ fn ragged_batch_of_two_sequences_equals_each_alone() {
     let first = [SeqBatch {
         tokens: &a[..4],
         start_pos: 0,
+        embeds: &[],
+        positions: Default::default(),
         table: &ta,
         logits: Logits::None,
     }];
@@ -108,12 +114,16 @@ fn ragged_batch_of_two_sequences_equals_each_alone() {
         SeqBatch {
             tokens: &a[4..],
             start_pos: 4,
+            embeds: &[],
+            positions: Default::default(),
             table: &ta,
             logits: Logits::Last,
         },
         SeqBatch {
             tokens: b,
             start_pos: 0,
+            embeds: &[],
+            positions: Default::default(),
             table: &tb,
             logits: Logits::All,
         },
@@ -142,6 +152,8 @@ fn shared_prefix_blocks_serve_a_second_sequence() {
     let b = [SeqBatch {
         tokens: &PROMPT[..8],
         start_pos: 0,
+        embeds: &[],
+        positions: Default::default(),
         table: &first,
         logits: Logits::None,
     }];
@@ -152,6 +164,8 @@ fn shared_prefix_blocks_serve_a_second_sequence() {
     let b = [SeqBatch {
         tokens: &PROMPT[8..],
         start_pos: 8,
+        embeds: &[],
+        positions: Default::default(),
         table: &second,
         logits: Logits::Last,
     }];
@@ -178,6 +192,8 @@ fn bad_batches_are_refused_with_a_reason() {
         let b = [SeqBatch {
             tokens,
             start_pos: start,
+            embeds: &[],
+            positions: Default::default(),
             table: &table,
             logits: Logits::All,
         }];

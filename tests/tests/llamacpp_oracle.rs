@@ -107,6 +107,8 @@ fn teacher_forced_gaps(f: &Fixture) -> Vec<Vec<f32>> {
         let b = [SeqBatch {
             tokens: &seq,
             start_pos: 0,
+            embeds: &[],
+            positions: Default::default(),
             table: &table,
             logits: Logits::All,
         }];

@@ -42,7 +42,7 @@ struct ModelArgs {
     /// Compute threads (0: one per core).
     #[arg(long, short = 't', default_value_t = 0)]
     threads: usize,
-    /// Backend: cpu, cuda or vulkan.
+    /// Backend: cpu, reference (the scalar oracle: slow), cuda or vulkan.
     #[arg(long, default_value = "cpu")]
     backend: String,
 }

@@ -54,7 +54,8 @@ pub struct ModelConfig {
     /// (`$EMBODY_MODELS`, else `~/.cache/embody/models`); `~/` is the home folder.
     /// Default: "SmolLM2-135M-Instruct.Q4_1.gguf".
     pub path: String,
-    /// The backend: "cpu", "cuda" or "vulkan". Default: "cpu".
+    /// The backend: "cpu", "reference" (the scalar oracle, slow), "cuda" or
+    /// "vulkan". Default: "cpu".
     pub backend: String,
     /// Compute threads; 0 means one per core. Default: 0.
     pub threads: usize,

@@ -7,6 +7,7 @@
 //! [`Error::NotCompiled`](crate::Error::NotCompiled).
 
 pub mod cpu;
+pub mod reference;
 
 use crate::kv_cache::{BlockTable, KvCache};
 use crate::tensor::QTensor;
@@ -118,6 +119,7 @@ pub struct MatOut<'a> {
 }
 
 /// Buffers a backend needs for one forward pass, sized once at load.
+#[derive(Default)]
 pub struct Workspace {
     /// Activations quantized for the integer dot products.
     pub(crate) act: Vec<u8>,
@@ -289,6 +291,8 @@ pub enum BackendKind {
     /// The CPU, with the best SIMD path the processor supports.
     #[default]
     Cpu,
+    /// The scalar reference of every operation, one thread: the oracle.
+    Reference,
     /// NVIDIA GPUs through CUDA.
     Cuda,
     /// GPUs through Vulkan compute.
@@ -300,10 +304,11 @@ impl std::str::FromStr for BackendKind {
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "cpu" => Ok(Self::Cpu),
+            "reference" => Ok(Self::Reference),
             "cuda" => Ok(Self::Cuda),
             "vulkan" => Ok(Self::Vulkan),
             other => Err(Error::InvalidRequest(format!(
-                "unknown backend '{other}' (cpu, cuda, vulkan)"
+                "unknown backend '{other}' (cpu, reference, cuda, vulkan)"
             ))),
         }
     }
@@ -313,6 +318,7 @@ impl std::str::FromStr for BackendKind {
 pub fn create(kind: BackendKind, threads: usize) -> Result<Box<dyn Backend>> {
     match kind {
         BackendKind::Cpu => Ok(Box::new(cpu::CpuBackend::new(threads))),
+        BackendKind::Reference => Ok(Box::new(reference::ReferenceBackend)),
         BackendKind::Cuda => Err(Error::NotCompiled("cuda")),
         BackendKind::Vulkan => Err(Error::NotCompiled("vulkan")),
     }

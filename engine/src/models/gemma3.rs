@@ -21,52 +21,16 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use crate::backend::cpu::dequantize_row;
-use crate::backend::par_chunks;
-use crate::backend::{AttnParams, Backend, MatIn, MatOut, Workspace};
+use crate::backend::Backend;
 use crate::gguf::{Gguf, Value};
-use crate::kv_cache::{KvCache, KvLayout};
+use crate::kv_cache::KvCache;
+use crate::models::trunk::{Act, BlockSpec, Spec, Trunk};
 use crate::models::{
-    check_batch, gather_logit_rows, gguf_f32, gguf_usize, hf_sliding_layers, rope_rows,
-    sliding_window, with_attn_seqs, Dims, HeadNorms, HfRope, LoadOptions, Model, ModelInfo, Rope,
+    gguf_f32, gguf_usize, hf_sliding_layers, Dims, HfRope, LoadOptions, Model, ModelInfo, Rope,
     SeqBatch, Source,
 };
-use crate::ops::{self, RopeStyle};
-use crate::tensor::QTensor;
+use crate::ops::RopeStyle;
 use crate::{Error, Result};
-
-/// Hyper-parameters, from the file's `gemma3.*` keys or `config.json`.
-#[derive(Clone, Debug)]
-pub struct Gemma3Config {
-    /// Transformer blocks.
-    pub n_layers: usize,
-    /// Residual stream width.
-    pub d_model: usize,
-    /// MLP hidden width.
-    pub d_ff: usize,
-    /// Query heads.
-    pub n_heads: usize,
-    /// KV heads (GQA).
-    pub n_kv_heads: usize,
-    /// Elements per head (all of them rotate).
-    pub head_dim: usize,
-    /// Multiplier of q·k.
-    pub attn_scale: f32,
-    /// RoPE of the global (full-attention) layers.
-    pub rope_global: RopeBase,
-    /// RoPE of the sliding-window layers.
-    pub rope_local: RopeBase,
-    /// RMSNorm epsilon.
-    pub rms_eps: f32,
-    /// Vocabulary size.
-    pub vocab_size: usize,
-    /// Trained context.
-    pub context_length: usize,
-    /// Per layer: the sliding window, or `None` for a global layer.
-    pub windows: Vec<Option<usize>>,
-    /// `cap * tanh(logit / cap)` on the output, when set.
-    pub final_logit_softcap: Option<f32>,
-}
 
 /// One RoPE variant: base frequency and linear position scaling.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -164,7 +128,60 @@ fn pattern_slides(pattern: usize, i: usize) -> bool {
     pattern == 0 || i % pattern < pattern - 1
 }
 
-impl Gemma3Config {
+/// The parts of Gemma 3's config the trunk's [`Spec`] is made from.
+struct Parts {
+    dims: Dims,
+    attn_scale: f32,
+    rope_global: RopeBase,
+    rope_local: RopeBase,
+    rms_eps: f32,
+    windows: Vec<Option<usize>>,
+    final_softcap: Option<f32>,
+}
+
+impl Parts {
+    /// Two RoPE variants (global, local), each layer's chosen by whether it
+    /// slides; post-norms and head norms in every block; embeddings scaled by
+    /// `sqrt(d_model)`.
+    fn spec(self, is_hf: bool) -> Spec {
+        let hd = self.dims.head_dim;
+        let rope = |r: RopeBase| {
+            Rope {
+                base: r.base,
+                linear_factor: r.linear_factor,
+                freq_factors: None,
+            }
+            .spec(hd, RopeStyle::Halves)
+        };
+        Spec {
+            arch: "gemma3",
+            embed_scale: Some((self.dims.d_model as f32).sqrt()),
+            dims: self.dims,
+            rms_eps: self.rms_eps,
+            attn_scale: self.attn_scale,
+            ropes: vec![rope(self.rope_global), rope(self.rope_local)],
+            layer_rope: self
+                .windows
+                .iter()
+                .map(|w| usize::from(w.is_some()))
+                .collect(),
+            windows: self.windows,
+            window_key: if is_hf {
+                "sliding_window"
+            } else {
+                "gemma3.attention.sliding_window"
+            },
+            blocks: BlockSpec {
+                qkv_bias: false,
+                head_norms: true,
+                post_norms: true,
+                // Folder norms store w for a scale of (1 + w); GGUF files store 1 + w.
+                norm_shift: if is_hf { 1.0 } else { 0.0 },
+            },
+            final_softcap: self.final_softcap,
+        }
+    }
+
     fn from_gguf(g: &Gguf) -> Result<Self> {
         let key = |k: &str| format!("gemma3.{k}");
         let d = Dims::from_gguf(g, "gemma3")?;
@@ -217,12 +234,6 @@ impl Gemma3Config {
         };
         let softcap = gguf_f32(g, &key("final_logit_softcapping"), 0.0)?;
         Ok(Self {
-            n_layers: d.n_layers,
-            d_model: d.d_model,
-            d_ff: d.d_ff,
-            n_heads: d.n_heads,
-            n_kv_heads: d.n_kv_heads,
-            head_dim: d.head_dim,
             attn_scale,
             rope_global: RopeBase {
                 base: gguf_f32(g, &key("rope.freq_base"), 1_000_000.0)?,
@@ -233,10 +244,9 @@ impl Gemma3Config {
                 linear_factor: 1.0,
             },
             rms_eps: gguf_f32(g, &key("attention.layer_norm_rms_epsilon"), 1e-6)?,
-            vocab_size: d.vocab_size,
-            context_length: d.context_length,
             windows: sliding.iter().map(|&s| s.then_some(window)).collect(),
-            final_logit_softcap: (softcap > 0.0).then_some(softcap),
+            final_softcap: (softcap > 0.0).then_some(softcap),
+            dims: d,
         })
     }
 
@@ -328,208 +338,46 @@ impl Gemma3Config {
             ),
         };
         Ok(Self {
-            n_layers: d.n_layers,
-            d_model: d.d_model,
-            d_ff: d.d_ff,
-            n_heads: d.n_heads,
-            n_kv_heads: d.n_kv_heads,
-            head_dim: d.head_dim,
             attn_scale: 1.0 / (c.query_pre_attn_scalar as f32).sqrt(),
             rope_global,
             rope_local,
             rms_eps: c.rms_norm_eps,
-            vocab_size: d.vocab_size,
-            context_length: d.context_length,
             windows: sliding
                 .iter()
                 .map(|&s| s.then_some(c.sliding_window))
                 .collect(),
-            final_logit_softcap: c.final_logit_softcapping.filter(|&v| v > 0.0),
+            final_softcap: c.final_logit_softcapping.filter(|&v| v > 0.0),
+            dims: d,
         })
     }
 }
 
-/// One transformer block's weights. Norm vectors hold the full scale (`1 + w`
-/// of the Hugging Face weights).
-struct Layer {
-    attn_norm: Vec<f32>,      // [d_model]
-    wq: QTensor,              // [d_model -> n_heads * head_dim]
-    wk: QTensor,              // [d_model -> n_kv_heads * head_dim]
-    wv: QTensor,              // [d_model -> n_kv_heads * head_dim]
-    q_norm: Vec<f32>,         // [head_dim]
-    k_norm: Vec<f32>,         // [head_dim]
-    wo: QTensor,              // [n_heads * head_dim -> d_model]
-    post_attn_norm: Vec<f32>, // [d_model]
-    ffn_norm: Vec<f32>,       // [d_model]
-    w_gate: QTensor,          // [d_model -> d_ff]
-    w_up: QTensor,            // [d_model -> d_ff]
-    w_down: QTensor,          // [d_ff -> d_model]
-    post_ffn_norm: Vec<f32>,  // [d_model]
-}
-
-/// Read-only weights.
-struct Weights {
-    tok_embd: QTensor, // [d_model, vocab] (row per token)
-    layers: Vec<Layer>,
-    output_norm: Vec<f32>, // [d_model]
-    output: QTensor,       // [d_model -> vocab], tok_embd unless the file has its own
-}
-
-/// Per-forward scratch, sized at load for `max_batch_tokens` rows. Buffers
-/// whose lives do not overlap share one: the queries and the attention
-/// output live in `gate` until the MLP needs it, the projections back to the
-/// residual in `up`, the rows that want logits in `xn` after the last layer.
-struct Scratch {
-    x: Vec<f32>,                  // [T, d_model] residual stream
-    xn: Vec<f32>,                 // [T, d_model] normed input; then logit rows
-    k: Vec<f32>,                  // [T, n_kv_heads * head_dim]
-    v: Vec<f32>,                  // [T, n_kv_heads * head_dim]
-    gate: Vec<f32>, // [T, max(d_ff, 2 * n_heads * head_dim)]: q and attention, then gate
-    up: Vec<f32>,   // [T, max(d_ff, d_model)]: projections, then up
-    rope_global: Vec<(f32, f32)>, // [T, head_dim / 2]
-    rope_local: Vec<(f32, f32)>, // [T, head_dim / 2]
-}
-
 /// A loaded Gemma 3 model.
 pub struct Gemma3 {
-    cfg: Gemma3Config,
-    info: ModelInfo,
-    w: Weights,
-    backend: Arc<dyn Backend>,
-    s: Scratch,
-    ws: Workspace,
+    t: Trunk,
 }
 
 impl Gemma3 {
     /// Loads a `gemma3` GGUF file or a Gemma 3 folder.
     pub fn load(src: &Source<'_>, backend: Arc<dyn Backend>, opts: LoadOptions) -> Result<Self> {
-        let cfg = match src.gguf() {
-            Some(g) => Gemma3Config::from_gguf(g)?,
-            None => Gemma3Config::from_hf(src)?,
+        let parts = match src.gguf() {
+            Some(g) => Parts::from_gguf(g)?,
+            None => Parts::from_hf(src)?,
         };
-        let (d, hd) = (cfg.d_model, cfg.head_dim);
-        let (qd, kvd) = (cfg.n_heads * hd, cfg.n_kv_heads * hd);
-        // Folder norms store w for a scale of (1 + w); GGUF files store 1 + w.
-        let shift = if src.is_hf() { 1.0 } else { 0.0 };
-        let norm = |name: &str, len: usize| -> Result<Vec<f32>> {
-            let mut v = src.vector(name, len)?;
-            v.iter_mut().for_each(|x| *x += shift);
-            Ok(v)
-        };
-        let tok_embd = src.tensor(
-            &src.name("token_embd.weight", "model.embed_tokens.weight"),
-            &[d, cfg.vocab_size],
-        )?;
-        let mut layers = Vec::with_capacity(cfg.n_layers);
-        for i in 0..cfg.n_layers {
-            let n = |gguf: &str, hf: &str| src.layer_name(i, gguf, hf);
-            layers.push(Layer {
-                attn_norm: norm(&n("attn_norm.weight", "input_layernorm.weight"), d)?,
-                wq: src.tensor(&n("attn_q.weight", "self_attn.q_proj.weight"), &[d, qd])?,
-                wk: src.tensor(&n("attn_k.weight", "self_attn.k_proj.weight"), &[d, kvd])?,
-                wv: src.tensor(&n("attn_v.weight", "self_attn.v_proj.weight"), &[d, kvd])?,
-                q_norm: norm(&n("attn_q_norm.weight", "self_attn.q_norm.weight"), hd)?,
-                k_norm: norm(&n("attn_k_norm.weight", "self_attn.k_norm.weight"), hd)?,
-                wo: src.tensor(
-                    &n("attn_output.weight", "self_attn.o_proj.weight"),
-                    &[qd, d],
-                )?,
-                post_attn_norm: norm(
-                    &n(
-                        "post_attention_norm.weight",
-                        "post_attention_layernorm.weight",
-                    ),
-                    d,
-                )?,
-                ffn_norm: norm(&n("ffn_norm.weight", "pre_feedforward_layernorm.weight"), d)?,
-                w_gate: src.tensor(
-                    &n("ffn_gate.weight", "mlp.gate_proj.weight"),
-                    &[d, cfg.d_ff],
-                )?,
-                w_up: src.tensor(&n("ffn_up.weight", "mlp.up_proj.weight"), &[d, cfg.d_ff])?,
-                w_down: src.tensor(
-                    &n("ffn_down.weight", "mlp.down_proj.weight"),
-                    &[cfg.d_ff, d],
-                )?,
-                post_ffn_norm: norm(
-                    &n("post_ffw_norm.weight", "post_feedforward_layernorm.weight"),
-                    d,
-                )?,
-            });
-        }
-        let output = src.output_or_tied(
-            "output.weight",
-            "lm_head.weight",
-            &[d, cfg.vocab_size],
-            &tok_embd,
-        )?;
-        let w = Weights {
-            tok_embd,
-            layers,
-            output_norm: norm(&src.name("output_norm.weight", "model.norm.weight"), d)?,
-            output,
-        };
-
-        let ctx = if opts.context_length == 0 {
-            cfg.context_length
-        } else {
-            opts.context_length
-        };
-        let t = opts.max_batch_tokens.max(1);
-        let s = Scratch {
-            x: vec![0.0; t * d],
-            xn: vec![0.0; t * d],
-            k: vec![0.0; t * kvd],
-            v: vec![0.0; t * kvd],
-            gate: vec![0.0; t * cfg.d_ff.max(2 * qd)],
-            up: vec![0.0; t * cfg.d_ff.max(d)],
-            rope_global: vec![(0.0, 0.0); t * (hd / 2)],
-            rope_local: vec![(0.0, 0.0); t * (hd / 2)],
-        };
-        let ws = backend.workspace(t, d.max(cfg.d_ff).max(qd), ctx);
-        let sliding: Vec<bool> = cfg.windows.iter().map(Option::is_some).collect();
-        let size = cfg.windows.iter().flatten().copied().next().unwrap_or(0);
-        let key = if src.is_hf() {
-            "sliding_window"
-        } else {
-            "gemma3.attention.sliding_window"
-        };
-        let window = sliding_window(&sliding, size, |m| src.meta_err(key, m))?;
-        let name = match src.gguf() {
-            Some(g) => g
-                .get("general.name")
-                .and_then(|_| g.get_str("general.name").ok())
-                .map(String::from),
-            None => None,
-        };
-        let info = ModelInfo {
-            arch: "gemma3".into(),
-            name,
-            vocab_size: cfg.vocab_size,
-            context_length: ctx,
-            kv: KvLayout {
-                n_layers: cfg.n_layers,
-                n_kv_heads: cfg.n_kv_heads,
-                head_dim: hd,
-                block_size: opts.block_size,
-                window,
-            },
-            max_batch_tokens: t,
-        };
+        let spec = parts.spec(src.is_hf());
         Ok(Self {
-            cfg,
-            info,
-            w,
-            backend,
-            s,
-            ws,
+            t: Trunk::load(src, spec, backend, opts)?,
         })
     }
 }
 
 impl Model for Gemma3 {
     fn info(&self) -> &ModelInfo {
-        &self.info
+        self.t.info()
+    }
+
+    fn token_embeddings(&self, tokens: &[u32], out: &mut [f32]) -> Result<()> {
+        self.t.token_embeddings(tokens, out)
     }
 
     fn forward(
@@ -538,151 +386,19 @@ impl Model for Gemma3 {
         kv: &mut KvCache,
         logits: &mut [f32],
     ) -> Result<()> {
-        let c = &self.cfg;
-        let (d, hd) = (c.d_model, c.head_dim);
-        let (qd, kvd) = (c.n_heads * hd, c.n_kv_heads * hd);
-        let n: usize = batch.iter().map(|b| b.tokens.len()).sum();
-        let n_out: usize = batch.iter().map(SeqBatch::logit_rows).sum();
-        check_batch(batch, n, n_out, &self.info, kv, logits.len())?;
-        let (s, w, be, ws) = (&mut self.s, &self.w, &*self.backend, &mut self.ws);
-
+        let t = &mut self.t;
         // Embeddings scaled by sqrt(d_model), and both sets of rotary angles.
-        let half = hd / 2;
-        let embed_scale = (d as f32).sqrt();
-        let mut row = 0;
-        for b in batch {
-            for (i, &tok) in b.tokens.iter().enumerate() {
-                let x = &mut s.x[row * d..(row + 1) * d];
-                dequantize_row(&w.tok_embd, tok as usize, x);
-                ops::scale_inplace(x, embed_scale);
-                let pos = (b.start_pos + i) as f32;
-                let (g, l) = (c.rope_global, c.rope_local);
-                let rows = row * half..(row + 1) * half;
-                ops::rope_angles(
-                    pos / g.linear_factor,
-                    g.base,
-                    hd,
-                    None,
-                    &mut s.rope_global[rows.clone()],
-                );
-                ops::rope_angles(
-                    pos / l.linear_factor,
-                    l.base,
-                    hd,
-                    None,
-                    &mut s.rope_local[rows],
-                );
-                row += 1;
-            }
-        }
-
-        for (li, l) in w.layers.iter().enumerate() {
-            // Attention: norm, project, norm each Q/K head, rotate (local or global
-            // base), store K/V, attend (through the window on sliding layers),
-            // project back, post-norm, add.
-            let (q, attn) = s.gate.split_at_mut(n * qd);
-            let qkv = &mut [
-                MatOut {
-                    w: &l.wq,
-                    y: &mut *q,
-                },
-                MatOut {
-                    w: &l.wk,
-                    y: &mut s.k,
-                },
-                MatOut {
-                    w: &l.wv,
-                    y: &mut s.v,
-                },
-            ];
-            // The norm is made row by row as the input is quantized.
-            let normed = MatIn::RmsNorm {
-                x: &s.x[..n * d],
-                weight: &l.attn_norm,
-                eps: c.rms_eps,
-            };
-            be.matmul_group_in(normed, n, qkv, ws);
-            let window = c.windows[li];
-            let rope = if window.is_some() {
-                &s.rope_local
-            } else {
-                &s.rope_global
-            };
-            rope_rows(
-                be,
-                &mut q[..],
-                &mut s.k[..n * kvd],
-                (qd, kvd),
-                hd,
-                RopeStyle::Halves,
-                rope,
-                half,
-                Some(HeadNorms {
-                    q: &l.q_norm,
-                    k: &l.k_norm,
-                    eps: c.rms_eps,
-                }),
-            );
-            let mut r = 0;
-            for b in batch {
-                for i in 0..b.tokens.len() {
-                    let (k, v) = (&s.k[r * kvd..(r + 1) * kvd], &s.v[r * kvd..(r + 1) * kvd]);
-                    kv.write(li, b.table, b.start_pos + i, k, v);
-                    r += 1;
-                }
-            }
-            let p = AttnParams {
-                layer: li,
-                n_heads: c.n_heads,
-                n_kv_heads: c.n_kv_heads,
-                head_dim: hd,
-                scale: c.attn_scale,
-                window,
-            };
-            with_attn_seqs(batch, |seqs| be.attention(&p, q, kv, seqs, attn, ws));
-            be.matmul(&l.wo, &attn[..n * qd], n, &mut s.up, ws);
-            par_chunks(be, &mut s.up[..n * d], l.post_attn_norm.len(), &|_, r| {
-                ops::rms_norm_inplace(r, &l.post_attn_norm, c.rms_eps)
-            });
-            ops::add_inplace(&mut s.x[..n * d], &s.up[..n * d]);
-
+        t.embed(batch, kv, logits)?;
+        for li in 0..t.n_layers() {
+            // Attention: norm, project, norm each Q/K head, rotate (local or
+            // global base), store K/V, attend (through the window on sliding
+            // layers), project back, post-norm, add.
+            t.attention(li, batch, kv);
             // MLP: norm, GeGLU, project back, post-norm, add.
-            let gate_up = &mut [
-                MatOut {
-                    w: &l.w_gate,
-                    y: &mut s.gate,
-                },
-                MatOut {
-                    w: &l.w_up,
-                    y: &mut s.up,
-                },
-            ];
-            let normed = MatIn::RmsNorm {
-                x: &s.x[..n * d],
-                weight: &l.ffn_norm,
-                eps: c.rms_eps,
-            };
-            be.matmul_group_in(normed, n, gate_up, ws);
-            // gelu(gate) * up is made row by row as the input is quantized.
-            let act = MatIn::GeGlu {
-                gate: &s.gate[..n * c.d_ff],
-                up: &s.up[..n * c.d_ff],
-            };
-            be.matmul_in(&l.w_down, act, n, &mut s.xn[..n * d], ws);
-            par_chunks(be, &mut s.xn[..n * d], l.post_ffn_norm.len(), &|_, r| {
-                ops::rms_norm_inplace(r, &l.post_ffn_norm, c.rms_eps)
-            });
-            ops::add_inplace(&mut s.x[..n * d], &s.xn[..n * d]);
+            t.mlp(li, Act::GeGlu);
         }
-
         // Final norm, output head and soft-capping, only for the rows asked for.
-        gather_logit_rows(batch, &s.x, d, &mut s.xn);
-        ops::rms_norm_inplace(&mut s.xn[..n_out * d], &w.output_norm, c.rms_eps);
-        be.matmul(&w.output, &s.xn[..n_out * d], n_out, logits, ws);
-        if let Some(cap) = c.final_logit_softcap {
-            ops::softcap_inplace(&mut logits[..n_out * c.vocab_size], cap);
-        }
-        Ok(())
+        t.logits(batch, logits)
     }
 }
 

@@ -13,6 +13,7 @@ pub mod gemma3;
 pub mod llama;
 pub mod qwen2;
 pub mod qwen3;
+mod trunk;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -20,7 +21,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use crate::backend::cpu::dequantize_row;
-use crate::backend::{AttnSeq, Backend};
+use crate::backend::Backend;
 use crate::gguf::Gguf;
 use crate::hf::HfFolder;
 use crate::kv_cache::{BlockTable, KvLayout, LayerSet, SlidingWindow};
@@ -41,10 +42,17 @@ pub enum Logits {
 /// One sequence's part of a batch.
 #[derive(Clone, Copy, Debug)]
 pub struct SeqBatch<'a> {
-    /// New tokens to run.
+    /// New tokens to run. Rows given in `embeds` keep their placeholder ids
+    /// here (an image's pad token), which the prefix cache keys on.
     pub tokens: &'a [u32],
-    /// Absolute position of `tokens[0]`; earlier positions are in the cache.
+    /// Rows that enter as given embeddings instead of their token's (image
+    /// patches after the vision encoder), in order, not overlapping.
+    pub embeds: &'a [EmbedRows<'a>],
+    /// Absolute position of `tokens[0]` in the cache; earlier positions are
+    /// there already.
     pub start_pos: usize,
+    /// The position ids each new row is rotated by.
+    pub positions: Positions<'a>,
     /// Blocks holding positions `0..start_pos + tokens.len()` (for sliding-window
     /// layers, the window of every new token).
     pub table: &'a BlockTable,
@@ -52,7 +60,46 @@ pub struct SeqBatch<'a> {
     pub logits: Logits,
 }
 
-impl SeqBatch<'_> {
+/// Embedding rows given for a run of a sequence's new rows.
+#[derive(Clone, Copy, Debug)]
+pub struct EmbedRows<'a> {
+    /// Index of the first row within the sequence's new tokens.
+    pub at: usize,
+    /// `[k, d_model]` values for rows `at..at + k`.
+    pub rows: &'a [f32],
+}
+
+/// The position ids of a sequence's new rows.
+#[derive(Clone, Copy, Debug, Default)]
+pub enum Positions<'a> {
+    /// Row `i` is at `start_pos + i` (text).
+    #[default]
+    Sequential,
+    /// One id per new row.
+    Ids(&'a [u32]),
+    /// Temporal, height and width ids per new row (multimodal RoPE; text rows
+    /// carry the same id three times).
+    MRope(&'a [[u32; 3]]),
+}
+
+impl<'a> SeqBatch<'a> {
+    /// `tokens` at positions `start_pos..`, with token embeddings.
+    pub fn text(
+        tokens: &'a [u32],
+        start_pos: usize,
+        table: &'a BlockTable,
+        logits: Logits,
+    ) -> Self {
+        Self {
+            tokens,
+            embeds: &[],
+            start_pos,
+            positions: Positions::Sequential,
+            table,
+            logits,
+        }
+    }
+
     /// Logit rows this sequence contributes.
     pub fn logit_rows(&self) -> usize {
         match self.logits {
@@ -72,6 +119,8 @@ pub struct ModelInfo {
     pub name: Option<String>,
     /// Rows of logits (the vocabulary size).
     pub vocab_size: usize,
+    /// Width of an embedding row (the residual stream).
+    pub d_model: usize,
     /// Positions the model was trained for.
     pub context_length: usize,
     /// The paged KV cache shape the model needs (block size left to the caller).
@@ -94,6 +143,11 @@ pub trait Model: Send {
         kv: &mut crate::kv_cache::KvCache,
         logits: &mut [f32],
     ) -> Result<()>;
+
+    /// The rows the model's embedding gives `tokens` (`[tokens.len(), d_model]`
+    /// into `out`, scaled as its forward scales them): what a batch's
+    /// [`EmbedRows`] replace.
+    fn token_embeddings(&self, tokens: &[u32], out: &mut [f32]) -> Result<()>;
 }
 
 /// Load options.
@@ -128,44 +182,6 @@ pub const SUPPORTED_HF: &[&str] = &[
     "Gemma3ForCausalLM",
     "Gemma3ForConditionalGeneration",
 ];
-
-/// RMSNorm weights of each query and key head (Qwen3, Gemma 3), applied
-/// before the rotation.
-#[derive(Clone, Copy)]
-pub(crate) struct HeadNorms<'a> {
-    pub q: &'a [f32],
-    pub k: &'a [f32],
-    pub eps: f32,
-}
-
-/// Rotates every head of the `n` rows of `q` (`qd` wide) and `k` (`kvd` wide),
-/// row `r` by the angles `rope[r * half..][..half]`, after normalising each
-/// head where the model has head norms: one pass on the backend's threads.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn rope_rows(
-    be: &dyn Backend,
-    q: &mut [f32],
-    k: &mut [f32],
-    (qd, kvd): (usize, usize),
-    hd: usize,
-    style: crate::ops::RopeStyle,
-    rope: &[(f32, f32)],
-    half: usize,
-    norms: Option<HeadNorms<'_>>,
-) {
-    crate::backend::par_rows2(be, (q, qd), (k, kvd), &|r0, q, k| {
-        let rows = q.chunks_exact_mut(qd).zip(k.chunks_exact_mut(kvd));
-        for (r, (qr, kr)) in (r0..).zip(rows) {
-            if let Some(n) = norms {
-                crate::ops::rms_norm_inplace(qr, n.q, n.eps);
-                crate::ops::rms_norm_inplace(kr, n.k, n.eps);
-            }
-            let cs = &rope[r * half..(r + 1) * half];
-            crate::ops::rope_apply(qr, hd, style, cs);
-            crate::ops::rope_apply(kr, hd, style, cs);
-        }
-    });
-}
 
 /// Loads the model in a GGUF file for the given backend.
 pub fn load_gguf(
@@ -597,6 +613,18 @@ pub(crate) struct Rope {
 }
 
 impl Rope {
+    /// The trunk's RoPE over the first `dim` elements of each head, paired as `style` says.
+    pub(crate) fn spec(self, dim: usize, style: crate::ops::RopeStyle) -> trunk::RopeSpec {
+        trunk::RopeSpec {
+            base: self.base,
+            linear_factor: self.linear_factor,
+            dim,
+            style,
+            freq_factors: self.freq_factors,
+            sections: None,
+        }
+    }
+
     /// RoPE from a Hugging Face config: `rope_parameters` (transformers 5) or
     /// `rope_theta` with `rope_scaling`; `field` names the field for errors.
     pub(crate) fn from_hf(
@@ -710,109 +738,6 @@ pub(crate) fn sliding_window(
         size: window,
         layers,
     }))
-}
-
-/// Calls `f` with the batch described as attention sequences, without allocating
-/// for the common small batches.
-pub(crate) fn with_attn_seqs<R>(batch: &[SeqBatch<'_>], f: impl FnOnce(&[AttnSeq<'_>]) -> R) -> R {
-    const INLINE: usize = 16;
-    fn to_seq<'a>(b: &SeqBatch<'a>) -> AttnSeq<'a> {
-        AttnSeq {
-            table: b.table,
-            start_pos: b.start_pos,
-            n_tokens: b.tokens.len(),
-        }
-    }
-    if batch.len() <= INLINE {
-        let empty = BlockTable::new();
-        let mut arr = [AttnSeq {
-            table: &empty,
-            start_pos: 0,
-            n_tokens: 0,
-        }; INLINE];
-        for (a, b) in arr.iter_mut().zip(batch) {
-            *a = to_seq(b);
-        }
-        f(&arr[..batch.len()])
-    } else {
-        let v: Vec<AttnSeq<'_>> = batch.iter().map(to_seq).collect();
-        f(&v)
-    }
-}
-
-/// Copies the residual rows whose logits were asked for into `out`, in batch order.
-pub(crate) fn gather_logit_rows(batch: &[SeqBatch<'_>], x: &[f32], d: usize, out: &mut [f32]) {
-    let (mut row, mut o) = (0, 0);
-    for b in batch {
-        let n = b.tokens.len();
-        let first = n - b.logit_rows();
-        for r in row + first..row + n {
-            out[o * d..(o + 1) * d].copy_from_slice(&x[r * d..(r + 1) * d]);
-            o += 1;
-        }
-        row += n;
-    }
-}
-
-/// Rejects a batch the model cannot run, before any state changes.
-pub(crate) fn check_batch(
-    batch: &[SeqBatch<'_>],
-    n: usize,
-    n_out: usize,
-    info: &ModelInfo,
-    kv: &crate::kv_cache::KvCache,
-    logits_len: usize,
-) -> Result<()> {
-    if n == 0 {
-        return Err(Error::InvalidRequest("empty batch".into()));
-    }
-    if n > info.max_batch_tokens {
-        return Err(Error::InvalidRequest(format!(
-            "batch of {n} tokens exceeds max_batch_tokens {}",
-            info.max_batch_tokens
-        )));
-    }
-    if logits_len < n_out * info.vocab_size {
-        return Err(Error::InvalidRequest("logits buffer too small".into()));
-    }
-    if kv.layout() != info.kv {
-        return Err(Error::InvalidRequest(
-            "KV cache layout does not match the model".into(),
-        ));
-    }
-    let bs = info.kv.block_size;
-    for b in batch {
-        let end = b.start_pos + b.tokens.len();
-        if end > info.context_length {
-            return Err(Error::InvalidRequest(format!(
-                "sequence of {end} positions exceeds the context length {}",
-                info.context_length
-            )));
-        }
-        if end > b.table.capacity(bs) {
-            return Err(Error::InvalidRequest(format!(
-                "block table holds {} positions, batch needs {end}",
-                b.table.capacity(bs)
-            )));
-        }
-        if let Some(w) = info.kv.window {
-            let first_visible = (b.start_pos + 1).saturating_sub(w.size);
-            if end > b.table.window.len() * bs || first_visible < b.table.window_start(bs) {
-                return Err(Error::InvalidRequest(format!(
-                    "block table's sliding-window blocks hold positions {}..{}, batch needs {first_visible}..{end}",
-                    b.table.window_start(bs),
-                    b.table.window.len() * bs
-                )));
-            }
-        }
-        if let Some(&t) = b.tokens.iter().find(|&&t| t as usize >= info.vocab_size) {
-            return Err(Error::InvalidRequest(format!(
-                "token id {t} outside the vocabulary ({})",
-                info.vocab_size
-            )));
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

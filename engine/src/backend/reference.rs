@@ -1,0 +1,156 @@
+//! The scalar reference backend: every operation of [`Backend`] in plain
+//! Rust on one thread, no SIMD, no tiling.
+//!
+//! It is the oracle the fast backends are checked against on whole models
+//! (`--backend reference`), and the second implementation that keeps the
+//! seam honest: a model that runs here uses nothing but the trait. Matrix
+//! products quantize each activation row to the weight's `vec_dot_type` and
+//! take ggml's generic dot products ([`quant::reference`]); attention reads
+//! the f16 cache through the block tables with a plain two-pass softmax.
+
+use crate::backend::{AttnParams, AttnSeq, Backend, MatIn, MatOut, Workspace};
+use crate::kv_cache::KvCache;
+use crate::quant::{reference, GgmlType};
+use crate::tensor::QTensor;
+
+/// The scalar backend.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ReferenceBackend;
+
+impl ReferenceBackend {
+    /// Products of one input row with every row of each weight.
+    fn products(
+        &self,
+        x: MatIn<'_>,
+        n: usize,
+        outs: &mut [MatOut<'_>],
+        ws: &mut Workspace,
+        add: bool,
+    ) {
+        let Some(k) = outs.first().map(|o| o.w.cols()) else {
+            return;
+        };
+        assert!(
+            outs.iter().all(|o| o.w.cols() == k),
+            "matmul: widths differ"
+        );
+        assert!(
+            x.len() >= n * k,
+            "matmul: input of {} values for {n} rows of {k}",
+            x.len()
+        );
+        let (row, act) = (&mut ws.rows, &mut ws.act);
+        for t in 0..n {
+            let xr = x.row(t, k, &mut row[..k]);
+            for o in outs.iter_mut() {
+                let rows = o.w.rows();
+                let y = &mut o.y[t * rows..(t + 1) * rows];
+                dot_rows(o.w, xr, act, y, add);
+            }
+        }
+    }
+}
+
+/// `y[r] (+)= w.row(r) · x` with `x` quantized to the weight's activation format.
+fn dot_rows(w: &QTensor, x: &[f32], act: &mut [u8], y: &mut [f32], add: bool) {
+    let ty = w.ty.vec_dot_type();
+    let bytes = ty
+        .row_bytes(x.len())
+        .expect("a weight's width is a whole number of blocks");
+    let qx = &mut act[..bytes];
+    reference::quantize_row(ty, x, qx);
+    for (r, out) in y.iter_mut().enumerate() {
+        let v = reference::vec_dot(w.ty, w.row(r), qx, x.len());
+        *out = if add { *out + v } else { v };
+    }
+}
+
+impl Backend for ReferenceBackend {
+    fn name(&self) -> &'static str {
+        "reference"
+    }
+
+    fn threads(&self) -> usize {
+        1
+    }
+
+    fn workspace(&self, _max_tokens: usize, max_cols: usize, max_ctx: usize) -> Workspace {
+        // One activation row at a time (f32 is the widest format), one made
+        // input row, and one score per visible position.
+        Workspace {
+            act: vec![0; max_cols * 4 + GgmlType::Q8_K.type_size()],
+            rows: vec![0.0; max_cols],
+            attn: vec![0.0; max_ctx],
+            max_ctx,
+            ..Workspace::default()
+        }
+    }
+
+    fn matmul_add_in(
+        &self,
+        w: &QTensor,
+        x: MatIn<'_>,
+        n: usize,
+        y: &mut [f32],
+        ws: &mut Workspace,
+    ) {
+        self.products(x, n, &mut [MatOut { w, y }], ws, true);
+    }
+
+    fn matmul_group_in(&self, x: MatIn<'_>, n: usize, outs: &mut [MatOut<'_>], ws: &mut Workspace) {
+        self.products(x, n, outs, ws, false);
+    }
+
+    fn attention(
+        &self,
+        p: &AttnParams,
+        q: &[f32],
+        kv: &KvCache,
+        seqs: &[AttnSeq<'_>],
+        out: &mut [f32],
+        ws: &mut Workspace,
+    ) {
+        let (hd, width) = (p.head_dim, p.n_heads * p.head_dim);
+        let group = p.n_heads / p.n_kv_heads;
+        let bs = kv.layout().block_size;
+        let mut row = 0;
+        for s in seqs {
+            let blocks = kv.blocks(p.layer, s.table);
+            for i in 0..s.n_tokens {
+                let pos = s.start_pos + i;
+                let first = p.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                let scores = &mut ws.attn[..pos + 1 - first];
+                for h in 0..p.n_heads {
+                    let kvh = h / group;
+                    let qh = &q[row * width + h * hd..][..hd];
+                    // Scores q·k, then their softmax.
+                    let mut max = f32::NEG_INFINITY;
+                    for (j, sc) in (first..=pos).zip(scores.iter_mut()) {
+                        let keys = kv.k_block(p.layer, blocks[j / bs], kvh);
+                        // Keys are stored transposed: element e of slot j at e * bs + j.
+                        let dot: f32 = (0..hd)
+                            .map(|e| qh[e] * keys[e * bs + j % bs].to_f32())
+                            .sum();
+                        *sc = dot * p.scale;
+                        max = max.max(*sc);
+                    }
+                    let mut sum = 0.0f32;
+                    for sc in scores.iter_mut() {
+                        *sc = (*sc - max).exp();
+                        sum += *sc;
+                    }
+                    let o = &mut out[row * width + h * hd..][..hd];
+                    o.fill(0.0);
+                    for (j, &sc) in (first..=pos).zip(scores.iter()) {
+                        let vals = kv.v_block(p.layer, blocks[j / bs], kvh);
+                        let v = &vals[(j % bs) * hd..][..hd];
+                        for (oe, ve) in o.iter_mut().zip(v) {
+                            *oe += sc / sum * ve.to_f32();
+                        }
+                    }
+                }
+                row += 1;
+            }
+        }
+    }
+}
