@@ -3,7 +3,11 @@
 # threads and sizes, runs alternated so both see the same machine state.
 #
 # Usage: scripts/bench-vs-llamacpp.sh [MODEL.gguf ...]   (default: the three real models)
-# Env: THREADS (2), PROMPT (512), GEN (128), ROUNDS (3)
+# Env: THREADS (2), PROMPT (512), GEN (128), ROUNDS (3);
+#      BASELINE=<git revision>: also build that revision's embody and run it in
+#      the same rounds, so two versions get their ratios from one run;
+#      EMBODY_CPU_LEVEL=avx2: our AVX2 path on an AVX-512 machine (llama.cpp
+#      keeps its native build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS="${THREADS:-2}"; PROMPT="${PROMPT:-512}"; GEN="${GEN:-128}"; ROUNDS="${ROUNDS:-3}"
@@ -17,6 +21,19 @@ fi
 BIN="$(scripts/build-llamacpp.sh)"
 cargo build --release --quiet -p embodyd --bin embody
 EMBODY="${CARGO_TARGET_DIR:-target}/release/embody"
+TOOLS=(embody)
+if [ -n "${BASELINE:-}" ]; then
+  rev=$(git rev-parse --short "$BASELINE")
+  tree=$(mktemp -d)
+  git worktree add --quiet --detach "$tree" "$rev"
+  echo "== building embody at $rev (baseline)" >&2
+  CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}/baseline" \
+    cargo build --release --quiet --manifest-path "$tree/Cargo.toml" -p embodyd --bin embody
+  cp "${CARGO_TARGET_DIR:-$PWD/target}/baseline/release/embody" "$tree.embody"
+  git worktree remove --force "$tree"
+  TOOLS+=("embody@$rev")
+fi
+echo "== CPU path: ${EMBODY_CPU_LEVEL:-best available}" >&2
 
 results=$(mktemp)
 for model in "$@"; do
@@ -42,8 +59,11 @@ for r in rows:
 print(json.dumps(out))' "$model" >> "$results"
     /usr/bin/time -f '%M' -o "$results.rss" "$BIN/llama-bench" -m "$model" -t "$THREADS" -p "$PROMPT" -n 0 -r 1 >/dev/null 2>&1 || true
     echo "{\"tool\": \"llama.cpp-rss\", \"model\": \"$model\", \"peak_rss_mb\": $(( $(cat "$results.rss" 2>/dev/null || echo 0) / 1024 ))}" >> "$results"
-    "$EMBODY" bench -m "$model" -t "$THREADS" -p "$PROMPT" -n "$GEN" -r 1 --json \
-      | python3 -c 'import json,sys; d=json.load(sys.stdin); d["tool"]="embody"; d["model"]=sys.argv[1]; print(json.dumps(d))' "$model" >> "$results"
+    for tool in "${TOOLS[@]}"; do
+      bin="$EMBODY"; [ "$tool" = embody ] || bin="$tree.embody"
+      "$bin" bench -m "$model" -t "$THREADS" -p "$PROMPT" -n "$GEN" -r 1 --json \
+        | python3 -c 'import json,sys; d=json.load(sys.stdin); d["tool"]=sys.argv[2]; d["model"]=sys.argv[1]; print(json.dumps(d))' "$model" "$tool" >> "$results"
+    done
   done
 done
 python3 - "$results" <<'PY'
@@ -53,14 +73,16 @@ models = sorted({r["model"] for r in rows}, key=lambda m: [r["model"] for r in r
 def med(tool, model, key):
     v = [r[key] for r in rows if r["tool"] == tool and r["model"] == model and key in r]
     return statistics.median(v) if v else float("nan")
-print(f"{'model':<42} {'figure':<14} {'embody':>10} {'llama.cpp':>10} {'ratio':>7}")
+ours = [t for t in dict.fromkeys(r["tool"] for r in rows) if t.startswith("embody")]
+print(f"{'model':<42} {'figure':<14} {'tool':<16} {'ours':>10} {'llama.cpp':>10} {'ratio':>7}")
 for m in models:
     name = os.path.basename(m)
-    for key, label in [("prefill_tok_s", "prefill tok/s"), ("decode_tok_s", "decode tok/s")]:
-        a, b = med("embody", m, key), med("llama.cpp", m, key)
-        print(f"{name:<42} {label:<14} {a:>10.1f} {b:>10.1f} {a / b:>6.2f}x")
-    a, b = med("embody", m, "peak_rss_mb"), med("llama.cpp-rss", m, "peak_rss_mb")
-    print(f"{name:<42} {'peak RSS MiB':<14} {a:>10.0f} {b:>10.0f} {a / b:>6.2f}x")
-    print(f"{name:<42} {'TTFT ms':<14} {med('embody', m, 'ttft_ms'):>10.0f}")
+    for tool in ours:
+        for key, label in [("prefill_tok_s", "prefill tok/s"), ("decode_tok_s", "decode tok/s")]:
+            a, b = med(tool, m, key), med("llama.cpp", m, key)
+            print(f"{name:<42} {label:<14} {tool:<16} {a:>10.1f} {b:>10.1f} {a / b:>6.2f}x")
+        a, b = med(tool, m, "peak_rss_mb"), med("llama.cpp-rss", m, "peak_rss_mb")
+        print(f"{name:<42} {'peak RSS MiB':<14} {tool:<16} {a:>10.0f} {b:>10.0f} {a / b:>6.2f}x")
+        print(f"{name:<42} {'TTFT ms':<14} {tool:<16} {med(tool, m, 'ttft_ms'):>10.0f}")
 PY
-rm -f "$results" "$results.rss"
+rm -f "$results" "$results.rss" ${tree:+"$tree.embody"}

@@ -612,42 +612,6 @@ impl Header {
     }
 }
 
-/// Parses `bytes` and reads everything a loader would: every metadata accessor,
-/// every tensor, and the tokenizer and model configuration built from them.
-/// This is the body of the GGUF fuzz target and of its corpus replay test; it
-/// returns whether the bytes parsed as GGUF. It must never panic.
-#[doc(hidden)]
-pub fn exercise(bytes: &[u8]) -> bool {
-    let Ok(g) = Gguf::from_bytes("fuzz.gguf", bytes.to_vec()) else {
-        return false;
-    };
-    for (k, v) in g.metadata() {
-        let _ = (
-            v.summary(),
-            g.get_str(k),
-            g.get_u32(k),
-            g.get_f32(k),
-            g.get_bool(k),
-        );
-        let _ = (g.get_str_array(k), g.get_f32_array(k), g.get_i32_array(k));
-    }
-    for t in g.tensors() {
-        if let Ok(q) = g.tensor(&t.name) {
-            let _ = (q.rows(), q.cols(), q.row_bytes());
-        }
-    }
-    let _ = crate::tokenizer::Tokenizer::from_gguf(&g);
-    let backend: std::sync::Arc<dyn crate::backend::Backend> =
-        std::sync::Arc::new(crate::backend::cpu::CpuBackend::new(1));
-    let opts = crate::models::LoadOptions {
-        max_batch_tokens: 4,
-        context_length: 64,
-        ..Default::default()
-    };
-    let _ = crate::models::load_gguf(&g, backend, opts);
-    true
-}
-
 /// Builds GGUF images in memory, for tests and fuzz seeds.
 pub mod writer {
     use super::Value;

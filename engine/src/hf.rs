@@ -510,32 +510,6 @@ impl HfFolder {
     }
 }
 
-/// The body of the `hf` fuzz target: `config.json`'s text, a zero byte, then a
-/// safetensors file. Parses both, reads every tensor and loads the model for a
-/// tiny context. Returns whether the folder parsed; never panics on any input.
-pub fn exercise(bytes: &[u8]) -> bool {
-    let split = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-    let (config, weights) = (&bytes[..split], bytes.get(split + 1..).unwrap_or_default());
-    let Ok(f) = HfFolder::from_bytes("fuzz", config, weights.to_vec()) else {
-        return false;
-    };
-    let _ = f.architecture();
-    for name in f.tensor_names() {
-        if let Ok(t) = f.tensor(name) {
-            let _ = (t.rows(), t.cols(), t.row_bytes());
-        }
-    }
-    let backend: Arc<dyn crate::backend::Backend> =
-        Arc::new(crate::backend::cpu::CpuBackend::new(1));
-    let opts = crate::models::LoadOptions {
-        max_batch_tokens: 4,
-        context_length: 64,
-        ..Default::default()
-    };
-    let _ = crate::models::load_hf(&f, backend, opts);
-    true
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,6 +18,7 @@ pub mod bench;
 pub mod chat_template;
 pub mod constraint;
 pub mod error;
+pub mod fuzzing;
 pub mod generate;
 pub mod gguf;
 pub mod hf;

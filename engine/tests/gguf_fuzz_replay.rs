@@ -4,7 +4,7 @@
 
 mod common;
 
-use embody_engine::gguf::exercise;
+use embody_engine::fuzzing::gguf as exercise;
 
 #[test]
 fn corpus_replays_without_panic() {

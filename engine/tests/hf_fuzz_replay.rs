@@ -7,7 +7,8 @@
 use std::sync::Arc;
 
 use embody_engine::backend::cpu::CpuBackend;
-use embody_engine::hf::{exercise, HfFolder};
+use embody_engine::fuzzing::hf as exercise;
+use embody_engine::hf::HfFolder;
 use embody_engine::models::{load_hf, LoadOptions};
 
 fn seeds() -> Vec<(String, Vec<u8>)> {

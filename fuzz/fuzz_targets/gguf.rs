@@ -3,5 +3,5 @@
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    embody_engine::gguf::exercise(data);
+    embody_engine::fuzzing::gguf(data);
 });

@@ -4,5 +4,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    embody_engine::hf::exercise(data);
+    embody_engine::fuzzing::hf(data);
 });

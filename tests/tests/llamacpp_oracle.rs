@@ -12,6 +12,8 @@
 use std::sync::Arc;
 
 use embody_engine::backend::cpu::CpuBackend;
+use embody_engine::backend::reference::ReferenceBackend;
+use embody_engine::backend::Backend;
 use embody_engine::chat_template::{ChatMessage, ChatTemplate};
 use embody_engine::generate::encode_chat;
 use embody_engine::gguf::Gguf;
@@ -322,4 +324,70 @@ fn qwen25_cli_generate_streams_llamacpp_text() {
         "qwen25",
         &[("def fibonacci(n):", false), ("What is 12 times 12?", true)],
     );
+}
+
+/// The scalar reference backend runs the real files through the same trunk
+/// as the CPU backend: over a prompt and llama.cpp's continuation (teacher
+/// forced), the CPU's top token is the reference's at nearly every position,
+/// and where not, a near-tie on the reference's own logits.
+fn reference_agrees_with_the_cpu(name: &str) {
+    let f = fixture(name);
+    let g = Gguf::open(&model(&f.model)).unwrap();
+    let tok = Tokenizer::from_gguf(&g).unwrap();
+    let c = f.cases.iter().find(|c| !c.chat).unwrap();
+    let mut seq = tok.encode(&c.prompt, true, true).unwrap();
+    seq.extend(c.tokens.iter().take(16));
+    let run = |backend: Arc<dyn Backend>| {
+        let opts = LoadOptions {
+            context_length: 256,
+            ..Default::default()
+        };
+        let mut m = load_gguf(&g, backend, opts).unwrap();
+        let info = m.info().clone();
+        let mut kv = KvCache::new(info.kv, info.kv.blocks_for_tokens(256));
+        let mut table = BlockTable::new();
+        table.reserve(&mut kv, seq.len()).unwrap();
+        let mut logits = vec![0.0; seq.len() * info.vocab_size];
+        let b = [SeqBatch::text(&seq, 0, &table, Logits::All)];
+        m.forward(&b, &mut kv, &mut logits).unwrap();
+        (logits, info.vocab_size)
+    };
+    let (cpu, v) = run(Arc::new(CpuBackend::new(0)));
+    let (reference, _) = run(Arc::new(ReferenceBackend));
+    let top = |row: &[f32]| {
+        (0..row.len())
+            .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+            .unwrap()
+    };
+    let (mut agree, mut worst) = (0, 0f32);
+    for (c, r) in cpu.chunks_exact(v).zip(reference.chunks_exact(v)) {
+        let (tc, tr) = (top(c), top(r));
+        agree += usize::from(tc == tr);
+        worst = worst.max(r[tr] - r[tc]);
+    }
+    let share = agree as f64 / seq.len() as f64;
+    eprintln!(
+        "{name}: CPU and reference agree at {agree} of {} positions, largest gap {worst:.3}",
+        seq.len()
+    );
+    assert!(share >= MIN_TOP1, "{name}: agreement {share:.3}");
+    assert!(
+        worst < MAX_GAP,
+        "{name}: the CPU's top token trails by {worst}"
+    );
+}
+
+#[test]
+fn smollm2_reference_backend_agrees_with_the_cpu() {
+    reference_agrees_with_the_cpu("smollm2");
+}
+
+#[test]
+fn gemma3_reference_backend_agrees_with_the_cpu() {
+    reference_agrees_with_the_cpu("gemma3");
+}
+
+#[test]
+fn qwen25_reference_backend_agrees_with_the_cpu() {
+    reference_agrees_with_the_cpu("qwen25");
 }

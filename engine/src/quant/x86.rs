@@ -97,7 +97,20 @@ fn probe() -> Option<Level> {
     best()
 }
 
+/// The best level the processor has, capped by `EMBODY_CPU_LEVEL`
+/// (`avx512`, `avx2` or `scalar`) so that one machine can measure the paths
+/// of another tier; a cap above what the processor has changes nothing.
 fn detect() -> u8 {
+    let found = detect_hw();
+    let cap = match std::env::var("EMBODY_CPU_LEVEL").as_deref() {
+        Ok("scalar") => NONE,
+        Ok("avx2") => AVX2,
+        _ => AVX512,
+    };
+    found.min(cap)
+}
+
+fn detect_hw() -> u8 {
     let avx2 = is_x86_feature_detected!("avx2")
         && is_x86_feature_detected!("fma")
         && is_x86_feature_detected!("f16c");

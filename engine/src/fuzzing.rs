@@ -1,0 +1,71 @@
+//! The bodies of the model-file fuzz targets and of their corpus replay
+//! tests: parse untrusted bytes as far as a loader would, model included.
+//! They live apart from the parsers so that `gguf` and `hf` stay below
+//! `models` (which reads through them) and do not import it back.
+
+use std::sync::Arc;
+
+use crate::backend::{cpu::CpuBackend, Backend};
+use crate::gguf::Gguf;
+use crate::hf::HfFolder;
+use crate::models::{load_gguf, load_hf, LoadOptions};
+use crate::tokenizer::Tokenizer;
+
+/// Parses `bytes` and reads everything a loader would: every metadata accessor,
+/// every tensor, and the tokenizer and model configuration built from them.
+/// This is the body of the GGUF fuzz target and of its corpus replay test; it
+/// returns whether the bytes parsed as GGUF. It must never panic.
+pub fn gguf(bytes: &[u8]) -> bool {
+    let Ok(g) = Gguf::from_bytes("fuzz.gguf", bytes.to_vec()) else {
+        return false;
+    };
+    for (k, v) in g.metadata() {
+        let _ = (
+            v.summary(),
+            g.get_str(k),
+            g.get_u32(k),
+            g.get_f32(k),
+            g.get_bool(k),
+        );
+        let _ = (g.get_str_array(k), g.get_f32_array(k), g.get_i32_array(k));
+    }
+    for t in g.tensors() {
+        if let Ok(q) = g.tensor(&t.name) {
+            let _ = (q.rows(), q.cols(), q.row_bytes());
+        }
+    }
+    let _ = Tokenizer::from_gguf(&g);
+    let backend: Arc<dyn Backend> = Arc::new(CpuBackend::new(1));
+    let opts = LoadOptions {
+        max_batch_tokens: 4,
+        context_length: 64,
+        ..Default::default()
+    };
+    let _ = load_gguf(&g, backend, opts);
+    true
+}
+
+/// The body of the `hf` fuzz target: `config.json`'s text, a zero byte, then a
+/// safetensors file. Parses both, reads every tensor and loads the model for a
+/// tiny context. Returns whether the folder parsed; never panics on any input.
+pub fn hf(bytes: &[u8]) -> bool {
+    let split = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    let (config, weights) = (&bytes[..split], bytes.get(split + 1..).unwrap_or_default());
+    let Ok(f) = HfFolder::from_bytes("fuzz", config, weights.to_vec()) else {
+        return false;
+    };
+    let _ = f.architecture();
+    for name in f.tensor_names() {
+        if let Ok(t) = f.tensor(name) {
+            let _ = (t.rows(), t.cols(), t.row_bytes());
+        }
+    }
+    let backend: Arc<dyn Backend> = Arc::new(CpuBackend::new(1));
+    let opts = LoadOptions {
+        max_batch_tokens: 4,
+        context_length: 64,
+        ..Default::default()
+    };
+    let _ = load_hf(&f, backend, opts);
+    true
+}
