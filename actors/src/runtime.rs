@@ -9,7 +9,6 @@ use std::time::{Duration, Instant, SystemTime};
 use embody_engine::chat_template::ChatMessage;
 use embody_engine::constraint::{Constraint, GrammarSpec};
 use embody_engine::generate::encode_chat;
-use embody_engine::sampling::SamplingParams;
 use embody_engine::tool_calls::{
     call_grammar, json_format_messages, ForcedCall, Piece, ToolCallParser, ToolFormat,
 };
@@ -195,11 +194,6 @@ impl std::fmt::Debug for EventStream {
     }
 }
 
-/// Health of the shared decoder state.
-pub(crate) fn healthy(shared: &Shared) -> bool {
-    shared.since_beat() < shared.limits().stall_timeout
-}
-
 impl Runtime {
     /// Starts the supervisor and its children: loads the model, plans the KV
     /// cache and starts the decoder. Must run inside a tokio runtime.
@@ -356,7 +350,7 @@ impl Runtime {
         if !images.is_empty() {
             self.check_images(images).await?;
         }
-        let sampling = engine_sampling(&req.sampling);
+        let sampling = req.sampling;
         sampling.validate().map_err(|e| bad(e.to_string()))?;
         let source = self.inner.source.clone();
         let messages = req.messages;
@@ -464,7 +458,7 @@ impl Runtime {
     pub fn health(&self) -> Health {
         let shared = &self.inner.shared;
         Health {
-            healthy: healthy(shared),
+            healthy: shared.healthy(),
             since_progress: shared.since_beat(),
         }
     }
@@ -547,21 +541,6 @@ impl Runtime {
         if let Some(task) = task {
             let _ = tokio::time::timeout(timeout, task).await;
         }
-    }
-}
-
-/// The engine's sampling parameters for the protocol's.
-fn engine_sampling(s: &embody_protocol::SamplingParams) -> SamplingParams {
-    SamplingParams {
-        temperature: s.temperature,
-        top_k: s.top_k as usize,
-        top_p: s.top_p,
-        min_p: s.min_p,
-        repeat_penalty: s.repeat_penalty,
-        repeat_last_n: s.repeat_last_n as usize,
-        presence_penalty: s.presence_penalty,
-        frequency_penalty: s.frequency_penalty,
-        seed: s.seed,
     }
 }
 

@@ -120,6 +120,11 @@ impl Shared {
         Duration::from_millis(now.saturating_sub(self.last_beat_ms.load(Ordering::Relaxed)))
     }
 
+    /// Health is progress: the decoder loop turned within the stall timeout.
+    pub fn healthy(&self) -> bool {
+        self.since_beat() < self.limits().stall_timeout
+    }
+
     pub fn publish(&self, stats: DecoderStats) {
         *lock(&self.stats) = stats;
     }

@@ -220,7 +220,7 @@ impl Supervisor {
         Status {
             version: env!("CARGO_PKG_VERSION").to_string(),
             ready: up && !draining,
-            healthy: crate::runtime::healthy(shared),
+            healthy: shared.healthy(),
             draining,
             model: ModelStatus {
                 name: src.name.clone(),

@@ -79,3 +79,9 @@ pub enum Error {
 
 /// Result alias for the engine.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<embody_protocol::SamplingError> for Error {
+    fn from(e: embody_protocol::SamplingError) -> Self {
+        Error::InvalidRequest(e.to_string())
+    }
+}

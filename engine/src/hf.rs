@@ -77,7 +77,7 @@ pub struct GenerationConfig {
     pub temperature: Option<f32>,
     /// Top-k cut-off.
     #[serde(default)]
-    pub top_k: Option<usize>,
+    pub top_k: Option<u32>,
     /// Nucleus threshold.
     #[serde(default)]
     pub top_p: Option<f32>,

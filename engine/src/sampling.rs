@@ -21,114 +21,9 @@
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 
-use serde::{Deserialize, Serialize};
-
-use crate::Error;
-
-/// Sampling parameters for one request. Missing fields take their defaults.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct SamplingParams {
-    /// Softmax temperature; `<= 0` means greedy decoding. Default 0.8.
-    pub temperature: f32,
-    /// Keep only the `top_k` most likely tokens; 0 turns it off. Default 40.
-    pub top_k: usize,
-    /// Keep the smallest set of most likely tokens whose probability reaches
-    /// `top_p`; must be in (0, 1], 1 turns it off. Default 0.95.
-    pub top_p: f32,
-    /// Drop tokens less likely than `min_p` times the most likely one; must be
-    /// in [0, 1], 0 turns it off. Default 0.05.
-    pub min_p: f32,
-    /// llama.cpp repeat penalty for tokens seen in the window: a positive logit
-    /// is divided by it, a negative one multiplied. Must be > 0; 1 turns it off.
-    pub repeat_penalty: f32,
-    /// How many of the most recent tokens (prompt included) the penalties see;
-    /// 0 turns all penalties off. Default 64.
-    pub repeat_last_n: usize,
-    /// Subtracted once from the logit of every token seen in the window
-    /// (OpenAI semantics); in [-2, 2]. Default 0.
-    pub presence_penalty: f32,
-    /// Subtracted from a token's logit once per occurrence in the window
-    /// (OpenAI semantics); in [-2, 2]. Default 0.
-    pub frequency_penalty: f32,
-    /// Seed of the random generator; `None` seeds from the clock and the OS.
-    pub seed: Option<u64>,
-}
-
-impl Default for SamplingParams {
-    fn default() -> Self {
-        Self {
-            temperature: 0.8,
-            top_k: 40,
-            top_p: 0.95,
-            min_p: 0.05,
-            repeat_penalty: 1.0,
-            repeat_last_n: 64,
-            presence_penalty: 0.0,
-            frequency_penalty: 0.0,
-            seed: None,
-        }
-    }
-}
-
-impl SamplingParams {
-    /// Greedy decoding: always the most likely token, no penalties.
-    pub fn greedy() -> Self {
-        Self {
-            temperature: 0.0,
-            ..Self::default()
-        }
-    }
-
-    /// Checks every field's range. The error names the field, its allowed range
-    /// and the value given, so a client can fix its request.
-    pub fn validate(&self) -> Result<(), Error> {
-        let bad = |field: &str, range: &str, value: f32| {
-            Err(Error::InvalidRequest(format!(
-                "sampling parameter {field} must be {range}, got {value}"
-            )))
-        };
-        if !self.temperature.is_finite() {
-            return bad(
-                "temperature",
-                "a finite number (<= 0 means greedy)",
-                self.temperature,
-            );
-        }
-        // Written as negated "inside" tests so that NaN fails them.
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return bad("top_p", "in (0, 1] (1 turns it off)", self.top_p);
-        }
-        if !(self.min_p >= 0.0 && self.min_p <= 1.0) {
-            return bad("min_p", "in [0, 1] (0 turns it off)", self.min_p);
-        }
-        if !(self.repeat_penalty > 0.0 && self.repeat_penalty.is_finite()) {
-            return bad(
-                "repeat_penalty",
-                "finite and > 0 (1 turns it off)",
-                self.repeat_penalty,
-            );
-        }
-        if !(self.presence_penalty >= -2.0 && self.presence_penalty <= 2.0) {
-            return bad("presence_penalty", "in [-2, 2]", self.presence_penalty);
-        }
-        if !(self.frequency_penalty >= -2.0 && self.frequency_penalty <= 2.0) {
-            return bad("frequency_penalty", "in [-2, 2]", self.frequency_penalty);
-        }
-        Ok(())
-    }
-
-    fn is_greedy(&self) -> bool {
-        self.temperature <= 0.0
-    }
-
-    fn has_penalties(&self) -> bool {
-        self.repeat_last_n > 0
-            && (self.repeat_penalty != 1.0
-                || self.presence_penalty != 0.0
-                || self.frequency_penalty != 0.0)
-    }
-}
+/// Sampling parameters for one request: the protocol's, from the wire to
+/// the sampler unchanged.
+pub use embody_protocol::SamplingParams;
 
 /// One surviving token during filtering.
 #[derive(Clone, Copy, Debug)]
@@ -278,7 +173,9 @@ impl Sampler {
         if !self.params.has_penalties() {
             return;
         }
-        let window = &recent[recent.len().saturating_sub(self.params.repeat_last_n)..];
+        let window = &recent[recent
+            .len()
+            .saturating_sub(self.params.repeat_last_n as usize)..];
         for &t in window {
             if let Some(c) = self.counts.get_mut(t as usize) {
                 *c += 1;
@@ -310,7 +207,7 @@ impl Sampler {
         self.cands.clear();
         self.sorted = false;
         let p = &self.params;
-        let (top_k, top_p, min_p) = (p.top_k, p.top_p, p.min_p);
+        let (top_k, top_p, min_p) = (p.top_k as usize, p.top_p, p.min_p);
         if top_k > 0 && top_k < logits.len() {
             self.top_k(logits, top_k);
         } else {
@@ -1100,10 +997,12 @@ mod tests {
         ];
         for (field, params) in cases {
             match params.validate() {
-                Err(Error::InvalidRequest(msg)) => {
+                Err(e) => {
+                    let msg = crate::Error::from(e.clone()).to_string();
+                    assert_eq!(e.field, field);
                     assert!(msg.contains(field), "{field}: message {msg:?}")
                 }
-                other => panic!("{field}: expected InvalidRequest, got {other:?}"),
+                other => panic!("{field}: expected an error, got {other:?}"),
             }
         }
     }

@@ -167,6 +167,12 @@ pub struct Scheduler {
     prefix: Option<(Arc<SharedPrefixCache>, u64)>,
     /// Scratch for prefix keys.
     key: Vec<u64>,
+    /// Scratch of a step, sized for `max_running` so that steps do not
+    /// allocate: the (sequence, tokens) plan, the order sequences are
+    /// considered in, and the sequences that finished.
+    plan: Vec<(usize, usize)>,
+    order: Vec<usize>,
+    done: Vec<(usize, FinishReason)>,
 }
 
 impl Scheduler {
@@ -185,6 +191,9 @@ impl Scheduler {
             stats: SchedulerStats::default(),
             prefix: None,
             key: Vec::new(),
+            plan: Vec::with_capacity(max_running),
+            order: Vec::with_capacity(max_running),
+            done: Vec::with_capacity(max_running),
         }
     }
 
@@ -354,13 +363,33 @@ impl Scheduler {
         if self.running.is_empty() {
             return Ok(());
         }
+        // The step's scratch is taken out of `self` while `self` is borrowed,
+        // and put back with its capacity.
+        let (mut plan, mut order, mut done) = (
+            std::mem::take(&mut self.plan),
+            std::mem::take(&mut self.order),
+            std::mem::take(&mut self.done),
+        );
+        let result = self.step_with(&mut plan, &mut order, &mut done);
+        plan.clear();
+        order.clear();
+        done.clear();
+        (self.plan, self.order, self.done) = (plan, order, done);
+        result
+    }
+
+    fn step_with(
+        &mut self,
+        plan: &mut Vec<(usize, usize)>,
+        order: &mut Vec<usize>,
+        done: &mut Vec<(usize, FinishReason)>,
+    ) -> Result<()> {
         let budget = self.model.info().max_batch_tokens;
         // Plan: decoding sequences first (one token each), then prompt chunks.
-        let mut plan: Vec<(usize, usize)> = Vec::with_capacity(self.running.len());
         let mut used = 0;
-        let mut order: Vec<usize> = (0..self.running.len()).collect();
+        order.extend(0..self.running.len());
         order.sort_by_key(|&i| self.running[i].pending() > 1);
-        for i in order {
+        for &i in order.iter() {
             // Preemption removes sequences from the back of the running set.
             if i >= self.running.len() {
                 continue;
@@ -386,27 +415,19 @@ impl Scheduler {
         }
         plan.sort_unstable();
 
-        let batch: Vec<SeqBatch<'_>> = plan
-            .iter()
-            .map(|&(i, take)| {
-                let s = &self.running[i];
-                SeqBatch {
-                    tokens: &s.tokens[s.cached..s.cached + take],
-                    start_pos: s.cached,
-                    embeds: &[],
-                    positions: Default::default(),
-                    table: &s.table,
-                    logits: if s.cached + take == s.tokens.len() {
-                        Logits::Last
-                    } else {
-                        Logits::None
-                    },
-                }
-            })
-            .collect();
-        let wants: Vec<bool> = batch.iter().map(|b| b.logits == Logits::Last).collect();
-        let result = self.model.forward(&batch, &mut self.kv, &mut self.logits);
-        drop(batch);
+        let running = &self.running;
+        let seq = |&(i, take): &(usize, usize)| {
+            let s = &running[i];
+            let last = s.cached + take == s.tokens.len();
+            SeqBatch::text(
+                &s.tokens[s.cached..s.cached + take],
+                s.cached,
+                &s.table,
+                if last { Logits::Last } else { Logits::None },
+            )
+        };
+        let (model, kv, logits) = (&mut self.model, &mut self.kv, &mut self.logits);
+        let result = with_batch(plan, seq, |batch| model.forward(batch, kv, logits));
         self.stats.steps += 1;
         if let Err(e) = result {
             // A failed forward leaves the cache contents of these positions unknown.
@@ -424,7 +445,7 @@ impl Scheduler {
         // Prompts that have just been prefilled are indexed at once, so that
         // requests arriving while they generate reuse them.
         if self.prefix.is_some() {
-            for &(i, take) in &plan {
+            for &(i, take) in plan.iter() {
                 let s = &self.running[i];
                 if !s.started && s.cached + take == s.tokens.len() {
                     self.index_prompt(i, s.cached + take);
@@ -434,9 +455,10 @@ impl Scheduler {
 
         let vocab = self.model.info().vocab_size;
         let mut row = 0;
-        let mut done: Vec<(usize, Option<FinishReason>)> = Vec::new();
-        for (&(i, take), &want) in plan.iter().zip(&wants) {
+        for &(i, take) in plan.iter() {
             let s = &mut self.running[i];
+            // The sequences whose last token ran asked for logits.
+            let want = s.cached + take == s.tokens.len();
             s.cached += take;
             if !want {
                 continue;
@@ -447,17 +469,17 @@ impl Scheduler {
                 s.started = true;
                 let prompt_tokens = s.prompt_len();
                 if !(s.sink)(SeqEvent::Started { prompt_tokens }) {
-                    done.push((i, Some(FinishReason::Cancelled)));
+                    done.push((i, FinishReason::Cancelled));
                     continue;
                 }
             }
             if let Some(reason) = sample_one(s, &self.tok, logits) {
-                done.push((i, Some(reason)));
+                done.push((i, reason));
             }
         }
-        for (i, reason) in done.into_iter().rev() {
+        for &(i, reason) in done.iter().rev() {
             let s = self.running.remove(i);
-            self.finish(s, reason.unwrap_or(FinishReason::Stop));
+            self.finish(s, reason);
         }
         Ok(())
     }
@@ -722,4 +744,26 @@ fn fail(s: &mut Seq, message: String) -> Option<FinishReason> {
     (s.sink)(SeqEvent::Error { message });
     s.failed = true;
     Some(FinishReason::Cancelled)
+}
+
+/// Calls `f` with the plan's sequences as one batch, held on the stack for
+/// the common batch sizes (a step must not allocate).
+///
+/// # Panics
+/// If the plan is empty.
+fn with_batch<'a, R>(
+    plan: &[(usize, usize)],
+    seq: impl Fn(&(usize, usize)) -> SeqBatch<'a>,
+    f: impl FnOnce(&[SeqBatch<'a>]) -> R,
+) -> R {
+    const INLINE: usize = 32;
+    if plan.len() > INLINE {
+        let v: Vec<SeqBatch<'a>> = plan.iter().map(seq).collect();
+        return f(&v);
+    }
+    let mut arr = [seq(&plan[0]); INLINE];
+    for (a, p) in arr.iter_mut().zip(plan) {
+        *a = seq(p);
+    }
+    f(&arr[..plan.len()])
 }

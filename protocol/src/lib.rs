@@ -245,6 +245,60 @@ impl SamplingParams {
         }
     }
 
+    /// Checks every field's range, once for every door. The error names the
+    /// field, its allowed range and the value given, so a client can fix its
+    /// request.
+    pub fn validate(&self) -> Result<(), SamplingError> {
+        let bad = |field, range, value| {
+            Err(SamplingError {
+                field,
+                range,
+                value,
+            })
+        };
+        if !self.temperature.is_finite() {
+            return bad(
+                "temperature",
+                "a finite number (<= 0 means greedy)",
+                self.temperature,
+            );
+        }
+        // Written as negated "inside" tests so that NaN fails them.
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("top_p", "in (0, 1] (1 turns it off)", self.top_p);
+        }
+        if !(self.min_p >= 0.0 && self.min_p <= 1.0) {
+            return bad("min_p", "in [0, 1] (0 turns it off)", self.min_p);
+        }
+        if !(self.repeat_penalty > 0.0 && self.repeat_penalty.is_finite()) {
+            return bad(
+                "repeat_penalty",
+                "finite and > 0 (1 turns it off)",
+                self.repeat_penalty,
+            );
+        }
+        if !(self.presence_penalty >= -2.0 && self.presence_penalty <= 2.0) {
+            return bad("presence_penalty", "in [-2, 2]", self.presence_penalty);
+        }
+        if !(self.frequency_penalty >= -2.0 && self.frequency_penalty <= 2.0) {
+            return bad("frequency_penalty", "in [-2, 2]", self.frequency_penalty);
+        }
+        Ok(())
+    }
+
+    /// Whether decoding is greedy (`temperature <= 0`).
+    pub fn is_greedy(&self) -> bool {
+        self.temperature <= 0.0
+    }
+
+    /// Whether any penalty changes the logits.
+    pub fn has_penalties(&self) -> bool {
+        self.repeat_last_n > 0
+            && (self.repeat_penalty != 1.0
+                || self.presence_penalty != 0.0
+                || self.frequency_penalty != 0.0)
+    }
+
     /// The first field holding infinity or NaN, which JSON cannot carry
     /// (a number beyond `f32`'s range reads as infinity).
     pub fn non_finite_field(&self) -> Option<&'static str> {
@@ -260,6 +314,18 @@ impl SamplingParams {
         .find(|(_, v)| !v.is_finite())
         .map(|(name, _)| name)
     }
+}
+
+/// A sampling parameter outside its range.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("sampling parameter {field} must be {range}, got {value}")]
+pub struct SamplingError {
+    /// The field, as the wire names it.
+    pub field: &'static str,
+    /// What it must be.
+    pub range: &'static str,
+    /// What it was.
+    pub value: f32,
 }
 
 /// One chat request.

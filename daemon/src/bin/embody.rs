@@ -82,7 +82,7 @@ enum Command {
         /// Keep the K most likely tokens (0: off) [default: 40, or a folder's
         /// generation_config.json].
         #[arg(long)]
-        top_k: Option<usize>,
+        top_k: Option<u32>,
         /// Nucleus sampling threshold (1: off) [default: 0.95, or a folder's
         /// generation_config.json].
         #[arg(long)]
