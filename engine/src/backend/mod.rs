@@ -10,6 +10,7 @@ pub mod cpu;
 pub mod reference;
 
 use crate::kv_cache::{BlockTable, KvCache};
+use crate::ops::{self, RopeStyle};
 use crate::tensor::QTensor;
 use crate::{Error, Result};
 
@@ -39,6 +40,18 @@ pub struct AttnParams {
     pub scale: f32,
     /// Attend only to the last `window` positions (sliding-window layers).
     pub window: Option<usize>,
+}
+
+/// RMSNorm weights of each query and key head (Qwen3, Gemma 3), applied
+/// before the rotation in [`Backend::rope_qk`].
+#[derive(Clone, Copy, Debug)]
+pub struct HeadNorms<'a> {
+    /// Query head norm, `[head_dim]`.
+    pub q: &'a [f32],
+    /// Key head norm, `[head_dim]`.
+    pub k: &'a [f32],
+    /// Added to the mean square.
+    pub eps: f32,
 }
 
 /// The input rows of a [`Backend::matmul_group_in`]: as they are, or made
@@ -139,6 +152,12 @@ pub struct Workspace {
 }
 
 /// The operations a model needs from a device.
+///
+/// Matrix products and attention carry the cost and every backend writes its
+/// own. The element-wise steps between them have host implementations here
+/// that the CPU and reference backends use as they are; a device backend
+/// replaces them all, so that the decoder trunk (`models/trunk.rs`) calls
+/// nothing but this trait.
 pub trait Backend: Send + Sync {
     /// A short name ("cpu").
     fn name(&self) -> &'static str;
@@ -180,6 +199,95 @@ pub trait Backend: Send + Sync {
     fn for_ranges(&self, n: usize, f: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
         f(0..n)
     }
+
+    /// `x[r] = scale · w.row(ids[r])`: token embedding rows, `x` is
+    /// `[ids.len(), w.cols()]`.
+    fn embed_rows(&self, w: &QTensor, ids: &[u32], scale: Option<f32>, x: &mut [f32]) {
+        for (&id, xr) in ids.iter().zip(x.chunks_exact_mut(w.cols())) {
+            cpu::dequantize_row(w, id as usize, xr);
+            if let Some(scale) = scale {
+                ops::scale_inplace(xr, scale);
+            }
+        }
+    }
+
+    /// Copies `n` rows of `d` values from `src` (starting at row `from`) into
+    /// `dst` (starting at row `to`): given embedding rows, the rows that want logits.
+    fn copy_rows(&self, src: &[f32], from: usize, dst: &mut [f32], to: usize, n: usize, d: usize) {
+        dst[to * d..(to + n) * d].copy_from_slice(&src[from * d..(from + n) * d]);
+    }
+
+    /// `x[r] += bias` for every `bias.len()`-wide row of `x`.
+    fn add_bias(&self, x: &mut [f32], bias: &[f32]) {
+        ops::add_bias_rows(x, bias);
+    }
+
+    /// Rotates every head of the rows of `q` (`[n, qd]`) and `k` (`[n, kvd]`),
+    /// row `r` by `angles[r * half..][..half]` (cos, sin) over the first
+    /// `2 * half` elements of each `head_dim`-wide head, paired as `style`
+    /// says; each head is RMS-normalised first where `norms` are given.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_qk(
+        &self,
+        q: &mut [f32],
+        k: &mut [f32],
+        (qd, kvd): (usize, usize),
+        head_dim: usize,
+        style: RopeStyle,
+        angles: &[(f32, f32)],
+        half: usize,
+        norms: Option<HeadNorms<'_>>,
+    ) {
+        par_rows2(self.as_dyn(), (q, qd), (k, kvd), &|r0, q, k| {
+            let rows = q.chunks_exact_mut(qd).zip(k.chunks_exact_mut(kvd));
+            for (r, (qr, kr)) in (r0..).zip(rows) {
+                if let Some(n) = norms {
+                    ops::rms_norm_inplace(qr, n.q, n.eps);
+                    ops::rms_norm_inplace(kr, n.k, n.eps);
+                }
+                let cs = &angles[r * half..(r + 1) * half];
+                ops::rope_apply(qr, head_dim, style, cs);
+                ops::rope_apply(kr, head_dim, style, cs);
+            }
+        });
+    }
+
+    /// Stores the batch's keys and values (`[tokens, n_kv_heads * head_dim]`,
+    /// sequences in order) in `layer` of the cache, each token at its
+    /// sequence's next position.
+    fn kv_write(&self, kv: &mut KvCache, layer: usize, seqs: &[AttnSeq<'_>], k: &[f32], v: &[f32]) {
+        let w = kv.layout().n_kv_heads * kv.layout().head_dim;
+        let mut row = 0;
+        for s in seqs {
+            for i in 0..s.n_tokens {
+                let (kr, vr) = (&k[row * w..(row + 1) * w], &v[row * w..(row + 1) * w]);
+                kv.write(layer, s.table, s.start_pos + i, kr, vr);
+                row += 1;
+            }
+        }
+    }
+
+    /// RMSNorm in place of every `weight.len()`-wide row of `x`.
+    fn rms_norm(&self, x: &mut [f32], weight: &[f32], eps: f32) {
+        ops::rms_norm_inplace(x, weight, eps);
+    }
+
+    /// `x += rms_norm(y)` row by row (a block's output normalised before the
+    /// residual add); `y` is left normalised.
+    fn norm_add(&self, x: &mut [f32], y: &mut [f32], weight: &[f32], eps: f32) {
+        par_chunks(self.as_dyn(), y, weight.len(), &|_, r| {
+            ops::rms_norm_inplace(r, weight, eps)
+        });
+        ops::add_inplace(x, y);
+    }
+
+    /// `cap · tanh(x / cap)` element-wise (logit soft-capping).
+    fn softcap(&self, x: &mut [f32], cap: f32) {
+        ops::softcap_inplace(x, cap);
+    }
+
+    /// This backend as a trait object (for the helpers that spread work).
+    fn as_dyn(&self) -> &dyn Backend;
 
     /// Causal attention of the batch's queries `q` (`[tokens, n_heads * head_dim]`,
     /// sequences in order) over the cache, whose K/V for these tokens are already

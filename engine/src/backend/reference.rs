@@ -66,6 +66,10 @@ fn dot_rows(w: &QTensor, x: &[f32], act: &mut [u8], y: &mut [f32], add: bool) {
 }
 
 impl Backend for ReferenceBackend {
+    fn as_dyn(&self) -> &dyn Backend {
+        self
+    }
+
     fn name(&self) -> &'static str {
         "reference"
     }

@@ -15,8 +15,7 @@
 
 use std::sync::Arc;
 
-use crate::backend::cpu::dequantize_row;
-use crate::backend::{par_chunks, AttnParams, AttnSeq, Backend, MatIn, MatOut, Workspace};
+use crate::backend::{AttnParams, AttnSeq, Backend, HeadNorms, MatIn, MatOut, Workspace};
 use crate::kv_cache::{BlockTable, KvCache, KvLayout};
 use crate::models::{sliding_window, Dims, LoadOptions, ModelInfo, Positions, SeqBatch, Source};
 use crate::ops::{self, RopeStyle};
@@ -351,22 +350,23 @@ impl Trunk {
         check_batch(batch, n, n_out, &self.info, kv, logits.len())?;
         (self.n, self.n_out) = (n, n_out);
         let d = self.spec.dims.d_model;
-        let s = &mut self.s;
+        let (s, be) = (&mut self.s, &*self.backend);
         let mut row = 0;
         for b in batch {
             let mut spans = b.embeds.iter().peekable();
             let mut i = 0;
             while i < b.tokens.len() {
-                if let Some(e) = spans.next_if(|e| e.at == i) {
-                    // Given rows (image patches) enter as they are.
+                // Token rows up to the next given span, then the span as it is
+                // (image patches).
+                let next = spans.peek().map_or(b.tokens.len(), |e| e.at);
+                let x = &mut s.x[(row + i) * d..(row + next) * d];
+                be.embed_rows(&self.tok_embd, &b.tokens[i..next], self.spec.embed_scale, x);
+                i = next;
+                if let Some(e) = spans.next() {
                     let k = e.rows.len() / d;
-                    s.x[(row + i) * d..(row + i + k) * d].copy_from_slice(e.rows);
+                    be.copy_rows(e.rows, 0, &mut s.x, row + i, k, d);
                     i += k;
-                    continue;
                 }
-                let x = &mut s.x[(row + i) * d..(row + i + 1) * d];
-                token_row(&self.tok_embd, self.spec.embed_scale, b.tokens[i], x);
-                i += 1;
             }
             for (i, p) in s.pos[row..row + b.tokens.len()].iter_mut().enumerate() {
                 *p = b.positions.at(b.start_pos, i);
@@ -396,14 +396,13 @@ impl Trunk {
                 tokens.len()
             )));
         }
-        for (&t, x) in tokens.iter().zip(out.chunks_exact_mut(d)) {
-            if t as usize >= vocab {
-                return Err(Error::InvalidRequest(format!(
-                    "token id {t} outside the vocabulary ({vocab})"
-                )));
-            }
-            token_row(&self.tok_embd, self.spec.embed_scale, t, x);
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::InvalidRequest(format!(
+                "token id {t} outside the vocabulary ({vocab})"
+            )));
         }
+        let be = &*self.backend;
+        be.embed_rows(&self.tok_embd, tokens, self.spec.embed_scale, out);
         Ok(())
     }
 
@@ -455,14 +454,13 @@ impl Trunk {
         };
         be.matmul_group_in(normed, n, qkv, ws);
         if let Some([bq, bk, bv]) = &l.bias {
-            ops::add_bias_rows(q, bq);
-            ops::add_bias_rows(k, bk);
-            ops::add_bias_rows(v, bv);
+            be.add_bias(q, bq);
+            be.add_bias(k, bk);
+            be.add_bias(v, bv);
         }
         let r = spec.layer_rope[li];
         let rope = &spec.ropes[r];
-        rope_rows(
-            be,
+        be.rope_qk(
             &mut q[..],
             &mut k[..],
             (qd, kvd),
@@ -476,17 +474,6 @@ impl Trunk {
                 eps: spec.rms_eps,
             }),
         );
-        let mut row = 0;
-        for b in batch {
-            for i in 0..b.tokens.len() {
-                let (kr, vr) = (
-                    &k[row * kvd..(row + 1) * kvd],
-                    &v[row * kvd..(row + 1) * kvd],
-                );
-                kv.write(li, b.table, b.start_pos + i, kr, vr);
-                row += 1;
-            }
-        }
         let p = AttnParams {
             layer: li,
             n_heads,
@@ -495,20 +482,17 @@ impl Trunk {
             scale: spec.attn_scale,
             window: spec.windows[li],
         };
-        with_attn_seqs(batch, |seqs| be.attention(&p, q, kv, seqs, attn, ws));
+        with_attn_seqs(batch, |seqs| {
+            be.kv_write(kv, li, seqs, k, v);
+            be.attention(&p, q, kv, seqs, attn, ws)
+        });
         let attn = MatIn::Rows(&attn[..n * qd]);
         match &l.post_attn_norm {
             // Added into the residual stream as the products are made.
             None => be.matmul_add_in(&l.wo, attn, n, &mut s.x[..n * d], ws),
             Some(post) => {
                 be.matmul_in(&l.wo, attn, n, &mut s.up, ws);
-                post_norm_add(
-                    be,
-                    &mut s.x[..n * d],
-                    &mut s.up[..n * d],
-                    post,
-                    spec.rms_eps,
-                );
+                be.norm_add(&mut s.x[..n * d], &mut s.up[..n * d], post, spec.rms_eps);
             }
         }
     }
@@ -553,13 +537,7 @@ impl Trunk {
             None => be.matmul_add_in(&l.w_down, act, n, &mut s.x[..n * d], ws),
             Some(post) => {
                 be.matmul_in(&l.w_down, act, n, &mut s.xn[..n * d], ws);
-                post_norm_add(
-                    be,
-                    &mut s.x[..n * d],
-                    &mut s.xn[..n * d],
-                    post,
-                    spec.rms_eps,
-                );
+                be.norm_add(&mut s.x[..n * d], &mut s.xn[..n * d], post, spec.rms_eps);
             }
         }
     }
@@ -568,10 +546,14 @@ impl Trunk {
     /// where the spec says so.
     pub(crate) fn logits(&mut self, batch: &[SeqBatch<'_>], logits: &mut [f32]) -> Result<()> {
         let (d, n_out) = (self.spec.dims.d_model, self.n_out);
-        let s = &mut self.s;
-        gather_logit_rows(batch, &s.x, d, &mut s.xn);
-        ops::rms_norm_inplace(&mut s.xn[..n_out * d], &self.output_norm, self.spec.rms_eps);
-        let be = &*self.backend;
+        let (s, be) = (&mut self.s, &*self.backend);
+        let (mut row, mut out) = (0, 0);
+        for b in batch {
+            let (n, want) = (b.tokens.len(), b.logit_rows());
+            be.copy_rows(&s.x, row + n - want, &mut s.xn, out, want, d);
+            (row, out) = (row + n, out + want);
+        }
+        be.rms_norm(&mut s.xn[..n_out * d], &self.output_norm, self.spec.rms_eps);
         be.matmul(
             &self.output,
             &s.xn[..n_out * d],
@@ -580,48 +562,10 @@ impl Trunk {
             &mut self.ws,
         );
         if let Some(cap) = self.spec.final_softcap {
-            ops::softcap_inplace(&mut logits[..n_out * self.spec.dims.vocab_size], cap);
+            be.softcap(&mut logits[..n_out * self.spec.dims.vocab_size], cap);
         }
         Ok(())
     }
-}
-
-/// RMSNorm weights of each query and key head (Qwen3, Gemma 3), applied
-/// before the rotation.
-#[derive(Clone, Copy)]
-struct HeadNorms<'a> {
-    q: &'a [f32],
-    k: &'a [f32],
-    eps: f32,
-}
-
-/// Rotates every head of the `n` rows of `q` (`qd` wide) and `k` (`kvd` wide),
-/// row `r` by the angles `rope[r * half..][..half]`, after normalising each
-/// head where the model has head norms: one pass on the backend's threads.
-#[allow(clippy::too_many_arguments)]
-fn rope_rows(
-    be: &dyn Backend,
-    q: &mut [f32],
-    k: &mut [f32],
-    (qd, kvd): (usize, usize),
-    hd: usize,
-    style: crate::ops::RopeStyle,
-    rope: &[(f32, f32)],
-    half: usize,
-    norms: Option<HeadNorms<'_>>,
-) {
-    crate::backend::par_rows2(be, (q, qd), (k, kvd), &|r0, q, k| {
-        let rows = q.chunks_exact_mut(qd).zip(k.chunks_exact_mut(kvd));
-        for (r, (qr, kr)) in (r0..).zip(rows) {
-            if let Some(n) = norms {
-                crate::ops::rms_norm_inplace(qr, n.q, n.eps);
-                crate::ops::rms_norm_inplace(kr, n.k, n.eps);
-            }
-            let cs = &rope[r * half..(r + 1) * half];
-            crate::ops::rope_apply(qr, hd, style, cs);
-            crate::ops::rope_apply(kr, hd, style, cs);
-        }
-    });
 }
 
 /// Calls `f` with the batch described as attention sequences, without allocating
@@ -649,36 +593,6 @@ fn with_attn_seqs<R>(batch: &[SeqBatch<'_>], f: impl FnOnce(&[AttnSeq<'_>]) -> R
     } else {
         let v: Vec<AttnSeq<'_>> = batch.iter().map(to_seq).collect();
         f(&v)
-    }
-}
-
-/// Token `tok`'s embedding row, times `scale` where the model scales them.
-fn token_row(tok_embd: &QTensor, scale: Option<f32>, tok: u32, x: &mut [f32]) {
-    dequantize_row(tok_embd, tok as usize, x);
-    if let Some(scale) = scale {
-        ops::scale_inplace(x, scale);
-    }
-}
-
-/// `x += rms_norm(y)`: a sandwich block's output, normalised, then added.
-fn post_norm_add(be: &dyn Backend, x: &mut [f32], y: &mut [f32], weight: &[f32], eps: f32) {
-    par_chunks(be, y, weight.len(), &|_, r| {
-        ops::rms_norm_inplace(r, weight, eps)
-    });
-    ops::add_inplace(x, y);
-}
-
-/// Copies the residual rows whose logits were asked for into `out`, in batch order.
-fn gather_logit_rows(batch: &[SeqBatch<'_>], x: &[f32], d: usize, out: &mut [f32]) {
-    let (mut row, mut o) = (0, 0);
-    for b in batch {
-        let n = b.tokens.len();
-        let first = n - b.logit_rows();
-        for r in row + first..row + n {
-            out[o * d..(o + 1) * d].copy_from_slice(&x[r * d..(r + 1) * d]);
-            o += 1;
-        }
-        row += n;
     }
 }
 

@@ -114,6 +114,10 @@ impl CpuBackend {
 }
 
 impl Backend for CpuBackend {
+    fn as_dyn(&self) -> &dyn Backend {
+        self
+    }
+
     fn name(&self) -> &'static str {
         "cpu"
     }
