@@ -391,3 +391,38 @@ fn gemma3_reference_backend_agrees_with_the_cpu() {
 fn qwen25_reference_backend_agrees_with_the_cpu() {
     reference_agrees_with_the_cpu("qwen25");
 }
+
+/// `--backend reference` runs the CLI on the scalar backend: its greedy text
+/// opens with llama.cpp's.
+#[test]
+fn smollm2_cli_runs_on_the_reference_backend() {
+    let f = fixture("smollm2");
+    let c = f.cases.iter().find(|c| !c.chat).unwrap();
+    let path = model(&f.model);
+    let args = [
+        "generate",
+        "-m",
+        path.to_str().unwrap(),
+        "-p",
+        &c.prompt,
+        "--temperature",
+        "0",
+        "-n",
+        "6",
+        "--backend",
+        "reference",
+    ];
+    let out = embody(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let want: String = c.pieces.iter().take(4).map(String::as_str).collect();
+    assert!(
+        text.starts_with(&want),
+        "reference backend: {text:?}, llama.cpp: {:?}",
+        c.text
+    );
+}

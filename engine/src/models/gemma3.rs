@@ -17,18 +17,11 @@
 //! The sliding layers keep their K/V in the cache's window pool, which holds only
 //! the window (see [`crate::kv_cache`]); the global layers keep the whole history.
 
-use std::sync::Arc;
-
 use serde::Deserialize;
 
-use crate::backend::Backend;
 use crate::gguf::{Gguf, Value};
-use crate::kv_cache::KvCache;
-use crate::models::trunk::{Act, BlockSpec, Spec, Trunk};
-use crate::models::{
-    gguf_f32, gguf_usize, hf_sliding_layers, Dims, HfRope, LoadOptions, Model, ModelInfo, Rope,
-    SeqBatch, Source,
-};
+use crate::models::trunk::{Act, BlockSpec, Spec};
+use crate::models::{gguf_f32, gguf_usize, hf_sliding_layers, Dims, HfRope, Rope, Source};
 use crate::ops::RopeStyle;
 use crate::{Error, Result};
 
@@ -178,6 +171,7 @@ impl Parts {
                 // Folder norms store w for a scale of (1 + w); GGUF files store 1 + w.
                 norm_shift: if is_hf { 1.0 } else { 0.0 },
             },
+            act: Act::GeGlu,
             final_softcap: self.final_softcap,
         }
     }
@@ -352,54 +346,13 @@ impl Parts {
     }
 }
 
-/// A loaded Gemma 3 model.
-pub struct Gemma3 {
-    t: Trunk,
-}
-
-impl Gemma3 {
-    /// Loads a `gemma3` GGUF file or a Gemma 3 folder.
-    pub fn load(src: &Source<'_>, backend: Arc<dyn Backend>, opts: LoadOptions) -> Result<Self> {
-        let parts = match src.gguf() {
-            Some(g) => Parts::from_gguf(g)?,
-            None => Parts::from_hf(src)?,
-        };
-        let spec = parts.spec(src.is_hf());
-        Ok(Self {
-            t: Trunk::load(src, spec, backend, opts)?,
-        })
-    }
-}
-
-impl Model for Gemma3 {
-    fn info(&self) -> &ModelInfo {
-        self.t.info()
-    }
-
-    fn token_embeddings(&self, tokens: &[u32], out: &mut [f32]) -> Result<()> {
-        self.t.token_embeddings(tokens, out)
-    }
-
-    fn forward(
-        &mut self,
-        batch: &[SeqBatch<'_>],
-        kv: &mut KvCache,
-        logits: &mut [f32],
-    ) -> Result<()> {
-        let t = &mut self.t;
-        // Embeddings scaled by sqrt(d_model), and both sets of rotary angles.
-        t.embed(batch, kv, logits)?;
-        for li in 0..t.n_layers() {
-            // Attention: norm, project, norm each Q/K head, rotate (local or
-            // global base), store K/V, attend (through the window on sliding
-            // layers), project back, post-norm, add.
-            t.attention(li, batch, kv);
-            // MLP: norm, GeGLU, project back, post-norm, add.
-            t.mlp(li, Act::GeGlu);
-        }
-        // Final norm, output head and soft-capping, only for the rows asked for.
-        t.logits(batch, logits)
-    }
+/// The trunk's description of a `gemma3` GGUF file or a Gemma 3 folder.
+pub(crate) fn spec(src: &Source<'_>) -> Result<Spec> {
+    let parts = match src.gguf() {
+        Some(g) => Parts::from_gguf(g)?,
+        None => Parts::from_hf(src)?,
+    };
+    Ok(parts.spec(src.is_hf()))
 }
 
 #[cfg(test)]

@@ -13,16 +13,10 @@
 //! and rotate halves of each head. The weights are used as stored and the
 //! rotation follows the source.
 
-use std::sync::Arc;
-
 use serde::Deserialize;
 
-use crate::backend::Backend;
-use crate::kv_cache::KvCache;
-use crate::models::trunk::{Act, BlockSpec, RopeSpec, Spec, Trunk};
-use crate::models::{
-    gguf_f32, gguf_usize, Dims, HfCommon, LoadOptions, Model, ModelInfo, Rope, SeqBatch, Source,
-};
+use crate::models::trunk::{Act, BlockSpec, RopeSpec, Spec};
+use crate::models::{gguf_f32, gguf_usize, Dims, HfCommon, Source};
 use crate::ops::RopeStyle;
 use crate::{Error, Result};
 
@@ -38,7 +32,7 @@ struct HfLlamaConfig {
 
 /// The trunk's description of a Llama model: one RoPE, full attention,
 /// plain pre-norm blocks.
-fn spec(dims: Dims, rms_eps: f32, rope: RopeSpec) -> Spec {
+fn assemble(dims: Dims, rms_eps: f32, rope: RopeSpec) -> Spec {
     let n = dims.n_layers;
     Spec {
         arch: "llama",
@@ -50,8 +44,17 @@ fn spec(dims: Dims, rms_eps: f32, rope: RopeSpec) -> Spec {
         windows: vec![None; n],
         window_key: "sliding_window",
         blocks: BlockSpec::default(),
+        act: Act::SwiGlu,
         embed_scale: None,
         final_softcap: None,
+    }
+}
+
+/// The trunk's description of a `llama` GGUF file or a `LlamaForCausalLM` folder.
+pub(crate) fn spec(src: &Source<'_>) -> Result<Spec> {
+    match src.gguf() {
+        Some(g) => spec_from_gguf(src, g),
+        None => spec_from_hf(src),
     }
 }
 
@@ -92,7 +95,7 @@ fn spec_from_gguf(src: &Source<'_>, g: &crate::gguf::Gguf) -> Result<Spec> {
         sections: None,
     };
     let eps = gguf_f32(g, &key("attention.layer_norm_rms_epsilon"), 1e-5)?;
-    Ok(spec(d, eps, rope))
+    Ok(assemble(d, eps, rope))
 }
 
 /// From `config.json`.
@@ -110,63 +113,7 @@ fn spec_from_hf(src: &Source<'_>) -> Result<Spec> {
             return Err(src.meta_err(field, "biases are not supported for Llama"));
         }
     }
-    let scaling = common
-        .rope_parameters
-        .as_ref()
-        .or(common.rope_scaling.as_ref());
-    let rope = Rope::from_hf(common.rope_theta, scaling, d.head_dim, 10000.0, |k| {
-        src.meta_err(
-            &format!("rope_parameters.{k}"),
-            "missing or unsupported RoPE scaling parameter",
-        )
-    })?;
+    let rope = common.rope(src, d.head_dim)?;
     let rope = rope.spec(d.head_dim, RopeStyle::Halves);
-    Ok(spec(d, common.rms_norm_eps, rope))
-}
-
-/// A loaded Llama-family model.
-pub struct Llama {
-    t: Trunk,
-}
-
-impl Llama {
-    /// Loads a `llama` GGUF file or a `LlamaForCausalLM` folder.
-    pub fn load(src: &Source<'_>, backend: Arc<dyn Backend>, opts: LoadOptions) -> Result<Self> {
-        let spec = match src.gguf() {
-            Some(g) => spec_from_gguf(src, g)?,
-            None => spec_from_hf(src)?,
-        };
-        Ok(Self {
-            t: Trunk::load(src, spec, backend, opts)?,
-        })
-    }
-}
-
-impl Model for Llama {
-    fn info(&self) -> &ModelInfo {
-        self.t.info()
-    }
-
-    fn token_embeddings(&self, tokens: &[u32], out: &mut [f32]) -> Result<()> {
-        self.t.token_embeddings(tokens, out)
-    }
-
-    fn forward(
-        &mut self,
-        batch: &[SeqBatch<'_>],
-        kv: &mut KvCache,
-        logits: &mut [f32],
-    ) -> Result<()> {
-        let t = &mut self.t;
-        // Token embeddings and rotary angles for every new row.
-        t.embed(batch, kv, logits)?;
-        for li in 0..t.n_layers() {
-            // Attention: norm, project, rotate, store K/V, attend, project back.
-            t.attention(li, batch, kv);
-            // MLP: norm, SwiGLU, project back.
-            t.mlp(li, Act::SwiGlu);
-        }
-        // Final norm and output head, only for the rows asked for.
-        t.logits(batch, logits)
-    }
+    Ok(assemble(d, common.rms_norm_eps, rope))
 }

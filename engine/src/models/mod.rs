@@ -9,10 +9,10 @@
 //! conventions the converters change, such as GGUF's permuted Llama Q/K or its
 //! pre-added Gemma norm offset) differ.
 
-pub mod gemma3;
-pub mod llama;
-pub mod qwen2;
-pub mod qwen3;
+mod gemma3;
+mod llama;
+mod qwen2;
+mod qwen3;
 mod trunk;
 
 use std::path::Path;
@@ -191,17 +191,20 @@ pub fn load_gguf(
 ) -> Result<Box<dyn Model>> {
     let arch = gguf.get_str("general.architecture")?;
     let src = Source::Gguf(gguf);
-    match arch {
-        "llama" => Ok(Box::new(llama::Llama::load(&src, backend, opts)?)),
-        "qwen2" => Ok(Box::new(qwen2::Qwen2::load(&src, backend, opts)?)),
-        "qwen3" => Ok(Box::new(qwen3::Qwen3::load(&src, backend, opts)?)),
-        "gemma3" => Ok(Box::new(gemma3::Gemma3::load(&src, backend, opts)?)),
-        other => Err(Error::UnsupportedArchitecture {
-            path: gguf.path().to_path_buf(),
-            arch: other.to_string(),
-            supported: SUPPORTED.join(", "),
-        }),
-    }
+    let spec = match arch {
+        "llama" => llama::spec(&src)?,
+        "qwen2" => qwen2::spec(&src)?,
+        "qwen3" => qwen3::spec(&src)?,
+        "gemma3" => gemma3::spec(&src)?,
+        other => {
+            return Err(Error::UnsupportedArchitecture {
+                path: gguf.path().to_path_buf(),
+                arch: other.to_string(),
+                supported: SUPPORTED.join(", "),
+            })
+        }
+    };
+    Ok(Box::new(trunk::Trunk::load(&src, spec, backend, opts)?))
 }
 
 /// Loads the model in a Hugging Face folder (`config.json`, safetensors weights)
@@ -223,26 +226,16 @@ pub fn load_hf(
     opts: LoadOptions,
 ) -> Result<Box<dyn Model>> {
     let arch = folder.architecture()?;
-    let src = |prefix| Source::Hf {
+    let mut src = Source::Hf {
         folder,
-        prefix,
+        prefix: "model.",
         config: "",
     };
-    match arch.as_str() {
-        "LlamaForCausalLM" | "llama" => {
-            Ok(Box::new(llama::Llama::load(&src("model."), backend, opts)?))
-        }
-        "Qwen2ForCausalLM" | "qwen2" => {
-            Ok(Box::new(qwen2::Qwen2::load(&src("model."), backend, opts)?))
-        }
-        "Qwen3ForCausalLM" | "qwen3" => {
-            Ok(Box::new(qwen3::Qwen3::load(&src("model."), backend, opts)?))
-        }
-        "Gemma3ForCausalLM" | "gemma3_text" => Ok(Box::new(gemma3::Gemma3::load(
-            &src("model."),
-            backend,
-            opts,
-        )?)),
+    let spec = match arch.as_str() {
+        "LlamaForCausalLM" | "llama" => llama::spec(&src)?,
+        "Qwen2ForCausalLM" | "qwen2" => qwen2::spec(&src)?,
+        "Qwen3ForCausalLM" | "qwen3" => qwen3::spec(&src)?,
+        "Gemma3ForCausalLM" | "gemma3_text" => gemma3::spec(&src)?,
         "Gemma3ForConditionalGeneration" | "gemma3" => {
             // The language model of the vision-language checkpoint; transformers
             // 4.52 moved it from `language_model.model.` to `model.language_model.`.
@@ -251,22 +244,25 @@ pub fn load_hf(
             } else {
                 "model.language_model."
             };
-            let src = Source::Hf {
+            src = Source::Hf {
                 folder,
                 prefix,
                 config: "text_config",
             };
-            Ok(Box::new(gemma3::Gemma3::load(&src, backend, opts)?))
+            gemma3::spec(&src)?
         }
-        other => Err(Error::Metadata {
-            path: folder.config_path().to_path_buf(),
-            key: "architectures".into(),
-            message: format!(
-                "unsupported architecture '{other}' (supported: {})",
-                SUPPORTED_HF.join(", ")
-            ),
-        }),
-    }
+        other => {
+            return Err(Error::Metadata {
+                path: folder.config_path().to_path_buf(),
+                key: "architectures".into(),
+                message: format!(
+                    "unsupported architecture '{other}' (supported: {})",
+                    SUPPORTED_HF.join(", ")
+                ),
+            })
+        }
+    };
+    Ok(Box::new(trunk::Trunk::load(&src, spec, backend, opts)?))
 }
 
 /// A chat template for models whose files carry none, by architecture: Gemma 3
@@ -582,6 +578,20 @@ pub(crate) struct HfCommon {
     /// Newer configs (transformers 5): base and scaling together.
     #[serde(default)]
     pub rope_parameters: Option<HfRope>,
+}
+
+impl HfCommon {
+    /// RoPE over `rope_dim` elements from `rope_parameters` (transformers 5)
+    /// or `rope_theta` with `rope_scaling`, base 10,000 by default.
+    pub(crate) fn rope(&self, src: &Source<'_>, rope_dim: usize) -> Result<Rope> {
+        let scaling = self.rope_parameters.as_ref().or(self.rope_scaling.as_ref());
+        Rope::from_hf(self.rope_theta, scaling, rope_dim, 10000.0, |k| {
+            src.meta_err(
+                &format!("rope_parameters.{k}"),
+                "missing or unsupported RoPE scaling parameter",
+            )
+        })
+    }
 }
 
 /// RoPE parameters as config.json writes them (`rope_scaling` or `rope_parameters`).

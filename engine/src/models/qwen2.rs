@@ -9,17 +9,10 @@
 //! Model card: <https://huggingface.co/Qwen/Qwen2.5-0.5B-Instruct>; Hugging Face
 //! names as transformers' `modeling_qwen2.py`.
 
-use std::sync::Arc;
-
 use serde::Deserialize;
 
-use crate::backend::Backend;
-use crate::kv_cache::KvCache;
-use crate::models::trunk::{Act, BlockSpec, RopeSpec, Spec, Trunk};
-use crate::models::{
-    gguf_f32, hf_sliding_layers, Dims, HfCommon, LoadOptions, Model, ModelInfo, Rope, SeqBatch,
-    Source,
-};
+use crate::models::trunk::{Act, BlockSpec, RopeSpec, Spec};
+use crate::models::{gguf_f32, hf_sliding_layers, Dims, HfCommon, Rope, Source};
 use crate::ops::RopeStyle;
 use crate::Result;
 
@@ -39,7 +32,7 @@ struct HfQwen2Config {
 
 /// The trunk's description of a Qwen2-shaped model: one RoPE over halves
 /// of each head, a window per layer, the blocks `blocks` says.
-fn spec(
+fn assemble(
     arch: &'static str,
     dims: Dims,
     rms_eps: f32,
@@ -57,17 +50,33 @@ fn spec(
         windows,
         window_key: "sliding_window",
         blocks,
+        act: Act::SwiGlu,
         embed_scale: None,
         final_softcap: None,
     }
 }
 
-/// Reads the `<arch>.*` keys; Qwen2 and Qwen3 files share them.
-pub(crate) fn spec_from_gguf(
-    g: &crate::gguf::Gguf,
+/// The trunk's description of a `qwen2` GGUF file or a `Qwen2ForCausalLM` folder.
+pub(crate) fn spec(src: &Source<'_>) -> Result<Spec> {
+    spec_for(src, "qwen2", "Qwen2", BLOCKS)
+}
+
+/// A Qwen2-shaped model's description: `arch` names its GGUF keys, `family`
+/// the model in errors, `blocks` the optional weights of its blocks.
+pub(crate) fn spec_for(
+    src: &Source<'_>,
     arch: &'static str,
+    family: &str,
     blocks: BlockSpec,
 ) -> Result<Spec> {
+    match src.gguf() {
+        Some(g) => spec_from_gguf(g, arch, blocks),
+        None => spec_from_hf(src, family, arch, blocks),
+    }
+}
+
+/// Reads the `<arch>.*` keys; Qwen2 and Qwen3 files share them.
+fn spec_from_gguf(g: &crate::gguf::Gguf, arch: &'static str, blocks: BlockSpec) -> Result<Spec> {
     let key = |k: &str| format!("{arch}.{k}");
     let d = Dims::from_gguf(g, arch)?;
     let linear_factor = match g.get(&key("rope.scaling.type")) {
@@ -92,11 +101,11 @@ pub(crate) fn spec_from_gguf(
     let eps = gguf_f32(g, &key("attention.layer_norm_rms_epsilon"), 1e-6)?;
     // llama.cpp runs these files with full attention on every layer.
     let windows = vec![None; d.n_layers];
-    Ok(spec(arch, d, eps, rope, windows, blocks))
+    Ok(assemble(arch, d, eps, rope, windows, blocks))
 }
 
 /// Reads `config.json`; `family` names the model in errors.
-pub(crate) fn spec_from_hf(
+fn spec_from_hf(
     src: &Source<'_>,
     family: &str,
     arch: &'static str,
@@ -107,16 +116,7 @@ pub(crate) fn spec_from_hf(
     let common: HfCommon = src.hf_config()?;
     let c: HfQwen2Config = src.hf_config()?;
     let d = Dims::from_hf(&common, folder.config_path())?;
-    let scaling = common
-        .rope_parameters
-        .as_ref()
-        .or(common.rope_scaling.as_ref());
-    let rope = Rope::from_hf(common.rope_theta, scaling, d.head_dim, 10000.0, |k| {
-        src.meta_err(
-            &format!("rope_parameters.{k}"),
-            "missing or unsupported RoPE scaling parameter",
-        )
-    })?;
+    let rope = common.rope(src, d.head_dim)?;
     if rope.freq_factors.is_some() {
         return Err(src.meta_err(
             "rope_parameters.rope_type",
@@ -139,7 +139,14 @@ pub(crate) fn spec_from_hf(
     let size = c.sliding_window.unwrap_or(0);
     let windows = sliding.iter().map(|&s| s.then_some(size)).collect();
     let rope = rope.spec(d.head_dim, RopeStyle::Halves);
-    Ok(spec(arch, d, common.rms_norm_eps, rope, windows, blocks))
+    Ok(assemble(
+        arch,
+        d,
+        common.rms_norm_eps,
+        rope,
+        windows,
+        blocks,
+    ))
 }
 
 /// Qwen2's blocks: biases on Q, K and V.
@@ -149,51 +156,3 @@ const BLOCKS: BlockSpec = BlockSpec {
     post_norms: false,
     norm_shift: 0.0,
 };
-
-/// A loaded Qwen2 model.
-pub struct Qwen2 {
-    t: Trunk,
-}
-
-impl Qwen2 {
-    /// Loads a `qwen2` GGUF file or a `Qwen2ForCausalLM` folder.
-    pub fn load(src: &Source<'_>, backend: Arc<dyn Backend>, opts: LoadOptions) -> Result<Self> {
-        let spec = match src.gguf() {
-            Some(g) => spec_from_gguf(g, "qwen2", BLOCKS)?,
-            None => spec_from_hf(src, "Qwen2", "qwen2", BLOCKS)?,
-        };
-        Ok(Self {
-            t: Trunk::load(src, spec, backend, opts)?,
-        })
-    }
-}
-
-impl Model for Qwen2 {
-    fn info(&self) -> &ModelInfo {
-        self.t.info()
-    }
-
-    fn token_embeddings(&self, tokens: &[u32], out: &mut [f32]) -> Result<()> {
-        self.t.token_embeddings(tokens, out)
-    }
-
-    fn forward(
-        &mut self,
-        batch: &[SeqBatch<'_>],
-        kv: &mut KvCache,
-        logits: &mut [f32],
-    ) -> Result<()> {
-        let t = &mut self.t;
-        // Embeddings and rotary angles for every new row.
-        t.embed(batch, kv, logits)?;
-        for li in 0..t.n_layers() {
-            // Attention: norm, project with bias, rotate halves, store K/V,
-            // attend (through the window on sliding layers), project back.
-            t.attention(li, batch, kv);
-            // MLP: norm, SwiGLU, project back.
-            t.mlp(li, Act::SwiGlu);
-        }
-        // Final norm and output head, only for the rows asked for.
-        t.logits(batch, logits)
-    }
-}

@@ -9,13 +9,8 @@
 //! Technical report: <https://arxiv.org/abs/2505.09388>; Hugging Face names as
 //! transformers' `modeling_qwen3.py`.
 
-use std::sync::Arc;
-
-use crate::backend::Backend;
-use crate::kv_cache::KvCache;
-use crate::models::qwen2::{spec_from_gguf, spec_from_hf};
-use crate::models::trunk::{Act, BlockSpec, Trunk};
-use crate::models::{LoadOptions, Model, ModelInfo, SeqBatch, Source};
+use crate::models::trunk::{BlockSpec, Spec};
+use crate::models::Source;
 use crate::Result;
 
 /// Qwen3's blocks: no biases, an RMSNorm over each query and key head. Its
@@ -27,50 +22,7 @@ const BLOCKS: BlockSpec = BlockSpec {
     norm_shift: 0.0,
 };
 
-/// A loaded Qwen3 model.
-pub struct Qwen3 {
-    t: Trunk,
-}
-
-impl Qwen3 {
-    /// Loads a `qwen3` GGUF file or a `Qwen3ForCausalLM` folder.
-    pub fn load(src: &Source<'_>, backend: Arc<dyn Backend>, opts: LoadOptions) -> Result<Self> {
-        let spec = match src.gguf() {
-            Some(g) => spec_from_gguf(g, "qwen3", BLOCKS)?,
-            None => spec_from_hf(src, "Qwen3", "qwen3", BLOCKS)?,
-        };
-        Ok(Self {
-            t: Trunk::load(src, spec, backend, opts)?,
-        })
-    }
-}
-
-impl Model for Qwen3 {
-    fn info(&self) -> &ModelInfo {
-        self.t.info()
-    }
-
-    fn token_embeddings(&self, tokens: &[u32], out: &mut [f32]) -> Result<()> {
-        self.t.token_embeddings(tokens, out)
-    }
-
-    fn forward(
-        &mut self,
-        batch: &[SeqBatch<'_>],
-        kv: &mut KvCache,
-        logits: &mut [f32],
-    ) -> Result<()> {
-        let t = &mut self.t;
-        // Embeddings and rotary angles for every new row.
-        t.embed(batch, kv, logits)?;
-        for li in 0..t.n_layers() {
-            // Attention: norm, project, norm each Q/K head, rotate halves,
-            // store K/V, attend, project back.
-            t.attention(li, batch, kv);
-            // MLP: norm, SwiGLU, project back.
-            t.mlp(li, Act::SwiGlu);
-        }
-        // Final norm and output head, only for the rows asked for.
-        t.logits(batch, logits)
-    }
+/// The trunk's description of a `qwen3` GGUF file or a `Qwen3ForCausalLM` folder.
+pub(crate) fn spec(src: &Source<'_>) -> Result<Spec> {
+    super::qwen2::spec_for(src, "qwen3", "Qwen3", BLOCKS)
 }

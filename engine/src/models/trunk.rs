@@ -2,12 +2,15 @@
 //! the attention block, the MLP block and the logits, over the [`Backend`].
 //!
 //! A model file reads its config into a [`Spec`] (dimensions, RoPE variants,
-//! which layers slide, which optional weights its blocks carry) and its
-//! forward calls [`Trunk::embed`], then [`Trunk::attention`] and
-//! [`Trunk::mlp`] per layer, then [`Trunk::logits`]. What differs between
-//! families is data: a block with projection biases adds them, one with head
-//! norms normalises each query and key head, one with post-norms (Gemma's
-//! "sandwich") normalises each block's output before the residual add.
+//! which layers slide, which optional weights its blocks carry, the MLP's
+//! activation) and nothing else: Llama, Qwen2, Qwen3 and Gemma 3 run the
+//! same forward ([`Trunk`]'s [`Model`] impl). What differs between them is
+//! data: a block with projection biases adds them, one with head norms
+//! normalises each query and key head, one with post-norms (Gemma's
+//! "sandwich") normalises each block's output before the residual add. A
+//! family whose forward differs in its steps (multimodal RoPE positions from
+//! image grids, say) writes its own from [`Trunk::embed`],
+//! [`Trunk::attention`], [`Trunk::mlp`] and [`Trunk::logits`].
 //!
 //! Every row of a batch carries its position ids: one stream for text
 //! models, three (temporal, height, width) for multimodal RoPE. The KV cache
@@ -17,7 +20,9 @@ use std::sync::Arc;
 
 use crate::backend::{AttnParams, AttnSeq, Backend, HeadNorms, MatIn, MatOut, Workspace};
 use crate::kv_cache::{BlockTable, KvCache, KvLayout};
-use crate::models::{sliding_window, Dims, LoadOptions, ModelInfo, Positions, SeqBatch, Source};
+use crate::models::{
+    sliding_window, Dims, LoadOptions, Model, ModelInfo, Positions, SeqBatch, Source,
+};
 use crate::ops::{self, RopeStyle};
 use crate::tensor::QTensor;
 use crate::{Error, Result};
@@ -84,6 +89,8 @@ pub(crate) struct Spec {
     pub window_key: &'static str,
     /// Optional block weights.
     pub blocks: BlockSpec,
+    /// The MLP's gated activation.
+    pub act: Act,
     /// Token embeddings are multiplied by this (Gemma: `sqrt(d_model)`).
     pub embed_scale: Option<f32>,
     /// `cap * tanh(logit / cap)` on the output, when set.
@@ -326,16 +333,6 @@ impl Trunk {
         })
     }
 
-    /// Shape and limits.
-    pub(crate) fn info(&self) -> &ModelInfo {
-        &self.info
-    }
-
-    /// Transformer blocks.
-    pub(crate) fn n_layers(&self) -> usize {
-        self.blocks.len()
-    }
-
     /// Checks the batch, then fills the residual stream with each row's token
     /// embedding (times the spec's scale) or the row the batch gives for it,
     /// and every RoPE variant's angles at each row's positions.
@@ -500,7 +497,7 @@ impl Trunk {
     /// Layer `li`'s MLP block: pre-norm, gate and up, the gated activation
     /// (made row by row as the down projection's input is quantized), down,
     /// post-normed where the block has it, added into the residual stream.
-    pub(crate) fn mlp(&mut self, li: usize, act: Act) {
+    pub(crate) fn mlp(&mut self, li: usize) {
         let Self {
             spec,
             blocks,
@@ -529,7 +526,7 @@ impl Trunk {
         };
         be.matmul_group_in(normed, n, gate_up, ws);
         let (gate, up) = (&s.gate[..n * d_ff], &s.up[..n * d_ff]);
-        let act = match act {
+        let act = match spec.act {
             Act::SwiGlu => MatIn::SwiGlu { gate, up },
             Act::GeGlu => MatIn::GeGlu { gate, up },
         };
@@ -565,6 +562,38 @@ impl Trunk {
             be.softcap(&mut logits[..n_out * self.spec.dims.vocab_size], cap);
         }
         Ok(())
+    }
+}
+
+/// Every family here runs the same forward; what differs is data in the
+/// spec and the blocks' weights.
+impl Model for Trunk {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn token_embeddings(&self, tokens: &[u32], out: &mut [f32]) -> Result<()> {
+        Trunk::token_embeddings(self, tokens, out)
+    }
+
+    fn forward(
+        &mut self,
+        batch: &[SeqBatch<'_>],
+        kv: &mut KvCache,
+        logits: &mut [f32],
+    ) -> Result<()> {
+        // Token embeddings (or the rows given), rotary angles at each row's ids.
+        self.embed(batch, kv, logits)?;
+        for li in 0..self.blocks.len() {
+            // Attention: norm, project (+ bias), norm each Q/K head, rotate,
+            // store K/V, attend (through the window on sliding layers),
+            // project back (post-norm), add.
+            self.attention(li, batch, kv);
+            // MLP: norm, gate and up, SwiGLU or GeGLU, project back (post-norm), add.
+            self.mlp(li);
+        }
+        // Final norm, output head (soft-capped), only for the rows asked for.
+        self.logits(batch, logits)
     }
 }
 
