@@ -7,7 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (https://rustup.rs)" >&2; exit 1; }
 scripts/fetch-models.sh smollm2 >&2
-cargo build --release --quiet -p embodyd --bins
+# Cargo's own progress shows: the first build takes about ten minutes on 2 cores.
+echo "== building embodyd and embody (release)" >&2
+cargo build --release -p embodyd --bins
 bin="${CARGO_TARGET_DIR:-target}/release"
 question="${1:-What should a robot do when its battery is low? Answer in two sentences.}"
 shift || true

@@ -236,6 +236,12 @@ impl Daemon {
     /// [`Daemon::http_url`]), so that daemons of tests running side by side
     /// never compete for a fixed port.
     pub fn spawn(config: &str, env: &[(&str, &str)]) -> Self {
+        Self::spawn_with(config, env, |_| {})
+    }
+
+    /// [`Daemon::spawn`], with `prepare` given the command before it starts
+    /// (to confine it, say).
+    pub fn spawn_with(config: &str, env: &[(&str, &str)], prepare: impl FnOnce(&mut Command)) -> Self {
         let dir = TempDir::new("embodyd");
         let cfg = dir.path().join("embodyd.toml");
         let mut config = config.to_string();
@@ -263,6 +269,7 @@ impl Daemon {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        prepare(&mut cmd);
         let child = cmd.spawn().expect("starting embodyd");
         let socket = dir.path().join("embodyd.sock");
         Self { child, dir, socket }
@@ -454,4 +461,64 @@ pub fn test_python() -> PathBuf {
         p.display()
     );
     p
+}
+
+/// Address families by the names systemd's `RestrictAddressFamilies=` uses.
+pub fn address_family(name: &str) -> Option<i32> {
+    Some(match name {
+        "AF_UNIX" => libc::AF_UNIX,
+        "AF_INET" => libc::AF_INET,
+        "AF_INET6" => libc::AF_INET6,
+        "AF_NETLINK" => libc::AF_NETLINK,
+        "AF_PACKET" => libc::AF_PACKET,
+        _ => return None,
+    })
+}
+
+/// Confines the command to the given address families as systemd's
+/// `RestrictAddressFamilies=` does: a seccomp filter, installed in the child
+/// before it executes, fails `socket()` of any other family with
+/// `EAFNOSUPPORT`.
+pub fn restrict_address_families(cmd: &mut Command, families: &[i32]) {
+    use std::os::unix::process::CommandExt;
+    // BPF over struct seccomp_data { nr: i32, arch: u32, ip: u64, args: [u64; 6] }.
+    const LD_W_ABS: u16 = 0x20;
+    const JEQ_K: u16 = 0x15;
+    const RET_K: u16 = 0x06;
+    const ALLOW: u32 = 0x7fff_0000;
+    const ERRNO: u32 = 0x0005_0000;
+    let op = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    let n = u8::try_from(families.len()).expect("a few families");
+    // 0: the call; 1: not socket() -> allow; 2: its family; 3..3+n: a listed
+    // family -> allow; 3+n: refuse; 4+n: allow.
+    let mut filter = vec![
+        op(LD_W_ABS, 0, 0, 0),
+        op(JEQ_K, 0, 2 + n, libc::SYS_socket as u32),
+        op(LD_W_ABS, 0, 0, 16),
+    ];
+    for (i, &f) in (0u8..).zip(families) {
+        filter.push(op(JEQ_K, n - i, 0, f as u32));
+    }
+    filter.push(op(RET_K, 0, 0, ERRNO | libc::EAFNOSUPPORT as u32));
+    filter.push(op(RET_K, 0, 0, ALLOW));
+    // SAFETY: between fork and exec the closure only makes two prctl calls
+    // on memory it owns; the program outlives them.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fprog = libc::sock_fprog {
+                len: filter.len() as u16,
+                filter: filter.as_ptr() as *mut libc::sock_filter,
+            };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER,
+                    &fprog as *const libc::sock_fprog,
+                ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
