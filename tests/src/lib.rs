@@ -241,7 +241,11 @@ impl Daemon {
 
     /// [`Daemon::spawn`], with `prepare` given the command before it starts
     /// (to confine it, say).
-    pub fn spawn_with(config: &str, env: &[(&str, &str)], prepare: impl FnOnce(&mut Command)) -> Self {
+    pub fn spawn_with(
+        config: &str,
+        env: &[(&str, &str)],
+        prepare: impl FnOnce(&mut Command),
+    ) -> Self {
         let dir = TempDir::new("embodyd");
         let cfg = dir.path().join("embodyd.toml");
         let mut config = config.to_string();

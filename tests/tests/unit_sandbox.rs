@@ -148,7 +148,10 @@ fn the_unit_allows_what_the_default_config_turns_on() {
     if setting(&unit, "IPAddressDeny") == Some("any") {
         let allow = setting(&unit, "IPAddressAllow").unwrap_or("");
         for ip in &need.addresses {
-            assert!(ip_allowed(allow, ip), "{ip} is outside IPAddressAllow={allow}");
+            assert!(
+                ip_allowed(allow, ip),
+                "{ip} is outside IPAddressAllow={allow}"
+            );
         }
     }
     if need.gpu {
@@ -200,7 +203,10 @@ fn each_interface_adds_what_it_needs() {
 
     assert!(ip_allowed("localhost", &"127.0.0.1".parse().unwrap()));
     assert!(!ip_allowed("localhost", &"10.1.2.3".parse().unwrap()));
-    assert!(ip_allowed("localhost 10.1.2.0/24", &"10.1.2.77".parse().unwrap()));
+    assert!(ip_allowed(
+        "localhost 10.1.2.0/24",
+        &"10.1.2.77".parse().unwrap()
+    ));
     assert!(!ip_allowed("10.1.2.0/24", &"10.1.3.1".parse().unwrap()));
     assert!(ip_allowed("10.1.2.5", &"10.1.2.5".parse().unwrap()));
 }
@@ -215,11 +221,23 @@ fn default_config_on_free_ports() -> (String, u16, u16) {
             "path = \"SmolLM2-135M-Instruct.Q4_1.gguf\"".to_string(),
             format!("path = \"{}\"", smollm2().display()),
         ),
-        ("bind = \"127.0.0.1:8080\"".into(), format!("bind = \"127.0.0.1:{http}\"")),
-        ("tcp/127.0.0.1:7448".into(), format!("tcp/127.0.0.1:{zenoh}")),
-        ("tcp/127.0.0.1:7447".into(), format!("tcp/127.0.0.1:{router}")),
+        (
+            "bind = \"127.0.0.1:8080\"".into(),
+            format!("bind = \"127.0.0.1:{http}\""),
+        ),
+        (
+            "tcp/127.0.0.1:7448".into(),
+            format!("tcp/127.0.0.1:{zenoh}"),
+        ),
+        (
+            "tcp/127.0.0.1:7447".into(),
+            format!("tcp/127.0.0.1:{router}"),
+        ),
     ] {
-        assert!(text.contains(&from), "configs/default.toml no longer has {from}");
+        assert!(
+            text.contains(&from),
+            "configs/default.toml no longer has {from}"
+        );
         text = text.replace(&from, &to);
     }
     (text, http, router)
@@ -260,13 +278,18 @@ fn the_default_config_serves_inside_the_units_address_families() {
     let mut d = Daemon::spawn_with(&config, &[], |cmd| restrict_address_families(cmd, &only));
     d.wait_ready();
 
+    let url = d.http_url();
+    assert_eq!(url, format!("http://127.0.0.1:{http}"));
     let mut conn = std::net::TcpStream::connect(("127.0.0.1", http)).unwrap();
     use std::io::{Read, Write};
     conn.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
         .unwrap();
     let mut reply = String::new();
     conn.read_to_string(&mut reply).unwrap();
-    assert!(reply.starts_with("HTTP/1.") && reply.contains(" 200 "), "{reply}");
+    assert!(
+        reply.starts_with("HTTP/1.") && reply.contains(" 200 "),
+        "{reply}"
+    );
 
     let status = rt.block_on(async {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
@@ -276,7 +299,11 @@ fn the_default_config_serves_inside_the_units_address_families() {
                 let bytes = r.result().unwrap().payload().to_bytes().to_vec();
                 break serde_json::from_slice::<embody_protocol::Status>(&bytes).unwrap();
             }
-            assert!(std::time::Instant::now() < deadline, "no zenoh status:\n{}", d.log());
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no zenoh status:\n{}",
+                d.log()
+            );
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         }
     });
@@ -297,5 +324,9 @@ fn the_default_config_serves_inside_the_units_address_families() {
         "without AF_INET: {exit:?}\n{}",
         d.log()
     );
-    assert!(d.log().to_lowercase().contains("address family"), "{}", d.log());
+    assert!(
+        d.log().to_lowercase().contains("address family"),
+        "{}",
+        d.log()
+    );
 }
