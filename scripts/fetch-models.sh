@@ -25,7 +25,10 @@ fetch() {
   tmp=$(mktemp -d)
   trap 'rm -rf "$tmp"' RETURN
   echo "$name: downloading $* ..." >&2
-  "$PY" -m pip download --quiet --no-deps -d "$tmp/whl" "$@" >&2
+  # pip's progress bars on a terminal; quiet in logs.
+  local quiet=(--quiet)
+  [ -t 2 ] && quiet=()
+  "$PY" -m pip download "${quiet[@]}" --no-deps -d "$tmp/whl" "$@" >&2
   mkdir -p "$tmp/x"
   for w in "$tmp"/whl/*; do
     case "$w" in
