@@ -53,3 +53,27 @@ fn bad_flags_are_refused() {
     );
     fails_with(&["perplexity", "-m", "x.gguf"], "--file");
 }
+
+/// A reader that closes the pipe early (`embody inspect M | head -1`) ends
+/// the CLI quietly: no panic message, killed by SIGPIPE as other tools are.
+#[test]
+fn a_closed_pipe_ends_the_cli_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(embody_tests::bin("embody"))
+        .args(["inspect", embody_tests::smollm2().to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGPIPE),
+        "{:?}: {err}",
+        out.status
+    );
+}

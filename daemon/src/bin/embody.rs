@@ -156,6 +156,12 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // A reader that goes away (`embody inspect M | head`) ends us quietly, as
+    // it ends other command-line tools, instead of a panic on the next write.
+    // SAFETY: restoring the default disposition before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
