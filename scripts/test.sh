@@ -4,6 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# systemd-analyze checks the shipped unit (tests/tests/unit_sandbox.rs).
+if ! command -v systemd-analyze >/dev/null; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo=sudo
+    $sudo apt-get update && $sudo apt-get install -y --no-install-recommends systemd
+fi
+
 # The real models (idempotent: verified files are not fetched again).
 scripts/fetch-models.sh all
 

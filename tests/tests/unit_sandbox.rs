@@ -330,3 +330,47 @@ fn the_default_config_serves_inside_the_units_address_families() {
         d.log()
     );
 }
+
+/// Highest `systemd-analyze security --offline` exposure the unit may have
+/// (1.4 before TCP was allowed; IP allow-lists and private users and mounts
+/// brought it below that).
+const MAX_EXPOSURE: f32 = 1.2;
+
+/// systemd itself reads the unit (ExecStart pointed at the built daemon):
+/// `systemd-analyze verify` accepts it without a single warning, and its
+/// offline exposure rating stays at or below [`MAX_EXPOSURE`].
+#[test]
+fn systemd_verifies_the_unit_and_rates_its_exposure() {
+    let dir = embody_tests::TempDir::new("unit");
+    let unit = std::fs::read_to_string(repo_root().join("configs/embodyd.service")).unwrap();
+    let daemon = embody_tests::bin("embodyd");
+    let unit = unit.replace("/usr/local/bin/embodyd", daemon.to_str().unwrap());
+    let path = dir.path().join("embodyd.service");
+    std::fs::write(&path, unit).unwrap();
+    let analyze = |args: &[&str]| {
+        std::process::Command::new("systemd-analyze")
+            .args(args)
+            .arg(&path)
+            .output()
+            .expect("systemd-analyze (Debian's systemd; scripts/test.sh installs it)")
+    };
+    let out = analyze(&["verify"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && err.trim().is_empty(),
+        "systemd-analyze verify: {}\n{err}",
+        out.status
+    );
+    let out = analyze(&["security", "--offline=yes"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let level: f32 = text
+        .lines()
+        .find_map(|l| {
+            l.split("Overall exposure level for embodyd.service: ")
+                .nth(1)
+        })
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level in:\n{text}"));
+    assert!(level <= MAX_EXPOSURE, "exposure {level} > {MAX_EXPOSURE}");
+}
