@@ -308,6 +308,9 @@ impl DecoderThread {
             stop: p.stop,
             priority: p.priority,
             images: Vec::new(),
+            image_rows: Vec::new(),
+            positions: Vec::new(),
+            next_position: 0,
             constraint: p.constraint,
             logprobs: p.logprobs,
         };

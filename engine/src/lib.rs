@@ -34,5 +34,6 @@ pub mod scheduler;
 pub mod tensor;
 pub mod tokenizer;
 pub mod tool_calls;
+pub mod vision;
 
 pub use error::{Error, Result};

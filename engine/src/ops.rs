@@ -160,6 +160,83 @@ pub fn scale_inplace(x: &mut [f32], a: f32) {
     }
 }
 
+/// LayerNorm in place on each `weight.len()`-wide row: `(x - mean) /
+/// sqrt(var + eps) * weight + bias` (vision encoders).
+pub fn layer_norm_inplace(x: &mut [f32], weight: &[f32], bias: &[f32], eps: f32) {
+    let dim = weight.len();
+    for xr in x.chunks_exact_mut(dim) {
+        let mean = (xr.iter().map(|&v| v as f64).sum::<f64>() / dim as f64) as f32;
+        let var: f64 = xr.iter().map(|&v| ((v - mean) as f64).powi(2)).sum::<f64>() / dim as f64;
+        let scale = 1.0 / (var as f32 + eps).sqrt();
+        for ((v, &w), &b) in xr.iter_mut().zip(weight).zip(bias) {
+            *v = (*v - mean) * scale * w + b;
+        }
+    }
+}
+
+/// The error function, to about 1e-7 (Abramowitz and Stegun 7.1.26 in f64).
+pub fn erf(x: f32) -> f32 {
+    let x = x as f64;
+    let t = 1.0 / (1.0 + 0.327_591_1 * x.abs());
+    let poly = t
+        * (0.254_829_592
+            + t * (-0.284_496_736
+                + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
+    let y = 1.0 - poly * (-x * x).exp();
+    (if x < 0.0 { -y } else { y }) as f32
+}
+
+/// GELU as PyTorch's default computes it, with the error function.
+#[inline]
+pub fn gelu_erf(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// `x · sigmoid(1.702 x)` (CLIP's "quick GELU").
+#[inline]
+pub fn quick_gelu(x: f32) -> f32 {
+    x / (1.0 + (-1.702 * x).exp())
+}
+
+/// One query row attending to every key row it is given, head by head
+/// (bidirectional: no mask): `q` and `out` are `[n_heads * head_dim]`, `kv`
+/// the keys and values `[rows, n_heads * head_dim]`; `scores` is scratch.
+/// Softmax in f32, as PyTorch's eager attention does.
+pub fn attend_row(
+    q: &[f32],
+    (k, v): (&[f32], &[f32]),
+    (n_heads, head_dim): (usize, usize),
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let w = n_heads * head_dim;
+    let rows = k.len() / w;
+    scores.resize(rows, 0.0);
+    for h in 0..n_heads {
+        let hs = h * head_dim..(h + 1) * head_dim;
+        let qh = &q[hs.clone()];
+        let mut max = f32::NEG_INFINITY;
+        for (j, s) in scores.iter_mut().enumerate() {
+            let kh = &k[j * w + hs.start..j * w + hs.end];
+            *s = qh.iter().zip(kh).map(|(a, b)| a * b).sum::<f32>() * scale;
+            max = max.max(*s);
+        }
+        let mut sum = 0.0;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        let oh = &mut out[hs.clone()];
+        oh.fill(0.0);
+        for (j, &s) in scores.iter().enumerate() {
+            let p = s / sum;
+            let vh = &v[j * w + hs.start..j * w + hs.end];
+            oh.iter_mut().zip(vh).for_each(|(o, &x)| *o += p * x);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use crate::constraint::Constraint;
 use crate::generate::{FinishReason, StopMatcher};
 use crate::kv_cache::{BlockTable, KvCache};
-use crate::models::{Logits, Model, SeqBatch};
+use crate::models::{EmbedRows, Logits, Model, Positions, SeqBatch};
 use crate::prefix_cache::{prefix_key, ImageSpan, Reuse, SharedPrefixCache};
 use crate::sampling::{token_logprobs, Sampler, SamplingParams, TokenLogprobs};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
@@ -60,6 +60,14 @@ pub struct SeqRequest {
     /// Prompt positions that hold images (their KV is shared only with the
     /// same image).
     pub images: Vec<ImageSpan>,
+    /// The rows that enter in place of each image's placeholder tokens,
+    /// `[images[i].len, d_model]` for image `i` (empty for text-only prompts).
+    pub image_rows: Vec<Arc<[f32]>>,
+    /// Multimodal RoPE: the three position ids of every prompt token, and the
+    /// id the first generated token takes; empty for one-stream models.
+    pub positions: Vec<[u32; 3]>,
+    /// See `positions`.
+    pub next_position: u32,
     /// A grammar the output must follow.
     pub constraint: Option<Constraint>,
     /// Report each token's log-probability with this many alternatives.
@@ -140,6 +148,10 @@ struct Seq {
     failed: bool,
     /// The cached prefix this sequence shares (its pin on the index).
     reuse: Option<Reuse>,
+    /// Multimodal RoPE ids of `tokens` (empty for one-stream models), and
+    /// the id of the next token.
+    pos: Vec<[u32; 3]>,
+    next_pos: u32,
 }
 
 impl Seq {
@@ -261,6 +273,7 @@ impl Scheduler {
                 "token id {t} outside the vocabulary"
             )));
         }
+        check_images(&req, info.d_model)?;
         if self.waiting.len() >= self.cfg.max_queued {
             return Err(Error::Overloaded(format!(
                 "{} requests already queued",
@@ -295,6 +308,12 @@ impl Scheduler {
             started: false,
             failed: false,
             reuse: None,
+            pos: {
+                let mut p = Vec::with_capacity(req.positions.len() + limit);
+                p.extend_from_slice(&req.positions);
+                p
+            },
+            next_pos: req.next_position,
             sink,
             req,
         };
@@ -416,15 +435,34 @@ impl Scheduler {
         plan.sort_unstable();
 
         let running = &self.running;
+        // The image rows each chunk covers (nothing is allocated for text).
+        let d = self.model.info().d_model;
+        let mut embeds = Vec::new();
+        let mut embeds_of = Vec::new();
+        for &(i, take) in plan.iter() {
+            let s = &running[i];
+            if !s.req.images.is_empty() {
+                let lo = embeds.len();
+                image_rows_in(s, s.cached..s.cached + take, d, &mut embeds);
+                embeds_of.push((i, lo..embeds.len()));
+            }
+        }
         let seq = |&(i, take): &(usize, usize)| {
             let s = &running[i];
             let last = s.cached + take == s.tokens.len();
-            SeqBatch::text(
+            let mut b = SeqBatch::text(
                 &s.tokens[s.cached..s.cached + take],
                 s.cached,
                 &s.table,
                 if last { Logits::Last } else { Logits::None },
-            )
+            );
+            if !s.pos.is_empty() {
+                b.positions = Positions::MRope(&s.pos[s.cached..s.cached + take]);
+            }
+            if let Some((_, r)) = embeds_of.iter().find(|(k, _)| *k == i) {
+                b.embeds = &embeds[r.clone()];
+            }
+            b
         };
         let (model, kv, logits) = (&mut self.model, &mut self.kv, &mut self.logits);
         let result = with_batch(plan, seq, |batch| model.forward(batch, kv, logits));
@@ -693,6 +731,10 @@ fn sample_one(s: &mut Seq, tok: &Tokenizer, logits: &mut [f32]) -> Option<Finish
         }
     }
     s.tokens.push(next);
+    if !s.pos.is_empty() {
+        s.pos.push([s.next_pos; 3]);
+        s.next_pos += 1;
+    }
     s.generated += 1;
     let piece = match s.decoder.push(tok, next) {
         Ok(p) => p,
@@ -737,6 +779,67 @@ fn defer_behind_leader(s: &Seq, running: &[Seq], block_size: usize) -> bool {
         let had = r.reuse.as_ref().map_or(0, |u| u.tokens);
         s.req.images.is_empty() && same / block_size >= had / block_size + MIN_GAIN
     })
+}
+
+/// Pushes the parts of `s`'s images that fall in `range` of its tokens, as
+/// embedding rows at their offset in the range.
+fn image_rows_in<'a>(
+    s: &'a Seq,
+    range: std::ops::Range<usize>,
+    d: usize,
+    out: &mut Vec<EmbedRows<'a>>,
+) {
+    for (img, rows) in s.req.images.iter().zip(&s.req.image_rows) {
+        let (lo, hi) = (
+            img.start.max(range.start),
+            (img.start + img.len).min(range.end),
+        );
+        if lo < hi {
+            out.push(EmbedRows {
+                at: lo - range.start,
+                rows: &rows[(lo - img.start) * d..(hi - img.start) * d],
+            });
+        }
+    }
+}
+
+/// Refuses image spans and positions that do not fit the prompt.
+fn check_images(req: &SeqRequest, d: usize) -> Result<()> {
+    let bad = |m: String| Err(Error::InvalidRequest(m));
+    if req.images.len() != req.image_rows.len() {
+        return bad(format!(
+            "{} image spans with {} sets of rows",
+            req.images.len(),
+            req.image_rows.len()
+        ));
+    }
+    let mut free = 0;
+    for (img, rows) in req.images.iter().zip(&req.image_rows) {
+        let end = img.start.saturating_add(img.len);
+        if img.len == 0 || img.start < free || end > req.prompt.len() {
+            return bad(format!(
+                "image rows {}..{end} overlap another image or pass the prompt's {} tokens",
+                img.start,
+                req.prompt.len()
+            ));
+        }
+        if rows.len() != img.len * d {
+            return bad(format!(
+                "an image of {} rows came with {} values (rows of {d})",
+                img.len,
+                rows.len()
+            ));
+        }
+        free = end;
+    }
+    if !req.positions.is_empty() && req.positions.len() != req.prompt.len() {
+        return bad(format!(
+            "{} position ids for a prompt of {} tokens",
+            req.positions.len(),
+            req.prompt.len()
+        ));
+    }
+    Ok(())
 }
 
 /// Sends the sequence's error event; nothing may follow it.

@@ -133,6 +133,21 @@ impl Bytes {
         let len = v.len();
         Self::new(Arc::new(FileBytes::Owned(v)), 0..len)
     }
+
+    /// The sub-range `r` of this view (offsets relative to it).
+    ///
+    /// # Panics
+    /// If `r` lies outside the view.
+    pub fn slice(&self, r: Range<usize>) -> Self {
+        assert!(
+            r.start <= r.end && r.end <= self.range.len(),
+            "Bytes::slice"
+        );
+        Self::new(
+            self.file.clone(),
+            self.range.start + r.start..self.range.start + r.end,
+        )
+    }
 }
 
 impl Deref for Bytes {
@@ -177,5 +192,21 @@ impl QTensor {
     pub fn row(&self, r: usize) -> &[u8] {
         let rb = self.row_bytes();
         &self.data[r * rb..(r + 1) * rb]
+    }
+
+    /// Rows `r` of a matrix as a matrix of their own, sharing the bytes (one
+    /// of the Q, K and V parts of a fused projection).
+    ///
+    /// # Panics
+    /// If the tensor is not a matrix or `r` passes its rows.
+    pub fn row_range(&self, r: Range<usize>) -> QTensor {
+        assert!(self.shape.len() == 2 && r.end <= self.rows(), "row_range");
+        let rb = self.row_bytes();
+        QTensor {
+            name: format!("{}[{}..{}]", self.name, r.start, r.end),
+            ty: self.ty,
+            shape: vec![self.cols(), r.len()],
+            data: self.data.slice(r.start * rb..r.end * rb),
+        }
     }
 }

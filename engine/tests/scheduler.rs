@@ -47,6 +47,9 @@ fn request(id: u64, len: usize, max_tokens: usize) -> SeqRequest {
         stop: vec![],
         priority: 0,
         images: vec![],
+        image_rows: Vec::new(),
+        positions: Vec::new(),
+        next_position: 0,
         constraint: None,
         logprobs: None,
     }

@@ -82,6 +82,9 @@ fn submit(s: &mut Scheduler, log: &Log, id: u64, prompt: &[u32], max_tokens: usi
         stop: vec![],
         priority: 0,
         images: vec![],
+        image_rows: Vec::new(),
+        positions: Vec::new(),
+        next_position: 0,
         constraint: None,
         logprobs: None,
     };

@@ -398,6 +398,9 @@ fn run(cli: Cli) -> Result<()> {
                 stop,
                 priority: 0,
                 images: Vec::new(),
+                image_rows: Vec::new(),
+                positions: Vec::new(),
+                next_position: 0,
                 constraint: None,
                 logprobs: None,
             };

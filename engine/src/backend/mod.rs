@@ -286,6 +286,62 @@ pub trait Backend: Send + Sync {
         ops::softcap_inplace(x, cap);
     }
 
+    /// LayerNorm in place of every `weight.len()`-wide row of `x` (vision encoders).
+    fn layer_norm(&self, x: &mut [f32], weight: &[f32], bias: &[f32], eps: f32) {
+        par_chunks(self.as_dyn(), x, weight.len(), &|_, r| {
+            ops::layer_norm_inplace(r, weight, bias, eps)
+        });
+    }
+
+    /// An activation in place, element-wise.
+    fn activate(&self, x: &mut [f32], act: Activation) {
+        let f = match act {
+            Activation::GeluErf => ops::gelu_erf,
+            Activation::QuickGelu => ops::quick_gelu,
+        };
+        par_chunks(self.as_dyn(), x, 1, &|_, r| {
+            r.iter_mut().for_each(|v| *v = f(*v))
+        });
+    }
+
+    /// Bidirectional attention inside segments (the patches of one image, or
+    /// one window of them): `q`, `k` and `v` are `[n, n_heads * head_dim]`,
+    /// and row `i` of segment `s` attends to every row of `s`. The result
+    /// goes to `out` (`[n, n_heads * head_dim]`).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_segments(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        (n_heads, head_dim): (usize, usize),
+        scale: f32,
+        segments: &[std::ops::Range<usize>],
+        out: &mut [f32],
+    ) {
+        let w = n_heads * head_dim;
+        par_chunks(self.as_dyn(), out, w, &|off, rows| {
+            let mut scores = Vec::new();
+            for (i, o) in (off / w..).zip(rows.chunks_exact_mut(w)) {
+                let seg = segments
+                    .iter()
+                    .find(|s| s.contains(&i))
+                    .expect("segments cover every row");
+                ops::attend_row(
+                    &q[i * w..(i + 1) * w],
+                    (
+                        &k[seg.start * w..seg.end * w],
+                        &v[seg.start * w..seg.end * w],
+                    ),
+                    (n_heads, head_dim),
+                    scale,
+                    &mut scores,
+                    o,
+                );
+            }
+        });
+    }
+
     /// This backend as a trait object (for the helpers that spread work).
     fn as_dyn(&self) -> &dyn Backend;
 
@@ -301,6 +357,15 @@ pub trait Backend: Send + Sync {
         out: &mut [f32],
         ws: &mut Workspace,
     );
+}
+
+/// An element-wise activation ([`Backend::activate`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// [`ops::gelu_erf`].
+    GeluErf,
+    /// [`ops::quick_gelu`].
+    QuickGelu,
 }
 
 /// Fewest elements worth spreading an element-wise operation over threads.

@@ -12,6 +12,7 @@
 mod gemma3;
 mod llama;
 mod qwen2;
+mod qwen2vl;
 mod qwen3;
 mod trunk;
 
@@ -172,7 +173,7 @@ impl Default for LoadOptions {
 }
 
 /// Architectures this build runs, as GGUF files name them.
-pub const SUPPORTED: &[&str] = &["llama", "qwen2", "qwen3", "gemma3"];
+pub const SUPPORTED: &[&str] = &["llama", "qwen2", "qwen2vl", "qwen3", "gemma3"];
 
 /// Hugging Face architectures this build runs (`config.json` `architectures`).
 pub const SUPPORTED_HF: &[&str] = &[
@@ -181,6 +182,8 @@ pub const SUPPORTED_HF: &[&str] = &[
     "Qwen3ForCausalLM",
     "Gemma3ForCausalLM",
     "Gemma3ForConditionalGeneration",
+    "Qwen2VLForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration",
 ];
 
 /// Loads the model in a GGUF file for the given backend.
@@ -195,6 +198,7 @@ pub fn load_gguf(
         "llama" => llama::spec(&src)?,
         "qwen2" => qwen2::spec(&src)?,
         "qwen3" => qwen3::spec(&src)?,
+        "qwen2vl" => qwen2vl::spec(&src)?,
         "gemma3" => gemma3::spec(&src)?,
         other => {
             return Err(Error::UnsupportedArchitecture {
@@ -250,6 +254,29 @@ pub fn load_hf(
                 config: "text_config",
             };
             gemma3::spec(&src)?
+        }
+        "Qwen2VLForConditionalGeneration"
+        | "qwen2_vl"
+        | "Qwen2_5_VLForConditionalGeneration"
+        | "qwen2_5_vl" => {
+            // Qwen's releases keep the language model at `model.` with a flat
+            // config; transformers 5 saves it at `model.language_model.` with
+            // its fields in `text_config`.
+            let prefix = if folder.has("model.language_model.embed_tokens.weight") {
+                "model.language_model."
+            } else {
+                "model."
+            };
+            let nested = folder
+                .config_json()
+                .get("text_config")
+                .is_some_and(|t| t.get("hidden_size").is_some());
+            src = Source::Hf {
+                folder,
+                prefix,
+                config: if nested { "text_config" } else { "" },
+            };
+            qwen2vl::spec(&src)?
         }
         other => {
             return Err(Error::Metadata {
@@ -609,6 +636,9 @@ pub(crate) struct HfRope {
     pub high_freq_factor: Option<f32>,
     #[serde(default)]
     pub original_max_position_embeddings: Option<usize>,
+    /// Multimodal RoPE: rotary pairs per position stream (Qwen2-VL).
+    #[serde(default)]
+    pub mrope_section: Option<Vec<usize>>,
 }
 
 /// RoPE frequencies after the config's scaling.
@@ -654,7 +684,9 @@ impl Rope {
         };
         let Some(s) = scaling else { return Ok(rope) };
         match s.rope_type.as_deref().unwrap_or("default") {
-            "default" => {}
+            // Multimodal RoPE turns at the default frequencies; the model
+            // file reads its sections.
+            "default" | "mrope" => {}
             "linear" => rope.linear_factor = s.factor.ok_or_else(|| err("factor"))?,
             "llama3" => {
                 // As transformers' _compute_llama3_parameters (and llama.cpp's converter).

@@ -150,7 +150,7 @@ fn spec_from_hf(
 }
 
 /// Qwen2's blocks: biases on Q, K and V.
-const BLOCKS: BlockSpec = BlockSpec {
+pub(crate) const BLOCKS: BlockSpec = BlockSpec {
     qkv_bias: true,
     head_norms: false,
     post_norms: false,
