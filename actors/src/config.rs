@@ -9,7 +9,7 @@ use embody_engine::backend::BackendKind;
 /// configuration; [`Default`] holds the documented defaults.
 #[derive(Clone, Debug)]
 pub struct RuntimeConfig {
-    /// The GGUF model file.
+    /// The model: a GGUF file or a Hugging Face folder.
     pub model_path: PathBuf,
     /// The backend that runs the model.
     pub backend: BackendKind,
@@ -27,6 +27,8 @@ pub struct RuntimeConfig {
     pub max_running: usize,
     /// Reuse the KV of prompt prefixes seen before, across requests.
     pub prefix_cache: bool,
+    /// Memory for the encoded rows of recent images, in MiB.
+    pub image_cache_mb: usize,
     /// Limits that can change while the runtime runs.
     pub limits: Limits,
     /// Wait before the first restart of a failed actor; doubles with each
@@ -78,6 +80,7 @@ impl Default for RuntimeConfig {
             block_size: embody_engine::kv_cache::DEFAULT_BLOCK_SIZE,
             max_running: 8,
             prefix_cache: true,
+            image_cache_mb: 64,
             limits: Limits::default(),
             restart_backoff: Duration::from_millis(100),
             restart_backoff_max: Duration::from_secs(10),

@@ -302,15 +302,15 @@ impl DecoderThread {
         });
         let req = SeqRequest {
             id: p.id,
-            prompt: p.prompt,
+            prompt: p.prompt.tokens,
             sampling: p.sampling,
             max_tokens: p.max_tokens,
             stop: p.stop,
             priority: p.priority,
-            images: Vec::new(),
-            image_rows: Vec::new(),
-            positions: Vec::new(),
-            next_position: 0,
+            images: p.prompt.images,
+            image_rows: p.prompt.rows,
+            positions: p.prompt.positions,
+            next_position: p.prompt.next_position,
             constraint: p.constraint,
             logprobs: p.logprobs,
         };

@@ -9,10 +9,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use embody_engine::backend::{self, Backend, BackendKind};
 use embody_engine::chat_template::ChatTemplate;
 use embody_engine::constraint::Grammars;
-use embody_engine::gguf::Gguf;
-use embody_engine::models::{self, LoadOptions, Model, ModelInfo};
+use embody_engine::models::{self, LoadOptions, Model, ModelFiles, ModelInfo};
 use embody_engine::tokenizer::Tokenizer;
 use embody_engine::tool_calls::ToolFormat;
+use embody_engine::vision::VisionModel;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::shared::lock;
@@ -35,10 +35,13 @@ pub(crate) struct MemoryReport {
     pub rss_bytes: u64,
 }
 
-/// A loaded model file from which decoders instantiate models.
+/// A loaded model (a GGUF file or a Hugging Face folder) from which
+/// decoders instantiate models.
 pub(crate) struct ModelSource {
     pub path: PathBuf,
-    gguf: Gguf,
+    files: ModelFiles,
+    /// The image side of a vision-language model.
+    pub vision: Option<Arc<VisionModel>>,
     backend: Arc<dyn Backend>,
     opts: LoadOptions,
     pub tokenizer: Arc<Tokenizer>,
@@ -67,11 +70,11 @@ impl ModelSource {
     /// Opens the file, creates the backend and builds one model instance, so
     /// that every error a model file can raise shows at startup.
     pub fn load(args: &DeviceArgs) -> Result<Self, embody_engine::Error> {
-        let gguf = Gguf::open(&args.model_path)?;
-        let tokenizer = Tokenizer::from_gguf(&gguf)?;
-        // The file's own template, else the architecture's standard one
+        let files = ModelFiles::open(&args.model_path)?;
+        let tokenizer = files.tokenizer()?;
+        // The files' own template, else the architecture's standard one
         // (Gemma 3 conversions often carry none).
-        let arch = gguf.get_str("general.architecture")?.to_string();
+        let arch = files.arch()?;
         let template_src = match tokenizer.chat_template() {
             Some(t) => Some(t),
             None => {
@@ -88,23 +91,24 @@ impl ModelSource {
         let template = template_src.map(ChatTemplate::new).transpose()?;
         let backend: Arc<dyn Backend> = backend::create(args.backend, args.threads)?.into();
         let mut opts = args.opts;
-        let trained = trained_context(&gguf);
+        let trained = files.trained_context();
         if opts.context_length == 0 || trained.is_some_and(|t| opts.context_length > t) {
             opts.context_length = trained.unwrap_or(0);
         }
-        let model = models::load_gguf(&gguf, backend.clone(), opts)?;
+        let model = files.load(backend.clone(), opts)?;
+        // The encoder runs on the decoder's backend: one set of threads.
+        let vision = files.vision(backend.clone())?.map(Arc::new);
         let info = model.info().clone();
-        let name = gguf
-            .get_str("general.name")
-            .ok()
-            .map(str::to_string)
+        let name = files
+            .name()
             .or_else(|| file_stem(&args.model_path))
             .unwrap_or_default();
-        let weights_bytes = gguf.tensors().iter().map(|t| t.size as u64).sum();
-        log_residency(&gguf, weights_bytes);
+        let weights_bytes = files.weights_bytes();
+        log_residency(&files, weights_bytes);
         Ok(Self {
             path: args.model_path.clone(),
-            gguf,
+            files,
+            vision,
             backend,
             opts,
             tokenizer: Arc::new(tokenizer),
@@ -124,7 +128,7 @@ impl ModelSource {
         if let Some(m) = lock(&self.first).take() {
             return Ok(m);
         }
-        models::load_gguf(&self.gguf, self.backend.clone(), self.opts)
+        self.files.load(self.backend.clone(), self.opts)
     }
 
     /// The grammar compiler for constrained decoding. Building it walks the
@@ -144,13 +148,6 @@ impl ModelSource {
     pub fn backend(&self) -> (&'static str, usize) {
         (self.backend.name(), self.backend.threads())
     }
-}
-
-fn trained_context(g: &Gguf) -> Option<usize> {
-    let arch = g.get_str("general.architecture").ok()?;
-    g.get_u32(&format!("{arch}.context_length"))
-        .ok()
-        .map(|v| v as usize)
 }
 
 fn file_stem(p: &Path) -> Option<String> {
@@ -258,9 +255,9 @@ impl Actor for DeviceActor {
 
 /// Says how the weights sit in memory: copied (and how much of that in huge
 /// pages, which decode speed depends on) or read through the file's map.
-fn log_residency(gguf: &Gguf, weights_bytes: u64) {
+fn log_residency(files: &ModelFiles, weights_bytes: u64) {
     const MIB: f64 = 1024.0 * 1024.0;
-    let copied = gguf.resident_bytes() as f64 / MIB;
+    let copied = files.resident_bytes() as f64 / MIB;
     if copied == 0.0 {
         tracing::info!(
             "weights: {:.0} MiB read through the file map",

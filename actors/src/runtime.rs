@@ -12,8 +12,10 @@ use embody_engine::generate::encode_chat;
 use embody_engine::tool_calls::{
     call_grammar, json_format_messages, ForcedCall, Piece, ToolCallParser, ToolFormat,
 };
+use embody_engine::vision::prompt::{lay_out, Laid};
+use embody_engine::vision::EncodedImage;
 use embody_protocol::openai::ResponseFormat;
-use embody_protocol::{ErrorCode, Event, Fault, Message, Request, Status, ToolChoice};
+use embody_protocol::{ErrorCode, Event, Fault, Message, Request, Role, Status, ToolChoice};
 use ractor::{Actor, ActorRef};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
@@ -23,7 +25,7 @@ use crate::config::{Limits, RuntimeConfig};
 use crate::device::{DeviceError, ModelSource};
 use crate::shared::{lock, EventTx, Pending, Shared};
 use crate::supervisor::{Supervisor, SupervisorArgs, SupervisorMsg};
-use crate::vision::VisionMsg;
+use crate::vision::{VisionError, VisionMsg};
 use crate::{call, Children, RuntimeError};
 
 /// The handle to a running runtime. Cheap to clone; every clone talks to the
@@ -347,9 +349,11 @@ impl Runtime {
                 images.push(attached.frame.image.clone());
             }
         }
-        if !images.is_empty() {
-            self.check_images(images).await?;
-        }
+        let encoded = if images.is_empty() {
+            Vec::new()
+        } else {
+            self.encode_images(images).await?
+        };
         let sampling = req.sampling;
         sampling.validate().map_err(|e| bad(e.to_string()))?;
         let source = self.inner.source.clone();
@@ -358,12 +362,26 @@ impl Runtime {
         // Rendering and tokenizing a long prompt, and compiling a grammar, are
         // CPU work: not on an async worker.
         let (prompt, constraint) = tokio::task::spawn_blocking(move || {
-            let prompt = match raw {
+            let tokens = match raw {
                 Some(text) => source
                     .tokenizer
                     .encode(&text, true, true)
                     .map_err(|e| e.to_string())?,
-                None => render_prompt(&source, &messages, tools.as_ref(), forced.as_ref())?,
+                None => {
+                    let messages = with_image_slots(&source, messages, encoded.len())?;
+                    render_prompt(&source, &messages, tools.as_ref(), forced.as_ref())?
+                }
+            };
+            let prompt = match &source.vision {
+                Some(v) if !encoded.is_empty() => lay_out(&tokens, v.image_token, &encoded)
+                    .map_err(|e| match e {
+                        embody_engine::Error::InvalidRequest(m) => m,
+                        e => e.to_string(),
+                    })?,
+                _ => Laid {
+                    tokens,
+                    ..Laid::default()
+                },
             };
             let constraint = grammar.map(|g| compile(&source, &g)).transpose()?;
             Ok::<_, String>((prompt, constraint))
@@ -372,10 +390,10 @@ impl Runtime {
         .map_err(|e| Event::error(ErrorCode::Internal, format!("prompt rendering failed: {e}")))?
         .map_err(bad)?;
         let context = self.inner.source.info.context_length;
-        if prompt.len() >= context {
+        if prompt.tokens.len() >= context {
             return Err(bad(format!(
                 "the prompt is {} tokens, the context holds {context}: shorten the conversation",
-                prompt.len()
+                prompt.tokens.len()
             )));
         }
         let pending = Pending {
@@ -401,7 +419,11 @@ impl Runtime {
         Ok(parse_calls.then_some(format))
     }
 
-    async fn check_images(&self, images: Vec<embody_protocol::Image>) -> Result<(), Event> {
+    /// The rows of each image, from the vision actor (its cache, or its encoder).
+    async fn encode_images(
+        &self,
+        images: Vec<embody_protocol::Image>,
+    ) -> Result<Vec<EncodedImage>, Event> {
         let vision = lock(&self.inner.children).vision.clone();
         let Some(vision) = vision else {
             return Err(Event::error(
@@ -409,15 +431,24 @@ impl Runtime {
                 "the vision actor is restarting; retry shortly",
             ));
         };
+        // Encoding a large image takes longer than an ordinary call.
+        let timeout = self.inner.call_timeout.max(ENCODE_TIMEOUT);
         let result = call(
             &vision,
             |reply| VisionMsg::Encode { images, reply },
-            self.inner.call_timeout,
+            timeout,
             "vision",
         )
         .await
         .map_err(|e| Event::error(ErrorCode::Internal, e.to_string()))?;
-        result.map_err(|e| Event::error(ErrorCode::VisionUnsupported, e.to_string()))
+        result.map_err(|e| {
+            let code = match e {
+                VisionError::Unsupported { .. } => ErrorCode::VisionUnsupported,
+                VisionError::BadImage { .. } => ErrorCode::BadRequest,
+                VisionError::Failed { .. } => ErrorCode::ModelError,
+            };
+            Event::error(code, e.to_string())
+        })
     }
 
     /// The camera registry: interfaces that receive frames store them here,
@@ -619,6 +650,27 @@ fn chat_message(m: &Message) -> ChatMessage {
     c.tool_call_id = m.tool_call_id.clone();
     c.name = m.name.clone();
     c
+}
+
+/// Longest wait for the vision actor to encode a request's images.
+const ENCODE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The conversation with one image slot per image at the start of the last
+/// user message (where the images of a request go), for the template to
+/// render and the placeholders to be expanded after tokenization.
+fn with_image_slots(
+    src: &ModelSource,
+    mut messages: Vec<Message>,
+    images: usize,
+) -> Result<Vec<Message>, String> {
+    let Some(v) = src.vision.as_ref().filter(|_| images > 0) else {
+        return Ok(messages);
+    };
+    let Some(last_user) = messages.iter_mut().rev().find(|m| m.role == Role::User) else {
+        return Err("images need a user message to go with".into());
+    };
+    last_user.content = format!("{}{}", v.slot.repeat(images), last_user.content);
+    Ok(messages)
 }
 
 /// Renders the conversation with the model's chat template and tokenizes it.

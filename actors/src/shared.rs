@@ -23,7 +23,8 @@ pub(crate) type EventTx = UnboundedSender<Event>;
 /// A request that passed validation and waits for a decoding slot.
 pub(crate) struct Pending {
     pub id: u64,
-    pub prompt: Vec<u32>,
+    /// Token ids, with the rows and position ids of any images.
+    pub prompt: embody_engine::vision::prompt::Laid,
     pub sampling: SamplingParams,
     pub max_tokens: usize,
     pub stop: Vec<String>,
@@ -167,7 +168,7 @@ impl Shared {
             let _ = p.tx.send(Event::Finished {
                 reason: FinishReason::Cancelled,
                 usage: Usage {
-                    prompt_tokens: p.prompt.len() as u32,
+                    prompt_tokens: p.prompt.tokens.len() as u32,
                     completion_tokens: 0,
                 },
             });

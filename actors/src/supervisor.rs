@@ -112,9 +112,13 @@ impl Supervisor {
                 id
             }
             ChildKind::Vision => {
-                let (r, _) =
-                    Actor::spawn_linked(None, VisionActor, vision_args(&state.source), cell)
-                        .await?;
+                let (r, _) = Actor::spawn_linked(
+                    None,
+                    VisionActor,
+                    vision_args(&state.cfg, &state.source),
+                    cell,
+                )
+                .await?;
                 let id = r.get_id();
                 lock(&state.children).vision = Some(r);
                 id
@@ -229,7 +233,7 @@ impl Supervisor {
                 context_length: src.info.context_length as u32,
                 vocab_size: src.info.vocab_size as u32,
                 weights_bytes: memory.map_or(src.weights_bytes, |m| m.weights_bytes),
-                vision: false,
+                vision: src.vision.is_some(),
             },
             backend: backend.to_string(),
             threads: threads as u32,
@@ -253,10 +257,12 @@ impl Supervisor {
     }
 }
 
-fn vision_args(src: &ModelSource) -> VisionArgs {
+fn vision_args(cfg: &RuntimeConfig, src: &ModelSource) -> VisionArgs {
     VisionArgs {
         model: src.name.clone(),
         arch: src.info.arch.clone(),
+        vision: src.vision.clone(),
+        cache_bytes: cfg.image_cache_mb << 20,
     }
 }
 
@@ -344,7 +350,7 @@ impl Actor for Supervisor {
         let plan = call(&cache, CacheMsg::Plan, timeout, "cache").await?;
         // 3. Vision.
         let (vision, _) =
-            Actor::spawn_linked(None, VisionActor, vision_args(&source), cell.clone())
+            Actor::spawn_linked(None, VisionActor, vision_args(&cfg, &source), cell.clone())
                 .await
                 .map_err(startup_error)?;
         // 4. The decoder.

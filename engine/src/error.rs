@@ -75,6 +75,9 @@ pub enum Error {
     /// A backend was requested that this build does not include.
     #[error("backend '{0}' is not compiled into this build")]
     NotCompiled(&'static str),
+    /// An image a request sent cannot be used (the sender's mistake).
+    #[error("{0}")]
+    Image(#[from] crate::vision::ImageError),
 }
 
 /// Result alias for the engine.

@@ -69,3 +69,36 @@ pub fn hf(bytes: &[u8]) -> bool {
     let _ = load_hf(&f, backend, opts);
     true
 }
+
+/// Decodes and preprocesses `bytes` as an image sent with a request would be
+/// (with a pixel budget small enough to keep each run short), and checks
+/// what comes out: whole patch rows for the grid, every value finite. This
+/// is the body of the image fuzz target and of its corpus replay test; it
+/// returns whether the bytes made an image. It must never panic.
+pub fn image(bytes: &[u8]) -> bool {
+    let p = crate::vision::Processor {
+        max_pixels: 28 * 28 * 64,
+        ..crate::vision::Processor::default()
+    };
+    let Ok(px) = p.process(bytes) else {
+        return false;
+    };
+    let [t, h, w] = px.grid;
+    assert!(
+        t == 1 && h % p.merge == 0 && w % p.merge == 0,
+        "grid {:?}",
+        px.grid
+    );
+    assert!(
+        h * w * p.patch * p.patch <= p.max_pixels,
+        "grid {:?} over the budget",
+        px.grid
+    );
+    assert_eq!(
+        px.patches.len(),
+        t * h * w * p.patch_len(),
+        "whole patch rows"
+    );
+    assert!(px.patches.iter().all(|v| v.is_finite()), "finite values");
+    true
+}

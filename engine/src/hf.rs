@@ -457,6 +457,21 @@ impl HfFolder {
         &self.files
     }
 
+    /// Bytes of all tensors.
+    pub fn weights_bytes(&self) -> u64 {
+        self.tensors.values().map(|e| e.range.len() as u64).sum()
+    }
+
+    /// Bytes of tensors copied into memory of their own (not read through a
+    /// file map).
+    pub fn resident_bytes(&self) -> u64 {
+        self.tensors
+            .values()
+            .filter(|e| !matches!(*e.file, FileBytes::Mapped(_)))
+            .map(|e| e.range.len() as u64)
+            .sum()
+    }
+
     /// Whether the weights hold a tensor of this name.
     pub fn has(&self, name: &str) -> bool {
         self.tensors.contains_key(name)

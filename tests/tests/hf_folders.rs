@@ -83,3 +83,69 @@ fn broken_folder_errors_name_the_file_and_field() {
         "{err}"
     );
 }
+
+/// `embody generate --image` on the vision-language fixtures (written by
+/// `scripts/gen-vision-fixtures.py`): transformers' greedy answer about the
+/// folder's images; a text-only model refuses the flag with a reason.
+#[test]
+fn generate_with_images_matches_transformers_greedy() {
+    for name in ["qwen2vl", "qwen25vl"] {
+        let dir = repo_root().join("tests/fixtures/hf").join(name);
+        let meta: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("expected_prompt.json")).unwrap())
+                .unwrap();
+        let bytes = std::fs::read(dir.join("expected.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let ids: Vec<u32> = st
+            .tensor("generated")
+            .unwrap()
+            .data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
+            .collect();
+        let tok = embody_engine::tokenizer::Tokenizer::from_hf_dir(&dir).unwrap();
+        let want = tok.decode(&ids, true).unwrap();
+        let n = ids.len().to_string();
+        let mut args = vec![
+            "generate".to_string(),
+            "-m".into(),
+            dir.to_str().unwrap().into(),
+            "-p".into(),
+            meta["prompt"].as_str().unwrap().into(),
+            "--chat".into(),
+            "--temperature".into(),
+            "0".into(),
+            "--repeat-penalty".into(),
+            "1".into(),
+            "-n".into(),
+            n.clone(),
+        ];
+        for img in meta["images"].as_array().unwrap() {
+            args.push("--image".into());
+            args.push(dir.join(img.as_str().unwrap()).to_str().unwrap().into());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = embody(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{name}: {err}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(text.strip_suffix('\n'), Some(want.as_str()), "{name}");
+        assert!(err.contains("image tokens, encoded in"), "{name}: {err}");
+    }
+    let text_only = repo_root().join("tests/fixtures/hf/qwen2");
+    let img = repo_root().join("tests/fixtures/hf/qwen2vl/image0.png");
+    let out = embody(&[
+        "generate",
+        "-m",
+        text_only.to_str().unwrap(),
+        "-p",
+        "hi",
+        "--image",
+        img.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("has no vision encoder"),
+        "{err}"
+    );
+}

@@ -16,12 +16,12 @@ use clap::{Parser, Subcommand};
 use embody_engine::backend::{self, BackendKind};
 use embody_engine::chat_template::{ChatMessage, ChatTemplate};
 use embody_engine::gguf::Gguf;
-use embody_engine::hf::HfFolder;
-use embody_engine::models::{self, LoadOptions, Model};
+use embody_engine::models::{self, LoadOptions, Model, ModelFiles};
 use embody_engine::perplexity::perplexity;
 use embody_engine::sampling::SamplingParams;
 use embody_engine::scheduler::{Scheduler, SchedulerConfig, SeqEvent, SeqRequest};
 use embody_engine::tokenizer::Tokenizer;
+use embody_engine::vision::prompt::{lay_out, Laid};
 
 #[path = "../cli/daemon_cmds.rs"]
 mod daemon_cmds;
@@ -104,6 +104,10 @@ enum Command {
         /// Context length to serve (0: the model's, capped at 4096).
         #[arg(long, default_value_t = 0)]
         ctx: usize,
+        /// An image file to look at (repeatable; PNG or JPEG), for
+        /// vision-language models: placed before the prompt's text.
+        #[arg(long)]
+        image: Vec<PathBuf>,
     },
     /// Perplexity of a text file, by llama.cpp's method (second half of each chunk).
     Perplexity {
@@ -172,45 +176,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// The files a model was loaded from.
-enum ModelFiles {
-    /// A GGUF file.
-    Gguf(Gguf),
-    /// A Hugging Face folder.
-    Hf(HfFolder),
-}
-
-impl ModelFiles {
-    /// Opens a GGUF file, or a Hugging Face folder when the path is a directory,
-    /// its weights copied into memory to run the model.
-    fn open(path: &Path) -> Result<Self> {
-        Ok(if path.is_dir() {
-            Self::Hf(HfFolder::open(path)?)
-        } else {
-            Self::Gguf(Gguf::open(path)?)
-        })
-    }
-
-    /// [`ModelFiles::open`] with the weights left in the file maps, for
-    /// commands that only read metadata or the tokenizer.
-    fn open_mapped(path: &Path) -> Result<Self> {
-        Ok(if path.is_dir() {
-            Self::Hf(HfFolder::open_mapped(path)?)
-        } else {
-            Self::Gguf(Gguf::open_mapped(path)?)
-        })
-    }
-
-    fn tokenizer(&self) -> Result<Tokenizer> {
-        Ok(match self {
-            Self::Gguf(g) => Tokenizer::from_gguf(g)?,
-            Self::Hf(f) => Tokenizer::from_hf_dir(f.dir())?,
-        })
-    }
-}
-
 struct Loaded {
     files: ModelFiles,
+    backend: Arc<dyn backend::Backend>,
     threads: usize,
     tokenizer: Tokenizer,
     model: Box<dyn Model>,
@@ -226,12 +194,10 @@ fn load(args: &ModelArgs, ctx: usize) -> Result<Loaded> {
         ..LoadOptions::default()
     };
     let threads = backend.threads();
-    let model = match &files {
-        ModelFiles::Gguf(g) => models::load_gguf(g, backend.clone(), opts)?,
-        ModelFiles::Hf(f) => models::load_hf(f, backend.clone(), opts)?,
-    };
+    let model = files.load(backend.clone(), opts)?;
     Ok(Loaded {
         files,
+        backend,
         threads,
         tokenizer,
         model,
@@ -352,8 +318,40 @@ fn run(cli: Cli) -> Result<()> {
             seed,
             stop,
             ctx,
+            image,
         } => {
             let m = load(&model, ctx)?;
+            let vision = if image.is_empty() {
+                None
+            } else {
+                let v = m.files.vision(m.backend.clone())?;
+                let Some(v) = v else {
+                    bail!(
+                        "{} has no vision encoder: --image needs a vision-language model (a Qwen2-VL or Qwen2.5-VL folder)",
+                        model.model.display()
+                    );
+                };
+                let mut encoded = Vec::new();
+                for p in &image {
+                    let bytes =
+                        std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+                    let started = std::time::Instant::now();
+                    let e = v.encode(&bytes).with_context(|| p.display().to_string())?;
+                    eprintln!(
+                        "[{}: {} image tokens, encoded in {} ms]",
+                        p.display(),
+                        e.grid.iter().product::<usize>(),
+                        started.elapsed().as_millis()
+                    );
+                    encoded.push(e);
+                }
+                Some((v, encoded))
+            };
+            // Each image's slot goes before the prompt's text.
+            let prompt = match &vision {
+                Some((v, encoded)) => format!("{}{prompt}", v.slot.repeat(encoded.len())),
+                None => prompt,
+            };
             let ids = if chat {
                 let mut messages = Vec::new();
                 if let Some(s) = system {
@@ -389,18 +387,25 @@ fn run(cli: Cli) -> Result<()> {
                 max_running: 1,
                 max_queued: 1,
             };
+            let laid = match &vision {
+                Some((v, encoded)) => lay_out(&ids, v.image_token, encoded)?,
+                None => Laid {
+                    tokens: ids,
+                    ..Laid::default()
+                },
+            };
             let mut sched = Scheduler::new(m.model, Arc::new(m.tokenizer), cfg);
             let req = SeqRequest {
                 id: 0,
-                prompt: ids,
+                prompt: laid.tokens,
                 sampling,
                 max_tokens,
                 stop,
                 priority: 0,
-                images: Vec::new(),
-                image_rows: Vec::new(),
-                positions: Vec::new(),
-                next_position: 0,
+                images: laid.images,
+                image_rows: laid.rows,
+                positions: laid.positions,
+                next_position: laid.next_position,
                 constraint: None,
                 logprobs: None,
             };

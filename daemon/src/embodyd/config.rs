@@ -76,6 +76,9 @@ pub struct CacheConfig {
     /// Reuse the KV of prompt prefixes seen before, across requests and
     /// clients. Default: true.
     pub prefix_cache: bool,
+    /// Memory for the encoded rows of recent images (looked up by the
+    /// image's content), in MiB. Default: 64.
+    pub image_cache_mb: usize,
 }
 
 /// `[decoder]`
@@ -189,6 +192,7 @@ impl Default for CacheConfig {
             kv_cache_mb: 256,
             block_size: 16,
             prefix_cache: true,
+            image_cache_mb: 64,
         }
     }
 }
@@ -368,6 +372,7 @@ impl Config {
             kv_cache_mb: self.cache.kv_cache_mb,
             block_size: self.cache.block_size,
             prefix_cache: self.cache.prefix_cache,
+            image_cache_mb: self.cache.image_cache_mb,
             max_running: self.decoder.max_running,
             limits: self.limits(),
             restart_backoff: Duration::from_millis(self.supervisor.restart_backoff_ms),

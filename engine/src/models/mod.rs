@@ -9,12 +9,15 @@
 //! conventions the converters change, such as GGUF's permuted Llama Q/K or its
 //! pre-added Gemma norm offset) differ.
 
+mod files;
 mod gemma3;
 mod llama;
 mod qwen2;
 mod qwen2vl;
 mod qwen3;
 mod trunk;
+
+pub use files::ModelFiles;
 
 use std::path::Path;
 use std::sync::Arc;

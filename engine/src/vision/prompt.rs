@@ -7,7 +7,49 @@
 //! id the image used, so an image costs `max(t, h, w)` positions however
 //! many rows it has. Generated tokens continue from the last id.
 
+use std::sync::Arc;
+
+use crate::prefix_cache::ImageSpan;
+use crate::vision::EncodedImage;
 use crate::{Error, Result};
+
+/// A rendered prompt with its images laid in: what a scheduler request needs.
+#[derive(Clone, Debug, Default)]
+pub struct Laid {
+    /// Token ids, each image's placeholder repeated once per row.
+    pub tokens: Vec<u32>,
+    /// Where each image sits, keyed by its hash for the prefix cache.
+    pub images: Vec<ImageSpan>,
+    /// Each image's rows, in the order of `images`.
+    pub rows: Vec<Arc<[f32]>>,
+    /// Three position ids per token.
+    pub positions: Vec<[u32; 3]>,
+    /// The id of the first generated token.
+    pub next_position: u32,
+}
+
+/// Lays `images` into `prompt`, which holds one `placeholder` per image in
+/// order.
+pub fn lay_out(prompt: &[u32], placeholder: u32, images: &[EncodedImage]) -> Result<Laid> {
+    let grids: Vec<[usize; 3]> = images.iter().map(|i| i.grid).collect();
+    let (tokens, places) = expand(prompt, placeholder, &grids)?;
+    let (positions, next_position) = positions(tokens.len(), &places);
+    Ok(Laid {
+        images: places
+            .iter()
+            .zip(images)
+            .map(|(p, i)| ImageSpan {
+                start: p.start,
+                len: p.len(),
+                hash: i.hash,
+            })
+            .collect(),
+        rows: images.iter().map(|i| i.rows.clone()).collect(),
+        tokens,
+        positions,
+        next_position,
+    })
+}
 
 /// Where one image sits in an expanded prompt.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,0 +1,127 @@
+//! embodyd sees: the tiny random-weight Qwen2-VL and Qwen2.5-VL folders of
+//! `tests/fixtures/hf/` (written by `scripts/gen-vision-fixtures.py` with
+//! transformers) served by the daemon answer questions about their images
+//! with transformers' greedy tokens: over IPC with image bytes (two images in
+//! one request), and over HTTP with the official openai client and data:
+//! URLs, where broken and unusable images are refused with a 400 and the
+//! daemon keeps serving. Asking again about the same images reuses their
+//! encoded rows and the prompt's KV.
+
+use embody_client::Client;
+use embody_engine::tokenizer::Tokenizer;
+use embody_protocol::{Event, Image, Message, Request, Role, SamplingParams};
+use embody_tests::{repo_root, status, test_config, test_python, Daemon};
+use safetensors::SafeTensors;
+
+struct Fixture {
+    dir: std::path::PathBuf,
+    prompt: String,
+    images: Vec<Vec<u8>>,
+    generated: Vec<u32>,
+}
+
+fn fixture(name: &str) -> Fixture {
+    let dir = repo_root().join("tests/fixtures/hf").join(name);
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("expected_prompt.json")).unwrap()).unwrap();
+    let images = meta["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| std::fs::read(dir.join(n.as_str().unwrap())).unwrap())
+        .collect();
+    let bytes = std::fs::read(dir.join("expected.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let generated = st
+        .tensor("generated")
+        .unwrap()
+        .data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
+        .collect();
+    Fixture {
+        prompt: meta["prompt"].as_str().unwrap().to_string(),
+        dir,
+        images,
+        generated,
+    }
+}
+
+fn greedy() -> SamplingParams {
+    SamplingParams {
+        temperature: 0.0,
+        repeat_penalty: 1.0,
+        ..SamplingParams::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipc_answers_about_two_images_with_transformers_tokens() {
+    let f = fixture("qwen2vl");
+    let d = Daemon::start(&test_config(&f.dir, ""));
+    let st = status(&d.socket).unwrap();
+    assert!(st.model.vision, "status says the model sees");
+    let client = Client::connect(&d.socket).await.unwrap();
+    for round in 0..2 {
+        let mut req = Request::new(vec![Message::new(Role::User, f.prompt.clone())]);
+        req.images = f
+            .images
+            .iter()
+            .map(|b| Image {
+                media_type: "image/png".into(),
+                data: b.clone(),
+            })
+            .collect();
+        req.sampling = greedy();
+        req.max_tokens = Some(f.generated.len() as u32);
+        let mut s = client.chat(req).await.unwrap();
+        let mut ids = Vec::new();
+        loop {
+            match s.next().await.unwrap() {
+                Event::Delta { token_ids, .. } => ids.extend(token_ids),
+                ev if ev.is_terminal() => {
+                    assert!(matches!(ev, Event::Finished { .. }), "{ev:?}\n{}", d.log());
+                    break;
+                }
+                _ => {}
+            }
+        }
+        assert_eq!(ids, f.generated, "round {round}\n{}", d.log());
+    }
+    let st = status(&d.socket).unwrap();
+    assert!(
+        st.prefix_hit_tokens > 20,
+        "the second round reused the first's KV, images included: {} tokens",
+        st.prefix_hit_tokens
+    );
+}
+
+#[test]
+fn the_openai_client_sends_images_as_data_urls() {
+    let f = fixture("qwen25vl");
+    let tok = Tokenizer::from_hf_dir(&f.dir).unwrap();
+    let expected = tok.decode(&f.generated, true).unwrap();
+    let d = Daemon::start(&test_config(&f.dir, ""));
+    let script = repo_root().join("tests/python/vision_openai.py");
+    let out = std::process::Command::new(test_python())
+        .arg(&script)
+        .arg(d.http_url())
+        .arg(&f.dir)
+        .arg(&expected)
+        .output()
+        .expect("running the Python checks");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "the checks failed:\n{stdout}\n{stderr}\n--- daemon log ---\n{}",
+        d.log()
+    );
+    assert_eq!(
+        stdout.lines().filter(|l| l.starts_with("ok ")).count(),
+        5,
+        "{stdout}"
+    );
+    let log = d.log();
+    assert!(!log.contains("panicked"), "{log}");
+}
