@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Builds llama.cpp, the peer we measure against and the correctness oracle, from the
 # pinned llama-cpp-python sdist into a cache outside the repo. Prints the bin folder.
-# Idempotent: a finished build is reused.
+# Idempotent: a finished build is reused. Extra targets may be named as arguments
+# (scripts/bench-vision.sh asks for llama-mtmd-cli).
 set -euo pipefail
 VERSION=0.3.36
 ROOT="${EMBODY_LLAMACPP:-$HOME/.cache/embody/llamacpp}"
 SRC="$ROOT/llama_cpp_python-$VERSION/vendor/llama.cpp"
 BIN="$SRC/build/bin"
-TARGETS=(llama-bench llama-server llama-perplexity llama-tokenize llama-simple)
+TARGETS=(llama-bench llama-server llama-perplexity llama-tokenize llama-simple "$@")
 have_all() { for t in "${TARGETS[@]}"; do [ -x "$BIN/$t" ] || return 1; done; }
 if have_all; then echo "$BIN"; exit 0; fi
 if ! command -v cmake >/dev/null || ! command -v ninja >/dev/null; then

@@ -21,6 +21,12 @@ Qwen2-VL (F32, tied head) sees a 100x75 image scaled up and a 300x200 one
 scaled down to fit max_pixels; Qwen2.5-VL (BF16, own head) sees a 250x90 RGBA
 image (composited onto white) whose 3x9 merged grid spans three attention
 windows, with one of its three blocks attending over the whole image.
+Qwen2.5-VL's encoder is also converted with llama.cpp's own converter
+(convert_hf_to_gguf.py --mmproj, from the source scripts/build-llamacpp.sh
+unpacks) into converted-mmproj.gguf, so the mmproj path is checked against the
+same rows. (The converter maps merger.mlp.2 only when the encoder has more
+than two blocks, so the two-block Qwen2-VL encoder is not converted.)
+
 Weights are drawn and rounded as in gen-fixtures.py; everything runs on one
 thread with seeded generators, so running again rewrites identical files.
 """
@@ -28,6 +34,8 @@ import hashlib
 import importlib.util
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +98,17 @@ def families(ids):
             tie_word_embeddings=False, **tokens), torch.bfloat16,
          dict(), [make_image(250, 90, 3, alpha=True)]),
     ]
+
+
+def convert_mmproj(folder):
+    """llama.cpp's mmproj conversion of a folder, as converted-mmproj.gguf inside it."""
+    src = next(gf.LLAMACPP.glob("llama_cpp_python-*/vendor/llama.cpp"), None)
+    if src is None:
+        sys.exit(f"llama.cpp source not found under {gf.LLAMACPP}: run scripts/build-llamacpp.sh")
+    subprocess.run(
+        [sys.executable, "-c", gf.CONVERTER, str(src), str(folder), "--mmproj", "--outtype", "f32",
+         "--outfile", str(folder / "converted-mmproj.gguf")],
+        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def init_weights(model, gen):
@@ -180,6 +199,8 @@ def main():
         save_file(expected, out / "expected.safetensors")
         (out / "expected_prompt.json").write_text(json.dumps(
             {"rendered": rendered, "prompt": PROMPT, "images": [p.name for p in files]}) + "\n")
+        if config.vision_config.depth > 2:
+            convert_mmproj(out)
         all_files = sorted(out.iterdir())
         size = sum(p.stat().st_size for p in all_files)
         digest = hashlib.sha256(b"".join(p.read_bytes() for p in all_files)).hexdigest()[:16]

@@ -11,6 +11,8 @@ use embody_engine::backend::BackendKind;
 pub struct RuntimeConfig {
     /// The model: a GGUF file or a Hugging Face folder.
     pub model_path: PathBuf,
+    /// llama.cpp's vision projector GGUF for a GGUF vision-language model.
+    pub mmproj: Option<PathBuf>,
     /// The backend that runs the model.
     pub backend: BackendKind,
     /// Compute threads; 0 means one per core.
@@ -72,6 +74,7 @@ impl Default for RuntimeConfig {
     fn default() -> Self {
         Self {
             model_path: PathBuf::new(),
+            mmproj: None,
             backend: BackendKind::Cpu,
             threads: 0,
             context_length: 4096,

@@ -21,6 +21,8 @@ use crate::shared::lock;
 #[derive(Clone, Debug)]
 pub(crate) struct DeviceArgs {
     pub model_path: PathBuf,
+    /// llama.cpp's vision projector for a GGUF vision-language model.
+    pub mmproj: Option<PathBuf>,
     pub backend: BackendKind,
     pub threads: usize,
     pub opts: LoadOptions,
@@ -97,7 +99,9 @@ impl ModelSource {
         }
         let model = files.load(backend.clone(), opts)?;
         // The encoder runs on the decoder's backend: one set of threads.
-        let vision = files.vision(backend.clone())?.map(Arc::new);
+        let vision = files
+            .vision(args.mmproj.as_deref(), backend.clone())?
+            .map(Arc::new);
         let info = model.info().clone();
         let name = files
             .name()

@@ -373,11 +373,14 @@ impl Runtime {
                 }
             };
             let prompt = match &source.vision {
-                Some(v) if !encoded.is_empty() => lay_out(&tokens, v.image_token, &encoded)
-                    .map_err(|e| match e {
-                        embody_engine::Error::InvalidRequest(m) => m,
-                        e => e.to_string(),
-                    })?,
+                Some(v) if !encoded.is_empty() => {
+                    lay_out(&tokens, v.image_token, &encoded, source.info.mrope).map_err(|e| {
+                        match e {
+                            embody_engine::Error::InvalidRequest(m) => m,
+                            e => e.to_string(),
+                        }
+                    })?
+                }
                 _ => Laid {
                     tokens,
                     ..Laid::default()

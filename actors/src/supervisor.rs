@@ -324,6 +324,7 @@ impl Actor for Supervisor {
         // 1. The device: backend, weights, tokenizer.
         let device_args = DeviceArgs {
             model_path: cfg.model_path.clone(),
+            mmproj: cfg.mmproj.clone(),
             backend: cfg.backend,
             threads: cfg.threads,
             opts: embody_engine::models::LoadOptions {

@@ -45,6 +45,10 @@ struct ModelArgs {
     /// Backend: cpu, reference (the scalar oracle: slow), cuda or vulkan.
     #[arg(long, default_value = "cpu")]
     backend: String,
+    /// llama.cpp's vision projector GGUF (`mmproj`) for a GGUF
+    /// vision-language model (a Hugging Face folder carries its own).
+    #[arg(long)]
+    mmproj: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -324,7 +328,7 @@ fn run(cli: Cli) -> Result<()> {
             let vision = if image.is_empty() {
                 None
             } else {
-                let v = m.files.vision(m.backend.clone())?;
+                let v = m.files.vision(model.mmproj.as_deref(), m.backend.clone())?;
                 let Some(v) = v else {
                     bail!(
                         "{} has no vision encoder: --image needs a vision-language model (a Qwen2-VL or Qwen2.5-VL folder)",
@@ -388,7 +392,7 @@ fn run(cli: Cli) -> Result<()> {
                 max_queued: 1,
             };
             let laid = match &vision {
-                Some((v, encoded)) => lay_out(&ids, v.image_token, encoded)?,
+                Some((v, encoded)) => lay_out(&ids, v.image_token, encoded, info.mrope)?,
                 None => Laid {
                     tokens: ids,
                     ..Laid::default()
@@ -410,11 +414,19 @@ fn run(cli: Cli) -> Result<()> {
                 logprobs: None,
             };
             let (tx, rx) = std::sync::mpsc::channel();
+            // `Started` comes with the prompt's logits: the prefill's time.
+            let started = std::time::Instant::now();
+            let prefilled_in = Arc::new(std::sync::OnceLock::new());
+            let prefill = prefilled_in.clone();
             sched.submit(
                 req,
                 Box::new(move |ev| {
                     let mut out = std::io::stdout().lock();
                     match ev {
+                        SeqEvent::Started { .. } => {
+                            prefilled_in.set(started.elapsed()).ok();
+                            true
+                        }
                         SeqEvent::Delta { text, .. } => out
                             .write_all(text.as_bytes())
                             .and_then(|_| out.flush())
@@ -427,6 +439,7 @@ fn run(cli: Cli) -> Result<()> {
                 sched.step()?;
             }
             println!();
+            let prefill_ms = prefill.get().map_or(0.0, |d| d.as_secs_f64() * 1e3);
             for ev in rx.try_iter() {
                 match ev {
                     SeqEvent::Finished {
@@ -434,7 +447,7 @@ fn run(cli: Cli) -> Result<()> {
                         prompt_tokens,
                         completion_tokens,
                     } => eprintln!(
-                        "[{prompt_tokens} prompt tokens, {completion_tokens} generated, finish: {reason:?}]"
+                        "[{prompt_tokens} prompt tokens prefilled in {prefill_ms:.0} ms, {completion_tokens} generated, finish: {reason:?}]"
                     ),
                     SeqEvent::Error { message } => bail!(message),
                     _ => {}

@@ -50,10 +50,14 @@ pub struct Config {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelConfig {
-    /// The GGUF model file. A relative path is looked up in the models folder
-    /// (`$EMBODY_MODELS`, else `~/.cache/embody/models`); `~/` is the home folder.
+    /// The model: a GGUF file or a Hugging Face folder. A relative path is
+    /// looked up in the models folder (`$EMBODY_MODELS`, else
+    /// `~/.cache/embody/models`); `~/` is the home folder.
     /// Default: "SmolLM2-135M-Instruct.Q4_1.gguf".
     pub path: String,
+    /// llama.cpp's vision projector (`mmproj`) GGUF file that goes with a
+    /// GGUF vision-language model, looked up as `path` is. Default: none.
+    pub mmproj: Option<String>,
     /// The backend: "cpu", "reference" (the scalar oracle, slow), "cuda" or
     /// "vulkan". Default: "cpu".
     pub backend: String,
@@ -178,6 +182,7 @@ impl Default for ModelConfig {
     fn default() -> Self {
         Self {
             path: "SmolLM2-135M-Instruct.Q4_1.gguf".into(),
+            mmproj: None,
             backend: "cpu".into(),
             threads: 0,
             context_length: 4096,
@@ -365,6 +370,7 @@ impl Config {
     pub fn runtime(&self) -> RuntimeConfig {
         RuntimeConfig {
             model_path: self.model_path(),
+            mmproj: self.model.mmproj.as_deref().map(resolve_model),
             backend: self.model.backend.parse().unwrap_or_default(),
             threads: self.model.threads,
             context_length: self.model.context_length,

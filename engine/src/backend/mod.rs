@@ -286,6 +286,14 @@ pub trait Backend: Send + Sync {
         ops::softcap_inplace(x, cap);
     }
 
+    /// [`Backend::matmul`] for large batches of F32, F16 or BF16 weights (a
+    /// vision encoder's projections over every patch of an image): the
+    /// backend may use f32 arithmetic blocked for the batch, whose bits depend
+    /// on the batch's size (the text decoder never calls it).
+    fn matmul_dense(&self, w: &QTensor, x: &[f32], n: usize, y: &mut [f32], ws: &mut Workspace) {
+        self.matmul(w, x, n, y, ws);
+    }
+
     /// LayerNorm in place of every `weight.len()`-wide row of `x` (vision encoders).
     fn layer_norm(&self, x: &mut [f32], weight: &[f32], bias: &[f32], eps: f32) {
         par_chunks(self.as_dyn(), x, weight.len(), &|_, r| {

@@ -59,12 +59,23 @@ impl ModelFiles {
         }
     }
 
-    /// The vision encoder, for vision-language models (a folder whose config
-    /// has a `vision_config`); `None` for text-only models.
-    pub fn vision(&self, backend: Arc<dyn Backend>) -> Result<Option<VisionModel>> {
-        match self {
-            Self::Gguf(_) => Ok(None),
-            Self::Hf(f) => VisionModel::load_hf(f, backend),
+    /// The vision encoder, for vision-language models: a folder whose config
+    /// has a `vision_config`, or a GGUF text model with llama.cpp's `mmproj`
+    /// file beside it; `None` for text-only models.
+    pub fn vision(
+        &self,
+        mmproj: Option<&Path>,
+        backend: Arc<dyn Backend>,
+    ) -> Result<Option<VisionModel>> {
+        match (self, mmproj) {
+            (Self::Gguf(g), Some(m)) => VisionModel::load_gguf(g, m, backend).map(Some),
+            (Self::Gguf(_), None) => Ok(None),
+            (Self::Hf(f), None) => VisionModel::load_hf(f, backend),
+            (Self::Hf(f), Some(_)) => Err(crate::Error::Metadata {
+                path: f.config_path().to_path_buf(),
+                key: "mmproj".into(),
+                message: "a Hugging Face folder carries its own vision encoder; mmproj is for GGUF models".into(),
+            }),
         }
     }
 

@@ -125,6 +125,9 @@ pub struct ModelInfo {
     pub vocab_size: usize,
     /// Width of an embedding row (the residual stream).
     pub d_model: usize,
+    /// Whether rows rotate by three position streams (multimodal RoPE):
+    /// image rows then take grid positions ([`Positions::MRope`]).
+    pub mrope: bool,
     /// Positions the model was trained for.
     pub context_length: usize,
     /// The paged KV cache shape the model needs (block size left to the caller).

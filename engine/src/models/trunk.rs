@@ -308,6 +308,7 @@ impl Trunk {
             name,
             vocab_size: dm.vocab_size,
             d_model: d,
+            mrope: spec.ropes.iter().any(|r| r.sections.is_some()),
             context_length: ctx,
             kv: KvLayout {
                 n_layers: dm.n_layers,

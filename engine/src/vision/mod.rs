@@ -18,7 +18,10 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
+use std::path::Path;
+
 use crate::backend::Backend;
+use crate::gguf::Gguf;
 use crate::hf::HfFolder;
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
@@ -75,6 +78,35 @@ impl VisionModel {
             image_token: ids.image_token_id,
             slot,
         }))
+    }
+
+    /// The image side of a GGUF model: the encoder from llama.cpp's
+    /// `mmproj` file, the image tokens from the text model's vocabulary
+    /// (`<|image_pad|>` framed by `<|vision_start|>` and `<|vision_end|>`).
+    pub fn load_gguf(text: &Gguf, mmproj: &Path, backend: Arc<dyn Backend>) -> Result<Self> {
+        let g = Gguf::open(mmproj)?;
+        let encoder = VisionEncoder::load_gguf(&g, backend)?;
+        let tok = Tokenizer::from_gguf(text)?;
+        let one = |t: &str| -> Result<u32> {
+            match tok.encode(t, false, true)?.as_slice() {
+                &[id] => Ok(id),
+                _ => Err(Error::Metadata {
+                    path: text.path().to_path_buf(),
+                    key: "tokenizer.ggml.tokens".into(),
+                    message: format!(
+                        "no {t} token: the text model does not go with a Qwen2-VL projector"
+                    ),
+                }),
+            }
+        };
+        let image_token = one("<|image_pad|>")?;
+        one("<|vision_start|>")?;
+        one("<|vision_end|>")?;
+        Ok(Self {
+            encoder,
+            image_token,
+            slot: "<|vision_start|><|image_pad|><|vision_end|>".into(),
+        })
     }
 
     /// Merged tokens along time, height and width of a preprocessed image:

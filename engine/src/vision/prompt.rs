@@ -29,11 +29,22 @@ pub struct Laid {
 }
 
 /// Lays `images` into `prompt`, which holds one `placeholder` per image in
-/// order.
-pub fn lay_out(prompt: &[u32], placeholder: u32, images: &[EncodedImage]) -> Result<Laid> {
+/// order. With `mrope` (the model rotates by three streams) each row gets
+/// its grid position; without, rows are numbered in order, as llama.cpp
+/// does for such models.
+pub fn lay_out(
+    prompt: &[u32],
+    placeholder: u32,
+    images: &[EncodedImage],
+    mrope: bool,
+) -> Result<Laid> {
     let grids: Vec<[usize; 3]> = images.iter().map(|i| i.grid).collect();
     let (tokens, places) = expand(prompt, placeholder, &grids)?;
-    let (positions, next_position) = positions(tokens.len(), &places);
+    let (positions, next_position) = if mrope {
+        positions(tokens.len(), &places)
+    } else {
+        (Vec::new(), 0)
+    };
     Ok(Laid {
         images: places
             .iter()

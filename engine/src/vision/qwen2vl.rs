@@ -21,11 +21,14 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use crate::backend::{Activation, Backend, MatIn, MatOut};
+use crate::backend::cpu::dequantize_row;
+use crate::backend::{Activation, Backend};
+use crate::gguf::Gguf;
 use crate::hf::HfFolder;
 use crate::models::Source;
 use crate::ops::RopeStyle;
-use crate::tensor::QTensor;
+use crate::quant::GgmlType;
+use crate::tensor::{Bytes, QTensor};
 use crate::vision::preprocess::{Pixels, Processor};
 use crate::{Error, Result};
 
@@ -163,6 +166,108 @@ struct Block {
     mlp: Mlp,
 }
 
+/// How a file names the encoder's weights: as transformers does (under a
+/// prefix: `visual.` or `model.visual.`) or as llama.cpp's mmproj files do.
+#[derive(Clone, Copy)]
+enum Names<'a> {
+    Hf(&'a str),
+    Gguf,
+}
+
+impl Names<'_> {
+    fn global(&self, hf: &str, gguf: &str) -> String {
+        match self {
+            Names::Hf(prefix) => format!("{prefix}{hf}"),
+            Names::Gguf => gguf.to_string(),
+        }
+    }
+
+    fn block(&self, i: usize, hf: &str, gguf: &str) -> String {
+        match self {
+            Names::Hf(prefix) => format!("{prefix}blocks.{i}.{hf}"),
+            Names::Gguf => format!("v.blk.{i}.{gguf}"),
+        }
+    }
+
+    /// The patch embedding as one matrix over patch rows (channel, frame,
+    /// row, column). Transformers stores the Conv3d's kernel, already that
+    /// matrix; llama.cpp splits it into one Conv2d kernel per frame, which
+    /// are interleaved back here.
+    fn patch_embed(&self, src: &Source<'_>, pr: &Processor, w: usize) -> Result<QTensor> {
+        let p = pr.patch;
+        let name = self.global("patch_embed.proj.weight", "v.patch_embd.weight");
+        if let Names::Hf(_) = self {
+            let mut t = src.tensor(&name, &[p, p, pr.temporal, 3, w])?;
+            t.shape = vec![pr.patch_len(), w];
+            return Ok(t);
+        }
+        let frames: Vec<QTensor> = (0..pr.temporal)
+            .map(|f| {
+                let n = if f == 0 {
+                    name.clone()
+                } else {
+                    format!("{name}.{f}")
+                };
+                let t = src.tensor(&n, &[p, p, 3, w])?;
+                if !matches!(t.ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) {
+                    return Err(Error::Tensor {
+                        path: src.path().to_path_buf(),
+                        tensor: n,
+                        message: format!(
+                            "{:?}: the patch embedding must be F32, F16 or BF16",
+                            t.ty
+                        ),
+                    });
+                }
+                Ok(t)
+            })
+            .collect::<Result<_>>()?;
+        let (pp, row) = (p * p, pr.patch_len());
+        let mut out = vec![0f32; w * row];
+        let mut tmp = vec![0f32; p];
+        for (f, t) in frames.iter().enumerate() {
+            // Rows of `p` values: output, channel, kernel row.
+            for r in 0..t.rows() {
+                dequantize_row(t, r, &mut tmp);
+                let (o, c, y) = (r / (3 * p), (r / p) % 3, r % p);
+                let at = o * row + (c * pr.temporal + f) * pp + y * p;
+                out[at..at + p].copy_from_slice(&tmp);
+            }
+        }
+        Ok(QTensor {
+            name,
+            ty: GgmlType::F32,
+            shape: vec![row, w],
+            data: Bytes::from_vec(out.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        })
+    }
+}
+
+/// Checks the dimensions a file gives before anything is sized by them.
+fn check_shape(s: &VisionSpec, p: &Processor) -> std::result::Result<(), String> {
+    if s.heads == 0 || !s.width.is_multiple_of(s.heads) || !(s.width / s.heads).is_multiple_of(4) {
+        return Err(format!(
+            "{} heads do not split a width of {} into heads of a multiple of 4",
+            s.heads, s.width
+        ));
+    }
+    if s.depth == 0 || s.depth > 256 || s.width > 16384 || s.mlp > 65536 || s.out > 65536 {
+        return Err(format!(
+            "depth {}, width {}, MLP {}, output {}: outside any Qwen-VL encoder",
+            s.depth, s.width, s.mlp, s.out
+        ));
+    }
+    if p.patch == 0 || p.patch > 64 || p.merge == 0 || p.merge > 8 {
+        return Err(format!("patch {} and merge {} sizes", p.patch, p.merge));
+    }
+    if s.window
+        .is_some_and(|w| w == 0 || !w.is_multiple_of(p.merge))
+    {
+        return Err(format!("a window of {:?} patches", s.window));
+    }
+    Ok(())
+}
+
 /// A loaded vision encoder.
 pub struct VisionEncoder {
     spec: VisionSpec,
@@ -210,18 +315,6 @@ impl VisionEncoder {
                     .ok_or_else(|| meta("intermediate_size", "missing".into()))?,
             ),
         };
-        if c.num_heads == 0
-            || !width.is_multiple_of(c.num_heads)
-            || !(width / c.num_heads).is_multiple_of(4)
-        {
-            return Err(meta(
-                "num_heads",
-                format!(
-                    "{} heads do not split a width of {width} into heads of a multiple of 4",
-                    c.num_heads
-                ),
-            ));
-        }
         let act = c.hidden_act.as_deref();
         let expected = match family {
             Family::Qwen2Vl => "quick_gelu",
@@ -272,63 +365,158 @@ impl VisionEncoder {
         } else {
             "model.visual."
         };
+        check_shape(&spec, &processor).map_err(|m| meta("depth", m))?;
         let src = Source::Hf {
             folder,
             prefix: "model.",
             config: "",
         };
-        Self::load(&src, prefix, spec, processor, backend)
+        Self::load(&src, Names::Hf(prefix), spec, processor, backend)
+    }
+
+    /// Loads the encoder of llama.cpp's `mmproj` GGUF file (written by its
+    /// `convert_hf_to_gguf.py --mmproj` from a Qwen2-VL or Qwen2.5-VL folder).
+    pub fn load_gguf(g: &Gguf, backend: Arc<dyn Backend>) -> Result<Self> {
+        let meta = |key: &str, message: String| Error::Metadata {
+            path: g.path().to_path_buf(),
+            key: key.into(),
+            message,
+        };
+        let family = match g.get_str("clip.projector_type")? {
+            "qwen2vl_merger" => Family::Qwen2Vl,
+            "qwen2.5vl_merger" => Family::Qwen25Vl,
+            other => {
+                return Err(meta(
+                    "clip.projector_type",
+                    format!("'{other}': only the Qwen2-VL and Qwen2.5-VL mergers are supported"),
+                ))
+            }
+        };
+        let count = |key: &str| -> Result<usize> { Ok(g.get_u32(key)? as usize) };
+        let opt = |key: &str, default: usize| -> Result<usize> {
+            match g.get(key) {
+                Some(_) => count(key),
+                None => Ok(default),
+            }
+        };
+        let width = count("clip.vision.embedding_length")?;
+        let heads = count("clip.vision.attention.head_count")?;
+        let patch = opt("clip.vision.patch_size", 14)?;
+        let merge = opt("clip.vision.spatial_merge_size", 2)?;
+        // The converter writes the language model's width here for Qwen2-VL;
+        // the MLP's width is the up projection's.
+        let up = g.tensor("v.blk.0.ffn_up.weight")?;
+        let mlp = up.rows();
+        let d = Processor::default();
+        let floats3 = |key: &str, default: [f32; 3]| -> Result<[f32; 3]> {
+            match g.get(key) {
+                None => Ok(default),
+                Some(_) => g
+                    .get_f32_array(key)?
+                    .try_into()
+                    .map_err(|_| meta(key, "expected three values".into())),
+            }
+        };
+        let processor = Processor {
+            patch,
+            merge,
+            min_pixels: opt("clip.vision.image_min_pixels", d.min_pixels)?,
+            max_pixels: opt("clip.vision.image_max_pixels", d.max_pixels)?,
+            mean: floats3("clip.vision.image_mean", d.mean)?,
+            std: floats3("clip.vision.image_std", d.std)?,
+            ..d
+        };
+        let depth = count("clip.vision.block_count")?;
+        let (window, full_blocks) = match family {
+            Family::Qwen2Vl => (None, Vec::new()),
+            Family::Qwen25Vl => {
+                let every = opt("clip.vision.n_wa_pattern", 0)?;
+                let full = (0..depth)
+                    .filter(|i| every > 0 && (i + 1) % every == 0)
+                    .collect();
+                (
+                    Some(opt("clip.vision.window_size", 112)? / patch.max(1)),
+                    full,
+                )
+            }
+        };
+        let eps = match g.get("clip.vision.attention.layer_norm_epsilon") {
+            Some(_) => g.get_f32("clip.vision.attention.layer_norm_epsilon")?,
+            None => 1e-6,
+        };
+        let spec = VisionSpec {
+            family,
+            depth,
+            width,
+            heads,
+            mlp,
+            out: count("clip.vision.projection_dim")?,
+            window,
+            full_blocks,
+            eps,
+        };
+        check_shape(&spec, &processor).map_err(|m| meta("clip.vision", m))?;
+        Self::load(&Source::Gguf(g), Names::Gguf, spec, processor, backend)
     }
 
     fn load(
         src: &Source<'_>,
-        prefix: &str,
+        names: Names<'_>,
         spec: VisionSpec,
         processor: Processor,
         backend: Arc<dyn Backend>,
     ) -> Result<Self> {
         let (w, fam) = (spec.width, spec.family);
-        let p = processor.patch;
-        let pe_name = format!("{prefix}patch_embed.proj.weight");
-        // The Conv3d's kernel is one row of `3 * temporal * p * p` per output.
-        let mut patch_embed = src.tensor(&pe_name, &[p, p, processor.temporal, 3, w])?;
-        patch_embed.shape = vec![processor.patch_len(), w];
+        let patch_embed = names.patch_embed(src, &processor, w)?;
         let blocks = (0..spec.depth)
             .map(|i| {
-                let n = |s: &str| format!("{prefix}blocks.{i}.{s}");
-                let qkv = Linear::load(src, &n("attn.qkv"), w, 3 * w)?;
-                let part = |r: Range<usize>| Linear {
-                    w: qkv.w.row_range(r.clone()),
-                    b: qkv.b[r].to_vec(),
+                let n = |hf: &str, gguf: &str| names.block(i, hf, gguf);
+                let lin =
+                    |hf: &str, gguf: &str, cols, rows| Linear::load(src, &n(hf, gguf), cols, rows);
+                let [q, k, v] = match names {
+                    Names::Hf(_) => {
+                        let qkv = lin("attn.qkv", "", w, 3 * w)?;
+                        let part = |r: Range<usize>| Linear {
+                            w: qkv.w.row_range(r.clone()),
+                            b: qkv.b[r].to_vec(),
+                        };
+                        [part(0..w), part(w..2 * w), part(2 * w..3 * w)]
+                    }
+                    Names::Gguf => [
+                        lin("", "attn_q", w, w)?,
+                        lin("", "attn_k", w, w)?,
+                        lin("", "attn_v", w, w)?,
+                    ],
                 };
                 let mlp = match fam {
                     Family::Qwen2Vl => Mlp::Gelu {
-                        fc1: Linear::load(src, &n("mlp.fc1"), w, spec.mlp)?,
-                        fc2: Linear::load(src, &n("mlp.fc2"), spec.mlp, w)?,
+                        fc1: lin("mlp.fc1", "ffn_up", w, spec.mlp)?,
+                        fc2: lin("mlp.fc2", "ffn_down", spec.mlp, w)?,
                     },
                     Family::Qwen25Vl => Mlp::SwiGlu {
-                        gate: Linear::load(src, &n("mlp.gate_proj"), w, spec.mlp)?,
-                        up: Linear::load(src, &n("mlp.up_proj"), w, spec.mlp)?,
-                        down: Linear::load(src, &n("mlp.down_proj"), spec.mlp, w)?,
+                        gate: lin("mlp.gate_proj", "ffn_gate", w, spec.mlp)?,
+                        up: lin("mlp.up_proj", "ffn_up", w, spec.mlp)?,
+                        down: lin("mlp.down_proj", "ffn_down", spec.mlp, w)?,
                     },
                 };
                 Ok(Block {
-                    norm1: Norm::load(src, &n("norm1"), w, fam)?,
-                    q: part(0..w),
-                    k: part(w..2 * w),
-                    v: part(2 * w..3 * w),
-                    proj: Linear::load(src, &n("attn.proj"), w, w)?,
-                    norm2: Norm::load(src, &n("norm2"), w, fam)?,
+                    norm1: Norm::load(src, &n("norm1", "ln1"), w, fam)?,
+                    q,
+                    k,
+                    v,
+                    proj: lin("attn.proj", "attn_out", w, w)?,
+                    norm2: Norm::load(src, &n("norm2", "ln2"), w, fam)?,
                     mlp,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
         let m2 = processor.merge * processor.merge;
         let merged = w * m2;
+        let g = |hf: &str, gguf: &str| names.global(hf, gguf);
         Ok(Self {
-            merger_norm: Norm::load(src, &format!("{prefix}merger.ln_q"), w, fam)?,
-            merger_fc1: Linear::load(src, &format!("{prefix}merger.mlp.0"), merged, merged)?,
-            merger_fc2: Linear::load(src, &format!("{prefix}merger.mlp.2"), merged, spec.out)?,
+            merger_norm: Norm::load(src, &g("merger.ln_q", "v.post_ln"), w, fam)?,
+            merger_fc1: Linear::load(src, &g("merger.mlp.0", "mm.0"), merged, merged)?,
+            merger_fc2: Linear::load(src, &g("merger.mlp.2", "mm.2"), merged, spec.out)?,
             spec,
             processor,
             patch_embed,
@@ -377,7 +565,7 @@ impl VisionEncoder {
         let m2 = m * m;
         let mut ws = be.workspace(n, (w * m2).max(mlp).max(pr.patch_len()), 0);
         let mut x = vec![0.0; n * w];
-        be.matmul(&self.patch_embed, &px.patches, n, &mut x, &mut ws);
+        be.matmul_dense(&self.patch_embed, &px.patches, n, &mut x, &mut ws);
 
         // Rotary angles per patch: the first half of the pairs by its row,
         // the second by its column. Qwen2.5-VL runs patches window by window;
@@ -404,25 +592,9 @@ impl VisionEncoder {
         for (bi, b) in self.blocks.iter().enumerate() {
             xn.copy_from_slice(&x);
             b.norm1.apply(be, &mut xn, eps);
-            be.matmul_group(
-                &xn,
-                n,
-                &mut [
-                    MatOut {
-                        w: &b.q.w,
-                        y: &mut q,
-                    },
-                    MatOut {
-                        w: &b.k.w,
-                        y: &mut k,
-                    },
-                    MatOut {
-                        w: &b.v.w,
-                        y: &mut v,
-                    },
-                ],
-                &mut ws,
-            );
+            be.matmul_dense(&b.q.w, &xn, n, &mut q, &mut ws);
+            be.matmul_dense(&b.k.w, &xn, n, &mut k, &mut ws);
+            be.matmul_dense(&b.v.w, &xn, n, &mut v, &mut ws);
             be.add_bias(&mut q, &b.q.b);
             be.add_bias(&mut k, &b.k.b);
             be.add_bias(&mut v, &b.v.b);
@@ -442,7 +614,7 @@ impl VisionEncoder {
             };
             let scale = 1.0 / (hd as f32).sqrt();
             be.attention_segments(&q, &k, &v, (heads, hd), scale, segs, &mut attn);
-            be.matmul(&b.proj.w, &attn, n, &mut xn, &mut ws);
+            be.matmul_dense(&b.proj.w, &attn, n, &mut xn, &mut ws);
             be.add_bias(&mut xn, &b.proj.b);
             crate::ops::add_inplace(&mut x, &xn);
 
@@ -450,32 +622,19 @@ impl VisionEncoder {
             b.norm2.apply(be, &mut xn, eps);
             match &b.mlp {
                 Mlp::Gelu { fc1, fc2 } => {
-                    be.matmul(&fc1.w, &xn, n, &mut h1, &mut ws);
+                    be.matmul_dense(&fc1.w, &xn, n, &mut h1, &mut ws);
                     be.add_bias(&mut h1, &fc1.b);
                     be.activate(&mut h1, Activation::QuickGelu);
-                    be.matmul(&fc2.w, &h1, n, &mut xn, &mut ws);
+                    be.matmul_dense(&fc2.w, &h1, n, &mut xn, &mut ws);
                     be.add_bias(&mut xn, &fc2.b);
                 }
                 Mlp::SwiGlu { gate, up, down } => {
-                    be.matmul_group(
-                        &xn,
-                        n,
-                        &mut [
-                            MatOut {
-                                w: &gate.w,
-                                y: &mut h1,
-                            },
-                            MatOut {
-                                w: &up.w,
-                                y: &mut h2,
-                            },
-                        ],
-                        &mut ws,
-                    );
+                    be.matmul_dense(&gate.w, &xn, n, &mut h1, &mut ws);
+                    be.matmul_dense(&up.w, &xn, n, &mut h2, &mut ws);
                     be.add_bias(&mut h1, &gate.b);
                     be.add_bias(&mut h2, &up.b);
-                    let act = MatIn::SwiGlu { gate: &h1, up: &h2 };
-                    be.matmul_in(&down.w, act, n, &mut xn, &mut ws);
+                    crate::ops::swiglu_inplace(&mut h1, &h2);
+                    be.matmul_dense(&down.w, &h1, n, &mut xn, &mut ws);
                     be.add_bias(&mut xn, &down.b);
                 }
             }
@@ -486,11 +645,11 @@ impl VisionEncoder {
         self.merger_norm.apply(be, &mut x, eps);
         let tokens = n / m2;
         let mut hidden = vec![0.0; tokens * w * m2];
-        be.matmul(&self.merger_fc1.w, &x, tokens, &mut hidden, &mut ws);
+        be.matmul_dense(&self.merger_fc1.w, &x, tokens, &mut hidden, &mut ws);
         be.add_bias(&mut hidden, &self.merger_fc1.b);
         be.activate(&mut hidden, Activation::GeluErf);
         let mut out = vec![0.0; tokens * self.spec.out];
-        be.matmul(&self.merger_fc2.w, &hidden, tokens, &mut out, &mut ws);
+        be.matmul_dense(&self.merger_fc2.w, &hidden, tokens, &mut out, &mut ws);
         be.add_bias(&mut out, &self.merger_fc2.b);
         if windows.is_some() {
             // Back from window order to the image's.

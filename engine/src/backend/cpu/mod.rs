@@ -6,6 +6,7 @@
 //! it loads for all tokens of the batch.
 
 pub(crate) mod attention;
+mod dense;
 pub mod pool;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -88,6 +89,11 @@ impl<T> SharedMut<T> {
         unsafe { self.0.add(i).write(v) }
     }
 
+    /// The pointer (a method, so that closures capture the whole wrapper).
+    fn ptr(self) -> *mut T {
+        self.0
+    }
+
     /// # Safety
     /// The range is in bounds and owned by the calling thread meanwhile.
     #[allow(clippy::mut_from_ref)]
@@ -160,6 +166,120 @@ impl Backend for CpuBackend {
 
     fn for_ranges(&self, n: usize, f: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
         self.pool.run(&|i, nt| f(split(n, i, nt)));
+    }
+
+    fn matmul_dense(&self, w: &QTensor, x: &[f32], n: usize, y: &mut [f32], ws: &mut Workspace) {
+        let (k, rows) = (w.cols(), w.rows());
+        let f32_rows: Vec<f32>;
+        let src = match w.ty {
+            GgmlType::F16 | GgmlType::BF16 => dense::BSrc::Half {
+                bytes: &w.data,
+                row_bytes: w.row_bytes(),
+                ty: w.ty,
+            },
+            GgmlType::F32 => {
+                f32_rows = w
+                    .data
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect();
+                dense::BSrc::Rows {
+                    b: &f32_rows,
+                    ld: k,
+                }
+            }
+            _ => return self.matmul(w, x, n, y, ws),
+        };
+        assert!(
+            x.len() >= n * k && y.len() >= n * rows,
+            "matmul_dense {}: shapes",
+            w.name
+        );
+        let out = SharedMut(y.as_mut_ptr());
+        // Each thread takes a share of the batch's rows against all of B.
+        self.pool.run(&|i, nt| {
+            let r = split(n, i, nt);
+            if r.is_empty() {
+                return;
+            }
+            // SAFETY: each thread writes its own rows of the output.
+            let c = unsafe { out.slice(r.start * rows, r.len() * rows) };
+            let a = &x[r.start * k..r.end * k];
+            let mut s = dense::Scratch::default();
+            dense::gemm((a, k), src, (c, rows), (r.len(), rows, k), false, &mut s);
+        });
+    }
+
+    fn attention_segments(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        (n_heads, head_dim): (usize, usize),
+        scale: f32,
+        segments: &[std::ops::Range<usize>],
+        out: &mut [f32],
+    ) {
+        // Work items: a block of queries of one head in one segment, each
+        // two products (scores, then values) on one thread.
+        const QB: usize = 256;
+        let w = n_heads * head_dim;
+        let items: Vec<(usize, usize, usize)> = segments
+            .iter()
+            .enumerate()
+            .flat_map(|(si, s)| {
+                (0..n_heads)
+                    .flat_map(move |h| (s.start..s.end).step_by(QB).map(move |q0| (si, h, q0)))
+            })
+            .collect();
+        let dst = SharedMut(out.as_mut_ptr());
+        let out_len = out.len();
+        self.for_ranges(items.len(), &|range| {
+            let mut scratch = dense::Scratch::default();
+            let (mut scores, mut o) = (Vec::new(), Vec::new());
+            for &(si, h, q0) in &items[range] {
+                let seg = &segments[si];
+                let (len, qn) = (seg.len(), QB.min(seg.end - q0));
+                let col = h * head_dim;
+                scores.resize(qn * len, 0.0);
+                let qa = &q[q0 * w + col..];
+                let keys = dense::BSrc::Rows {
+                    b: &k[seg.start * w + col..],
+                    ld: w,
+                };
+                dense::gemm(
+                    (qa, w),
+                    keys,
+                    (&mut scores, len),
+                    (qn, len, head_dim),
+                    false,
+                    &mut scratch,
+                );
+                dense::softmax_rows(&mut scores, len, scale);
+                let values = dense::BSrc::Cols {
+                    b: &v[seg.start * w + col..],
+                    ld: w,
+                };
+                o.resize(qn * head_dim, 0.0);
+                dense::gemm(
+                    (&scores, len),
+                    values,
+                    (&mut o, head_dim),
+                    (qn, head_dim, len),
+                    false,
+                    &mut scratch,
+                );
+                for (r, row) in o.chunks_exact(head_dim).enumerate() {
+                    let at = (q0 + r) * w + col;
+                    assert!(at + head_dim <= out_len);
+                    // SAFETY: in bounds; this item alone writes rows q0..q0 + qn
+                    // in the columns of head h.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(row.as_ptr(), dst.ptr().add(at), head_dim)
+                    };
+                }
+            }
+        });
     }
 
     fn attention(
