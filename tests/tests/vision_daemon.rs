@@ -125,3 +125,78 @@ fn the_openai_client_sends_images_as_data_urls() {
     let log = d.log();
     assert!(!log.contains("panicked"), "{log}");
 }
+
+/// A zenoh camera and a perception task on a vision-language model: the
+/// task's runs attach the camera's latest frame, the model sees it, and the
+/// results carry answers (no `vision_unsupported` any more) with the frame.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn perception_tasks_answer_about_zenoh_camera_frames() {
+    let f = fixture("qwen25vl");
+    let listen = embody_tests::free_port();
+    let config = test_config(
+        &f.dir,
+        &format!(
+            r#"[zenoh]
+listen = ["tcp/127.0.0.1:{listen}"]
+connect = []
+node = "eyes"
+
+[ros2]
+enabled = false
+
+[[cameras]]
+name = "front"
+key = "eyes/front"
+format = "png"
+
+[[tasks]]
+name = "look"
+camera = "front"
+prompt = "{}"
+period_ms = 300
+max_tokens = 4
+max_age_ms = 5000
+"#,
+            f.prompt
+        ),
+    );
+    let d = Daemon::start(&config);
+    let mut c = zenoh::Config::default();
+    for (k, v) in [
+        ("mode", "\"client\"".to_string()),
+        ("connect/endpoints", format!("[\"tcp/127.0.0.1:{listen}\"]")),
+        ("scouting/multicast/enabled", "false".to_string()),
+    ] {
+        c.insert_json5(k, &v).unwrap();
+    }
+    let s = zenoh::open(c).await.unwrap();
+    let results = s
+        .declare_subscriber("embody/eyes/tasks/look")
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut answers = 0;
+    while answers < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no answers in 30 s\n{}",
+            d.log()
+        );
+        s.put("eyes/front", f.images[0].clone()).await.unwrap();
+        let Ok(Ok(sample)) =
+            tokio::time::timeout(std::time::Duration::from_millis(500), results.recv_async()).await
+        else {
+            continue;
+        };
+        let v: serde_json::Value = serde_json::from_slice(&sample.payload().to_bytes()).unwrap();
+        if v["error"].is_null() {
+            assert!(v["completion_tokens"].as_u64().unwrap() > 0, "{v}");
+            assert_eq!(v["frame"]["width"], 250, "{v}");
+            answers += 1;
+        } else {
+            // Only a run before the first frame may fail (no frame yet).
+            assert_eq!(v["error"]["code"], "bad_request", "{v}");
+            assert!(answers == 0, "{v}");
+        }
+    }
+}

@@ -15,7 +15,8 @@
 
 use half::{bf16, f16};
 
-use crate::quant::GgmlType;
+use crate::quant::{self, GgmlType};
+use crate::tensor::QTensor;
 
 /// Columns of B per panel (one AVX-512 vector of f32).
 const NR: usize = 16;
@@ -37,6 +38,8 @@ pub(crate) enum BSrc<'a> {
         row_bytes: usize,
         ty: GgmlType,
     },
+    /// Rows of a block-quantized weight, dequantized as they are packed.
+    Quant(&'a QTensor),
 }
 
 impl BSrc<'_> {
@@ -92,6 +95,19 @@ impl BSrc<'_> {
                     }
                 }
             }
+            BSrc::Quant(w) => {
+                // Depth blocks start on a quantization block (KC is a
+                // multiple of every block size).
+                let mut tmp = [0f32; KC];
+                let at = |n: usize| w.ty.row_bytes(n).expect("whole blocks");
+                for j in 0..nr {
+                    let row = &w.row(j0 + j)[at(k0)..at(k0 + kc)];
+                    quant::dequantize_row(w.ty, row, &mut tmp[..kc]);
+                    for (k, &v) in tmp[..kc].iter().enumerate() {
+                        out[k * NR + j] = v;
+                    }
+                }
+            }
         }
     }
 }
@@ -101,6 +117,20 @@ fn bytemuck_f16(bits: &[u16]) -> &[f16] {
     // SAFETY: f16 is a transparent wrapper of u16: same size, alignment and
     // every bit pattern valid.
     unsafe { std::slice::from_raw_parts(bits.as_ptr().cast::<f16>(), bits.len()) }
+}
+
+/// Whether a matrix of `ty` with rows of `k` runs as f32 products over
+/// dequantized panels rather than on the int8 tiled kernels: on x86 CPUs
+/// without VNNI, for formats whose blocks divide the packing depth.
+pub(crate) fn quantized_in_f32(ty: GgmlType, k: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    let avx2_only = matches!(Level::get(), Level::Avx2);
+    #[cfg(not(target_arch = "x86_64"))]
+    let avx2_only = false;
+    let blocks_fit = ty.block_size() > 1
+        && KC.is_multiple_of(ty.block_size())
+        && k.is_multiple_of(ty.block_size());
+    avx2_only && blocks_fit && !matches!(ty, GgmlType::Q8_K)
 }
 
 /// Scratch of one thread: a packed block of B and a padded block of A.
@@ -406,6 +436,37 @@ mod tests {
                     for j in 0..n {
                         let w = 1.0 + want(i, j, half);
                         assert!((c[i * n + j] - w).abs() < 1e-4, "{m}x{n}x{k} ({i},{j})");
+                    }
+                }
+            }
+            if k % 32 == 0 {
+                // Q8_0 rows, dequantized as they are packed.
+                let rb = GgmlType::Q8_0.row_bytes(k).unwrap();
+                let mut bytes = vec![0u8; n * rb];
+                for (j, dst) in bytes.chunks_exact_mut(rb).enumerate() {
+                    quant::quantize_row(GgmlType::Q8_0, &b[j * k..(j + 1) * k], dst);
+                }
+                let w = QTensor {
+                    name: "q".into(),
+                    ty: GgmlType::Q8_0,
+                    shape: vec![k, n],
+                    data: crate::tensor::Bytes::from_vec(bytes),
+                };
+                let mut c = vec![0.0f32; m * n];
+                gemm(
+                    (&a, k),
+                    BSrc::Quant(&w),
+                    (&mut c, n),
+                    (m, n, k),
+                    false,
+                    &mut scratch,
+                );
+                let mut row = vec![0f32; k];
+                for j in 0..n {
+                    quant::dequantize_row(GgmlType::Q8_0, w.row(j), &mut row);
+                    for i in 0..m {
+                        let want: f32 = (0..k).map(|kk| a[i * k + kk] * row[kk]).sum();
+                        assert!((c[i * n + j] - want).abs() < 1e-4, "q8_0 {m}x{n}x{k}");
                     }
                 }
             }

@@ -188,6 +188,10 @@ impl Backend for CpuBackend {
                     ld: k,
                 }
             }
+            // The int8 tiled kernels beat f32 products where the CPU has
+            // VNNI; with AVX2 alone, f32 products over dequantized panels are
+            // the faster of the two for these batch sizes.
+            ty if dense::quantized_in_f32(ty, k) => dense::BSrc::Quant(w),
             _ => return self.matmul(w, x, n, y, ws),
         };
         assert!(
