@@ -136,6 +136,14 @@ impl Grammars {
         if let Some(e) = matcher.get_error() {
             return Err(ConstraintError::Invalid(e));
         }
+        // Some grammars compile and then admit nothing (a schema that is only
+        // a reference to itself): the first mask finds them, here rather
+        // than during generation.
+        if matcher.deep_clone().compute_mask().is_err() {
+            return Err(ConstraintError::Invalid(
+                "the grammar admits no output: nothing can be generated that it accepts (a schema that only refers to itself, such as {\"$ref\": \"#\"}, has no finite value)".into(),
+            ));
+        }
         Ok(Constraint {
             matcher,
             vocab_size: self.vocab_size,

@@ -124,6 +124,11 @@ fn bad_schemas_are_errors_that_name_the_problem() {
         (json!({"type": "integer", "minimum": 5, "maximum": 1}), ""),
         (json!({"type": "frobnicate"}), "frobnicate"),
         (json!({"$ref": "#/$defs/missing"}), "missing"),
+        (json!({"$ref": "#"}), "admits no output"),
+        (
+            json!({"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}),
+            "admits no output",
+        ),
     ] {
         match g.compile(&GrammarSpec::JsonSchema(schema.clone())) {
             Err(ConstraintError::Invalid(m)) => assert!(m.contains(needle), "{schema}: {m}"),

@@ -311,6 +311,12 @@ def errors_have_openai_shape_and_status():
         model=MODEL, messages=user("hi"),
         response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frobnicate"}}}))
     assert "frobnicate" in err["message"], err
+    # A schema that is only a reference to itself compiles and admits nothing:
+    # refused before generation, naming the problem.
+    err = expect_error(400, lambda: client.chat.completions.create(
+        model=MODEL, messages=user("hi"),
+        response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#"}}}))
+    assert err["code"] == "bad_request" and "refers to itself" in err["message"], err
     for body in [b"{", b"[]", b'{"model": 3, "messages": []}', b'{"model": "' + MODEL.encode() + b'", "messages": [{"role": "robot", "content": "x"}]}', b"\xff\xfe"]:
         status, resp = raw("POST", "/v1/chat/completions", body)
         assert status == 400 and "error" in resp, (body, status, resp)
