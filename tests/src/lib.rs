@@ -526,3 +526,48 @@ pub fn restrict_address_families(cmd: &mut Command, families: &[i32]) {
         });
     }
 }
+
+/// A vision-language fixture of `tests/fixtures/hf/` (written by
+/// `scripts/gen-vision-fixtures.py`): the folder, the prompt and images
+/// transformers answered, and its greedy tokens.
+pub struct VisionFixture {
+    /// The model folder.
+    pub dir: PathBuf,
+    /// The user message's text.
+    pub prompt: String,
+    /// The images' bytes, in the prompt's order.
+    pub images: Vec<Vec<u8>>,
+    /// Transformers' greedy tokens after the prompt.
+    pub generated: Vec<u32>,
+}
+
+/// Reads the vision fixture `name` (`qwen2vl`, `qwen25vl`).
+///
+/// # Panics
+/// If the fixture's files are missing or malformed.
+pub fn vision_fixture(name: &str) -> VisionFixture {
+    let dir = repo_root().join("tests/fixtures/hf").join(name);
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("expected_prompt.json")).unwrap()).unwrap();
+    let images = meta["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| std::fs::read(dir.join(n.as_str().unwrap())).unwrap())
+        .collect();
+    let bytes = std::fs::read(dir.join("expected.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let generated = st
+        .tensor("generated")
+        .unwrap()
+        .data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
+        .collect();
+    VisionFixture {
+        prompt: meta["prompt"].as_str().unwrap().to_string(),
+        dir,
+        images,
+        generated,
+    }
+}

@@ -90,28 +90,17 @@ fn broken_folder_errors_name_the_file_and_field() {
 #[test]
 fn generate_with_images_matches_transformers_greedy() {
     for name in ["qwen2vl", "qwen25vl"] {
-        let dir = repo_root().join("tests/fixtures/hf").join(name);
-        let meta: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(dir.join("expected_prompt.json")).unwrap())
-                .unwrap();
-        let bytes = std::fs::read(dir.join("expected.safetensors")).unwrap();
-        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        let ids: Vec<u32> = st
-            .tensor("generated")
-            .unwrap()
-            .data()
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
-            .collect();
-        let tok = embody_engine::tokenizer::Tokenizer::from_hf_dir(&dir).unwrap();
-        let want = tok.decode(&ids, true).unwrap();
+        let f = embody_tests::vision_fixture(name);
+        let (dir, ids) = (&f.dir, &f.generated);
+        let tok = embody_engine::tokenizer::Tokenizer::from_hf_dir(dir).unwrap();
+        let want = tok.decode(ids, true).unwrap();
         let n = ids.len().to_string();
         let mut args = vec![
             "generate".to_string(),
             "-m".into(),
             dir.to_str().unwrap().into(),
             "-p".into(),
-            meta["prompt"].as_str().unwrap().into(),
+            f.prompt.clone(),
             "--chat".into(),
             "--temperature".into(),
             "0".into(),
@@ -120,9 +109,9 @@ fn generate_with_images_matches_transformers_greedy() {
             "-n".into(),
             n.clone(),
         ];
-        for img in meta["images"].as_array().unwrap() {
+        for k in 0..f.images.len() {
             args.push("--image".into());
-            args.push(dir.join(img.as_str().unwrap()).to_str().unwrap().into());
+            args.push(dir.join(format!("image{k}.png")).to_str().unwrap().into());
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = embody(&args);

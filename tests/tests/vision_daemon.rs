@@ -10,42 +10,9 @@
 use embody_client::Client;
 use embody_engine::tokenizer::Tokenizer;
 use embody_protocol::{Event, Image, Message, Request, Role, SamplingParams};
-use embody_tests::{repo_root, status, test_config, test_python, Daemon};
-use safetensors::SafeTensors;
-
-struct Fixture {
-    dir: std::path::PathBuf,
-    prompt: String,
-    images: Vec<Vec<u8>>,
-    generated: Vec<u32>,
-}
-
-fn fixture(name: &str) -> Fixture {
-    let dir = repo_root().join("tests/fixtures/hf").join(name);
-    let meta: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("expected_prompt.json")).unwrap()).unwrap();
-    let images = meta["images"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| std::fs::read(dir.join(n.as_str().unwrap())).unwrap())
-        .collect();
-    let bytes = std::fs::read(dir.join("expected.safetensors")).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let generated = st
-        .tensor("generated")
-        .unwrap()
-        .data()
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
-        .collect();
-    Fixture {
-        prompt: meta["prompt"].as_str().unwrap().to_string(),
-        dir,
-        images,
-        generated,
-    }
-}
+use embody_tests::{
+    repo_root, status, test_config, test_python, vision_fixture as fixture, Daemon,
+};
 
 fn greedy() -> SamplingParams {
     SamplingParams {

@@ -528,7 +528,7 @@ mod tests {
             );
             fields += 1;
         }
-        assert_eq!(fields, 44, "every field appears in the shipped config");
+        assert_eq!(fields, 45, "every field appears in the shipped config");
     }
 
     #[test]
