@@ -166,4 +166,56 @@ max_age_ms = 5000
             assert!(answers == 0, "{v}");
         }
     }
+
+    // Zenoh chat queries: the fixture's image as a data: URL part, then the
+    // camera's latest frame (the same bytes) by reference; both answer with
+    // transformers' greedy text.
+    let tok = Tokenizer::from_hf_dir(&f.dir).unwrap();
+    let expected = tok.decode(&f.generated, true).unwrap();
+    let data_url = format!("data:image/png;base64,{}", base64(&f.images[0]));
+    for url in [data_url.as_str(), "camera:front"] {
+        let ask = serde_json::json!({
+            "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": url}},
+                {"type": "text", "text": f.prompt}]}],
+            "max_tokens": f.generated.len(), "temperature": 0, "frequency_penalty": 0,
+        });
+        let replies = s
+            .get("embody/eyes/chat")
+            .payload(ask.to_string())
+            .consolidation(zenoh::query::ConsolidationMode::None)
+            .timeout(std::time::Duration::from_secs(60))
+            .await
+            .unwrap();
+        let mut text = String::new();
+        let mut last = serde_json::Value::Null;
+        while let Ok(r) = replies.recv_async().await {
+            let Ok(sample) = r.result() else { break };
+            last = serde_json::from_slice(&sample.payload().to_bytes()).unwrap();
+            if last["type"] == "delta" {
+                text.push_str(last["text"].as_str().unwrap());
+            }
+        }
+        assert_eq!(last["type"], "finished", "{url:.40}: {last}");
+        assert_eq!(text, expected, "{url:.40}");
+    }
+}
+
+/// Standard base64 (the test has no base64 crate).
+fn base64(bytes: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for c in bytes.chunks(3) {
+        let n = (c[0] as u32) << 16
+            | (*c.get(1).unwrap_or(&0) as u32) << 8
+            | *c.get(2).unwrap_or(&0) as u32;
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
