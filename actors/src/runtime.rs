@@ -349,13 +349,14 @@ impl Runtime {
                 images.push(attached.frame.image.clone());
             }
         }
+        let sampling = req.sampling;
+        sampling.validate().map_err(|e| bad(e.to_string()))?;
+        // Encoding is the costly step: after every cheap check.
         let encoded = if images.is_empty() {
             Vec::new()
         } else {
             self.encode_images(images).await?
         };
-        let sampling = req.sampling;
-        sampling.validate().map_err(|e| bad(e.to_string()))?;
         let source = self.inner.source.clone();
         let messages = req.messages;
         let parse_calls = tools.is_some();
