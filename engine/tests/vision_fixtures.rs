@@ -103,11 +103,16 @@ fn images(name: &str) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// The folder's vision encoder on the CPU backend.
+fn encoder(name: &str, family: Family) -> VisionEncoder {
+    let folder = HfFolder::open(&dir(name)).unwrap();
+    VisionEncoder::load_hf(&folder, family, backend()).unwrap()
+}
+
 #[test]
 fn pixel_values_match_transformers_image_processor() {
     for (name, family) in FAMILIES {
-        let folder = HfFolder::open(&dir(name)).unwrap();
-        let enc = VisionEncoder::load_hf(&folder, family, backend()).unwrap();
+        let enc = encoder(name, family);
         let e = Expected::load(name);
         for (k, bytes) in images(name).iter().enumerate() {
             let px = enc.processor().process(bytes).unwrap();
@@ -128,8 +133,7 @@ fn pixel_values_match_transformers_image_processor() {
 #[test]
 fn encoder_rows_match_transformers() {
     for (name, family) in FAMILIES {
-        let folder = HfFolder::open(&dir(name)).unwrap();
-        let enc = VisionEncoder::load_hf(&folder, family, backend()).unwrap();
+        let enc = encoder(name, family);
         let e = Expected::load(name);
         for (k, bytes) in images(name).iter().enumerate() {
             let px = enc.processor().process(bytes).unwrap();
@@ -156,8 +160,7 @@ struct PromptInputs {
 /// The prompt with every image: our expansion and positions must equal the
 /// recorded ones; returns the rows for each image and their places.
 fn prompt_inputs(name: &str, family: Family, e: &Expected) -> PromptInputs {
-    let folder = HfFolder::open(&dir(name)).unwrap();
-    let enc = VisionEncoder::load_hf(&folder, family, backend()).unwrap();
+    let enc = encoder(name, family);
     let m = enc.processor().merge;
     let mut rows = Vec::new();
     let mut grids = Vec::new();
