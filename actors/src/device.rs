@@ -100,7 +100,7 @@ impl ModelSource {
         let model = files.load(backend.clone(), opts)?;
         // The encoder runs on the decoder's backend: one set of threads.
         let vision = files
-            .vision(args.mmproj.as_deref(), backend.clone())?
+            .vision(&tokenizer, args.mmproj.as_deref(), backend.clone())?
             .map(Arc::new);
         let info = model.info().clone();
         let name = files

@@ -328,7 +328,9 @@ fn run(cli: Cli) -> Result<()> {
             let vision = if image.is_empty() {
                 None
             } else {
-                let v = m.files.vision(model.mmproj.as_deref(), m.backend.clone())?;
+                let v = m
+                    .files
+                    .vision(&m.tokenizer, model.mmproj.as_deref(), m.backend.clone())?;
                 let Some(v) = v else {
                     bail!(
                         "{} has no vision encoder: --image needs a vision-language model (a Qwen2-VL or Qwen2.5-VL folder)",

@@ -61,16 +61,18 @@ impl ModelFiles {
 
     /// The vision encoder, for vision-language models: a folder whose config
     /// has a `vision_config`, or a GGUF text model with llama.cpp's `mmproj`
-    /// file beside it; `None` for text-only models.
+    /// file beside it; `None` for text-only models. `tok` is the model's
+    /// tokenizer ([`ModelFiles::tokenizer`]), which holds the image tokens.
     pub fn vision(
         &self,
+        tok: &Tokenizer,
         mmproj: Option<&Path>,
         backend: Arc<dyn Backend>,
     ) -> Result<Option<VisionModel>> {
         match (self, mmproj) {
-            (Self::Gguf(g), Some(m)) => VisionModel::load_gguf(g, m, backend).map(Some),
+            (Self::Gguf(g), Some(m)) => VisionModel::load_gguf(g, tok, m, backend).map(Some),
             (Self::Gguf(_), None) => Ok(None),
-            (Self::Hf(f), None) => VisionModel::load_hf(f, backend),
+            (Self::Hf(f), None) => VisionModel::load_hf(f, tok, backend),
             (Self::Hf(f), Some(_)) => Err(crate::Error::Metadata {
                 path: f.config_path().to_path_buf(),
                 key: "mmproj".into(),

@@ -49,8 +49,12 @@ struct HfImageTokens {
 
 impl VisionModel {
     /// The image side of a Hugging Face folder, or `None` when its
-    /// architecture takes text only.
-    pub fn load_hf(folder: &HfFolder, backend: Arc<dyn Backend>) -> Result<Option<Self>> {
+    /// architecture takes text only; `tok` is the folder's tokenizer.
+    pub fn load_hf(
+        folder: &HfFolder,
+        tok: &Tokenizer,
+        backend: Arc<dyn Backend>,
+    ) -> Result<Option<Self>> {
         let family = match folder.architecture()?.as_str() {
             "Qwen2VLForConditionalGeneration" | "qwen2_vl" => Family::Qwen2Vl,
             "Qwen2_5_VLForConditionalGeneration" | "qwen2_5_vl" => Family::Qwen25Vl,
@@ -58,7 +62,6 @@ impl VisionModel {
         };
         let encoder = VisionEncoder::load_hf(folder, family, backend)?;
         let ids: HfImageTokens = folder.config()?;
-        let tok = Tokenizer::from_hf_dir(folder.dir())?;
         let text = |id: u32| -> Result<String> {
             let piece = tok.piece(id)?;
             String::from_utf8(piece.into_owned()).map_err(|_| Error::Metadata {
@@ -82,11 +85,16 @@ impl VisionModel {
 
     /// The image side of a GGUF model: the encoder from llama.cpp's
     /// `mmproj` file, the image tokens from the text model's vocabulary
-    /// (`<|image_pad|>` framed by `<|vision_start|>` and `<|vision_end|>`).
-    pub fn load_gguf(text: &Gguf, mmproj: &Path, backend: Arc<dyn Backend>) -> Result<Self> {
+    /// (`<|image_pad|>` framed by `<|vision_start|>` and `<|vision_end|>`);
+    /// `tok` is the text model's tokenizer.
+    pub fn load_gguf(
+        text: &Gguf,
+        tok: &Tokenizer,
+        mmproj: &Path,
+        backend: Arc<dyn Backend>,
+    ) -> Result<Self> {
         let g = Gguf::open(mmproj)?;
         let encoder = VisionEncoder::load_gguf(&g, backend)?;
-        let tok = Tokenizer::from_gguf(text)?;
         let one = |t: &str| -> Result<u32> {
             match tok.encode(t, false, true)?.as_slice() {
                 &[id] => Ok(id),
