@@ -289,6 +289,27 @@ impl Daemon {
         d
     }
 
+    /// Runs `tests/python/<script>` with the interop venv's Python and
+    /// `args`, and returns its standard output.
+    ///
+    /// # Panics
+    /// If the script fails (its output and the daemon's log are in the message).
+    pub fn python_checks(&self, script: &str, args: &[&str]) -> String {
+        let out = Command::new(test_python())
+            .arg(repo_root().join("tests/python").join(script))
+            .args(args)
+            .output()
+            .expect("running the Python checks");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "the checks failed:\n{stdout}\n{}\n--- daemon log ---\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        stdout
+    }
+
     /// Waits until the daemon answers status as ready.
     pub fn wait_ready(&mut self) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);

@@ -4,7 +4,7 @@
 //! that hang up mid-stream, and draining on SIGTERM
 //! (tests/python/http_openai.py holds the checks).
 
-use embody_tests::{repo_root, smollm2, test_config, test_python, Daemon};
+use embody_tests::{smollm2, test_config, Daemon};
 
 #[test]
 fn the_openai_client_is_served_faithfully() {
@@ -14,21 +14,7 @@ fn the_openai_client_is_served_faithfully() {
          [http]\nbind = \"127.0.0.1:0\"\napi_key = \"sekrit\"\nmax_body_bytes = 1048576\n",
     );
     let mut d = Daemon::start(&config);
-    let url = d.http_url();
-    let script = repo_root().join("tests/python/http_openai.py");
-    let out = std::process::Command::new(test_python())
-        .arg(&script)
-        .arg(&url)
-        .arg(d.pid().to_string())
-        .output()
-        .expect("running the Python checks");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "the checks failed:\n{stdout}\n{stderr}\n--- daemon log ---\n{}",
-        d.log()
-    );
+    let stdout = d.python_checks("http_openai.py", &[&d.http_url(), &d.pid().to_string()]);
     eprintln!("{stdout}");
     assert_eq!(
         stdout.lines().filter(|l| l.starts_with("ok ")).count(),

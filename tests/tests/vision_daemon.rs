@@ -10,9 +10,7 @@
 use embody_client::Client;
 use embody_engine::tokenizer::Tokenizer;
 use embody_protocol::{Event, Image, Message, Request, Role, SamplingParams};
-use embody_tests::{
-    repo_root, status, test_config, test_python, vision_fixture as fixture, Daemon,
-};
+use embody_tests::{status, test_config, vision_fixture as fixture, Daemon};
 
 fn greedy() -> SamplingParams {
     SamplingParams {
@@ -69,21 +67,8 @@ fn the_openai_client_sends_images_as_data_urls() {
     let tok = Tokenizer::from_hf_dir(&f.dir).unwrap();
     let expected = tok.decode(&f.generated, true).unwrap();
     let d = Daemon::start(&test_config(&f.dir, ""));
-    let script = repo_root().join("tests/python/vision_openai.py");
-    let out = std::process::Command::new(test_python())
-        .arg(&script)
-        .arg(d.http_url())
-        .arg(&f.dir)
-        .arg(&expected)
-        .output()
-        .expect("running the Python checks");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "the checks failed:\n{stdout}\n{stderr}\n--- daemon log ---\n{}",
-        d.log()
-    );
+    let dir = f.dir.to_str().unwrap();
+    let stdout = d.python_checks("vision_openai.py", &[&d.http_url(), dir, &expected]);
     assert_eq!(
         stdout.lines().filter(|l| l.starts_with("ok ")).count(),
         5,
