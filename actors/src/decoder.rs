@@ -201,7 +201,8 @@ impl DecoderThread {
                 max_running,
                 max_queued: max_running,
             },
-        );
+        )
+        .map_err(|e| format!("making the KV cache: {e}"))?;
         if let Some(pc) = &self.args.prefix {
             sched = sched.with_prefix_cache(pc.clone());
         }

@@ -152,22 +152,15 @@ impl KvLayout {
     }
 }
 
-/// One pool of blocks: K and V for a group of layers.
+/// The bookkeeping of one pool of blocks (the data is in [`KvMemory`]).
 struct Pool {
-    // [layers in the pool][n_blocks * block_elems]
-    k: Vec<Vec<f16>>,
-    // [layers in the pool][n_blocks * block_elems]
-    v: Vec<Vec<f16>>,
     refcount: Vec<u32>,
     free: Vec<u32>,
 }
 
 impl Pool {
-    fn new(n_layers: usize, n_blocks: usize, block_elems: usize) -> Self {
-        let per_layer = n_blocks * block_elems;
+    fn new(n_blocks: usize) -> Self {
         Self {
-            k: (0..n_layers).map(|_| vec![f16::ZERO; per_layer]).collect(),
-            v: (0..n_layers).map(|_| vec![f16::ZERO; per_layer]).collect(),
             refcount: vec![0; n_blocks],
             // Popped from the end: low block ids are handed out first.
             free: (0..n_blocks as u32).rev().collect(),
@@ -199,6 +192,41 @@ impl Pool {
     }
 }
 
+/// Keys and values of one pool in host memory: `[layers in the pool][n_blocks * block_elems]`.
+struct HostPool {
+    k: Vec<Vec<f16>>,
+    v: Vec<Vec<f16>>,
+}
+
+impl HostPool {
+    fn new(n_layers: usize, n_blocks: usize, block_elems: usize) -> Self {
+        let per_layer = n_blocks * block_elems;
+        Self {
+            k: (0..n_layers).map(|_| vec![f16::ZERO; per_layer]).collect(),
+            v: (0..n_layers).map(|_| vec![f16::ZERO; per_layer]).collect(),
+        }
+    }
+}
+
+/// The keys and values of a device backend's cache, in its own memory. The
+/// cache keeps the block bookkeeping; what it asks of the memory is here.
+pub trait KvMemory: std::any::Any + Send + Sync {
+    /// Copies main-pool block `src`'s keys and values, every layer, into `dst`.
+    fn copy_block(&mut self, src: u32, dst: u32);
+    /// The memory as `Any`, for the backend that made it.
+    fn as_any(&self) -> &dyn std::any::Any;
+    /// [`KvMemory::as_any`], mutably.
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
+}
+
+/// Where the keys and values are.
+enum KvData {
+    /// Host memory: the main pool's, then the window pool's.
+    Host(HostPool, HostPool),
+    /// A device backend's memory.
+    Device(Box<dyn KvMemory>),
+}
+
 /// The block pools.
 pub struct KvCache {
     layout: KvLayout,
@@ -206,6 +234,7 @@ pub struct KvCache {
     slots: Vec<(bool, usize)>,
     main: Pool,
     window: Pool,
+    data: KvData,
 }
 
 impl KvCache {
@@ -228,6 +257,40 @@ impl KvCache {
     /// If `n_blocks` is zero, either count exceeds `u32::MAX - 1`, or the layout
     /// names a sliding layer beyond `n_layers`.
     pub fn with_window_blocks(layout: KvLayout, n_blocks: usize, n_window_blocks: usize) -> Self {
+        let (n_main, n_window) = Self::layers_per_pool(layout);
+        let window_blocks = if n_window > 0 { n_window_blocks } else { 0 };
+        let be = layout.block_elems();
+        let data = KvData::Host(
+            HostPool::new(n_main, n_blocks, be),
+            HostPool::new(n_window, window_blocks, be),
+        );
+        Self::with_data(layout, n_blocks, n_window_blocks, data)
+    }
+
+    /// A cache whose keys and values live in a device backend's `memory`,
+    /// which holds `n_blocks` main-pool blocks and `n_window_blocks`
+    /// window-pool blocks of `layout` (none without sliding layers).
+    ///
+    /// # Panics
+    /// As [`KvCache::with_window_blocks`].
+    pub fn on_device(
+        layout: KvLayout,
+        n_blocks: usize,
+        n_window_blocks: usize,
+        memory: Box<dyn KvMemory>,
+    ) -> Self {
+        Self::with_data(layout, n_blocks, n_window_blocks, KvData::Device(memory))
+    }
+
+    /// Layers in the main pool and in the window pool.
+    pub fn layers_per_pool(layout: KvLayout) -> (usize, usize) {
+        let n_window = (0..layout.n_layers)
+            .filter(|&l| layout.is_window_layer(l))
+            .count();
+        (layout.n_layers - n_window, n_window)
+    }
+
+    fn with_data(layout: KvLayout, n_blocks: usize, n_window_blocks: usize, data: KvData) -> Self {
         assert!(n_blocks > 0 && n_blocks < u32::MAX as usize);
         assert!(n_window_blocks < u32::MAX as usize);
         let mut slots = Vec::with_capacity(layout.n_layers);
@@ -248,8 +311,33 @@ impl KvCache {
         Self {
             layout,
             slots,
-            main: Pool::new(n_main, n_blocks, layout.block_elems()),
-            window: Pool::new(n_window, window_blocks, layout.block_elems()),
+            main: Pool::new(n_blocks),
+            window: Pool::new(window_blocks),
+            data,
+        }
+    }
+
+    /// A device backend's memory, where it is of type `T`.
+    pub fn device<T: std::any::Any>(&self) -> Option<&T> {
+        match &self.data {
+            KvData::Device(m) => m.as_any().downcast_ref(),
+            KvData::Host(..) => None,
+        }
+    }
+
+    /// [`KvCache::device`], mutably.
+    pub fn device_mut<T: std::any::Any>(&mut self) -> Option<&mut T> {
+        match &mut self.data {
+            KvData::Device(m) => m.as_any_mut().downcast_mut(),
+            KvData::Host(..) => None,
+        }
+    }
+
+    /// The host pools: main, window.
+    fn host(&self) -> (&HostPool, &HostPool) {
+        match &self.data {
+            KvData::Host(m, w) => (m, w),
+            KvData::Device(_) => panic!("a device KV cache given to a host backend"),
         }
     }
 
@@ -307,8 +395,13 @@ impl KvCache {
     pub fn copy_block(&mut self, src: u32, dst: u32) {
         let be = self.layout.block_elems();
         let (s, d) = (src as usize * be, dst as usize * be);
-        for data in self.main.k.iter_mut().chain(self.main.v.iter_mut()) {
-            data.copy_within(s..s + be, d);
+        match &mut self.data {
+            KvData::Host(main, _) => {
+                for data in main.k.iter_mut().chain(main.v.iter_mut()) {
+                    data.copy_within(s..s + be, d);
+                }
+            }
+            KvData::Device(m) => m.copy_block(src, dst),
         }
     }
 
@@ -337,10 +430,13 @@ impl KvCache {
     pub fn write(&mut self, layer: usize, table: &BlockTable, pos: usize, k: &[f32], v: &[f32]) {
         let l = self.layout;
         let (in_window, slot) = self.slots[layer];
+        let KvData::Host(main, window) = &mut self.data else {
+            panic!("a device KV cache given to a host backend")
+        };
         let (pool, blocks) = if in_window {
-            (&mut self.window, &table.window)
+            (window, &table.window)
         } else {
-            (&mut self.main, &table.blocks)
+            (main, &table.blocks)
         };
         let block = blocks[pos / l.block_size];
         assert_ne!(
@@ -367,14 +463,16 @@ impl KvCache {
     /// `[head_dim, block_size]`.
     pub fn k_block(&self, layer: usize, block: u32, head: usize) -> &[f16] {
         let (in_window, slot) = self.slots[layer];
-        let pool = if in_window { &self.window } else { &self.main };
+        let (main, window) = self.host();
+        let pool = if in_window { window } else { main };
         self.head_slice(&pool.k[slot], block, head)
     }
 
     /// V rows of one head in one block of `layer`'s pool: `[block_size, head_dim]`.
     pub fn v_block(&self, layer: usize, block: u32, head: usize) -> &[f16] {
         let (in_window, slot) = self.slots[layer];
-        let pool = if in_window { &self.window } else { &self.main };
+        let (main, window) = self.host();
+        let pool = if in_window { window } else { main };
         self.head_slice(&pool.v[slot], block, head)
     }
 
@@ -540,6 +638,36 @@ mod tests {
             window: Some(SlidingWindow { size: 6, layers }),
             ..layout()
         }
+    }
+
+    /// A device's memory as the cache sees it: the copies it is asked for.
+    #[derive(Default)]
+    struct Copies(Vec<(u32, u32)>);
+
+    impl KvMemory for Copies {
+        fn copy_block(&mut self, src: u32, dst: u32) {
+            self.0.push((src, dst));
+        }
+        fn as_any(&self) -> &dyn std::any::Any {
+            self
+        }
+        fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+            self
+        }
+    }
+
+    #[test]
+    fn device_memory_gets_the_copies_and_the_bookkeeping_stays_here() {
+        let mut c = KvCache::on_device(sliding_layout(), 4, 2, Box::new(Copies::default()));
+        assert_eq!((c.n_blocks(), c.n_window_blocks()), (4, 2));
+        let (a, b) = (c.allocate().unwrap(), c.allocate().unwrap());
+        c.copy_block(a, b);
+        assert_eq!(c.device::<Copies>().unwrap().0, vec![(a, b)]);
+        assert_eq!(c.free_blocks(), 2);
+        assert!(KvCache::new(layout(), 4).device::<Copies>().is_none());
+        let read =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.k_block(0, a, 0).len()));
+        assert!(read.is_err(), "host reads of device memory are refused");
     }
 
     #[test]

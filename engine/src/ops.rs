@@ -46,13 +46,13 @@ pub fn rope_angles(
     base: f32,
     rope_dim: usize,
     freq_factors: Option<&[f32]>,
-    cs: &mut [(f32, f32)],
+    cs: &mut [[f32; 2]],
 ) {
     let theta_scale = base.powf(-2.0 / rope_dim as f32);
     let mut theta = pos;
     for (i, c) in cs.iter_mut().enumerate().take(rope_dim / 2) {
         let t = theta / freq_factors.map_or(1.0, |f| f[i]);
-        *c = (t.cos(), t.sin());
+        *c = [t.cos(), t.sin()];
         theta *= theta_scale;
     }
 }
@@ -66,7 +66,7 @@ pub fn rope_angles_sections(
     sections: [usize; 3],
     base: f32,
     rope_dim: usize,
-    cs: &mut [(f32, f32)],
+    cs: &mut [[f32; 2]],
 ) {
     let theta_scale = base.powf(-2.0 / rope_dim as f32);
     let mut theta = pos;
@@ -80,17 +80,53 @@ pub fn rope_angles_sections(
             2
         };
         let t = theta[stream];
-        *c = (t.cos(), t.sin());
+        *c = [t.cos(), t.sin()];
         theta.iter_mut().for_each(|t| *t *= theta_scale);
+    }
+}
+
+/// One rotary embedding variant of a model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RopeSpec {
+    /// Base frequency.
+    pub base: f32,
+    /// Positions are divided by this (linear scaling).
+    pub linear_factor: f32,
+    /// Elements of a head that rotate.
+    pub dim: usize,
+    /// How rotary pairs are laid out in the stored Q/K rows.
+    pub style: RopeStyle,
+    /// Per-pair divisors of the frequency (Llama 3 scaling), `[dim / 2]`.
+    pub freq_factors: Option<Vec<f32>>,
+    /// Multimodal RoPE: how many pairs, in order, follow each position stream
+    /// (temporal, height, width); `None` rotates every pair by stream 0.
+    pub sections: Option<[usize; 3]>,
+}
+
+impl RopeSpec {
+    /// The (cos, sin) of each of the `dim / 2` pairs at position ids `pos`
+    /// (temporal, height, width; one stream repeats the same id).
+    pub fn angles(&self, pos: [u32; 3], cs: &mut [[f32; 2]]) {
+        let pos = pos.map(|v| v as f32 / self.linear_factor);
+        match self.sections {
+            None => rope_angles(
+                pos[0],
+                self.base,
+                self.dim,
+                self.freq_factors.as_deref(),
+                cs,
+            ),
+            Some(sec) => rope_angles_sections(pos, sec, self.base, self.dim, cs),
+        }
     }
 }
 
 /// Rotates each head (`head_dim` wide) of one token row by the angles in `cs`;
 /// only the first `2 * cs.len()` elements of a head rotate.
-pub fn rope_apply(row: &mut [f32], head_dim: usize, style: RopeStyle, cs: &[(f32, f32)]) {
+pub fn rope_apply(row: &mut [f32], head_dim: usize, style: RopeStyle, cs: &[[f32; 2]]) {
     let half = cs.len();
     for head in row.chunks_exact_mut(head_dim) {
-        for (i, &(c, s)) in cs.iter().enumerate() {
+        for (i, &[c, s]) in cs.iter().enumerate() {
             let (a, b) = match style {
                 RopeStyle::Interleaved => (2 * i, 2 * i + 1),
                 RopeStyle::Halves => (i, i + half),
@@ -244,18 +280,18 @@ mod tests {
     #[test]
     fn sectioned_angles_follow_their_streams() {
         let (base, dim) = (10000.0, 16);
-        let mut one = [(0.0, 0.0); 8];
+        let mut one = [[0.0; 2]; 8];
         rope_angles(37.0, base, dim, None, &mut one);
-        let mut three = [(0.0, 0.0); 8];
+        let mut three = [[0.0; 2]; 8];
         rope_angles_sections([37.0; 3], [2, 3, 3], base, dim, &mut three);
         assert_eq!(one, three, "equal ids: the text angles, bit for bit");
 
         rope_angles_sections([5.0, 9.0, 11.0], [2, 3, 3], base, dim, &mut three);
-        for (i, &(c, s)) in three.iter().enumerate() {
+        for (i, &[c, s]) in three.iter().enumerate() {
             let p = [5.0, 5.0, 9.0, 9.0, 9.0, 11.0, 11.0, 11.0][i];
-            let mut row = [(0.0, 0.0); 8];
+            let mut row = [[0.0; 2]; 8];
             rope_angles(p, base, dim, None, &mut row);
-            assert_eq!((c, s), row[i], "pair {i} turns by stream id {p}");
+            assert_eq!([c, s], row[i], "pair {i} turns by stream id {p}");
         }
     }
 
@@ -275,10 +311,10 @@ mod tests {
 
     #[test]
     fn rope_rotates_pairs_and_keeps_norm() {
-        let mut cs = [(0.0, 0.0); 2];
+        let mut cs = [[0.0; 2]; 2];
         rope_angles(3.0, 10000.0, 4, None, &mut cs);
-        assert!((cs[0].0 - 3f32.cos()).abs() < 1e-6);
-        assert!((cs[1].1 - (3.0f32 * 0.01).sin()).abs() < 1e-6);
+        assert!((cs[0][0] - 3f32.cos()).abs() < 1e-6);
+        assert!((cs[1][1] - (3.0f32 * 0.01).sin()).abs() < 1e-6);
         let mut a = [1.0, 2.0, 3.0, 4.0];
         rope_apply(&mut a, 4, RopeStyle::Interleaved, &cs);
         assert!((a[0] - (3f32.cos() - 2.0 * 3f32.sin())).abs() < 1e-6);

@@ -188,12 +188,15 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    /// A scheduler over `model` with a KV pool of `cfg.kv_blocks` blocks.
-    pub fn new(model: Box<dyn Model>, tok: Arc<Tokenizer>, cfg: SchedulerConfig) -> Self {
+    /// A scheduler over `model` with a KV pool of `cfg.kv_blocks` blocks in
+    /// the model's backend memory (as many again for sliding layers); an
+    /// error where that memory cannot hold them.
+    pub fn new(model: Box<dyn Model>, tok: Arc<Tokenizer>, cfg: SchedulerConfig) -> Result<Self> {
         let info = model.info().clone();
         let max_running = cfg.max_running.max(1);
-        Self {
-            kv: KvCache::new(info.kv, cfg.kv_blocks.max(1)),
+        let blocks = cfg.kv_blocks.max(1);
+        Ok(Self {
+            kv: model.kv_cache(blocks, blocks)?,
             logits: vec![0.0; max_running * info.vocab_size],
             model,
             tok,
@@ -206,7 +209,7 @@ impl Scheduler {
             plan: Vec::with_capacity(max_running),
             order: Vec::with_capacity(max_running),
             done: Vec::with_capacity(max_running),
-        }
+        })
     }
 
     /// Shares prefixes through `cache`, which is reset for this scheduler's

@@ -30,7 +30,7 @@ fn scheduler(kv_blocks: usize, max_running: usize, max_batch: usize) -> Schedule
         max_running,
         max_queued: 64,
     };
-    Scheduler::new(model, tok, cfg)
+    Scheduler::new(model, tok, cfg).unwrap()
 }
 
 type Log = Arc<Mutex<Vec<(u64, SeqEvent)>>>;

@@ -292,7 +292,9 @@ fn the_scheduler_feeds_images_across_chunks_and_reuses_their_prefix() {
             max_queued: 4,
         };
         let cache = SharedPrefixCache::new(4, true);
-        let mut s = Scheduler::new(model, tok, cfg).with_prefix_cache(cache.clone());
+        let mut s = Scheduler::new(model, tok, cfg)
+            .unwrap()
+            .with_prefix_cache(cache.clone());
         let generated: Vec<u32> = e.ints("generated").iter().map(|&t| t as u32).collect();
         let log = Arc::new(Mutex::new(Vec::new()));
         for id in 0..2u64 {

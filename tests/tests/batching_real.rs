@@ -39,7 +39,7 @@ fn scheduler(m: &Loaded, kv_blocks: usize, max_running: usize) -> Scheduler {
         max_running,
         max_queued: 64,
     };
-    Scheduler::new(model, m.tok.clone(), cfg)
+    Scheduler::new(model, m.tok.clone(), cfg).unwrap()
 }
 
 /// A shared system text of about 120 tokens, then a question of its own.

@@ -400,7 +400,7 @@ fn run(cli: Cli) -> Result<()> {
                     ..Laid::default()
                 },
             };
-            let mut sched = Scheduler::new(m.model, Arc::new(m.tokenizer), cfg);
+            let mut sched = Scheduler::new(m.model, Arc::new(m.tokenizer), cfg)?;
             let req = SeqRequest {
                 id: 0,
                 prompt: laid.tokens,

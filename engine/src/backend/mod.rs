@@ -1,16 +1,21 @@
 //! Compute backends behind one trait.
 //!
-//! The model code calls the heavy operations (matrix products over stacked
-//! token rows, attention through block tables) through [`Backend`]; each backend
-//! decides how to run them. The CPU backend is always built; GPU backends are
+//! The model code calls every operation of its forward (matrix products
+//! over stacked token rows, attention through block tables, the element-wise
+//! steps between them) through [`Backend`], on memory the backend owns; each
+//! backend decides how to run them. The CPU backend is always built; GPU backends are
 //! cargo features, and asking for one that is not compiled in gives
 //! [`Error::NotCompiled`](crate::Error::NotCompiled).
 
 pub mod cpu;
+pub mod host;
+pub mod memory;
 pub mod reference;
 
-use crate::kv_cache::{BlockTable, KvCache};
-use crate::ops::{self, RopeStyle};
+pub use memory::{Buf, Weight, Workspace};
+
+use crate::kv_cache::{BlockTable, KvCache, KvLayout};
+use crate::ops::{RopeSpec, RopeStyle};
 use crate::tensor::QTensor;
 use crate::{Error, Result};
 
@@ -47,117 +52,66 @@ pub struct AttnParams {
 #[derive(Clone, Copy, Debug)]
 pub struct HeadNorms<'a> {
     /// Query head norm, `[head_dim]`.
-    pub q: &'a [f32],
+    pub q: &'a Buf,
     /// Key head norm, `[head_dim]`.
-    pub k: &'a [f32],
+    pub k: &'a Buf,
     /// Added to the mean square.
     pub eps: f32,
 }
 
 /// The input rows of a [`Backend::matmul_group_in`]: as they are, or made
-/// by an element-wise step on their way into the activation quantize, where
-/// the step costs no pass over the batch and no synchronisation of its own.
+/// by an element-wise step on their way into the product, where the step
+/// costs no pass over the batch and no synchronisation of its own.
 #[derive(Clone, Copy, Debug)]
 pub enum MatIn<'a> {
-    /// `[n, k]` values.
-    Rows(&'a [f32]),
+    /// `[n, k]` values (the buffer may hold more rows).
+    Rows(&'a Buf),
     /// [`ops::rms_norm`](crate::ops::rms_norm) of each `[n, k]` row of `x`.
     RmsNorm {
         /// The rows to normalise.
-        x: &'a [f32],
+        x: &'a Buf,
         /// The norm's weight (`k` values).
-        weight: &'a [f32],
+        weight: &'a Buf,
         /// Added to the mean square.
         eps: f32,
     },
     /// `silu(gate) * up`, element-wise ([`ops::swiglu_inplace`](crate::ops::swiglu_inplace)).
     SwiGlu {
         /// `[n, k]` gate projections.
-        gate: &'a [f32],
+        gate: &'a Buf,
         /// `[n, k]` up projections.
-        up: &'a [f32],
+        up: &'a Buf,
     },
     /// `gelu(gate) * up`, element-wise ([`ops::geglu_inplace`](crate::ops::geglu_inplace)).
     GeGlu {
         /// `[n, k]` gate projections.
-        gate: &'a [f32],
+        gate: &'a Buf,
         /// `[n, k]` up projections.
-        up: &'a [f32],
+        up: &'a Buf,
     },
 }
 
-impl MatIn<'_> {
-    /// Values over all rows (`n * k`).
-    pub fn len(&self) -> usize {
-        match self {
-            MatIn::Rows(x) | MatIn::RmsNorm { x, .. } => x.len(),
-            MatIn::SwiGlu { gate, up } | MatIn::GeGlu { gate, up } => gate.len().min(up.len()),
-        }
-    }
-
-    /// Whether there are no values.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Row `t` of `k` values: the input's own, or made in `tmp` (`k` long).
-    pub fn row<'b>(&'b self, t: usize, k: usize, tmp: &'b mut [f32]) -> &'b [f32] {
-        let at = t * k..(t + 1) * k;
-        match *self {
-            MatIn::Rows(x) => &x[at],
-            MatIn::RmsNorm { x, weight, eps } => {
-                crate::ops::rms_norm(&x[at], weight, eps, tmp);
-                tmp
-            }
-            MatIn::SwiGlu { gate, up } => {
-                tmp.copy_from_slice(&gate[at.clone()]);
-                crate::ops::swiglu_inplace(tmp, &up[at]);
-                tmp
-            }
-            MatIn::GeGlu { gate, up } => {
-                tmp.copy_from_slice(&gate[at.clone()]);
-                crate::ops::geglu_inplace(tmp, &up[at]);
-                tmp
-            }
-        }
-    }
-}
-
-/// One matrix of a [`Backend::matmul_group`] and where its product goes.
+/// One matrix of a [`Backend::matmul_group_in`] and where its product goes.
 pub struct MatOut<'a> {
-    /// The weight, `[cols, rows]`.
-    pub w: &'a QTensor,
-    /// The product, `[n, w.rows()]`.
-    pub y: &'a mut [f32],
+    /// The weight, `rows` rows of `cols` values.
+    pub w: &'a Weight,
+    /// The product, `[n, w.rows()]` (the buffer may hold more rows).
+    pub y: &'a mut Buf,
 }
 
-/// Buffers a backend needs for one forward pass, sized once at load.
-#[derive(Default)]
-pub struct Workspace {
-    /// Activations quantized for the integer dot products.
-    pub(crate) act: Vec<u8>,
-    /// Per-block activation metadata of the tiled products.
-    pub(crate) meta: Vec<u8>,
-    /// Per-thread weight panels of the tiled products.
-    pub(crate) panels: Vec<u8>,
-    /// Per-thread results of the tiled products (tokens × panel rows).
-    pub(crate) tile_out: Vec<f32>,
-    /// Attention scratch per thread (sized at the first call).
-    pub(crate) attn: Vec<f32>,
-    /// Attention work items of the current call.
-    pub(crate) attn_items: Vec<cpu::attention::Item>,
-    /// One input row per thread, made by a [`MatIn`] step.
-    pub(crate) rows: Vec<f32>,
-    pub(crate) max_ctx: usize,
-}
-
-/// The operations a model needs from a device.
+/// The operations a model needs from a device, over memory the device owns.
 ///
-/// Matrix products and attention carry the cost and every backend writes its
-/// own. The element-wise steps between them have host implementations here
-/// that the CPU and reference backends use as they are; a device backend
-/// replaces them all, so that the decoder trunk (`models/trunk.rs`) calls
-/// nothing but this trait.
+/// A model holds [`Buf`]s and [`Weight`]s the backend made and passes them
+/// here; it never reads their values, so the same forward runs on host
+/// memory and on a GPU's. Host data crosses only where it is the batch's
+/// own (token ids, position ids, given embedding rows: [`Backend::write`],
+/// [`Backend::embed_rows`], [`Backend::rope_angles`]) or its result
+/// ([`Backend::logits`], [`Backend::read`]).
+///
+/// Shapes are in rows: an operation on `n` rows of width `w` reads and
+/// writes the first `n * w` values of buffers that may be longer (sized
+/// for the largest batch). Host backends implement
+/// [`HostBackend`](host::HostBackend) and get this trait from it.
 pub trait Backend: Send + Sync {
     /// A short name ("cpu").
     fn name(&self) -> &'static str;
@@ -165,305 +119,169 @@ pub trait Backend: Send + Sync {
     /// Threads (or streams) the backend runs on.
     fn threads(&self) -> usize;
 
-    /// A workspace for batches of up to `max_tokens` rows of at most `max_cols`
-    /// elements, attending over at most `max_ctx` positions.
+    /// A buffer of `len` zeros.
+    fn alloc(&self, len: usize) -> Result<Buf>;
+
+    /// A buffer holding `values` (norm weights, biases, angle tables).
+    fn upload(&self, values: Vec<f32>) -> Result<Buf>;
+
+    /// A weight matrix in the backend's memory, uploaded once at load.
+    fn weight(&self, t: QTensor) -> Result<Weight>;
+
+    /// Host values into `dst` from element `at`.
+    fn write(&self, dst: &mut Buf, at: usize, values: &[f32]);
+
+    /// `out.len()` values of `src` from element `at` to the host.
+    fn read(&self, src: &Buf, at: usize, out: &mut [f32]);
+
+    /// A KV cache in the backend's memory: `n_blocks` main-pool blocks and
+    /// `n_window_blocks` for the sliding layers (see [`KvCache::with_window_blocks`]).
+    fn kv_cache(
+        &self,
+        layout: KvLayout,
+        n_blocks: usize,
+        n_window_blocks: usize,
+    ) -> Result<KvCache>;
+
+    /// Scratch for batches of up to `max_tokens` rows of at most `max_cols`
+    /// values, attending over at most `max_ctx` positions.
     fn workspace(&self, max_tokens: usize, max_cols: usize, max_ctx: usize) -> Workspace;
 
-    /// `y[t][r] = w.row(r) · x[t]` for `t < n`: x is `[n, w.cols()]`, y is `[n, w.rows()]`.
-    fn matmul(&self, w: &QTensor, x: &[f32], n: usize, y: &mut [f32], ws: &mut Workspace) {
+    /// `x[row + r] = scale · w.row(ids[r])`: token embedding rows into the
+    /// `w.cols()`-wide rows of `x` from row `row` on.
+    fn embed_rows(&self, w: &Weight, ids: &[u32], scale: Option<f32>, x: &mut Buf, row: usize);
+
+    /// Copies `n` rows of `d` values from `src` (from row `from`) into `dst`
+    /// (from row `to`): the rows that want logits, a residual stream.
+    fn copy_rows(&self, src: &Buf, from: usize, dst: &mut Buf, to: usize, n: usize, d: usize);
+
+    /// Several matrices of the same input width applied to the same `n`
+    /// input rows (Q, K and V; gate and up), in one pass:
+    /// `outs[j].y[t][r] = outs[j].w.row(r) · x[t]`.
+    fn matmul_group_in(&self, x: MatIn<'_>, n: usize, outs: &mut [MatOut<'_>], ws: &mut Workspace);
+
+    /// `y[t][r] += w.row(r) · x[t]` for `t < n`: a product added into the
+    /// residual stream where it is made (the same bits as a product stored
+    /// and added after).
+    fn matmul_add_in(&self, w: &Weight, x: MatIn<'_>, n: usize, y: &mut Buf, ws: &mut Workspace);
+
+    /// `y[t][r] = w.row(r) · x[t]` for `t < n`.
+    fn matmul(&self, w: &Weight, x: &Buf, n: usize, y: &mut Buf, ws: &mut Workspace) {
         self.matmul_group_in(MatIn::Rows(x), n, &mut [MatOut { w, y }], ws);
     }
 
     /// [`Backend::matmul`] of rows an element-wise step makes on the way in.
-    fn matmul_in(&self, w: &QTensor, x: MatIn<'_>, n: usize, y: &mut [f32], ws: &mut Workspace) {
+    fn matmul_in(&self, w: &Weight, x: MatIn<'_>, n: usize, y: &mut Buf, ws: &mut Workspace) {
         self.matmul_group_in(x, n, &mut [MatOut { w, y }], ws);
     }
 
-    /// Several matrices applied to the same input (Q, K and V; gate and up): the
-    /// input is quantized once per format and all their rows are shared out in
-    /// one pass, instead of one synchronisation per matrix.
-    fn matmul_group(&self, x: &[f32], n: usize, outs: &mut [MatOut<'_>], ws: &mut Workspace) {
-        self.matmul_group_in(MatIn::Rows(x), n, outs, ws);
-    }
+    /// `x[r] += bias` for the first `n` rows of `x`, `bias.len()` wide.
+    fn add_bias(&self, x: &mut Buf, n: usize, bias: &Buf);
 
-    /// `y[t][r] += w.row(r) · x[t]`: a product added into the residual
-    /// stream where it is made, instead of stored and added in a pass of
-    /// its own (the same bits as that pass).
-    fn matmul_add_in(&self, w: &QTensor, x: MatIn<'_>, n: usize, y: &mut [f32], ws: &mut Workspace);
+    /// The (cos, sin) of every rotary pair of `rope` at each row's position
+    /// ids, into `out` (`[pos.len(), rope.dim / 2, 2]`).
+    fn rope_angles(&self, rope: &RopeSpec, pos: &[[u32; 3]], out: &mut Buf);
 
-    /// [`Backend::matmul_group`] of rows an element-wise step makes on the way in.
-    fn matmul_group_in(&self, x: MatIn<'_>, n: usize, outs: &mut [MatOut<'_>], ws: &mut Workspace);
-
-    /// Runs `f` on contiguous ranges that together cover `0..n` once, one per
-    /// thread where the backend has several; by default `f(0..n)` here.
-    fn for_ranges(&self, n: usize, f: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
-        f(0..n)
-    }
-
-    /// `x[r] = scale · w.row(ids[r])`: token embedding rows, `x` is
-    /// `[ids.len(), w.cols()]`.
-    fn embed_rows(&self, w: &QTensor, ids: &[u32], scale: Option<f32>, x: &mut [f32]) {
-        for (&id, xr) in ids.iter().zip(x.chunks_exact_mut(w.cols())) {
-            cpu::dequantize_row(w, id as usize, xr);
-            if let Some(scale) = scale {
-                ops::scale_inplace(xr, scale);
-            }
-        }
-    }
-
-    /// Copies `n` rows of `d` values from `src` (starting at row `from`) into
-    /// `dst` (starting at row `to`): given embedding rows, the rows that want logits.
-    fn copy_rows(&self, src: &[f32], from: usize, dst: &mut [f32], to: usize, n: usize, d: usize) {
-        dst[to * d..(to + n) * d].copy_from_slice(&src[from * d..(from + n) * d]);
-    }
-
-    /// `x[r] += bias` for every `bias.len()`-wide row of `x`.
-    fn add_bias(&self, x: &mut [f32], bias: &[f32]) {
-        ops::add_bias_rows(x, bias);
-    }
-
-    /// Rotates every head of the rows of `q` (`[n, qd]`) and `k` (`[n, kvd]`),
-    /// row `r` by `angles[r * half..][..half]` (cos, sin) over the first
-    /// `2 * half` elements of each `head_dim`-wide head, paired as `style`
-    /// says; each head is RMS-normalised first where `norms` are given.
+    /// Rotates every head of the first `n` rows of `q` and `k` (`widths`:
+    /// `qd` and `kvd` values), row `r` by the `half` pairs of row `r` of the
+    /// table in `angles` (`(table, half)`, from
+    /// [`Backend::rope_angles`]) over the first `2 * half` values of each
+    /// `head_dim`-wide head, paired as `style` says; each head is
+    /// RMS-normalised first where `norms` are given.
     #[allow(clippy::too_many_arguments)]
     fn rope_qk(
         &self,
-        q: &mut [f32],
-        k: &mut [f32],
-        (qd, kvd): (usize, usize),
+        q: &mut Buf,
+        k: &mut Buf,
+        n: usize,
+        widths: (usize, usize),
         head_dim: usize,
         style: RopeStyle,
-        angles: &[(f32, f32)],
-        half: usize,
+        angles: (&Buf, usize),
         norms: Option<HeadNorms<'_>>,
-    ) {
-        par_rows2(self.as_dyn(), (q, qd), (k, kvd), &|r0, q, k| {
-            let rows = q.chunks_exact_mut(qd).zip(k.chunks_exact_mut(kvd));
-            for (r, (qr, kr)) in (r0..).zip(rows) {
-                if let Some(n) = norms {
-                    ops::rms_norm_inplace(qr, n.q, n.eps);
-                    ops::rms_norm_inplace(kr, n.k, n.eps);
-                }
-                let cs = &angles[r * half..(r + 1) * half];
-                ops::rope_apply(qr, head_dim, style, cs);
-                ops::rope_apply(kr, head_dim, style, cs);
-            }
-        });
-    }
+    );
 
     /// Stores the batch's keys and values (`[tokens, n_kv_heads * head_dim]`,
     /// sequences in order) in `layer` of the cache, each token at its
     /// sequence's next position.
-    fn kv_write(&self, kv: &mut KvCache, layer: usize, seqs: &[AttnSeq<'_>], k: &[f32], v: &[f32]) {
-        let w = kv.layout().n_kv_heads * kv.layout().head_dim;
-        let mut row = 0;
-        for s in seqs {
-            for i in 0..s.n_tokens {
-                let (kr, vr) = (&k[row * w..(row + 1) * w], &v[row * w..(row + 1) * w]);
-                kv.write(layer, s.table, s.start_pos + i, kr, vr);
-                row += 1;
-            }
-        }
-    }
+    fn kv_write(&self, kv: &mut KvCache, layer: usize, seqs: &[AttnSeq<'_>], k: &Buf, v: &Buf);
 
-    /// RMSNorm in place of every `weight.len()`-wide row of `x`.
-    fn rms_norm(&self, x: &mut [f32], weight: &[f32], eps: f32) {
-        ops::rms_norm_inplace(x, weight, eps);
-    }
+    /// Causal attention of the batch's queries `q` (`[tokens, n_heads * head_dim]`,
+    /// sequences in order) over the cache, whose K/V for these tokens are
+    /// already written; the result goes to `out` (same shape as `q`).
+    fn attention(
+        &self,
+        p: &AttnParams,
+        q: &Buf,
+        kv: &KvCache,
+        seqs: &[AttnSeq<'_>],
+        out: &mut Buf,
+        ws: &mut Workspace,
+    );
 
-    /// `x += rms_norm(y)` row by row (a block's output normalised before the
-    /// residual add); `y` is left normalised.
-    fn norm_add(&self, x: &mut [f32], y: &mut [f32], weight: &[f32], eps: f32) {
-        par_chunks(self.as_dyn(), y, weight.len(), &|_, r| {
-            ops::rms_norm_inplace(r, weight, eps)
-        });
-        ops::add_inplace(x, y);
-    }
+    /// RMSNorm in place of the first `n` rows of `x`, `weight.len()` wide.
+    fn rms_norm(&self, x: &mut Buf, n: usize, weight: &Buf, eps: f32);
 
-    /// `cap · tanh(x / cap)` element-wise (logit soft-capping).
-    fn softcap(&self, x: &mut [f32], cap: f32) {
-        ops::softcap_inplace(x, cap);
-    }
+    /// `x += rms_norm(y)` over the first `n` rows (a block's output
+    /// normalised before the residual add); `y` is left normalised.
+    fn norm_add(&self, x: &mut Buf, y: &mut Buf, n: usize, weight: &Buf, eps: f32);
+
+    /// The logits of the first `n` rows of `x` to the host:
+    /// `out[t][r] = w.row(r) · x[t]`, then `cap · tanh(v / cap)` where
+    /// `softcap` is given. `out` is `[n, w.rows()]`.
+    fn logits(
+        &self,
+        w: &Weight,
+        x: &Buf,
+        n: usize,
+        softcap: Option<f32>,
+        out: &mut [f32],
+        ws: &mut Workspace,
+    );
 
     /// [`Backend::matmul`] for large batches of F32, F16 or BF16 weights (a
     /// vision encoder's projections over every patch of an image): the
     /// backend may use f32 arithmetic blocked for the batch, whose bits depend
     /// on the batch's size (the text decoder never calls it).
-    fn matmul_dense(&self, w: &QTensor, x: &[f32], n: usize, y: &mut [f32], ws: &mut Workspace) {
-        self.matmul(w, x, n, y, ws);
-    }
+    fn matmul_dense(&self, w: &Weight, x: &Buf, n: usize, y: &mut Buf, ws: &mut Workspace);
 
-    /// LayerNorm in place of every `weight.len()`-wide row of `x` (vision encoders).
-    fn layer_norm(&self, x: &mut [f32], weight: &[f32], bias: &[f32], eps: f32) {
-        par_chunks(self.as_dyn(), x, weight.len(), &|_, r| {
-            ops::layer_norm_inplace(r, weight, bias, eps)
-        });
-    }
+    /// LayerNorm in place of the first `n` rows of `x`, `weight.len()` wide.
+    fn layer_norm(&self, x: &mut Buf, n: usize, weight: &Buf, bias: &Buf, eps: f32);
 
-    /// An activation in place, element-wise.
-    fn activate(&self, x: &mut [f32], act: Activation) {
-        let f = match act {
-            Activation::GeluErf => ops::gelu_erf,
-            Activation::QuickGelu => ops::quick_gelu,
-        };
-        par_chunks(self.as_dyn(), x, 1, &|_, r| {
-            r.iter_mut().for_each(|v| *v = f(*v))
-        });
-    }
+    /// An activation in place on the first `len` values of `x`.
+    fn activate(&self, x: &mut Buf, len: usize, act: Activation);
+
+    /// `gate = silu(gate) * up` on the first `len` values.
+    fn swiglu(&self, gate: &mut Buf, up: &Buf, len: usize);
+
+    /// `x += y` on the first `len` values.
+    fn add(&self, x: &mut Buf, y: &Buf, len: usize);
 
     /// Bidirectional attention inside segments (the patches of one image, or
     /// one window of them): `q`, `k` and `v` are `[n, n_heads * head_dim]`,
-    /// and row `i` of segment `s` attends to every row of `s`. The result
+    /// and row `i` of segment `s` attends to every row of `s` (`heads` is
+    /// `(n_heads, head_dim)`). The result
     /// goes to `out` (`[n, n_heads * head_dim]`).
     #[allow(clippy::too_many_arguments)]
     fn attention_segments(
         &self,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        (n_heads, head_dim): (usize, usize),
+        q: &Buf,
+        k: &Buf,
+        v: &Buf,
+        heads: (usize, usize),
         scale: f32,
         segments: &[std::ops::Range<usize>],
-        out: &mut [f32],
-    ) {
-        let w = n_heads * head_dim;
-        par_chunks(self.as_dyn(), out, w, &|off, rows| {
-            let mut scores = Vec::new();
-            for (i, o) in (off / w..).zip(rows.chunks_exact_mut(w)) {
-                let seg = segments
-                    .iter()
-                    .find(|s| s.contains(&i))
-                    .expect("segments cover every row");
-                ops::attend_row(
-                    &q[i * w..(i + 1) * w],
-                    (
-                        &k[seg.start * w..seg.end * w],
-                        &v[seg.start * w..seg.end * w],
-                    ),
-                    (n_heads, head_dim),
-                    scale,
-                    &mut scores,
-                    o,
-                );
-            }
-        });
-    }
-
-    /// This backend as a trait object (for the helpers that spread work).
-    fn as_dyn(&self) -> &dyn Backend;
-
-    /// Causal attention of the batch's queries `q` (`[tokens, n_heads * head_dim]`,
-    /// sequences in order) over the cache, whose K/V for these tokens are already
-    /// written; the result goes to `out` (same shape as `q`).
-    fn attention(
-        &self,
-        p: &AttnParams,
-        q: &[f32],
-        kv: &KvCache,
-        seqs: &[AttnSeq<'_>],
-        out: &mut [f32],
-        ws: &mut Workspace,
+        out: &mut Buf,
     );
 }
 
 /// An element-wise activation ([`Backend::activate`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activation {
-    /// [`ops::gelu_erf`].
+    /// [`ops::gelu_erf`](crate::ops::gelu_erf).
     GeluErf,
-    /// [`ops::quick_gelu`].
+    /// [`ops::quick_gelu`](crate::ops::quick_gelu).
     QuickGelu,
-}
-
-/// Fewest elements worth spreading an element-wise operation over threads.
-const PAR_MIN_LEN: usize = 2048;
-
-/// A pointer that threads share to write disjoint parts of one slice.
-#[derive(Clone, Copy)]
-struct Disjoint(*mut f32);
-// SAFETY: `par_chunks` and `par_rows2` hand each thread a range no other
-// thread touches.
-unsafe impl Send for Disjoint {}
-unsafe impl Sync for Disjoint {}
-
-impl Disjoint {
-    /// The pointer (a method, so that closures capture the whole wrapper).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
-/// `f(offset, chunk)` over disjoint chunks of `a` that together cover it, each
-/// a whole number of `unit`-long rows, spread over `be`'s threads (small
-/// slices stay on the calling thread): element-wise work between the matrix
-/// products.
-///
-/// # Panics
-/// If `unit` is 0 or does not divide `a.len()`.
-pub fn par_chunks(
-    be: &dyn Backend,
-    a: &mut [f32],
-    unit: usize,
-    f: &(dyn Fn(usize, &mut [f32]) + Sync),
-) {
-    assert!(unit > 0 && a.len().is_multiple_of(unit), "par_chunks: unit");
-    let units = a.len() / unit;
-    if a.len() < PAR_MIN_LEN || units < 2 || be.threads() < 2 {
-        return f(0, a);
-    }
-    let p = Disjoint(a.as_mut_ptr());
-    be.for_ranges(units, &|r| {
-        if r.is_empty() {
-            return;
-        }
-        // SAFETY: the ranges are disjoint and within `a`, which stays borrowed
-        // mutably until every thread is done.
-        let chunk =
-            unsafe { std::slice::from_raw_parts_mut(p.get().add(r.start * unit), r.len() * unit) };
-        f(r.start * unit, chunk)
-    });
-}
-
-/// What [`par_rows2`] runs: the first row's index and the rows of each buffer.
-pub type RowsFn<'a> = dyn Fn(usize, &mut [f32], &mut [f32]) + Sync + 'a;
-
-/// `f(row, a_rows, b_rows)` over rows of two buffers with as many rows each
-/// (`a` of `a_width`, `b` of `b_width`), the same rows of both on one
-/// thread: one pass and one synchronisation for both (queries and keys).
-///
-/// # Panics
-/// If a width is 0 or the buffers do not have the same number of rows.
-pub fn par_rows2(
-    be: &dyn Backend,
-    (a, a_width): (&mut [f32], usize),
-    (b, b_width): (&mut [f32], usize),
-    f: &RowsFn<'_>,
-) {
-    assert!(a_width > 0 && b_width > 0, "par_rows2: width");
-    let rows = a.len() / a_width;
-    assert!(
-        a.len() == rows * a_width && b.len() == rows * b_width,
-        "par_rows2: row counts"
-    );
-    if a.len() + b.len() < PAR_MIN_LEN || rows < 2 || be.threads() < 2 {
-        return f(0, a, b);
-    }
-    let (pa, pb) = (Disjoint(a.as_mut_ptr()), Disjoint(b.as_mut_ptr()));
-    be.for_ranges(rows, &|r| {
-        if r.is_empty() {
-            return;
-        }
-        // SAFETY: the ranges are disjoint rows of `a` and `b`, which stay
-        // borrowed mutably until every thread is done.
-        let (ra, rb) = unsafe {
-            (
-                std::slice::from_raw_parts_mut(pa.get().add(r.start * a_width), r.len() * a_width),
-                std::slice::from_raw_parts_mut(pb.get().add(r.start * b_width), r.len() * b_width),
-            )
-        };
-        f(r.start, ra, rb)
-    });
 }
 
 /// Which backend to run on.

@@ -1,4 +1,4 @@
-//! The scalar reference backend: every operation of [`Backend`] in plain
+//! The scalar reference backend: every operation of [`HostBackend`] in plain
 //! Rust on one thread, no SIMD, no tiling.
 //!
 //! It is the oracle the fast backends are checked against on whole models
@@ -8,7 +8,8 @@
 //! take ggml's generic dot products ([`quant::reference`]); attention reads
 //! the f16 cache through the block tables with a plain two-pass softmax.
 
-use crate::backend::{AttnParams, AttnSeq, Backend, MatIn, MatOut, Workspace};
+use crate::backend::host::{HostBackend, HostIn, HostOut, HostWorkspace};
+use crate::backend::{AttnParams, AttnSeq};
 use crate::kv_cache::KvCache;
 use crate::quant::{reference, GgmlType};
 use crate::tensor::QTensor;
@@ -21,10 +22,10 @@ impl ReferenceBackend {
     /// Products of one input row with every row of each weight.
     fn products(
         &self,
-        x: MatIn<'_>,
+        x: HostIn<'_>,
         n: usize,
-        outs: &mut [MatOut<'_>],
-        ws: &mut Workspace,
+        outs: &mut [HostOut<'_>],
+        ws: &mut HostWorkspace,
         add: bool,
     ) {
         let Some(k) = outs.first().map(|o| o.w.cols()) else {
@@ -65,8 +66,8 @@ fn dot_rows(w: &QTensor, x: &[f32], act: &mut [u8], y: &mut [f32], add: bool) {
     }
 }
 
-impl Backend for ReferenceBackend {
-    fn as_dyn(&self) -> &dyn Backend {
+impl HostBackend for ReferenceBackend {
+    fn as_dyn(&self) -> &dyn HostBackend {
         self
     }
 
@@ -78,30 +79,36 @@ impl Backend for ReferenceBackend {
         1
     }
 
-    fn workspace(&self, _max_tokens: usize, max_cols: usize, max_ctx: usize) -> Workspace {
+    fn workspace(&self, _max_tokens: usize, max_cols: usize, max_ctx: usize) -> HostWorkspace {
         // One activation row at a time (f32 is the widest format), one made
         // input row, and one score per visible position.
-        Workspace {
+        HostWorkspace {
             act: vec![0; max_cols * 4 + GgmlType::Q8_K.type_size()],
             rows: vec![0.0; max_cols],
             attn: vec![0.0; max_ctx],
             max_ctx,
-            ..Workspace::default()
+            ..HostWorkspace::default()
         }
     }
 
     fn matmul_add_in(
         &self,
         w: &QTensor,
-        x: MatIn<'_>,
+        x: HostIn<'_>,
         n: usize,
         y: &mut [f32],
-        ws: &mut Workspace,
+        ws: &mut HostWorkspace,
     ) {
-        self.products(x, n, &mut [MatOut { w, y }], ws, true);
+        self.products(x, n, &mut [HostOut { w, y }], ws, true);
     }
 
-    fn matmul_group_in(&self, x: MatIn<'_>, n: usize, outs: &mut [MatOut<'_>], ws: &mut Workspace) {
+    fn matmul_group_in(
+        &self,
+        x: HostIn<'_>,
+        n: usize,
+        outs: &mut [HostOut<'_>],
+        ws: &mut HostWorkspace,
+    ) {
         self.products(x, n, outs, ws, false);
     }
 
@@ -112,7 +119,7 @@ impl Backend for ReferenceBackend {
         kv: &KvCache,
         seqs: &[AttnSeq<'_>],
         out: &mut [f32],
-        ws: &mut Workspace,
+        ws: &mut HostWorkspace,
     ) {
         let (hd, width) = (p.head_dim, p.n_heads * p.head_dim);
         let group = p.n_heads / p.n_kv_heads;

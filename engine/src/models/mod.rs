@@ -155,6 +155,12 @@ pub trait Model: Send {
     /// into `out`, scaled as its forward scales them): what a batch's
     /// [`EmbedRows`] replace.
     fn token_embeddings(&self, tokens: &[u32], out: &mut [f32]) -> Result<()>;
+
+    /// A KV cache for this model in its backend's memory: `n_blocks`
+    /// main-pool blocks and `n_window_blocks` for sliding layers
+    /// ([`KvCache::with_window_blocks`](crate::kv_cache::KvCache::with_window_blocks)).
+    fn kv_cache(&self, n_blocks: usize, n_window_blocks: usize)
+        -> Result<crate::kv_cache::KvCache>;
 }
 
 /// Load options.
@@ -402,16 +408,10 @@ impl Source<'_> {
         Ok(v)
     }
 
-    /// The output head: its own tensor when the file has one, else the token
-    /// embeddings (tied). A folder whose config says `tie_word_embeddings: false`
-    /// must have its own.
-    pub fn output_or_tied(
-        &self,
-        gguf: &str,
-        hf: &str,
-        shape: &[usize],
-        tok_embd: &QTensor,
-    ) -> Result<QTensor> {
+    /// The output head: its own tensor when the file has one, else `None`:
+    /// the token embeddings are tied to it. A folder whose config says
+    /// `tie_word_embeddings: false` must have its own.
+    pub fn output_or_tied(&self, gguf: &str, hf: &str, shape: &[usize]) -> Result<Option<QTensor>> {
         #[derive(Deserialize)]
         struct Tie {
             #[serde(default)]
@@ -420,9 +420,9 @@ impl Source<'_> {
         let name = self.name(gguf, hf);
         let untied = self.is_hf() && self.hf_config::<Tie>()?.tie_word_embeddings == Some(false);
         if untied || self.has(&name) {
-            self.tensor(&name, shape)
+            self.tensor(&name, shape).map(Some)
         } else {
-            Ok(tok_embd.clone())
+            Ok(None)
         }
     }
 

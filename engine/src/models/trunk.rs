@@ -18,13 +18,13 @@
 
 use std::sync::Arc;
 
-use crate::backend::{AttnParams, AttnSeq, Backend, HeadNorms, MatIn, MatOut, Workspace};
+use crate::backend::{
+    AttnParams, AttnSeq, Backend, Buf, HeadNorms, MatIn, MatOut, Weight, Workspace,
+};
 use crate::kv_cache::{BlockTable, KvCache, KvLayout};
 use crate::models::{
     sliding_window, Dims, LoadOptions, Model, ModelInfo, Positions, SeqBatch, Source,
 };
-use crate::ops::{self, RopeStyle};
-use crate::tensor::QTensor;
 use crate::{Error, Result};
 
 /// The gated activation of the MLP.
@@ -36,23 +36,7 @@ pub(crate) enum Act {
     GeGlu,
 }
 
-/// One rotary embedding variant.
-#[derive(Clone, Debug, PartialEq)]
-pub(crate) struct RopeSpec {
-    /// Base frequency.
-    pub base: f32,
-    /// Positions are divided by this (linear scaling).
-    pub linear_factor: f32,
-    /// Elements of a head that rotate.
-    pub dim: usize,
-    /// How rotary pairs are laid out in the stored Q/K rows.
-    pub style: RopeStyle,
-    /// Per-pair divisors of the frequency (Llama 3 scaling), `[dim / 2]`.
-    pub freq_factors: Option<Vec<f32>>,
-    /// Multimodal RoPE: how many pairs, in order, follow each position stream
-    /// (temporal, height, width); `None` rotates every pair by stream 0.
-    pub sections: Option<[usize; 3]>,
-}
+pub(crate) use crate::ops::RopeSpec;
 
 /// Which optional weights a family's blocks carry, and how they are stored.
 #[derive(Clone, Copy, Debug, Default)]
@@ -99,25 +83,25 @@ pub(crate) struct Spec {
 
 /// One transformer block's weights.
 struct Block {
-    attn_norm: Vec<f32>,               // [d_model]
-    wq: QTensor,                       // [d_model -> n_heads * head_dim]
-    wk: QTensor,                       // [d_model -> n_kv_heads * head_dim]
-    wv: QTensor,                       // [d_model -> n_kv_heads * head_dim]
-    bias: Option<[Vec<f32>; 3]>,       // [n_heads * head_dim], [kv width] twice
-    head_norms: Option<[Vec<f32>; 2]>, // [head_dim] for queries, keys
-    wo: QTensor,                       // [n_heads * head_dim -> d_model]
-    post_attn_norm: Option<Vec<f32>>,  // [d_model]
-    ffn_norm: Vec<f32>,                // [d_model]
-    w_gate: QTensor,                   // [d_model -> d_ff]
-    w_up: QTensor,                     // [d_model -> d_ff]
-    w_down: QTensor,                   // [d_ff -> d_model]
-    post_ffn_norm: Option<Vec<f32>>,   // [d_model]
+    attn_norm: Buf,               // [d_model]
+    wq: Weight,                   // [d_model -> n_heads * head_dim]
+    wk: Weight,                   // [d_model -> n_kv_heads * head_dim]
+    wv: Weight,                   // [d_model -> n_kv_heads * head_dim]
+    bias: Option<[Buf; 3]>,       // [n_heads * head_dim], [kv width] twice
+    head_norms: Option<[Buf; 2]>, // [head_dim] for queries, keys
+    wo: Weight,                   // [n_heads * head_dim -> d_model]
+    post_attn_norm: Option<Buf>,  // [d_model]
+    ffn_norm: Buf,                // [d_model]
+    w_gate: Weight,               // [d_model -> d_ff]
+    w_up: Weight,                 // [d_model -> d_ff]
+    w_down: Weight,               // [d_ff -> d_model]
+    post_ffn_norm: Option<Buf>,   // [d_model]
 }
 
 impl Block {
     /// Layer `i`'s weights by the file's own names (GGUF as llama.cpp writes
     /// them, Hugging Face as transformers does).
-    fn load(src: &Source<'_>, i: usize, spec: &Spec) -> Result<Self> {
+    fn load(src: &Source<'_>, i: usize, spec: &Spec, be: &dyn Backend) -> Result<Self> {
         let Dims {
             d_model: d,
             d_ff,
@@ -127,22 +111,25 @@ impl Block {
         let (qd, kvd) = (spec.dims.n_heads * hd, spec.dims.n_kv_heads * hd);
         let b = spec.blocks;
         let n = |gguf: &str, hf: &str| src.layer_name(i, gguf, hf);
-        let norm = |gguf: &str, hf: &str, len: usize| -> Result<Vec<f32>> {
+        let norm = |gguf: &str, hf: &str, len: usize| -> Result<Buf> {
             let mut v = src.vector(&n(gguf, hf), len)?;
             v.iter_mut().for_each(|x| *x += b.norm_shift);
-            Ok(v)
+            be.upload(v)
         };
+        let vector = |gguf: &str, hf: &str, len: usize| be.upload(src.vector(&n(gguf, hf), len)?);
+        let tensor =
+            |gguf: &str, hf: &str, shape: &[usize]| be.weight(src.tensor(&n(gguf, hf), shape)?);
         // Loaded in the order of a block's forward, so a broken file names
         // the first tensor the forward would miss.
         let attn_norm = norm("attn_norm.weight", "input_layernorm.weight", d)?;
-        let wq = src.tensor(&n("attn_q.weight", "self_attn.q_proj.weight"), &[d, qd])?;
-        let wk = src.tensor(&n("attn_k.weight", "self_attn.k_proj.weight"), &[d, kvd])?;
-        let wv = src.tensor(&n("attn_v.weight", "self_attn.v_proj.weight"), &[d, kvd])?;
+        let wq = tensor("attn_q.weight", "self_attn.q_proj.weight", &[d, qd])?;
+        let wk = tensor("attn_k.weight", "self_attn.k_proj.weight", &[d, kvd])?;
+        let wv = tensor("attn_v.weight", "self_attn.v_proj.weight", &[d, kvd])?;
         let bias = if b.qkv_bias {
             Some([
-                src.vector(&n("attn_q.bias", "self_attn.q_proj.bias"), qd)?,
-                src.vector(&n("attn_k.bias", "self_attn.k_proj.bias"), kvd)?,
-                src.vector(&n("attn_v.bias", "self_attn.v_proj.bias"), kvd)?,
+                vector("attn_q.bias", "self_attn.q_proj.bias", qd)?,
+                vector("attn_k.bias", "self_attn.k_proj.bias", kvd)?,
+                vector("attn_v.bias", "self_attn.v_proj.bias", kvd)?,
             ])
         } else {
             None
@@ -155,10 +142,7 @@ impl Block {
         } else {
             None
         };
-        let wo = src.tensor(
-            &n("attn_output.weight", "self_attn.o_proj.weight"),
-            &[qd, d],
-        )?;
+        let wo = tensor("attn_output.weight", "self_attn.o_proj.weight", &[qd, d])?;
         // With post-norms, Hugging Face calls the pre-MLP norm
         // `pre_feedforward_layernorm` and the attention's post-norm
         // `post_attention_layernorm`; without, the latter is the pre-MLP norm.
@@ -190,36 +174,41 @@ impl Block {
             wo,
             post_attn_norm,
             ffn_norm,
-            w_gate: src.tensor(&n("ffn_gate.weight", "mlp.gate_proj.weight"), &[d, d_ff])?,
-            w_up: src.tensor(&n("ffn_up.weight", "mlp.up_proj.weight"), &[d, d_ff])?,
-            w_down: src.tensor(&n("ffn_down.weight", "mlp.down_proj.weight"), &[d_ff, d])?,
+            w_gate: tensor("ffn_gate.weight", "mlp.gate_proj.weight", &[d, d_ff])?,
+            w_up: tensor("ffn_up.weight", "mlp.up_proj.weight", &[d, d_ff])?,
+            w_down: tensor("ffn_down.weight", "mlp.down_proj.weight", &[d_ff, d])?,
             post_ffn_norm,
         })
     }
 }
 
-/// Per-forward scratch, sized at load for `max_batch_tokens` rows. Buffers
-/// whose lives do not overlap share one: the queries, keys, values and the
-/// attention output live in `gate` until the MLP needs it, the projections
-/// back to the residual in `up` (attention) and `xn` (MLP), the rows that
-/// want logits in `xn` after the last layer.
+/// Per-forward buffers in the backend's memory, sized at load for
+/// `max_batch_tokens` rows. Buffers whose lives do not overlap share one:
+/// the queries and then the MLP's gate in `qg`, the keys, the attention's
+/// projection back (where a post-norm needs it apart) and then the MLP's up
+/// in `ku`. `xn` holds the MLP's projection back, then the rows that want
+/// logits after the last layer.
 struct Scratch {
-    x: Vec<f32>,                  // [T, d_model] residual stream
-    xn: Vec<f32>,                 // [T, d_model] MLP projections; then logit rows
-    gate: Vec<f32>, // [T, max(d_ff, 2 * (q + kv width))]: q, k, v, attention; then gate
-    up: Vec<f32>,   // [T, max(d_ff, d_model)]: attention projections; then up
-    pos: Vec<[u32; 3]>, // [T] position ids (temporal, height, width)
-    angles: Vec<Vec<(f32, f32)>>, // per RoPE variant: [T, dim / 2]
+    x: Buf,           // [T, d_model] residual stream
+    xn: Buf,          // [T, d_model] MLP projections; then logit rows
+    qg: Buf,          // [T, max(n_heads * head_dim, d_ff)]: queries; then gate
+    ku: Buf,          // [T, max(kv width, d_model, d_ff)]: keys; projections; then up
+    v: Buf,           // [T, kv width]
+    attn: Buf,        // [T, n_heads * head_dim] attention output
+    angles: Vec<Buf>, // per RoPE variant: [T, dim / 2, 2]
+    /// Position ids of the batch's rows (temporal, height, width): batch
+    /// data on the host, as the token ids are.
+    pos: Vec<[u32; 3]>,
 }
 
 /// The weights and scratch of a decoder, and the steps of its forward pass.
 pub(crate) struct Trunk {
     spec: Spec,
     info: ModelInfo,
-    tok_embd: QTensor, // [d_model, vocab] (row per token)
+    tok_embd: Weight, // [d_model, vocab] (row per token)
     blocks: Vec<Block>,
-    output_norm: Vec<f32>, // [d_model]
-    output: QTensor,       // [d_model -> vocab], maybe tok_embd itself
+    output_norm: Buf, // [d_model]
+    output: Weight,   // [d_model -> vocab], maybe tok_embd itself
     backend: Arc<dyn Backend>,
     s: Scratch,
     ws: Workspace,
@@ -257,24 +246,26 @@ impl Trunk {
                 }
             }
         }
+        let be = &*backend;
         let tok_embd = src.tensor(
             &src.name("token_embd.weight", "model.embed_tokens.weight"),
             &[d, dm.vocab_size],
         )?;
         let blocks = (0..dm.n_layers)
-            .map(|i| Block::load(src, i, &spec))
+            .map(|i| Block::load(src, i, &spec, be))
             .collect::<Result<Vec<_>>>()?;
-        let output = src.output_or_tied(
-            "output.weight",
-            "lm_head.weight",
-            &[d, dm.vocab_size],
-            &tok_embd,
-        )?;
+        let output = src.output_or_tied("output.weight", "lm_head.weight", &[d, dm.vocab_size])?;
+        let tok_embd = be.weight(tok_embd)?;
+        let output = match output {
+            Some(t) => be.weight(t)?,
+            None => tok_embd.clone(),
+        };
         let mut output_norm =
             src.vector(&src.name("output_norm.weight", "model.norm.weight"), d)?;
         output_norm
             .iter_mut()
             .for_each(|x| *x += spec.blocks.norm_shift);
+        let output_norm = be.upload(output_norm)?;
 
         let ctx = if opts.context_length == 0 {
             dm.context_length
@@ -283,16 +274,18 @@ impl Trunk {
         };
         let t = opts.max_batch_tokens.max(1);
         let s = Scratch {
-            x: vec![0.0; t * d],
-            xn: vec![0.0; t * d],
-            gate: vec![0.0; t * dm.d_ff.max(2 * (qd + kvd))],
-            up: vec![0.0; t * dm.d_ff.max(d)],
-            pos: vec![[0; 3]; t],
+            x: be.alloc(t * d)?,
+            xn: be.alloc(t * d)?,
+            qg: be.alloc(t * qd.max(dm.d_ff))?,
+            ku: be.alloc(t * kvd.max(d).max(dm.d_ff))?,
+            v: be.alloc(t * kvd)?,
+            attn: be.alloc(t * qd)?,
             angles: spec
                 .ropes
                 .iter()
-                .map(|r| vec![(0.0, 0.0); t * (r.dim / 2)])
-                .collect(),
+                .map(|r| be.alloc(t * r.dim))
+                .collect::<Result<_>>()?,
+            pos: vec![[0; 3]; t],
         };
         let ws = backend.workspace(t, d.max(dm.d_ff).max(qd), ctx);
         let sliding: Vec<bool> = spec.windows.iter().map(Option::is_some).collect();
@@ -357,13 +350,18 @@ impl Trunk {
                 // Token rows up to the next given span, then the span as it is
                 // (image patches).
                 let next = spans.peek().map_or(b.tokens.len(), |e| e.at);
-                let x = &mut s.x[(row + i) * d..(row + next) * d];
-                be.embed_rows(&self.tok_embd, &b.tokens[i..next], self.spec.embed_scale, x);
+                let ids = &b.tokens[i..next];
+                be.embed_rows(
+                    &self.tok_embd,
+                    ids,
+                    self.spec.embed_scale,
+                    &mut s.x,
+                    row + i,
+                );
                 i = next;
                 if let Some(e) = spans.next() {
-                    let k = e.rows.len() / d;
-                    be.copy_rows(e.rows, 0, &mut s.x, row + i, k, d);
-                    i += k;
+                    be.write(&mut s.x, (row + i) * d, e.rows);
+                    i += e.rows.len() / d;
                 }
             }
             for (i, p) in s.pos[row..row + b.tokens.len()].iter_mut().enumerate() {
@@ -372,14 +370,7 @@ impl Trunk {
             row += b.tokens.len();
         }
         for (r, out) in self.spec.ropes.iter().zip(&mut s.angles) {
-            let half = r.dim / 2;
-            for (p, cs) in s.pos[..n].iter().zip(out.chunks_exact_mut(half)) {
-                let pos = p.map(|v| v as f32 / r.linear_factor);
-                match r.sections {
-                    None => ops::rope_angles(pos[0], r.base, r.dim, r.freq_factors.as_deref(), cs),
-                    Some(sec) => ops::rope_angles_sections(pos, sec, r.base, r.dim, cs),
-                }
-            }
+            be.rope_angles(r, &s.pos[..n], out);
         }
         Ok(())
     }
@@ -400,7 +391,9 @@ impl Trunk {
             )));
         }
         let be = &*self.backend;
-        be.embed_rows(&self.tok_embd, tokens, self.spec.embed_scale, out);
+        let mut rows = be.alloc(out.len())?;
+        be.embed_rows(&self.tok_embd, tokens, self.spec.embed_scale, &mut rows, 0);
+        be.read(&rows, 0, out);
         Ok(())
     }
 
@@ -420,52 +413,48 @@ impl Trunk {
         } = self;
         let (be, l, n) = (&**backend, &blocks[li], *n);
         let Dims {
-            d_model: d,
             head_dim: hd,
             n_heads,
             n_kv_heads,
             ..
         } = spec.dims;
         let (qd, kvd) = (n_heads * hd, n_kv_heads * hd);
-        let (q, rest) = s.gate.split_at_mut(n * qd);
-        let (k, rest) = rest.split_at_mut(n * kvd);
-        let (v, attn) = rest.split_at_mut(n * kvd);
         let qkv = &mut [
             MatOut {
                 w: &l.wq,
-                y: &mut *q,
+                y: &mut s.qg,
             },
             MatOut {
                 w: &l.wk,
-                y: &mut *k,
+                y: &mut s.ku,
             },
             MatOut {
                 w: &l.wv,
-                y: &mut *v,
+                y: &mut s.v,
             },
         ];
         // The norm is made row by row as the input is quantized.
         let normed = MatIn::RmsNorm {
-            x: &s.x[..n * d],
+            x: &s.x,
             weight: &l.attn_norm,
             eps: spec.rms_eps,
         };
         be.matmul_group_in(normed, n, qkv, ws);
         if let Some([bq, bk, bv]) = &l.bias {
-            be.add_bias(q, bq);
-            be.add_bias(k, bk);
-            be.add_bias(v, bv);
+            be.add_bias(&mut s.qg, n, bq);
+            be.add_bias(&mut s.ku, n, bk);
+            be.add_bias(&mut s.v, n, bv);
         }
         let r = spec.layer_rope[li];
         let rope = &spec.ropes[r];
         be.rope_qk(
-            &mut q[..],
-            &mut k[..],
+            &mut s.qg,
+            &mut s.ku,
+            n,
             (qd, kvd),
             hd,
             rope.style,
-            &s.angles[r],
-            rope.dim / 2,
+            (&s.angles[r], rope.dim / 2),
             l.head_norms.as_ref().map(|[q, k]| HeadNorms {
                 q,
                 k,
@@ -481,16 +470,16 @@ impl Trunk {
             window: spec.windows[li],
         };
         with_attn_seqs(batch, |seqs| {
-            be.kv_write(kv, li, seqs, k, v);
-            be.attention(&p, q, kv, seqs, attn, ws)
+            be.kv_write(kv, li, seqs, &s.ku, &s.v);
+            be.attention(&p, &s.qg, kv, seqs, &mut s.attn, ws)
         });
-        let attn = MatIn::Rows(&attn[..n * qd]);
+        let attn = MatIn::Rows(&s.attn);
         match &l.post_attn_norm {
             // Added into the residual stream as the products are made.
-            None => be.matmul_add_in(&l.wo, attn, n, &mut s.x[..n * d], ws),
+            None => be.matmul_add_in(&l.wo, attn, n, &mut s.x, ws),
             Some(post) => {
-                be.matmul_in(&l.wo, attn, n, &mut s.up, ws);
-                be.norm_add(&mut s.x[..n * d], &mut s.up[..n * d], post, spec.rms_eps);
+                be.matmul_in(&l.wo, attn, n, &mut s.ku, ws);
+                be.norm_add(&mut s.x, &mut s.ku, n, post, spec.rms_eps);
             }
         }
     }
@@ -509,39 +498,38 @@ impl Trunk {
             ..
         } = self;
         let (be, l, n) = (&**backend, &blocks[li], *n);
-        let (d, d_ff) = (spec.dims.d_model, spec.dims.d_ff);
         let gate_up = &mut [
             MatOut {
                 w: &l.w_gate,
-                y: &mut s.gate,
+                y: &mut s.qg,
             },
             MatOut {
                 w: &l.w_up,
-                y: &mut s.up,
+                y: &mut s.ku,
             },
         ];
         let normed = MatIn::RmsNorm {
-            x: &s.x[..n * d],
+            x: &s.x,
             weight: &l.ffn_norm,
             eps: spec.rms_eps,
         };
         be.matmul_group_in(normed, n, gate_up, ws);
-        let (gate, up) = (&s.gate[..n * d_ff], &s.up[..n * d_ff]);
+        let (gate, up) = (&s.qg, &s.ku);
         let act = match spec.act {
             Act::SwiGlu => MatIn::SwiGlu { gate, up },
             Act::GeGlu => MatIn::GeGlu { gate, up },
         };
         match &l.post_ffn_norm {
-            None => be.matmul_add_in(&l.w_down, act, n, &mut s.x[..n * d], ws),
+            None => be.matmul_add_in(&l.w_down, act, n, &mut s.x, ws),
             Some(post) => {
-                be.matmul_in(&l.w_down, act, n, &mut s.xn[..n * d], ws);
-                be.norm_add(&mut s.x[..n * d], &mut s.xn[..n * d], post, spec.rms_eps);
+                be.matmul_in(&l.w_down, act, n, &mut s.xn, ws);
+                be.norm_add(&mut s.x, &mut s.xn, n, post, spec.rms_eps);
             }
         }
     }
 
     /// Final norm and output head, only for the rows asked for, soft-capped
-    /// where the spec says so.
+    /// where the spec says so; the logits go to the host.
     pub(crate) fn logits(&mut self, batch: &[SeqBatch<'_>], logits: &mut [f32]) -> Result<()> {
         let (d, n_out) = (self.spec.dims.d_model, self.n_out);
         let (s, be) = (&mut self.s, &*self.backend);
@@ -551,17 +539,9 @@ impl Trunk {
             be.copy_rows(&s.x, row + n - want, &mut s.xn, out, want, d);
             (row, out) = (row + n, out + want);
         }
-        be.rms_norm(&mut s.xn[..n_out * d], &self.output_norm, self.spec.rms_eps);
-        be.matmul(
-            &self.output,
-            &s.xn[..n_out * d],
-            n_out,
-            logits,
-            &mut self.ws,
-        );
-        if let Some(cap) = self.spec.final_softcap {
-            be.softcap(&mut logits[..n_out * self.spec.dims.vocab_size], cap);
-        }
+        be.rms_norm(&mut s.xn, n_out, &self.output_norm, self.spec.rms_eps);
+        let cap = self.spec.final_softcap;
+        be.logits(&self.output, &s.xn, n_out, cap, logits, &mut self.ws);
         Ok(())
     }
 }
@@ -575,6 +555,11 @@ impl Model for Trunk {
 
     fn token_embeddings(&self, tokens: &[u32], out: &mut [f32]) -> Result<()> {
         Trunk::token_embeddings(self, tokens, out)
+    }
+
+    fn kv_cache(&self, n_blocks: usize, n_window_blocks: usize) -> Result<KvCache> {
+        self.backend
+            .kv_cache(self.info.kv, n_blocks, n_window_blocks)
     }
 
     fn forward(

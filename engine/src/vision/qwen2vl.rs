@@ -22,7 +22,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use crate::backend::cpu::dequantize_row;
-use crate::backend::{Activation, Backend};
+use crate::backend::{Activation, Backend, Buf, Weight, Workspace};
 use crate::gguf::Gguf;
 use crate::hf::HfFolder;
 use crate::models::Source;
@@ -105,42 +105,67 @@ pub struct VisionSpec {
 }
 
 enum Norm {
-    Layer { w: Vec<f32>, b: Vec<f32> },
-    Rms { w: Vec<f32> },
+    Layer { w: Buf, b: Buf },
+    Rms { w: Buf },
 }
 
 impl Norm {
-    fn load(src: &Source<'_>, name: &str, d: usize, family: Family) -> Result<Self> {
-        let w = src.vector(&format!("{name}.weight"), d)?;
+    fn load(
+        src: &Source<'_>,
+        name: &str,
+        d: usize,
+        family: Family,
+        be: &dyn Backend,
+    ) -> Result<Self> {
+        let w = be.upload(src.vector(&format!("{name}.weight"), d)?)?;
         Ok(match family {
             Family::Qwen2Vl => Norm::Layer {
                 w,
-                b: src.vector(&format!("{name}.bias"), d)?,
+                b: be.upload(src.vector(&format!("{name}.bias"), d)?)?,
             },
             Family::Qwen25Vl => Norm::Rms { w },
         })
     }
 
-    fn apply(&self, be: &dyn Backend, x: &mut [f32], eps: f32) {
+    /// The norm of the first `n` rows of `x`.
+    fn apply(&self, be: &dyn Backend, x: &mut Buf, n: usize, eps: f32) {
         match self {
-            Norm::Layer { w, b } => be.layer_norm(x, w, b, eps),
-            Norm::Rms { w } => be.rms_norm(x, w, eps),
+            Norm::Layer { w, b } => be.layer_norm(x, n, w, b, eps),
+            Norm::Rms { w } => be.rms_norm(x, n, w, eps),
         }
     }
 }
 
 /// A linear layer with its bias.
 struct Linear {
-    w: QTensor,
-    b: Vec<f32>,
+    w: Weight,
+    b: Buf,
 }
 
 impl Linear {
-    fn load(src: &Source<'_>, name: &str, cols: usize, rows: usize) -> Result<Self> {
+    fn load(
+        src: &Source<'_>,
+        name: &str,
+        cols: usize,
+        rows: usize,
+        be: &dyn Backend,
+    ) -> Result<Self> {
+        let w = src.tensor(&format!("{name}.weight"), &[cols, rows])?;
+        let b = src.vector(&format!("{name}.bias"), rows)?;
+        Self::new(be, w, b)
+    }
+
+    fn new(be: &dyn Backend, w: QTensor, b: Vec<f32>) -> Result<Self> {
         Ok(Self {
-            w: src.tensor(&format!("{name}.weight"), &[cols, rows])?,
-            b: src.vector(&format!("{name}.bias"), rows)?,
+            w: be.weight(w)?,
+            b: be.upload(b)?,
         })
+    }
+
+    /// `y = w · x + b` over `n` rows.
+    fn apply(&self, be: &dyn Backend, x: &Buf, n: usize, y: &mut Buf, ws: &mut Workspace) {
+        be.matmul_dense(&self.w, x, n, y, ws);
+        be.add_bias(y, n, &self.b);
     }
 }
 
@@ -272,7 +297,7 @@ fn check_shape(s: &VisionSpec, p: &Processor) -> std::result::Result<(), String>
 pub struct VisionEncoder {
     spec: VisionSpec,
     processor: Processor,
-    patch_embed: QTensor, // [3 * temporal * patch², width]
+    patch_embed: Weight, // [3 * temporal * patch², width]
     blocks: Vec<Block>,
     merger_norm: Norm,
     merger_fc1: Linear, // [width * merge², width * merge²]
@@ -467,20 +492,23 @@ impl VisionEncoder {
         backend: Arc<dyn Backend>,
     ) -> Result<Self> {
         let (w, fam) = (spec.width, spec.family);
-        let patch_embed = names.patch_embed(src, &processor, w)?;
+        let be = &*backend;
+        let patch_embed = be.weight(names.patch_embed(src, &processor, w)?)?;
         let blocks = (0..spec.depth)
             .map(|i| {
                 let n = |hf: &str, gguf: &str| names.block(i, hf, gguf);
-                let lin =
-                    |hf: &str, gguf: &str, cols, rows| Linear::load(src, &n(hf, gguf), cols, rows);
+                let lin = |hf: &str, gguf: &str, cols, rows| {
+                    Linear::load(src, &n(hf, gguf), cols, rows, be)
+                };
                 let [q, k, v] = match names {
                     Names::Hf(_) => {
-                        let qkv = lin("attn.qkv", "", w, 3 * w)?;
-                        let part = |r: Range<usize>| Linear {
-                            w: qkv.w.row_range(r.clone()),
-                            b: qkv.b[r].to_vec(),
+                        let name = n("attn.qkv", "");
+                        let qkv = src.tensor(&format!("{name}.weight"), &[w, 3 * w])?;
+                        let bias = src.vector(&format!("{name}.bias"), 3 * w)?;
+                        let part = |r: Range<usize>| {
+                            Linear::new(be, qkv.row_range(r.clone()), bias[r].to_vec())
                         };
-                        [part(0..w), part(w..2 * w), part(2 * w..3 * w)]
+                        [part(0..w)?, part(w..2 * w)?, part(2 * w..3 * w)?]
                     }
                     Names::Gguf => [
                         lin("", "attn_q", w, w)?,
@@ -500,12 +528,12 @@ impl VisionEncoder {
                     },
                 };
                 Ok(Block {
-                    norm1: Norm::load(src, &n("norm1", "ln1"), w, fam)?,
+                    norm1: Norm::load(src, &n("norm1", "ln1"), w, fam, be)?,
                     q,
                     k,
                     v,
                     proj: lin("attn.proj", "attn_out", w, w)?,
-                    norm2: Norm::load(src, &n("norm2", "ln2"), w, fam)?,
+                    norm2: Norm::load(src, &n("norm2", "ln2"), w, fam, be)?,
                     mlp,
                 })
             })
@@ -514,9 +542,9 @@ impl VisionEncoder {
         let merged = w * m2;
         let g = |hf: &str, gguf: &str| names.global(hf, gguf);
         Ok(Self {
-            merger_norm: Norm::load(src, &g("merger.ln_q", "v.post_ln"), w, fam)?,
-            merger_fc1: Linear::load(src, &g("merger.mlp.0", "mm.0"), merged, merged)?,
-            merger_fc2: Linear::load(src, &g("merger.mlp.2", "mm.2"), merged, spec.out)?,
+            merger_norm: Norm::load(src, &g("merger.ln_q", "v.post_ln"), w, fam, be)?,
+            merger_fc1: Linear::load(src, &g("merger.mlp.0", "mm.0"), merged, merged, be)?,
+            merger_fc2: Linear::load(src, &g("merger.mlp.2", "mm.2"), merged, spec.out, be)?,
             spec,
             processor,
             patch_embed,
@@ -564,48 +592,41 @@ impl VisionEncoder {
         let hd = w / heads;
         let m2 = m * m;
         let mut ws = be.workspace(n, (w * m2).max(mlp).max(pr.patch_len()), 0);
-        let mut x = vec![0.0; n * w];
-        be.matmul_dense(&self.patch_embed, &px.patches, n, &mut x, &mut ws);
 
         // Rotary angles per patch: the first half of the pairs by its row,
         // the second by its column. Qwen2.5-VL runs patches window by window;
-        // `order[i]` is the merged token at place `i`.
+        // `order[i]` is the merged token at place `i`, and the patches are
+        // put in that order before they go in (the patch embedding treats
+        // each row alone).
         let (order, windows) = self.windows(px.grid);
-        let angles = self.rotary(px.grid, &order);
-        let permute = |rows: &mut Vec<f32>, width: usize| {
-            let mut out = vec![0.0; rows.len()];
-            for (i, &src) in order.iter().enumerate() {
-                let r = src * m2 * width..(src + 1) * m2 * width;
-                out[i * m2 * width..(i + 1) * m2 * width].copy_from_slice(&rows[r]);
-            }
-            *rows = out;
+        let angles = be.upload(self.rotary(px.grid, &order))?;
+        let patches = match windows {
+            None => be.upload(px.patches.clone())?,
+            Some(_) => be.upload(permute(&px.patches, &order, m2 * pr.patch_len(), false))?,
         };
-        if windows.is_some() {
-            permute(&mut x, w);
-        }
+        let mut x = be.alloc(n * w)?;
+        be.matmul_dense(&self.patch_embed, &patches, n, &mut x, &mut ws);
+        drop(patches);
         let whole: Vec<Range<usize>> = (0..t).map(|i| i * gh * gw..(i + 1) * gh * gw).collect();
 
-        let mut xn = vec![0.0; n * w];
-        let (mut q, mut k, mut v) = (vec![0.0; n * w], vec![0.0; n * w], vec![0.0; n * w]);
-        let mut attn = vec![0.0; n * w];
-        let (mut h1, mut h2) = (vec![0.0; n * mlp], vec![0.0; n * mlp]);
+        let mut xn = be.alloc(n * w)?;
+        let (mut q, mut k, mut v) = (be.alloc(n * w)?, be.alloc(n * w)?, be.alloc(n * w)?);
+        let mut attn = be.alloc(n * w)?;
+        let (mut h1, mut h2) = (be.alloc(n * mlp)?, be.alloc(n * mlp)?);
         for (bi, b) in self.blocks.iter().enumerate() {
-            xn.copy_from_slice(&x);
-            b.norm1.apply(be, &mut xn, eps);
-            be.matmul_dense(&b.q.w, &xn, n, &mut q, &mut ws);
-            be.matmul_dense(&b.k.w, &xn, n, &mut k, &mut ws);
-            be.matmul_dense(&b.v.w, &xn, n, &mut v, &mut ws);
-            be.add_bias(&mut q, &b.q.b);
-            be.add_bias(&mut k, &b.k.b);
-            be.add_bias(&mut v, &b.v.b);
+            be.copy_rows(&x, 0, &mut xn, 0, n, w);
+            b.norm1.apply(be, &mut xn, n, eps);
+            b.q.apply(be, &xn, n, &mut q, &mut ws);
+            b.k.apply(be, &xn, n, &mut k, &mut ws);
+            b.v.apply(be, &xn, n, &mut v, &mut ws);
             be.rope_qk(
                 &mut q,
                 &mut k,
+                n,
                 (w, w),
                 hd,
                 RopeStyle::Halves,
-                &angles,
-                hd / 2,
+                (&angles, hd / 2),
                 None,
             );
             let segs = match &windows {
@@ -614,51 +635,42 @@ impl VisionEncoder {
             };
             let scale = 1.0 / (hd as f32).sqrt();
             be.attention_segments(&q, &k, &v, (heads, hd), scale, segs, &mut attn);
-            be.matmul_dense(&b.proj.w, &attn, n, &mut xn, &mut ws);
-            be.add_bias(&mut xn, &b.proj.b);
-            crate::ops::add_inplace(&mut x, &xn);
+            b.proj.apply(be, &attn, n, &mut xn, &mut ws);
+            be.add(&mut x, &xn, n * w);
 
-            xn.copy_from_slice(&x);
-            b.norm2.apply(be, &mut xn, eps);
+            be.copy_rows(&x, 0, &mut xn, 0, n, w);
+            b.norm2.apply(be, &mut xn, n, eps);
             match &b.mlp {
                 Mlp::Gelu { fc1, fc2 } => {
-                    be.matmul_dense(&fc1.w, &xn, n, &mut h1, &mut ws);
-                    be.add_bias(&mut h1, &fc1.b);
-                    be.activate(&mut h1, Activation::QuickGelu);
-                    be.matmul_dense(&fc2.w, &h1, n, &mut xn, &mut ws);
-                    be.add_bias(&mut xn, &fc2.b);
+                    fc1.apply(be, &xn, n, &mut h1, &mut ws);
+                    be.activate(&mut h1, n * mlp, Activation::QuickGelu);
+                    fc2.apply(be, &h1, n, &mut xn, &mut ws);
                 }
                 Mlp::SwiGlu { gate, up, down } => {
-                    be.matmul_dense(&gate.w, &xn, n, &mut h1, &mut ws);
-                    be.matmul_dense(&up.w, &xn, n, &mut h2, &mut ws);
-                    be.add_bias(&mut h1, &gate.b);
-                    be.add_bias(&mut h2, &up.b);
-                    crate::ops::swiglu_inplace(&mut h1, &h2);
-                    be.matmul_dense(&down.w, &h1, n, &mut xn, &mut ws);
-                    be.add_bias(&mut xn, &down.b);
+                    gate.apply(be, &xn, n, &mut h1, &mut ws);
+                    up.apply(be, &xn, n, &mut h2, &mut ws);
+                    be.swiglu(&mut h1, &h2, n * mlp);
+                    down.apply(be, &h1, n, &mut xn, &mut ws);
                 }
             }
-            crate::ops::add_inplace(&mut x, &xn);
+            be.add(&mut x, &xn, n * w);
         }
 
         // Merge: each group of merge² consecutive rows becomes one row.
-        self.merger_norm.apply(be, &mut x, eps);
+        self.merger_norm.apply(be, &mut x, n, eps);
         let tokens = n / m2;
-        let mut hidden = vec![0.0; tokens * w * m2];
-        be.matmul_dense(&self.merger_fc1.w, &x, tokens, &mut hidden, &mut ws);
-        be.add_bias(&mut hidden, &self.merger_fc1.b);
-        be.activate(&mut hidden, Activation::GeluErf);
-        let mut out = vec![0.0; tokens * self.spec.out];
-        be.matmul_dense(&self.merger_fc2.w, &hidden, tokens, &mut out, &mut ws);
-        be.add_bias(&mut out, &self.merger_fc2.b);
+        let mut hidden = be.alloc(tokens * w * m2)?;
+        self.merger_fc1.apply(be, &x, tokens, &mut hidden, &mut ws);
+        be.activate(&mut hidden, tokens * w * m2, Activation::GeluErf);
+        let o = self.spec.out;
+        let mut merged = be.alloc(tokens * o)?;
+        self.merger_fc2
+            .apply(be, &hidden, tokens, &mut merged, &mut ws);
+        let mut out = vec![0.0; tokens * o];
+        be.read(&merged, 0, &mut out);
         if windows.is_some() {
             // Back from window order to the image's.
-            let mut back = vec![0.0; out.len()];
-            let o = self.spec.out;
-            for (i, &src) in order.iter().enumerate() {
-                back[src * o..(src + 1) * o].copy_from_slice(&out[i * o..(i + 1) * o]);
-            }
-            out = back;
+            out = permute(&out, &order, o, true);
         }
         Ok(out)
     }
@@ -666,7 +678,7 @@ impl VisionEncoder {
     /// (cos, sin) of each patch's rotation, `[n, head_dim / 2]`, patches in
     /// the order `order` puts merged tokens in: pairs `0..head_dim / 4` turn by
     /// the patch's row, the rest by its column, at `10000^(-4j / head_dim)`.
-    fn rotary(&self, [t, gh, gw]: [usize; 3], order: &[usize]) -> Vec<(f32, f32)> {
+    fn rotary(&self, [t, gh, gw]: [usize; 3], order: &[usize]) -> Vec<f32> {
         let hd = self.spec.width / self.spec.heads;
         let (quarter, m) = (hd / 4, self.processor.merge);
         // transformers: VisionRotaryEmbedding(head_dim / 2) over positions.
@@ -675,20 +687,20 @@ impl VisionEncoder {
             .map(|j| 1.0 / 10000f32.powf((2 * j) as f32 / dim))
             .collect();
         let (bw, per_t) = (gw / m, gh * gw / (m * m));
-        let mut out = Vec::with_capacity(t * gh * gw * hd / 2);
+        let mut out = Vec::with_capacity(t * gh * gw * hd);
         for &tok in order {
             let tok = tok % per_t.max(1);
             let (r0, c0) = ((tok / bw) * m, (tok % bw) * m);
             for dy in 0..m {
                 for dx in 0..m {
                     let (row, col) = ((r0 + dy) as f32, (c0 + dx) as f32);
-                    out.extend(inv.iter().map(|&f| {
+                    out.extend(inv.iter().flat_map(|&f| {
                         let a = row * f;
-                        (a.cos(), a.sin())
+                        [a.cos(), a.sin()]
                     }));
-                    out.extend(inv.iter().map(|&f| {
+                    out.extend(inv.iter().flat_map(|&f| {
                         let a = col * f;
-                        (a.cos(), a.sin())
+                        [a.cos(), a.sin()]
                     }));
                 }
             }
@@ -726,4 +738,16 @@ impl VisionEncoder {
         }
         (order, Some(segs))
     }
+}
+
+/// Rows of `unit` values put in `order`: row `i` of the result is row
+/// `order[i]` of `rows`, or (`back`) row `order[i]` of the result is row
+/// `i` of `rows`.
+fn permute(rows: &[f32], order: &[usize], unit: usize, back: bool) -> Vec<f32> {
+    let mut out = vec![0.0; rows.len()];
+    for (i, &src) in order.iter().enumerate() {
+        let (from, to) = if back { (i, src) } else { (src, i) };
+        out[to * unit..(to + 1) * unit].copy_from_slice(&rows[from * unit..(from + 1) * unit]);
+    }
+    out
 }

@@ -16,7 +16,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use half::f16;
 
 use super::{CpuBackend, SharedMut};
-use crate::backend::{AttnParams, AttnSeq, Backend, Workspace};
+use crate::backend::host::{HostBackend, HostWorkspace};
+use crate::backend::{AttnParams, AttnSeq};
 use crate::kv_cache::KvCache;
 use crate::quant;
 
@@ -65,7 +66,7 @@ pub(super) fn attention(
     kv: &KvCache,
     seqs: &[AttnSeq<'_>],
     out: &mut [f32],
-    ws: &mut Workspace,
+    ws: &mut HostWorkspace,
 ) {
     let hd = p.head_dim;
     let row_len = p.n_heads * hd;
@@ -746,7 +747,7 @@ fn exp_le0(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::Backend;
+    use crate::backend::host::HostBackend;
     use crate::kv_cache::{BlockTable, KvLayout};
 
     #[test]

@@ -11,7 +11,8 @@ pub mod pool;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::{AttnParams, AttnSeq, Backend, MatIn, MatOut, Workspace};
+use super::host::{HostBackend, HostIn, HostOut, HostWorkspace};
+use super::{AttnParams, AttnSeq};
 use crate::kv_cache::KvCache;
 use crate::quant::gemm::{self, PANEL_ROWS};
 use crate::quant::{self, GgmlType};
@@ -29,10 +30,10 @@ const UNIT_RUNS_PER_THREAD: usize = 8;
 /// `quant::vec_dot_multi` takes).
 const TOKENS_PER_ROW_PASS: usize = 4;
 
-/// Most matrices in one [`Backend::matmul_group`] pass.
+/// Most matrices in one [`HostBackend::matmul_group`] pass.
 const MAX_GROUP: usize = 4;
 
-/// One matrix of a [`Backend::matmul_group`] pass.
+/// One matrix of a [`HostBackend::matmul_group`] pass.
 #[derive(Clone, Copy)]
 struct Job<'a> {
     w: Option<&'a QTensor>,
@@ -119,8 +120,8 @@ impl CpuBackend {
     }
 }
 
-impl Backend for CpuBackend {
-    fn as_dyn(&self) -> &dyn Backend {
+impl HostBackend for CpuBackend {
+    fn as_dyn(&self) -> &dyn HostBackend {
         self
     }
 
@@ -132,12 +133,12 @@ impl Backend for CpuBackend {
         self.pool.threads()
     }
 
-    fn workspace(&self, max_tokens: usize, max_cols: usize, max_ctx: usize) -> Workspace {
+    fn workspace(&self, max_tokens: usize, max_cols: usize, max_ctx: usize) -> HostWorkspace {
         // The widest activation format per element is f32 (4 bytes); Q8_K adds
         // 36 bytes of header per 256 values, less than f32's 768 extra.
         let act = max_tokens * max_cols * 4 + 1024;
         let nt = self.threads();
-        Workspace {
+        HostWorkspace {
             act: vec![0; act],
             meta: vec![0; max_tokens * gemm::meta_bytes(max_cols)],
             panels: vec![0; nt * gemm::max_panel_bytes(max_cols)],
@@ -149,26 +150,39 @@ impl Backend for CpuBackend {
         }
     }
 
-    fn matmul_group_in(&self, x: MatIn<'_>, n: usize, outs: &mut [MatOut<'_>], ws: &mut Workspace) {
+    fn matmul_group_in(
+        &self,
+        x: HostIn<'_>,
+        n: usize,
+        outs: &mut [HostOut<'_>],
+        ws: &mut HostWorkspace,
+    ) {
         self.products(x, n, outs, ws, false);
     }
 
     fn matmul_add_in(
         &self,
         w: &QTensor,
-        x: MatIn<'_>,
+        x: HostIn<'_>,
         n: usize,
         y: &mut [f32],
-        ws: &mut Workspace,
+        ws: &mut HostWorkspace,
     ) {
-        self.products(x, n, &mut [MatOut { w, y }], ws, true);
+        self.products(x, n, &mut [HostOut { w, y }], ws, true);
     }
 
     fn for_ranges(&self, n: usize, f: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
         self.pool.run(&|i, nt| f(split(n, i, nt)));
     }
 
-    fn matmul_dense(&self, w: &QTensor, x: &[f32], n: usize, y: &mut [f32], ws: &mut Workspace) {
+    fn matmul_dense(
+        &self,
+        w: &QTensor,
+        x: &[f32],
+        n: usize,
+        y: &mut [f32],
+        ws: &mut HostWorkspace,
+    ) {
         let (k, rows) = (w.cols(), w.rows());
         let f32_rows: Vec<f32>;
         let src = match w.ty {
@@ -293,21 +307,21 @@ impl Backend for CpuBackend {
         kv: &KvCache,
         seqs: &[AttnSeq<'_>],
         out: &mut [f32],
-        ws: &mut Workspace,
+        ws: &mut HostWorkspace,
     ) {
         attention::attention(self, p, q, kv, seqs, out, ws)
     }
 }
 
 impl CpuBackend {
-    /// The products of a [`Backend::matmul_group_in`], stored in the outputs
+    /// The products of a [`HostBackend::matmul_group_in`], stored in the outputs
     /// or (`add`) added to them.
     fn products(
         &self,
-        x: MatIn<'_>,
+        x: HostIn<'_>,
         n: usize,
-        outs: &mut [MatOut<'_>],
-        ws: &mut Workspace,
+        outs: &mut [HostOut<'_>],
+        ws: &mut HostWorkspace,
         add: bool,
     ) {
         let Some(first) = outs.first() else { return };
@@ -474,7 +488,7 @@ pub fn dequantize_row(w: &QTensor, r: usize, out: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::Workspace;
+    use crate::backend::host::HostWorkspace;
     use crate::kv_cache::{BlockTable, KvLayout};
     use crate::tensor::Bytes;
 
@@ -499,7 +513,7 @@ mod tests {
         };
         for threads in [1, 3] {
             let b = CpuBackend::new(threads);
-            let mut ws: Workspace = b.workspace(n, k, 16);
+            let mut ws: HostWorkspace = b.workspace(n, k, 16);
             let mut y = vec![0.0; n * rows];
             b.matmul(&w, &x, n, &mut y, &mut ws);
             for t in 0..n {
@@ -549,10 +563,10 @@ mod tests {
             separate.push(y);
         }
         let mut ys: Vec<Vec<f32>> = ws_.iter().map(|w| vec![f32::NAN; n * w.rows()]).collect();
-        let mut outs: Vec<MatOut<'_>> = ws_
+        let mut outs: Vec<HostOut<'_>> = ws_
             .iter()
             .zip(ys.iter_mut())
-            .map(|(w, y)| MatOut { w, y })
+            .map(|(w, y)| HostOut { w, y })
             .collect();
         b.matmul_group(&x, n, &mut outs, &mut ws);
         drop(outs);
@@ -580,15 +594,15 @@ mod tests {
             crate::ops::geglu_inplace(&mut geglu, &up);
             let steps = [
                 (
-                    MatIn::RmsNorm {
+                    HostIn::RmsNorm {
                         x: &x,
                         weight: &weight,
                         eps: 1e-5,
                     },
                     normed,
                 ),
-                (MatIn::SwiGlu { gate: &x, up: &up }, swiglu),
-                (MatIn::GeGlu { gate: &x, up: &up }, geglu),
+                (HostIn::SwiGlu { gate: &x, up: &up }, swiglu),
+                (HostIn::GeGlu { gate: &x, up: &up }, geglu),
             ];
             for (i, (input, made)) in steps.into_iter().enumerate() {
                 let (mut fused, mut apart) = (vec![f32::NAN; n * 24], vec![f32::NAN; n * 24]);
@@ -620,7 +634,7 @@ mod tests {
                 let mut apart = base.clone();
                 crate::ops::add_inplace(&mut apart, &product);
                 let mut added = base.clone();
-                b.matmul_add_in(w, MatIn::Rows(&x), n, &mut added, &mut ws);
+                b.matmul_add_in(w, HostIn::Rows(&x), n, &mut added, &mut ws);
                 assert_eq!(added, apart, "{}, {n} tokens", w.name);
                 assert_ne!(added, base);
             }
