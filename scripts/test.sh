@@ -4,11 +4,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# systemd-analyze checks the shipped unit (tests/tests/unit_sandbox.rs).
-if ! command -v systemd-analyze >/dev/null; then
+# systemd-analyze checks the shipped unit (tests/tests/unit_sandbox.rs);
+# scripts/package.sh reads the binaries' needs with readelf (binutils).
+need=()
+command -v systemd-analyze >/dev/null || need+=(systemd)
+command -v readelf >/dev/null || need+=(binutils)
+if [ ${#need[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo=sudo
-    $sudo apt-get update && $sudo apt-get install -y --no-install-recommends systemd
+    $sudo apt-get update && $sudo apt-get install -y --no-install-recommends "${need[@]}"
 fi
 
 # The real models (idempotent: verified files are not fetched again).

@@ -246,6 +246,16 @@ impl Daemon {
         env: &[(&str, &str)],
         prepare: impl FnOnce(&mut Command),
     ) -> Self {
+        Self::spawn_program(&bin("embodyd"), config, env, prepare)
+    }
+
+    /// [`Daemon::spawn_with`] of another `embodyd` binary (an installed one).
+    pub fn spawn_program(
+        program: &std::path::Path,
+        config: &str,
+        env: &[(&str, &str)],
+        prepare: impl FnOnce(&mut Command),
+    ) -> Self {
         let dir = TempDir::new("embodyd");
         let cfg = dir.path().join("embodyd.toml");
         let mut config = config.to_string();
@@ -257,7 +267,7 @@ impl Daemon {
         }
         std::fs::write(&cfg, config).expect("writing the config");
         let log = std::fs::File::create(dir.path().join("embodyd.log")).expect("log file");
-        let mut cmd = Command::new(bin("embodyd"));
+        let mut cmd = Command::new(program);
         cmd.arg("--config")
             .arg(&cfg)
             .env("XDG_RUNTIME_DIR", dir.path())
