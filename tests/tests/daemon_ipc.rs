@@ -249,8 +249,10 @@ async fn cancellation_ends_the_stream_and_frees_the_slot() {
 async fn a_client_that_disconnects_mid_stream_does_not_disturb_others() {
     let d = Daemon::start(&test_config(&smollm2(), "[decoder]\nmax_running = 4\n"));
     let stayer = Client::connect(&d.socket).await.unwrap();
+    // Long enough to be still running when the leaver's first token comes,
+    // however busy the machine.
     let mut kept = stayer
-        .chat(greedy("List five parts of a robot arm.", 40))
+        .chat(greedy("Write a very long story about a robot arm.", 400))
         .await
         .unwrap();
     {

@@ -52,8 +52,6 @@ struct Needs {
     open_files: u64,
 }
 
-/// HTTP has no connection limit of its own yet: this many are budgeted.
-const HTTP_CONNECTIONS: u64 = 4096;
 /// Model files, logs, zenoh's own sockets, the notify socket.
 const OTHER_FILES: u64 = 256;
 
@@ -70,7 +68,11 @@ fn needs(cfg: &toml::Table) -> Needs {
         let bind: SocketAddr = cfg["http"]["bind"].as_str().unwrap().parse().unwrap();
         n.families.insert(family(&bind.ip()));
         n.addresses.push(bind.ip());
-        n.open_files += HTTP_CONNECTIONS;
+        // http.max_connections, or its default.
+        let http = cfg["http"]
+            .get("max_connections")
+            .and_then(toml::Value::as_integer);
+        n.open_files += http.unwrap_or(256) as u64;
     }
     if enabled(cfg, "zenoh") {
         let z = &cfg["zenoh"];
@@ -189,9 +191,10 @@ fn each_interface_adds_what_it_needs() {
     assert_eq!(n.open_files, 8 + OTHER_FILES);
 
     let n = needs(&cfg(&format!(
-        "{base}[http]\nbind = \"[::1]:8080\"\n[zenoh]\nenabled = false\n"
+        "{base}[http]\nbind = \"[::1]:8080\"\nmax_connections = 100\n[zenoh]\nenabled = false\n"
     )));
     assert!(n.families.contains("AF_INET6") && !n.families.contains("AF_INET"));
+    assert_eq!(n.open_files, 8 + 100 + OTHER_FILES);
 
     let n = needs(&cfg(&format!(
         "{base}[http]\nenabled = false\n[zenoh]\nlisten = [\"tcp/0.0.0.0:7448\"]\n"
@@ -344,7 +347,7 @@ fn systemd_verifies_the_unit_and_rates_its_exposure() {
     let dir = embody_tests::TempDir::new("unit");
     let unit = std::fs::read_to_string(repo_root().join("configs/embodyd.service")).unwrap();
     let daemon = embody_tests::bin("embodyd");
-    let unit = unit.replace("/usr/local/bin/embodyd", daemon.to_str().unwrap());
+    let unit = unit.replace("/usr/bin/embodyd", daemon.to_str().unwrap());
     let path = dir.path().join("embodyd.service");
     std::fs::write(&path, unit).unwrap();
     let analyze = |args: &[&str]| {

@@ -127,6 +127,9 @@ pub struct IpcConfig {
     pub max_connections: usize,
     /// Once a frame has begun, the rest must arrive within this many ms. Default: 10000.
     pub frame_timeout_ms: u64,
+    /// A client that takes none of a reply's bytes for this many ms is
+    /// closed and its requests cancelled. Default: 30000.
+    pub write_timeout_ms: u64,
 }
 
 /// `[http]`
@@ -146,6 +149,12 @@ pub struct HttpConfig {
     /// The model id `/v1/models` lists and requests name; empty means the
     /// model file's name without its extension. Default: "".
     pub model_id: String,
+    /// Most connections at once; more are answered 503 and closed. Default: 256.
+    pub max_connections: usize,
+    /// A request's line and headers must arrive within this many ms of the
+    /// connection opening or of its previous response; an idle keep-alive
+    /// connection is closed then. Default: 10000.
+    pub header_timeout_ms: u64,
 }
 
 /// `[service]`
@@ -230,6 +239,7 @@ impl Default for IpcConfig {
             socket: embody_client::SYSTEM_SOCKET.into(),
             max_connections: 64,
             frame_timeout_ms: 10_000,
+            write_timeout_ms: 30_000,
         }
     }
 }
@@ -242,6 +252,8 @@ impl Default for HttpConfig {
             api_key: String::new(),
             max_body_bytes: 8 << 20,
             model_id: String::new(),
+            max_connections: 256,
+            header_timeout_ms: 10_000,
         }
     }
 }
@@ -339,6 +351,12 @@ impl Config {
         }
         if self.ipc.max_connections == 0 {
             bail!("ipc.max_connections must be at least 1");
+        }
+        if self.http.max_connections == 0 {
+            bail!("http.max_connections must be at least 1");
+        }
+        if self.http.header_timeout_ms == 0 {
+            bail!("http.header_timeout_ms must be at least 1");
         }
         self.adapters()
             .validate()
@@ -528,7 +546,7 @@ mod tests {
             );
             fields += 1;
         }
-        assert_eq!(fields, 45, "every field appears in the shipped config");
+        assert_eq!(fields, 48, "every field appears in the shipped config");
     }
 
     #[test]

@@ -8,11 +8,20 @@
 //! closed (after a bad frame the byte stream cannot be trusted); the daemon
 //! goes on serving every other connection. When a connection ends, its
 //! requests are cancelled.
+//!
+//! What one client may cost is bounded: its writer queue holds
+//! [`OUT_QUEUE`] frames, after which the connection stops reading its
+//! requests until it reads its replies; it may run [`MAX_REQUESTS`] at once;
+//! a client that takes none of a reply's bytes for `write_timeout` is
+//! closed. When every connection is taken, a new client takes the place of
+//! the one idle the longest (no request running, no frame for
+//! [`IDLE_EVICT_AFTER`]) instead of being refused.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use embody_actors::{Runtime, RuntimeError};
@@ -20,7 +29,17 @@ use embody_client::framing::{read_frame, write_frame, ReadError};
 use embody_protocol::wire::{ErrorBody, Frame};
 use embody_protocol::{ErrorCode, Event};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch, Notify, Semaphore};
+
+/// Frames waiting for one connection's writer.
+pub const OUT_QUEUE: usize = 256;
+/// Requests one connection may have running at once.
+pub const MAX_REQUESTS: usize = 256;
+/// A connection with no request running and no frame for this long gives
+/// its place to a new client when every place is taken.
+pub const IDLE_EVICT_AFTER: Duration = Duration::from_secs(5);
+/// How long a new client waits for an evicted connection's place.
+const EVICT_WAIT: Duration = Duration::from_secs(2);
 
 /// Server settings.
 #[derive(Clone, Debug)]
@@ -29,6 +48,37 @@ pub struct IpcOptions {
     pub max_connections: usize,
     /// Time limit for the rest of a frame once it has begun.
     pub frame_timeout: Duration,
+    /// A client that takes none of a reply's bytes for this long is closed.
+    pub write_timeout: Duration,
+}
+
+/// What the accept loop knows of a connection.
+struct ConnState {
+    /// Milliseconds since the server started, at the last frame read.
+    last_frame_ms: AtomicU64,
+    /// The connection's requests (empty: idle).
+    live: Slots,
+    /// Set once chosen to give its place up.
+    evicting: AtomicBool,
+    evict: Notify,
+}
+
+type Registry = Arc<Mutex<HashMap<u64, Arc<ConnState>>>>;
+
+/// The connection idle the longest, if one has been idle long enough; it is
+/// marked as evicting, so that two new clients do not pick the same one.
+fn pick_idle(reg: &Registry, now_ms: u64) -> Option<Arc<ConnState>> {
+    let reg = reg.lock().unwrap_or_else(|e| e.into_inner());
+    let idle_ms = IDLE_EVICT_AFTER.as_millis() as u64;
+    let victim = reg
+        .values()
+        .filter(|c| !c.evicting.load(Ordering::SeqCst) && slots(&c.live).is_empty())
+        .map(|c| (c.last_frame_ms.load(Ordering::SeqCst), c))
+        .filter(|(last, _)| now_ms.saturating_sub(*last) >= idle_ms)
+        .min_by_key(|(last, _)| *last)
+        .map(|(_, c)| c.clone())?;
+    victim.evicting.store(true, Ordering::SeqCst);
+    Some(victim)
 }
 
 /// Binds the socket at `path` with mode 0660, creating its folder. A stale
@@ -63,7 +113,10 @@ pub async fn serve(
     opts: IpcOptions,
     mut stop: watch::Receiver<bool>,
 ) {
-    let slots = Arc::new(Semaphore::new(opts.max_connections));
+    let places = Arc::new(Semaphore::new(opts.max_connections));
+    let registry: Registry = Arc::default();
+    let started = Instant::now();
+    let mut next_id = 0u64;
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -77,16 +130,47 @@ pub async fn serve(
             _ = stop.changed() => return,
         };
         let peer = peer_name(&stream);
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "connection refused: {} connections already open", opts.max_connections);
-            tokio::spawn(refuse(stream, opts.max_connections));
-            continue;
-        };
-        let (rt, opts) = (rt.clone(), opts.clone());
+        next_id += 1;
+        let (id, rt, opts, registry, places) = (
+            next_id,
+            rt.clone(),
+            opts.clone(),
+            registry.clone(),
+            places.clone(),
+        );
         tokio::spawn(async move {
+            let permit = match places.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => {
+                    let now = started.elapsed().as_millis() as u64;
+                    let Some(victim) = pick_idle(&registry, now) else {
+                        tracing::warn!(%peer, "connection refused: {} connections already open and busy", opts.max_connections);
+                        return refuse(stream, opts.max_connections).await;
+                    };
+                    victim.evict.notify_one();
+                    match tokio::time::timeout(EVICT_WAIT, places.acquire_owned()).await {
+                        Ok(Ok(p)) => p,
+                        _ => return refuse(stream, opts.max_connections).await,
+                    }
+                }
+            };
+            let state = Arc::new(ConnState {
+                last_frame_ms: AtomicU64::new(started.elapsed().as_millis() as u64),
+                live: Arc::default(),
+                evicting: AtomicBool::new(false),
+                evict: Notify::new(),
+            });
+            registry
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id, state.clone());
             tracing::debug!(%peer, "client connected");
-            connection(stream, rt, opts, &peer).await;
+            connection(stream, rt, opts, &peer, &state, started).await;
             tracing::debug!(%peer, "client disconnected");
+            registry
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
             drop(permit);
         });
     }
@@ -126,25 +210,56 @@ fn slots(s: &Slots) -> std::sync::MutexGuard<'_, HashMap<u64, Slot>> {
     s.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-async fn connection(stream: UnixStream, rt: Runtime, opts: IpcOptions, peer: &str) {
+async fn connection(
+    stream: UnixStream,
+    rt: Runtime,
+    opts: IpcOptions,
+    peer: &str,
+    state: &ConnState,
+    started: Instant,
+) {
     let (mut rd, mut wr) = stream.into_split();
-    let (out, mut out_rx) = mpsc::unbounded_channel::<Frame>();
+    let (out, mut out_rx) = mpsc::channel::<Frame>(OUT_QUEUE);
+    let write_timeout = opts.write_timeout;
+    let who = peer.to_string();
     let writer = tokio::spawn(async move {
         while let Some(frame) = out_rx.recv().await {
-            if let Err(e) = write_frame(&mut wr, &frame).await {
-                tracing::debug!("client gone: {e}");
-                return;
+            match tokio::time::timeout(write_timeout, write_frame(&mut wr, &frame)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!("client gone: {e}");
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        peer = who,
+                        "closing a connection whose client read nothing for {} ms (ipc.write_timeout_ms)",
+                        write_timeout.as_millis()
+                    );
+                    return;
+                }
             }
         }
     });
-    let live: Slots = Arc::default();
+    let live = state.live.clone();
     let mut forwarders = tokio::task::JoinSet::new();
     loop {
         let frame = tokio::select! {
             read = read_frame(&mut rd, opts.frame_timeout) => read,
-            // The writer stops when the client stops reading (it is gone).
+            // The writer stops when the client is gone or stopped reading.
             _ = out.closed() => break,
+            _ = state.evict.notified() => {
+                tracing::info!(peer, "closing an idle connection: a new client needs its place (ipc.max_connections)");
+                let _ = out.try_send(Frame::Error(ErrorBody {
+                    code: ErrorCode::Overloaded,
+                    message: "closed while idle: every connection was taken and a new client needed one (ipc.max_connections)".into(),
+                }));
+                break;
+            }
         };
+        state
+            .last_frame_ms
+            .store(started.elapsed().as_millis() as u64, Ordering::SeqCst);
         let frame = match frame {
             Ok(Some(f)) => f,
             Ok(None) => break,
@@ -158,31 +273,45 @@ async fn connection(stream: UnixStream, rt: Runtime, opts: IpcOptions, peer: &st
                     _ => ErrorCode::BadFrame,
                 };
                 tracing::warn!(peer, "bad frame, closing the connection: {e}");
-                let _ = out.send(Frame::Error(ErrorBody {
-                    code,
-                    message: e.to_string(),
-                }));
+                let _ = out
+                    .send(Frame::Error(ErrorBody {
+                        code,
+                        message: e.to_string(),
+                    }))
+                    .await;
                 break;
             }
         };
         match frame {
             Frame::Chat(req) => {
                 let client_id = req.id;
-                {
+                let refusal = {
                     let mut l = slots(&live);
                     if l.contains_key(&client_id) {
-                        let _ = out.send(Frame::Event {
-                            id: client_id,
-                            event: Event::error(
-                                ErrorCode::BadRequest,
-                                format!(
-                                    "request id {client_id} is already in use on this connection"
-                                ),
-                            ),
-                        });
-                        continue;
+                        Some((
+                            ErrorCode::BadRequest,
+                            format!("request id {client_id} is already in use on this connection"),
+                        ))
+                    } else if l.len() >= MAX_REQUESTS {
+                        Some((
+                            ErrorCode::Overloaded,
+                            format!("this connection already has {MAX_REQUESTS} requests running"),
+                        ))
+                    } else {
+                        l.insert(client_id, Slot::Submitting(false));
+                        None
                     }
-                    l.insert(client_id, Slot::Submitting(false));
+                };
+                if let Some((code, message)) = refusal {
+                    let event = Event::error(code, message);
+                    let frame = Frame::Event {
+                        id: client_id,
+                        event,
+                    };
+                    if out.send(frame).await.is_err() {
+                        break;
+                    }
+                    continue;
                 }
                 let (rt, out, live) = (rt.clone(), out.clone(), live.clone());
                 forwarders.spawn(async move {
@@ -203,6 +332,7 @@ async fn connection(stream: UnixStream, rt: Runtime, opts: IpcOptions, peer: &st
                                 id: client_id,
                                 event,
                             })
+                            .await
                             .is_err()
                         {
                             // The connection is gone: dropping the stream cancels it.
@@ -228,45 +358,45 @@ async fn connection(stream: UnixStream, rt: Runtime, opts: IpcOptions, peer: &st
                     rt.cancel(rid);
                 }
             }
+            // Answered in turn: a client asking faster than it reads waits
+            // for its own replies instead of queueing tasks here.
             Frame::Status { id } => {
-                let (rt, out) = (rt.clone(), out.clone());
-                tokio::spawn(async move {
-                    let frame = match rt.status().await {
-                        Ok(status) => Frame::StatusReply {
-                            id,
-                            status: Box::new(status),
-                        },
-                        Err(e) => Frame::Ack {
-                            id,
-                            error: Some(ErrorBody {
-                                code: ErrorCode::Internal,
-                                message: e.to_string(),
-                            }),
-                        },
-                    };
-                    let _ = out.send(frame);
-                });
+                let frame = match rt.status().await {
+                    Ok(status) => Frame::StatusReply {
+                        id,
+                        status: Box::new(status),
+                    },
+                    Err(e) => Frame::Ack {
+                        id,
+                        error: Some(ErrorBody {
+                            code: ErrorCode::Internal,
+                            message: e.to_string(),
+                        }),
+                    },
+                };
+                if out.send(frame).await.is_err() {
+                    break;
+                }
             }
             Frame::FlushCache { id } => {
-                let (rt, out) = (rt.clone(), out.clone());
-                tokio::spawn(async move {
-                    let frame = match rt.flush_cache().await {
-                        Ok(blocks) => Frame::FlushReply {
-                            id,
-                            blocks,
-                            error: None,
-                        },
-                        Err(e) => Frame::FlushReply {
-                            id,
-                            blocks: 0,
-                            error: Some(ErrorBody {
-                                code: ErrorCode::Internal,
-                                message: e.to_string(),
-                            }),
-                        },
-                    };
-                    let _ = out.send(frame);
-                });
+                let frame = match rt.flush_cache().await {
+                    Ok(blocks) => Frame::FlushReply {
+                        id,
+                        blocks,
+                        error: None,
+                    },
+                    Err(e) => Frame::FlushReply {
+                        id,
+                        blocks: 0,
+                        error: Some(ErrorBody {
+                            code: ErrorCode::Internal,
+                            message: e.to_string(),
+                        }),
+                    },
+                };
+                if out.send(frame).await.is_err() {
+                    break;
+                }
             }
             Frame::Fault { id, fault } => {
                 let error = match rt.inject_fault(fault) {
@@ -283,7 +413,9 @@ async fn connection(stream: UnixStream, rt: Runtime, opts: IpcOptions, peer: &st
                         message: e.to_string(),
                     }),
                 };
-                let _ = out.send(Frame::Ack { id, error });
+                if out.send(Frame::Ack { id, error }).await.is_err() {
+                    break;
+                }
             }
             other => {
                 let message = format!(
@@ -291,10 +423,12 @@ async fn connection(stream: UnixStream, rt: Runtime, opts: IpcOptions, peer: &st
                     other.kind()
                 );
                 tracing::warn!(peer, "bad frame, closing the connection: {message}");
-                let _ = out.send(Frame::Error(ErrorBody {
-                    code: ErrorCode::BadFrame,
-                    message,
-                }));
+                let _ = out
+                    .send(Frame::Error(ErrorBody {
+                        code: ErrorCode::BadFrame,
+                        message,
+                    }))
+                    .await;
                 break;
             }
         }

@@ -166,6 +166,7 @@ async fn run(cli: Cli, mut cfg: Config, log: logging::LogHandle) -> Result<()> {
         ipc::IpcOptions {
             max_connections: cfg.ipc.max_connections,
             frame_timeout: Duration::from_millis(cfg.ipc.frame_timeout_ms),
+            write_timeout: Duration::from_millis(cfg.ipc.write_timeout_ms),
         },
         stop_rx,
     ));
@@ -193,6 +194,8 @@ async fn run(cli: Cli, mut cfg: Config, log: logging::LogHandle) -> Result<()> {
             api_key: Some(cfg.http.api_key.clone()).filter(|k| !k.is_empty()),
             max_body_bytes: cfg.http.max_body_bytes,
             model_id: cfg.http.model_id.clone(),
+            max_connections: cfg.http.max_connections,
+            header_timeout: Duration::from_millis(cfg.http.header_timeout_ms),
         };
         Some(tokio::spawn(http::serve(
             listener,

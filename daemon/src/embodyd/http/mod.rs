@@ -9,8 +9,13 @@
 //! when asked; a client that goes away drops its event stream, which cancels
 //! the generation in the runtime.
 //!
-//! This module holds the router, the shared state and the bearer-token check;
-//! each endpoint family has its own file.
+//! Connections are bounded too: at most `http.max_connections` at once (more
+//! get a 503 and are closed at once, so a flood of idle sockets costs no
+//! more open files than that), and a request's head must arrive within
+//! `http.header_timeout_ms`, which also closes idle keep-alive connections.
+//!
+//! This module holds the router, the connection loop, the shared state and
+//! the bearer-token check; each endpoint family has its own file.
 
 mod chat;
 mod completions;
@@ -49,6 +54,11 @@ pub struct HttpOptions {
     pub max_body_bytes: usize,
     /// The model id requests name; empty means the model file's stem.
     pub model_id: String,
+    /// Most connections at once; more get 503 and are closed.
+    pub max_connections: usize,
+    /// Time for a request's line and headers, from the connection's opening
+    /// or its previous response.
+    pub header_timeout: Duration,
 }
 
 /// What every handler shares.
@@ -190,30 +200,110 @@ pub async fn serve(
         created: unix_now(),
         opts,
     });
+    let limits = (state.opts.max_connections, state.opts.header_timeout);
     let app = router(state);
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(
         "http: listening on {}",
         addr.map_or("?".into(), |a| a.to_string())
     );
-    let mut stop2 = stop.clone();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        stopped(&mut stop2).await;
-    });
-    let mut task = tokio::spawn(async move { server.await });
+    let stop2 = stop.clone();
+    let mut task = tokio::spawn(accept_loop(listener, app, limits, stop2));
     tokio::select! {
-        r = &mut task => return Ok(r??),
+        r = &mut task => return Ok(r?),
         _ = stopped(&mut stop) => {}
     }
-    // Open streams hold the graceful shutdown: give them `grace`, then cut them.
+    // Open streams hold the graceful shutdown: give them `grace`, then cut
+    // them (aborting the loop aborts every connection's task).
     match tokio::time::timeout(grace, &mut task).await {
-        Ok(r) => r??,
+        Ok(r) => r?,
         Err(_) => {
             tracing::warn!("http: connections still open after {grace:?}; closing them");
             task.abort();
         }
     }
     Ok(())
+}
+
+/// The answer to a connection past `http.max_connections`, in OpenAI's
+/// error shape.
+static OVERLOADED: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
+    let body = serde_json::json!({"error": {
+        "message": "too many HTTP connections open (http.max_connections); retry later",
+        "type": "overloaded",
+        "param": null,
+        "code": "overloaded",
+    }})
+    .to_string();
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n\
+         Connection: close\r\nRetry-After: 1\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+});
+
+/// Accepts connections until `stop`, each served on a task of its own with
+/// the head timeout; then asks every connection to finish its request and
+/// close, and waits for them.
+async fn accept_loop(
+    listener: TcpListener,
+    app: Router,
+    (max_connections, header_timeout): (usize, Duration),
+    mut stop: watch::Receiver<bool>,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+
+    let places = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let mut conns = tokio::task::JoinSet::new();
+    let mut refused = 0u64;
+    loop {
+        let tcp = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // Out of open files, say: wait instead of spinning.
+                    tracing::warn!("http: accepting a connection failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stopped(&mut stop) => break,
+        };
+        while conns.try_join_next().is_some() {}
+        let Ok(place) = places.clone().try_acquire_owned() else {
+            // Answered without a task and closed: its file is back at once.
+            let _ = tcp.try_write(&OVERLOADED);
+            refused += 1;
+            if refused.is_power_of_two() {
+                tracing::warn!("http: {refused} connections refused so far: {max_connections} open (http.max_connections)");
+            }
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        let mut shutdown = shutdown_rx.clone();
+        conns.spawn(async move {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            let conn = builder.serve_connection(TokioIo::new(tcp), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = stopped(&mut shutdown) => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+            drop(place);
+        });
+    }
+    let _ = shutdown.send(true);
+    while conns.join_next().await.is_some() {}
 }
 
 /// Resolves once `stop` is true (or its sender is gone).
