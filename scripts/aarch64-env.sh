@@ -41,4 +41,8 @@ export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
 # `-L /`: the arm64 libc of the multiarch install. With the cross toolchain's
 # (/usr/aarch64-linux-gnu) every thread spawn hangs under qemu.
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64-static -L /"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}/aarch64-cross"
+# Sourced again by a script this one runs: the folder is appended once.
+case "${CARGO_TARGET_DIR:-target}" in
+    */aarch64-cross) ;;
+    *) export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}/aarch64-cross" ;;
+esac

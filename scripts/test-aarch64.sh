@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Cross-builds the engine's quant kernel tests for aarch64 and runs them under
-# qemu: the NEON and dotprod kernels against the scalar reference.
+# qemu (the NEON and dotprod kernels against the scalar reference), then the
+# arm64 package's daemon on the real model.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/aarch64-env.sh
@@ -10,3 +11,51 @@ echo "== cargo test (aarch64 under qemu: quant kernels and attention)"
 # arguments go to the test binary (e.g. `--nocapture`).
 cargo test --release -p embody-engine --target aarch64-unknown-linux-gnu --lib \
     -- quant backend::cpu::attention "$@"
+
+echo "== the arm64 package under qemu: IPC chat, HTTP chat, SIGTERM drain"
+# The daemon and the CLI as the package installs them, on the real model.
+deb=$(OUT="$CARGO_TARGET_DIR/debian" scripts/package.sh arm64)
+root=$(mktemp -d)
+trap 'kill "${pid:-0}" 2>/dev/null || true; rm -rf "$root"' EXIT
+dpkg-deb -x "$deb" "$root"
+run() { qemu-aarch64-static -L / "$@"; }
+cat > "$root/embodyd.toml" <<TOML
+[model]
+path = "${EMBODY_MODELS:-$HOME/.cache/embody/models}/SmolLM2-135M-Instruct.Q4_1.gguf"
+threads = 2
+[http]
+bind = "127.0.0.1:0"
+[zenoh]
+enabled = false
+TOML
+sock="$root/embodyd.sock"
+# qemu itself in the background, so that $! is the process SIGTERM goes to.
+qemu-aarch64-static -L / "$root/usr/bin/embodyd" --config "$root/embodyd.toml" \
+    --socket "$sock" 2> "$root/log" &
+pid=$!
+for _ in $(seq 240); do
+    run "$root/usr/bin/embody" status --socket "$sock" > /dev/null 2>&1 && break
+    kill -0 "$pid" || { cat "$root/log"; exit 1; }
+    sleep 0.5
+done
+run "$root/usr/bin/embody" status --socket "$sock"
+answer=$(run "$root/usr/bin/embody" chat --socket "$sock" -n 8 --temperature 0 "Name a robot sensor.")
+echo "IPC answer: $answer"
+[ -n "$answer" ] || { echo "no IPC answer"; cat "$root/log"; exit 1; }
+addr=$(grep -o 'http: listening on [0-9.:]*' "$root/log" | awk '{print $4}')
+python3 - "$addr" <<'PY'
+import json, sys, urllib.request
+body = json.dumps({"model": "SmolLM2-135M-Instruct.Q4_1",
+                   "messages": [{"role": "user", "content": "Name a robot sensor."}],
+                   "max_tokens": 8, "temperature": 0}).encode()
+req = urllib.request.Request(f"http://{sys.argv[1]}/v1/chat/completions", body,
+                             {"Content-Type": "application/json"})
+reply = json.load(urllib.request.urlopen(req, timeout=300))
+text = reply["choices"][0]["message"]["content"]
+assert text and reply["usage"]["completion_tokens"] > 0, reply
+print("HTTP answer:", text)
+PY
+kill -TERM "$pid"
+wait "$pid" || { echo "embodyd exited $? on SIGTERM"; cat "$root/log"; exit 1; }
+grep -q "drained" "$root/log" || { echo "no drain in the log"; cat "$root/log"; exit 1; }
+echo "arm64 daemon: ready, answered over IPC and HTTP, drained on SIGTERM"
