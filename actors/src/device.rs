@@ -53,6 +53,10 @@ pub(crate) struct ModelSource {
     /// The grammar compiler over the tokenizer, built on first use.
     grammars: OnceLock<Result<Grammars, String>>,
     pub info: ModelInfo,
+    /// The most bytes of text a prompt can have and still fit the context
+    /// (context length times the longest token's text): longer ones are
+    /// refused before they are tokenized.
+    pub max_prompt_bytes: usize,
     pub name: String,
     pub weights_bytes: u64,
     /// The instance built while loading, kept for the first decoder.
@@ -109,6 +113,9 @@ impl ModelSource {
             .unwrap_or_default();
         let weights_bytes = files.weights_bytes();
         log_residency(&files, weights_bytes);
+        let max_prompt_bytes = info
+            .context_length
+            .saturating_mul(tokenizer.longest_piece());
         Ok(Self {
             path: args.model_path.clone(),
             files,
@@ -120,6 +127,7 @@ impl ModelSource {
             tool_format,
             grammars: OnceLock::new(),
             info,
+            max_prompt_bytes,
             name,
             weights_bytes,
             first: Mutex::new(Some(model)),

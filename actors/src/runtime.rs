@@ -294,6 +294,17 @@ impl Runtime {
             }
             _ => {}
         }
+        // Text past what the context can hold is refused before it is
+        // rendered or tokenized (both cost many times the text's size).
+        let text = prompt_text_bytes(raw.as_deref(), &req.messages, req.tools.as_ref());
+        let max_text = self.inner.source.max_prompt_bytes;
+        if text > max_text {
+            return Err(bad(format!(
+                "the prompt's text is {text} bytes; no text over {max_text} bytes fits this model's \
+                 context of {} tokens: shorten the conversation",
+                self.inner.source.info.context_length
+            )));
+        }
         let logprobs = match req.logprobs {
             Some(n) if n > MAX_TOP_LOGPROBS => {
                 return Err(bad(format!(
@@ -706,4 +717,42 @@ fn render_prompt(
         .render(&messages, true, bos, eos, extra.as_ref())
         .map_err(|e| e.to_string())?;
     encode_chat(tok, &text).map_err(|e| e.to_string())
+}
+
+/// Bytes of the text a request puts in its prompt: the raw prompt or the
+/// messages (their content, names and tool-call arguments), and the tool
+/// definitions.
+fn prompt_text_bytes(
+    raw: Option<&str>,
+    messages: &[embody_protocol::Message],
+    tools: Option<&serde_json::Value>,
+) -> usize {
+    /// Counts what serde would write, without keeping it.
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let json = |v: &serde_json::Value| {
+        let mut c = Count(0);
+        let _ = serde_json::to_writer(&mut c, v);
+        c.0
+    };
+    let messages: usize = messages
+        .iter()
+        .map(|m| {
+            let calls: usize = m
+                .tool_calls
+                .iter()
+                .map(|c| c.name.len() + json(&c.arguments))
+                .sum();
+            m.content.len() + m.name.as_ref().map_or(0, String::len) + calls
+        })
+        .sum();
+    raw.map_or(0, str::len) + messages + tools.map_or(0, json)
 }

@@ -969,6 +969,18 @@ impl Tokenizer {
         self.token_bytes(id, false)
     }
 
+    /// The most bytes of text one token stands for, and at least 4 (a
+    /// character that falls back to one unknown token): a text longer than
+    /// `n` times this cannot take fewer than `n` tokens, which bounds a
+    /// prompt before it is tokenized. Walks the vocabulary (call once).
+    pub fn longest_piece(&self) -> usize {
+        (0..self.vocab_size() as u32)
+            .filter_map(|id| self.piece(id).ok().map(|p| p.len()))
+            .max()
+            .unwrap_or(0)
+            .max(4)
+    }
+
     /// Whether a token is a control token (`<|im_end|>`, `<bos>`): never
     /// text the model writes, so grammars may not spell it.
     pub fn is_control(&self, id: u32) -> bool {

@@ -30,6 +30,10 @@ pub struct ZenohConfig {
     pub node: String,
     /// The key space's prefix; empty: "embody/<node>". Default: "".
     pub prefix: String,
+    /// Most bytes of one zenoh message the session takes in (a chat
+    /// payload, a camera frame); zenoh's own default is 1 GiB. Default:
+    /// 33554432.
+    pub max_message_bytes: usize,
 }
 
 impl Default for ZenohConfig {
@@ -43,6 +47,7 @@ impl Default for ZenohConfig {
             config_file: String::new(),
             node: String::new(),
             prefix: String::new(),
+            max_message_bytes: 32 << 20,
         }
     }
 }
@@ -72,6 +77,12 @@ impl ZenohConfig {
 
     /// Checks what can be checked before the session opens.
     pub fn validate(&self) -> Result<(), Error> {
+        if self.max_message_bytes < 65536 {
+            return Err(Error::Config(format!(
+                "zenoh.max_message_bytes must be at least 65536, not {}",
+                self.max_message_bytes
+            )));
+        }
         if !matches!(self.mode.as_str(), "peer" | "client" | "router") {
             return Err(Error::Config(format!(
                 "zenoh.mode must be \"peer\", \"client\" or \"router\", not {:?}",
@@ -273,6 +284,12 @@ impl AdaptersConfig {
         let bad = |m: String| Err(Error::Config(m));
         let mut names = std::collections::HashSet::new();
         for c in &self.cameras {
+            if c.max_bytes > self.zenoh.max_message_bytes {
+                return bad(format!(
+                    "cameras '{}': max_bytes {} is over zenoh.max_message_bytes {}: no frame that large can arrive",
+                    c.name, c.max_bytes, self.zenoh.max_message_bytes
+                ));
+            }
             if c.name.is_empty() || !names.insert(c.name.as_str()) {
                 return bad(format!(
                     "cameras: the name {:?} is empty or used twice",
@@ -415,6 +432,9 @@ mod tests {
         cfg.cameras[0].format = CameraFormat::Ros2Image;
         assert!(check(cfg.clone()).contains("a topic name starting with '/'"));
         cfg.cameras[0].format = CameraFormat::Jpeg;
+        cfg.cameras[0].max_bytes = cfg.zenoh.max_message_bytes + 1;
+        assert!(check(cfg.clone()).contains("over zenoh.max_message_bytes"));
+        cfg.cameras[0].max_bytes = cfg.zenoh.max_message_bytes;
         cfg.cameras
             .push(camera("front", "cam/2", CameraFormat::Png));
         assert!(check(cfg.clone()).contains("used twice"));

@@ -28,6 +28,12 @@ pub fn zenoh_config(cfg: &ZenohConfig) -> Result<zenoh::Config, Error> {
         "scouting/multicast/enabled",
         cfg.multicast_scouting.to_string(),
     )?;
+    // What one message may cost before anything here sees it.
+    set(
+        &mut z,
+        "transport/link/rx/max_message_size",
+        cfg.max_message_bytes.to_string(),
+    )?;
     // A router that is not running must not stop the daemon, and one that
     // starts later must be found: as a peer (or router), connect in the
     // background and keep retrying (zenoh's "no time limit, no exit"). A
@@ -82,6 +88,10 @@ mod tests {
             r#"["tcp/127.0.0.1:7448"]"#
         );
         assert_eq!(z.get_json("scouting/multicast/enabled").unwrap(), "false");
+        assert_eq!(
+            z.get_json("transport/link/rx/max_message_size").unwrap(),
+            (32 << 20).to_string()
+        );
 
         let missing = ZenohConfig {
             config_file: dir.join("nope.json5").display().to_string(),

@@ -221,3 +221,62 @@ fn http_connections_are_bounded_and_idle_ones_closed() {
     );
     assert!(started.elapsed() >= Duration::from_millis(1000));
 }
+
+fn hwm_mib(pid: u32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmHWM");
+    kb / 1024
+}
+
+/// Eight clients at once send 7 MB prompts (under the body limit, far over
+/// what the context holds): each is refused with a 400 that says why,
+/// before its text is rendered or tokenized, so the daemon's peak memory
+/// barely moves (it grew 16× before the text was bounded).
+#[test]
+fn huge_prompts_are_refused_before_they_cost_memory() {
+    let d = Daemon::start(&test_config(&embody_tests::smollm2(), ""));
+    let addr = d.http_url().trim_start_matches("http://").to_string();
+    // The high-water mark so far (loading may have peaked above today's RSS).
+    let before = rss_mib(d.pid()).max(hwm_mib(d.pid()));
+    let text = "the robot sees a red block. ".repeat(7_000_000 / 28);
+    let body = serde_json::json!({
+        "model": "SmolLM2-135M-Instruct.Q4_1",
+        "messages": [{"role": "user", "content": text}],
+        "max_tokens": 4,
+    })
+    .to_string();
+    let replies: Vec<String> = std::thread::scope(|s| {
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut c = std::net::TcpStream::connect(&addr).unwrap();
+                    let head = format!(
+                        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    );
+                    c.write_all(head.as_bytes()).unwrap();
+                    c.write_all(body.as_bytes()).unwrap();
+                    read_to_close(&mut c, Duration::from_secs(120)).expect("an answer")
+                })
+            })
+            .collect();
+        tasks.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    for r in &replies {
+        assert!(r.starts_with("HTTP/1.1 400 "), "{}", &r[..r.len().min(400)]);
+        assert!(r.contains("bytes"), "{r}");
+    }
+    let peak = hwm_mib(d.pid());
+    eprintln!("RSS before {before} MiB, peak {peak} MiB");
+    // The bodies themselves (8 × 7 MB, parsed) are the floor.
+    assert!(
+        peak < before + 400,
+        "peak RSS {peak} MiB from {before} MiB for eight 7 MB prompts"
+    );
+    assert!(status(&d.socket).unwrap().ready);
+}

@@ -155,6 +155,12 @@ pub struct HttpConfig {
     /// connection opening or of its previous response; an idle keep-alive
     /// connection is closed then. Default: 10000.
     pub header_timeout_ms: u64,
+    /// Host names requests may carry in `Host` besides IP addresses and
+    /// `localhost` (DNS rebinding). Default: [].
+    pub allowed_hosts: Vec<String>,
+    /// Web origins (`Origin`) whose pages may call the API; requests from
+    /// any other page are refused. Default: [].
+    pub allowed_origins: Vec<String>,
 }
 
 /// `[service]`
@@ -254,6 +260,8 @@ impl Default for HttpConfig {
             model_id: String::new(),
             max_connections: 256,
             header_timeout_ms: 10_000,
+            allowed_hosts: Vec::new(),
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -546,7 +554,7 @@ mod tests {
             );
             fields += 1;
         }
-        assert_eq!(fields, 48, "every field appears in the shipped config");
+        assert_eq!(fields, 51, "every field appears in the shipped config");
     }
 
     #[test]

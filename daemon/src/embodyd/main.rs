@@ -196,6 +196,8 @@ async fn run(cli: Cli, mut cfg: Config, log: logging::LogHandle) -> Result<()> {
             model_id: cfg.http.model_id.clone(),
             max_connections: cfg.http.max_connections,
             header_timeout: Duration::from_millis(cfg.http.header_timeout_ms),
+            allowed_hosts: cfg.http.allowed_hosts.clone(),
+            allowed_origins: cfg.http.allowed_origins.clone(),
         };
         Some(tokio::spawn(http::serve(
             listener,

@@ -59,6 +59,10 @@ pub struct HttpOptions {
     /// Time for a request's line and headers, from the connection's opening
     /// or its previous response.
     pub header_timeout: Duration,
+    /// Host names (besides IP literals and `localhost`) requests may name.
+    pub allowed_hosts: Vec<String>,
+    /// Origins whose pages may send requests (none: no web page may).
+    pub allowed_origins: Vec<String>,
 }
 
 /// What every handler shares.
@@ -331,7 +335,66 @@ fn router(state: Shared) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.opts.max_body_bytes))
+        .layer(middleware::from_fn_with_state(state.clone(), same_site))
         .with_state(state)
+}
+
+/// Refuses what a web page could send through a visitor's browser: a
+/// request whose `Host` is a name other than `localhost` or one allowed
+/// (DNS rebinding points an attacker's name at 127.0.0.1; an IP literal
+/// cannot be rebound), and a request from a page (`Origin`) not allowed.
+/// Programs (curl, the openai client, robots) send no `Origin`.
+async fn same_site(
+    State(st): State<Shared>,
+    headers: HeaderMap,
+    req: HttpRequest,
+    next: Next,
+) -> Response {
+    let forbid = |message: String| {
+        st.metrics.request("http", "client_error");
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            "invalid_request_error",
+            message,
+            "forbidden",
+        )
+        .into_response()
+    };
+    if let Some(host) = headers.get(header::HOST) {
+        let host = host.to_str().unwrap_or("");
+        if !host_allowed(host, &st.opts.allowed_hosts) {
+            return forbid(format!(
+                "the Host {host:?} is not this server's: use an IP address or localhost, or add the name to http.allowed_hosts"
+            ));
+        }
+    }
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let origin = origin.to_str().unwrap_or("");
+        if !st.opts.allowed_origins.iter().any(|o| o == origin) {
+            return forbid(format!(
+                "requests from web pages (Origin {origin:?}) are refused; add the origin to http.allowed_origins to allow it"
+            ));
+        }
+    }
+    next.run(req).await
+}
+
+/// Whether a `Host` value names this server without a DNS name an attacker
+/// could rebind: an IP literal, `localhost`, or a name in `allowed`.
+fn host_allowed(host: &str, allowed: &[String]) -> bool {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        // [v6]:port
+        return rest
+            .split_once(']')
+            .is_some_and(|(ip, _)| ip.parse::<std::net::Ipv6Addr>().is_ok());
+    } else {
+        host.rsplit_once(':').map_or(host, |(n, _)| n)
+    };
+    name.parse::<std::net::Ipv4Addr>().is_ok()
+        || name.eq_ignore_ascii_case("localhost")
+        || allowed
+            .iter()
+            .any(|a| a.eq_ignore_ascii_case(name) || a.eq_ignore_ascii_case(host))
 }
 
 /// Checks `Authorization: Bearer <api_key>` when a key is configured.
@@ -498,6 +561,33 @@ async fn method_not_allowed(req: HttpRequest) -> ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hosts_an_attacker_cannot_rebind() {
+        let none: &[String] = &[];
+        for ok in [
+            "127.0.0.1:8080",
+            "127.0.0.1",
+            "localhost:8080",
+            "LOCALHOST",
+            "[::1]:8080",
+            "10.0.0.7:80",
+        ] {
+            assert!(host_allowed(ok, none), "{ok}");
+        }
+        for bad in [
+            "evil.example:8080",
+            "evil.example",
+            "127.0.0.1.evil.example:8080",
+            "[evil]:80",
+            "",
+        ] {
+            assert!(!host_allowed(bad, none), "{bad}");
+        }
+        let robot = ["robot.local".to_string()];
+        assert!(host_allowed("robot.local:8080", &robot));
+        assert!(!host_allowed("other.local:8080", &robot));
+    }
 
     #[test]
     fn keys_compare_by_content_only() {
