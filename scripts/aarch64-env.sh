@@ -12,8 +12,9 @@ installed() {
 
 # libc6-dev-arm64-cross (crti.o, libc.so for the cross link) is only a
 # Recommends of the cross compiler: it is named, since recommends are off.
+# binutils-aarch64-linux-gnu's strip makes the arm64 package (scripts/package.sh).
 packages=(rustc-web libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu libc6-dev-arm64-cross
-    qemu-user-static)
+    binutils-aarch64-linux-gnu qemu-user-static)
 missing=()
 for pkg in "${packages[@]}"; do
     installed "$pkg" || missing+=("$pkg")
@@ -29,7 +30,8 @@ fi
 
 # Every file the cross build and qemu read comes from a package named above or
 # one it Depends on, never from something this machine happens to have.
-cross_files=(/usr/bin/rustc /usr/bin/qemu-aarch64-static /lib/aarch64-linux-gnu/libc.so.6)
+cross_files=(/usr/bin/rustc /usr/bin/qemu-aarch64-static /lib/aarch64-linux-gnu/libc.so.6
+    /usr/bin/aarch64-linux-gnu-strip)
 for f in crt1.o crti.o crtn.o libc.so libm.so libgcc_s.so libgcc.a; do
     cross_files+=("$(aarch64-linux-gnu-gcc -print-file-name="$f")")
 done

@@ -413,6 +413,22 @@ impl Drop for Daemon {
     }
 }
 
+/// A memory figure of a process from `/proc/<pid>/status`, in bytes:
+/// `"VmRSS"` (resident now) or `"VmHWM"` (the most it has been resident).
+///
+/// # Panics
+/// If the process or the field is not there.
+pub fn proc_memory(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"));
+    kb * 1024
+}
+
 /// Asks the daemon at `socket` for its status over a plain blocking socket
 /// (no async runtime), with a 5 s limit.
 pub fn status(socket: &std::path::Path) -> std::io::Result<embody_protocol::Status> {

@@ -7,17 +7,16 @@ use std::time::{Duration, Instant};
 
 use embody_protocol::wire::{self, Frame};
 use embody_protocol::ErrorCode;
-use embody_tests::{read_frame, status, test_config, write_tiny_model, Daemon, TempDir};
+use embody_tests::{
+    proc_memory, read_frame, status, test_config, write_tiny_model, Daemon, TempDir,
+};
 
 fn rss_mib(pid: u32) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS");
-    kb / 1024
+    proc_memory(pid, "VmRSS") >> 20
+}
+
+fn hwm_mib(pid: u32) -> u64 {
+    proc_memory(pid, "VmHWM") >> 20
 }
 
 fn tiny_daemon(models: &TempDir, ipc: &str) -> Daemon {
@@ -220,17 +219,6 @@ fn http_connections_are_bounded_and_idle_ones_closed() {
         "an idle keep-alive connection is still open"
     );
     assert!(started.elapsed() >= Duration::from_millis(1000));
-}
-
-fn hwm_mib(pid: u32) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("VmHWM");
-    kb / 1024
 }
 
 /// Eight clients at once send 7 MB prompts (under the body limit, far over

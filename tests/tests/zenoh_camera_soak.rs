@@ -19,16 +19,6 @@ const PREFIX: &str = "embody/soak";
 const SOAK: Duration = Duration::from_secs(20);
 const WARMUP: Duration = Duration::from_secs(5);
 
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .expect("VmRSS");
-    let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-    kb * 1024
-}
-
 /// CPU seconds of each thread of a process, by thread name, most first.
 fn thread_cpu(pid: u32) -> Vec<(String, f64)> {
     let mut by_name = std::collections::BTreeMap::new();
@@ -169,7 +159,7 @@ period_ms = 500
     let mut next_sample = start;
     while start.elapsed() < SOAK {
         if Instant::now() >= next_sample {
-            rss.push((start.elapsed(), rss_bytes(pid)));
+            rss.push((start.elapsed(), embody_tests::proc_memory(pid, "VmRSS")));
             next_sample += Duration::from_millis(500);
         }
         if let Ok(Ok(sample)) =
