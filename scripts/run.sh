@@ -43,4 +43,8 @@ done
 mapfile -t status < <("$bin/embody" status)
 printf '%s\n' "${status[@]:0:2}" >&2
 echo "> $question" >&2
-"$bin/embody" chat "$question" --temperature 0 --max-tokens 128 "$@"
+# Greedy and 128 tokens unless the flags given say otherwise.
+defaults=()
+[[ " $* " == *" --temperature"* ]] || defaults+=(--temperature 0)
+[[ " $* " == *" --max-tokens"* || " $* " == *" -n "* ]] || defaults+=(--max-tokens 128)
+"$bin/embody" chat "$question" "${defaults[@]}" "$@"
