@@ -274,3 +274,43 @@ fn the_cli_without_a_daemon_says_where_it_looked() {
         );
     }
 }
+
+/// `/metrics` counts the socket's requests by outcome, as it counts HTTP's.
+#[test]
+fn socket_requests_are_counted_in_the_metrics() {
+    let models = TempDir::new("embodyd-tiny");
+    let d = Daemon::start(&test_config(&write_tiny_model(models.path()), ""));
+    chat_works(&d);
+    // One refused: max_tokens 0.
+    let mut s = UnixStream::connect(&d.socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut req = Request::user("hello").max_tokens(0);
+    req.id = 4;
+    s.write_all(&wire::encode(&Frame::Chat(req)).unwrap())
+        .unwrap();
+    match read_frame(&mut s).unwrap() {
+        Frame::Event {
+            id: 4,
+            event: Event::Error { code, .. },
+        } => assert_eq!(code, ErrorCode::BadRequest),
+        other => panic!("{other:?}"),
+    }
+    let addr = d.http_url().trim_start_matches("http://").to_string();
+    let mut h = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        h,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    h.read_to_string(&mut text).unwrap();
+    let count = |outcome: &str| -> u64 {
+        let key = format!("embodyd_requests_total{{interface=\"ipc\",outcome=\"{outcome}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(key.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {key}in:\n{text}"))
+    };
+    assert_eq!(count("ok"), 1, "{text}");
+    assert_eq!(count("client_error"), 1, "{text}");
+}

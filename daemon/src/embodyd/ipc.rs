@@ -31,6 +31,8 @@ use embody_protocol::{ErrorCode, Event};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
 
+use crate::http::metrics::{self, Metrics, Tracker};
+
 /// Frames waiting for one connection's writer.
 pub const OUT_QUEUE: usize = 256;
 /// Requests one connection may have running at once.
@@ -42,8 +44,10 @@ pub const IDLE_EVICT_AFTER: Duration = Duration::from_secs(5);
 const EVICT_WAIT: Duration = Duration::from_secs(2);
 
 /// Server settings.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct IpcOptions {
+    /// Where requests are counted (`interface="ipc"` in `/metrics`).
+    pub metrics: Arc<Metrics>,
     /// Most connections at once.
     pub max_connections: usize,
     /// Time limit for the rest of a frame once it has begun.
@@ -314,6 +318,7 @@ async fn connection(
                     continue;
                 }
                 let (rt, out, live) = (rt.clone(), out.clone(), live.clone());
+                let mut tracker = Tracker::new(opts.metrics.clone(), "ipc");
                 forwarders.spawn(async move {
                     let mut events = rt.submit(req).await;
                     let cancelled = {
@@ -327,6 +332,10 @@ async fn connection(
                     }
                     while let Some(event) = events.next().await {
                         let terminal = event.is_terminal();
+                        tracker.event(&event);
+                        if let Some(outcome) = metrics::outcome(&event) {
+                            tracker.finish(outcome);
+                        }
                         if out
                             .send(Frame::Event {
                                 id: client_id,

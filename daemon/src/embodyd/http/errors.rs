@@ -63,12 +63,7 @@ impl ApiError {
 
     /// Which outcome the metrics count this error under.
     pub fn outcome(&self) -> &'static str {
-        match self.status.as_u16() {
-            429 => "overloaded",
-            503 => "unavailable",
-            s if s >= 500 => "server_error",
-            _ => "client_error",
-        }
+        super::metrics::outcome_of_status(self.status.as_u16())
     }
 }
 

@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use embody_protocol::{Event, Status};
+use embody_protocol::openai::http_status;
+use embody_protocol::{Event, FinishReason, Status};
 
 /// The interfaces that count requests.
 pub const INTERFACES: [&str; 2] = ["http", "ipc"];
@@ -23,6 +24,31 @@ pub const OUTCOMES: [&str; 6] = [
     "server_error",
     "cancelled",
 ];
+
+/// How a request that ended with this HTTP status is counted.
+pub fn outcome_of_status(status: u16) -> &'static str {
+    match status {
+        429 => "overloaded",
+        503 => "unavailable",
+        s if s >= 500 => "server_error",
+        s if s >= 400 => "client_error",
+        _ => "ok",
+    }
+}
+
+/// How a request whose stream ends with `ev` is counted (`None` for an
+/// event that does not end it).
+pub fn outcome(ev: &Event) -> Option<&'static str> {
+    match ev {
+        Event::Finished {
+            reason: FinishReason::Cancelled,
+            ..
+        } => Some("cancelled"),
+        Event::Finished { .. } => Some("ok"),
+        Event::Error { code, .. } => Some(outcome_of_status(http_status(*code))),
+        _ => None,
+    }
+}
 
 /// A histogram with fixed buckets (upper bounds in seconds).
 pub struct Histogram {
