@@ -42,6 +42,7 @@ mod cameras;
 mod config;
 mod decoder;
 mod device;
+pub mod metrics;
 mod runtime;
 mod shared;
 mod supervisor;

@@ -44,6 +44,7 @@ struct Inner {
     next_id: AtomicU64,
     call_timeout: Duration,
     cameras: Arc<Cameras>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Whether the decoder makes progress: what the systemd watchdog follows.
@@ -239,6 +240,7 @@ impl Runtime {
                 next_id: AtomicU64::new(1),
                 call_timeout,
                 cameras: Arc::new(Cameras::new()),
+                metrics: Arc::default(),
             }),
         })
     }
@@ -470,6 +472,12 @@ impl Runtime {
     /// and requests attach them by name ([`Request::cameras`]).
     pub fn cameras(&self) -> Arc<Cameras> {
         self.inner.cameras.clone()
+    }
+
+    /// The serving metrics every interface counts its requests in
+    /// (`GET /metrics` shows them).
+    pub fn metrics(&self) -> Arc<crate::metrics::Metrics> {
+        self.inner.metrics.clone()
     }
 
     /// Cancels a request by its runtime id ([`EventStream::id`]). Its stream

@@ -4,7 +4,8 @@
 //! plus `cameras` to attach the latest frame of configured cameras by name;
 //! and what a run of the event stream collects to.
 
-use embody_actors::EventStream;
+use embody_actors::metrics::{self, Tracker};
+use embody_actors::{EventStream, Runtime};
 use embody_protocol::openai::ChatCompletionRequest;
 use embody_protocol::{CameraRef, ErrorCode, Event, FinishReason, Request, Usage};
 
@@ -53,10 +54,18 @@ pub struct Outcome {
     pub error: Option<(ErrorCode, String)>,
 }
 
-/// Reads a stream to its end.
-pub async fn collect(mut events: EventStream) -> Outcome {
+/// Submits `req` and reads its answer to the end, counted in the runtime's
+/// metrics under `interface`.
+pub async fn ask(rt: &Runtime, req: Request, interface: &'static str) -> Outcome {
+    let tracker = Tracker::new(rt.metrics(), interface);
+    collect(rt.submit(req).await, tracker).await
+}
+
+/// Reads a stream to its end, each event noted by `tracker`.
+async fn collect(mut events: EventStream, mut tracker: Tracker) -> Outcome {
     let mut out = Outcome::default();
     while let Some(ev) = events.next().await {
+        track(&mut tracker, &ev);
         match ev {
             Event::Delta { text, .. } => out.text.push_str(&text),
             Event::Finished { reason, usage } => {
@@ -68,6 +77,14 @@ pub async fn collect(mut events: EventStream) -> Outcome {
         }
     }
     out
+}
+
+/// Notes an event of a request's stream, and its outcome when it ends it.
+pub fn track(tracker: &mut Tracker, ev: &Event) {
+    tracker.event(ev);
+    if let Some(outcome) = metrics::outcome(ev) {
+        tracker.finish(outcome);
+    }
 }
 
 #[cfg(test)]

@@ -17,8 +17,9 @@ use zenoh::liveliness::LivelinessToken;
 use zenoh::pubsub::Subscriber;
 use zenoh::query::{Query, Queryable};
 
-use crate::chat::{event_json, parse_request};
+use crate::chat::{event_json, parse_request, track};
 use crate::Error;
+use embody_actors::metrics::Tracker;
 
 /// The declared key space. Dropping it undeclares everything.
 pub(crate) struct KeySpace {
@@ -107,17 +108,20 @@ async fn serve_chat(rt: &Runtime, query: Query, key: &str) {
         .payload()
         .map(|p| p.to_bytes().into_owned())
         .unwrap_or_default();
+    let mut tracker = Tracker::new(rt.metrics(), "zenoh");
     let req = match parse_request(&payload) {
         Ok(r) => r,
         Err(msg) => {
             tracing::warn!("zenoh chat request refused: {msg}");
             let ev = Event::error(ErrorCode::BadRequest, msg);
+            track(&mut tracker, &ev);
             let _ = query.reply(key, event_json(&ev)).await;
             return;
         }
     };
     let mut events = rt.submit(req).await;
     while let Some(ev) = events.next().await {
+        track(&mut tracker, &ev);
         if let Event::Error { code, message } = &ev {
             tracing::debug!("zenoh chat request ended with {code}: {message}");
         }
@@ -169,16 +173,19 @@ async fn serve_published(rt: &Runtime, session: &zenoh::Session, responses: &str
     }
     let key = format!("{responses}/{id}");
     let rest = serde_json::to_vec(&obj).expect("a JSON object serializes");
+    let mut tracker = Tracker::new(rt.metrics(), "zenoh");
     let mut events = match parse_request(&rest) {
         Ok(req) => rt.submit(req).await,
         Err(msg) => {
             tracing::warn!("request {id} on the requests topic refused: {msg}");
             let ev = Event::error(ErrorCode::BadRequest, msg);
+            track(&mut tracker, &ev);
             let _ = session.put(&key, event_json(&ev)).await;
             return;
         }
     };
     while let Some(ev) = events.next().await {
+        track(&mut tracker, &ev);
         if let Err(e) = session.put(&key, event_json(&ev)).await {
             tracing::warn!("publishing on {key} failed: {e}");
         }

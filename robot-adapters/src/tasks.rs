@@ -16,7 +16,7 @@ use embody_actors::Runtime;
 use embody_protocol::{CameraRef, ErrorCode, Request, SamplingParams};
 use serde::Serialize;
 
-use crate::chat::collect;
+use crate::chat::ask;
 use crate::config::TaskConfig;
 use crate::ros2::RosPublisher;
 
@@ -202,7 +202,7 @@ async fn run_once(
                 .sampling(SamplingParams::greedy());
             req.images.push(f.image.clone());
             req.response_format = response_format;
-            let outcome = collect(rt.submit(req).await).await;
+            let outcome = ask(rt, req, "zenoh").await;
             result.text = outcome.text;
             result.completion_tokens = outcome.usage.completion_tokens;
             result.error = outcome

@@ -367,6 +367,29 @@ impl Daemon {
         }
     }
 
+    /// `embodyd_requests_total` of `/metrics` for one interface and outcome.
+    ///
+    /// # Panics
+    /// If the daemon serves no HTTP or the series is missing.
+    pub fn requests_total(&self, interface: &str, outcome: &str) -> u64 {
+        use std::io::{Read, Write};
+        let addr = self.http_url().trim_start_matches("http://").to_string();
+        let mut h = std::net::TcpStream::connect(&addr).expect("the HTTP API");
+        write!(
+            h,
+            "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut text = String::new();
+        h.read_to_string(&mut text).unwrap();
+        let key =
+            format!("embodyd_requests_total{{interface=\"{interface}\",outcome=\"{outcome}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(key.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {key}in:\n{text}"))
+    }
+
     /// The daemon's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

@@ -295,22 +295,6 @@ fn socket_requests_are_counted_in_the_metrics() {
         } => assert_eq!(code, ErrorCode::BadRequest),
         other => panic!("{other:?}"),
     }
-    let addr = d.http_url().trim_start_matches("http://").to_string();
-    let mut h = std::net::TcpStream::connect(&addr).unwrap();
-    write!(
-        h,
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    h.read_to_string(&mut text).unwrap();
-    let count = |outcome: &str| -> u64 {
-        let key = format!("embodyd_requests_total{{interface=\"ipc\",outcome=\"{outcome}\"}} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(key.as_str()))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {key}in:\n{text}"))
-    };
-    assert_eq!(count("ok"), 1, "{text}");
-    assert_eq!(count("client_error"), 1, "{text}");
+    assert_eq!(d.requests_total("ipc", "ok"), 1);
+    assert_eq!(d.requests_total("ipc", "client_error"), 1);
 }

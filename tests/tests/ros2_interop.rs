@@ -78,4 +78,6 @@ ros2_topic = "/embodyd/front_task"
         "{log}"
     );
     assert!(!log.contains("panicked"), "{log}");
+    // Its prompts are counted in /metrics.
+    assert!(d.requests_total("ros2", "ok") >= 1);
 }

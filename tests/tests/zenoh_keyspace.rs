@@ -302,6 +302,10 @@ async fn the_zenoh_key_space_serves_chat_status_cameras_and_liveliness() {
     assert!(!d.log().contains("panicked"), "{}", d.log());
     assert!(!d.log().contains("104857600"), "{}", d.log());
 
+    // The zenoh requests are counted in /metrics, the refused one too.
+    assert!(d.requests_total("zenoh", "ok") >= 2);
+    assert!(d.requests_total("zenoh", "client_error") >= 1);
+
     // The alive token goes with the daemon.
     d.signal(libc::SIGTERM);
     let gone = tokio::time::timeout(Duration::from_secs(15), async {

@@ -31,7 +31,7 @@ use embody_protocol::{ErrorCode, Event};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
 
-use crate::http::metrics::{self, Metrics, Tracker};
+use embody_actors::metrics::{self, Tracker};
 
 /// Frames waiting for one connection's writer.
 pub const OUT_QUEUE: usize = 256;
@@ -44,10 +44,8 @@ pub const IDLE_EVICT_AFTER: Duration = Duration::from_secs(5);
 const EVICT_WAIT: Duration = Duration::from_secs(2);
 
 /// Server settings.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct IpcOptions {
-    /// Where requests are counted (`interface="ipc"` in `/metrics`).
-    pub metrics: Arc<Metrics>,
     /// Most connections at once.
     pub max_connections: usize,
     /// Time limit for the rest of a frame once it has begun.
@@ -318,7 +316,7 @@ async fn connection(
                     continue;
                 }
                 let (rt, out, live) = (rt.clone(), out.clone(), live.clone());
-                let mut tracker = Tracker::new(opts.metrics.clone(), "ipc");
+                let mut tracker = Tracker::new(rt.metrics(), "ipc");
                 forwarders.spawn(async move {
                     let mut events = rt.submit(req).await;
                     let cancelled = {

@@ -157,8 +157,6 @@ async fn run(cli: Cli, mut cfg: Config, log: logging::LogHandle) -> Result<()> {
     };
 
     let socket = config::socket_path(cli.socket.as_deref(), &cfg);
-    // Requests of every door that counts them, exported on /metrics.
-    let metrics = std::sync::Arc::new(http::metrics::Metrics::default());
     let listener = ipc::bind(&socket).await?;
     let _socket_file = ipc::SocketFile(socket.clone());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -166,7 +164,6 @@ async fn run(cli: Cli, mut cfg: Config, log: logging::LogHandle) -> Result<()> {
         listener,
         runtime.clone(),
         ipc::IpcOptions {
-            metrics: metrics.clone(),
             max_connections: cfg.ipc.max_connections,
             frame_timeout: Duration::from_millis(cfg.ipc.frame_timeout_ms),
             write_timeout: Duration::from_millis(cfg.ipc.write_timeout_ms),
@@ -205,7 +202,7 @@ async fn run(cli: Cli, mut cfg: Config, log: logging::LogHandle) -> Result<()> {
         Some(tokio::spawn(http::serve(
             listener,
             runtime.clone(),
-            metrics.clone(),
+            runtime.metrics(),
             opts,
             http_stop_rx,
             Duration::from_secs(2),

@@ -12,7 +12,7 @@ use zenoh::pubsub::{Publisher, Subscriber};
 
 use super::msgs::{self, RosType};
 use super::wire::{self, Attachment, EntityKind, NodeIdentity};
-use crate::chat::collect;
+use crate::chat::ask;
 use crate::config::Ros2Config;
 use crate::Error;
 
@@ -198,7 +198,7 @@ async fn answer(rt: &Runtime, out: &RosPublisher, cfg: &Ros2Config, payload: &[u
             max_age_ms: None,
         });
     }
-    let outcome = collect(rt.submit(req).await).await;
+    let outcome = ask(rt, req, "ros2").await;
     let text = match outcome.error {
         Some((code, message)) => {
             tracing::warn!("ROS 2 prompt failed: {code}: {message}");

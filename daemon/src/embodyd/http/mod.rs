@@ -20,7 +20,7 @@
 mod chat;
 mod completions;
 mod errors;
-pub mod metrics;
+pub use embody_actors::metrics;
 mod sse;
 
 use std::net::SocketAddr;

@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 use embody_protocol::openai::http_status;
 use embody_protocol::{Event, FinishReason, Status};
 
-/// The interfaces that count requests.
-pub const INTERFACES: [&str; 2] = ["http", "ipc"];
+/// The interfaces that count requests (zenoh: chat queries, published
+/// requests and perception tasks; ros2: prompts of the ROS 2 node).
+pub const INTERFACES: [&str; 4] = ["http", "ipc", "zenoh", "ros2"];
 /// How a request ended.
 pub const OUTCOMES: [&str; 6] = [
     "ok",
