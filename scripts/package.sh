@@ -26,6 +26,13 @@ case "$PROFILE" in
 esac
 OUT="${OUT:-${CARGO_TARGET_DIR:-$PWD/target}/debian}"
 
+# strip and readelf come from binutils (dpkg-deb comes with dpkg).
+if ! command -v readelf >/dev/null || ! command -v strip >/dev/null; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo=sudo
+  { $sudo apt-get update && $sudo apt-get install -y --no-install-recommends binutils; } >&2
+fi
+
 if [ -n "${BINS:-}" ]; then
   bins="$BINS"
 elif [ "$ARCH" = "$(dpkg --print-architecture)" ]; then

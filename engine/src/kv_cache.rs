@@ -283,7 +283,7 @@ impl KvCache {
     }
 
     /// Layers in the main pool and in the window pool.
-    pub fn layers_per_pool(layout: KvLayout) -> (usize, usize) {
+    fn layers_per_pool(layout: KvLayout) -> (usize, usize) {
         let n_window = (0..layout.n_layers)
             .filter(|&l| layout.is_window_layer(l))
             .count();
