@@ -21,6 +21,10 @@ pub struct RuntimeConfig {
     pub context_length: usize,
     /// Most tokens in one forward pass (longer prompts are prefilled in chunks).
     pub max_batch_tokens: usize,
+    /// Read control-token text inside messages (`<|im_end|>`) as the control
+    /// token, as transformers and llama.cpp do. Off: messages are plain text
+    /// and only the chat template's markup makes control tokens.
+    pub special_tokens_in_messages: bool,
     /// Memory for the paged KV cache, in MiB.
     pub kv_cache_mb: usize,
     /// Tokens per KV block.
@@ -79,6 +83,7 @@ impl Default for RuntimeConfig {
             threads: 0,
             context_length: 4096,
             max_batch_tokens: 512,
+            special_tokens_in_messages: false,
             kv_cache_mb: 256,
             block_size: embody_engine::kv_cache::DEFAULT_BLOCK_SIZE,
             max_running: 8,

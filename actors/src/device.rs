@@ -26,6 +26,7 @@ pub(crate) struct DeviceArgs {
     pub backend: BackendKind,
     pub threads: usize,
     pub opts: LoadOptions,
+    pub special_tokens_in_messages: bool,
 }
 
 /// Memory the device holds.
@@ -57,6 +58,8 @@ pub(crate) struct ModelSource {
     /// (context length times the longest token's text): longer ones are
     /// refused before they are tokenized.
     pub max_prompt_bytes: usize,
+    /// Control-token text in messages acts as the control token.
+    pub special_tokens_in_messages: bool,
     pub name: String,
     pub weights_bytes: u64,
     /// The instance built while loading, kept for the first decoder.
@@ -128,6 +131,7 @@ impl ModelSource {
             grammars: OnceLock::new(),
             info,
             max_prompt_bytes,
+            special_tokens_in_messages: args.special_tokens_in_messages,
             name,
             weights_bytes,
             first: Mutex::new(Some(model)),

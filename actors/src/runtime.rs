@@ -8,14 +8,14 @@ use std::time::{Duration, Instant, SystemTime};
 
 use embody_engine::chat_template::ChatMessage;
 use embody_engine::constraint::{Constraint, GrammarSpec};
-use embody_engine::generate::encode_chat;
+use embody_engine::message_text::MessageText;
 use embody_engine::tool_calls::{
     call_grammar, json_format_messages, ForcedCall, Piece, ToolCallParser, ToolFormat,
 };
 use embody_engine::vision::prompt::{lay_out, Laid};
 use embody_engine::vision::EncodedImage;
 use embody_protocol::openai::ResponseFormat;
-use embody_protocol::{ErrorCode, Event, Fault, Message, Request, Role, Status, ToolChoice};
+use embody_protocol::{ErrorCode, Event, Fault, Message, Request, Status, ToolChoice};
 use ractor::{Actor, ActorRef};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
@@ -381,10 +381,13 @@ impl Runtime {
                     .tokenizer
                     .encode(&text, true, true)
                     .map_err(|e| e.to_string())?,
-                None => {
-                    let messages = with_image_slots(&source, messages, encoded.len())?;
-                    render_prompt(&source, &messages, tools.as_ref(), forced.as_ref())?
-                }
+                None => render_prompt(
+                    &source,
+                    &messages,
+                    encoded.len(),
+                    tools.as_ref(),
+                    forced.as_ref(),
+                )?,
             };
             let prompt = match &source.vision {
                 Some(v) if !encoded.is_empty() => {
@@ -678,29 +681,16 @@ fn chat_message(m: &Message) -> ChatMessage {
 /// Longest wait for the vision actor to encode a request's images.
 const ENCODE_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// The conversation with one image slot per image at the start of the last
-/// user message (where the images of a request go), for the template to
-/// render and the placeholders to be expanded after tokenization.
-fn with_image_slots(
-    src: &ModelSource,
-    mut messages: Vec<Message>,
-    images: usize,
-) -> Result<Vec<Message>, String> {
-    let Some(v) = src.vision.as_ref().filter(|_| images > 0) else {
-        return Ok(messages);
-    };
-    let Some(last_user) = messages.iter_mut().rev().find(|m| m.role == Role::User) else {
-        return Err("images need a user message to go with".into());
-    };
-    last_user.content = format!("{}{}", v.slot.repeat(images), last_user.content);
-    Ok(messages)
-}
-
-/// Renders the conversation with the model's chat template and tokenizes it.
-/// Templates without tool support get the tools in a system prompt block.
+/// Renders the conversation with the model's chat template and tokenizes it,
+/// with one image slot per image at the start of the last user message (where
+/// the images of a request go; the placeholders are expanded after
+/// tokenization). Templates without tool support get the tools in a system
+/// prompt block. Unless the model is configured otherwise, control-token text
+/// in the messages and tools stays text.
 fn render_prompt(
     src: &ModelSource,
     messages: &[Message],
+    images: usize,
     tools: Option<&serde_json::Value>,
     forced: Option<&ForcedCall>,
 ) -> Result<Vec<u32>, String> {
@@ -711,6 +701,25 @@ fn render_prompt(
     let tok = &src.tokenizer;
     let bos = tok.bos_id().and_then(|b| tok.token_text(b)).unwrap_or("");
     let eos = tok.eos_id().and_then(|e| tok.token_text(e)).unwrap_or("");
+    let mut guard = MessageText::new(tok, template);
+    let mut guarded_tools = None;
+    if !src.special_tokens_in_messages {
+        let err = |e: embody_engine::Error| e.to_string();
+        messages = messages
+            .iter()
+            .map(|m| guard.message(m))
+            .collect::<Result<_, _>>()
+            .map_err(err)?;
+        guarded_tools = tools.map(|t| guard.value(t)).transpose().map_err(err)?;
+    }
+    let tools = guarded_tools.as_ref().or(tools);
+    // The slots are the template's markup: placed after the guard.
+    if let Some(v) = src.vision.as_ref().filter(|_| images > 0) {
+        let Some(last_user) = messages.iter_mut().rev().find(|m| m.role == "user") else {
+            return Err("images need a user message to go with".into());
+        };
+        last_user.content = format!("{}{}", v.slot.repeat(images), last_user.content);
+    }
     let mut extra = None;
     let json_format = src.tool_format == ToolFormat::Json;
     let has_tool_turns = messages
@@ -724,7 +733,7 @@ fn render_prompt(
     let text = template
         .render(&messages, true, bos, eos, extra.as_ref())
         .map_err(|e| e.to_string())?;
-    encode_chat(tok, &text).map_err(|e| e.to_string())
+    guard.encode(&text).map_err(|e| e.to_string())
 }
 
 /// Bytes of the text a request puts in its prompt: the raw prompt or the

@@ -327,6 +327,7 @@ impl Actor for Supervisor {
             mmproj: cfg.mmproj.clone(),
             backend: cfg.backend,
             threads: cfg.threads,
+            special_tokens_in_messages: cfg.special_tokens_in_messages,
             opts: embody_engine::models::LoadOptions {
                 max_batch_tokens: cfg.max_batch_tokens,
                 context_length: cfg.context_length,

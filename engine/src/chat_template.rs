@@ -60,6 +60,7 @@ impl ChatMessage {
 /// A compiled chat template.
 pub struct ChatTemplate {
     env: Environment<'static>,
+    source: String,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -96,7 +97,15 @@ impl ChatTemplate {
         env.add_function("strftime_now", strftime_now);
         env.add_template_owned(NAME, source.to_owned())
             .map_err(template_err)?;
-        Ok(Self { env })
+        Ok(Self {
+            env,
+            source: source.to_owned(),
+        })
+    }
+
+    /// The template's text.
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// Renders a conversation. `bos_token`/`eos_token` are the model's token

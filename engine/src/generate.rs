@@ -79,18 +79,24 @@ impl StopMatcher {
 /// added by the tokenizer only when the template did not already write it (as
 /// llama.cpp does, so the prompt never starts with two BOS tokens).
 pub fn encode_chat(tok: &Tokenizer, rendered: &str) -> Result<Vec<u32>> {
+    encode_chat_parts(tok, &[(rendered, false)])
+}
+
+/// [`encode_chat`] for a prompt in parts, those marked literal tokenized
+/// without special parsing ([`Tokenizer::encode_parts`]).
+pub fn encode_chat_parts(tok: &Tokenizer, parts: &[(&str, bool)]) -> Result<Vec<u32>> {
     let bos_text = tok.bos_id().and_then(|b| tok.token_text(b));
-    let text = match bos_text {
-        Some(b) if !b.is_empty() && rendered.starts_with(b) => {
-            let ids = tok.encode(&rendered[b.len()..], true, true)?;
+    if let (Some(b), Some(&(first, false))) = (bos_text, parts.first()) {
+        if !b.is_empty() && first.starts_with(b) {
+            let mut rest = parts.to_vec();
+            rest[0].0 = &first[b.len()..];
+            let ids = tok.encode_parts(&rest, true)?;
             if ids.first() == tok.bos_id().as_ref() {
                 return Ok(ids);
             }
-            rendered
         }
-        _ => rendered,
-    };
-    tok.encode(text, true, true)
+    }
+    tok.encode_parts(parts, true)
 }
 
 #[cfg(test)]

@@ -23,6 +23,7 @@ pub mod generate;
 pub mod gguf;
 pub mod hf;
 pub mod kv_cache;
+pub mod message_text;
 pub mod models;
 pub mod ops;
 pub mod perplexity;

@@ -358,6 +358,20 @@ struct SpecialIndex {
 }
 
 impl SpecialIndex {
+    /// The control, unknown and user-defined tokens of a vocabulary.
+    fn of(attrs: &[Attr], tokens: &[String]) -> Self {
+        Self::new(
+            attrs
+                .iter()
+                .zip(tokens)
+                .enumerate()
+                .filter_map(|(id, (a, t))| {
+                    (a.needs_parse_special() || *a == Attr::UserDefined)
+                        .then_some((id as u32, t.as_str()))
+                }),
+        )
+    }
+
     fn new<'a>(tokens: impl Iterator<Item = (u32, &'a str)>) -> Self {
         let mut by_text = HashMap::new();
         let mut first_byte = vec![false; 256];
@@ -683,12 +697,7 @@ impl Tokenizer {
         hf.add_tokens(&added(|a| a == Attr::UserDefined, false));
         hf.set_encode_special_tokens(true);
 
-        let specials = SpecialIndex::new(attrs.iter().zip(&tokens).enumerate().filter_map(
-            |(id, (a, t))| {
-                (a.needs_parse_special() || *a == Attr::UserDefined)
-                    .then_some((id as u32, t.as_str()))
-            },
-        ));
+        let specials = SpecialIndex::of(&attrs, &tokens);
 
         Ok(Self {
             hf,
@@ -800,7 +809,9 @@ impl Tokenizer {
             hf_plain: OnceLock::new(),
             kind: Kind::HfJson,
             spm: None,
-            specials: SpecialIndex::default(),
+            // Only for finding control-token text (`control_texts_in`): the
+            // HF tokenizer splits its added tokens itself.
+            specials: SpecialIndex::of(&attrs, &tokens),
             byte_level,
             bos,
             eos,
@@ -867,6 +878,40 @@ impl Tokenizer {
             ids.extend(self.eos);
         }
         Ok(ids)
+    }
+
+    /// Text in parts, tokenized as one: BOS/EOS (with `add_special`) at the two
+    /// ends only, and each part with special parsing unless it is marked
+    /// literal. One unmarked part is exactly `encode(text, add_special, true)`.
+    pub fn encode_parts(&self, parts: &[(&str, bool)], add_special: bool) -> Result<Vec<u32>> {
+        if let [(text, literal)] = parts {
+            return self.encode(text, add_special, !literal);
+        }
+        let mut ids = Vec::new();
+        if add_special && self.add_bos {
+            ids.extend(self.bos);
+        }
+        for &(text, literal) in parts {
+            ids.extend(self.encode(text, false, !literal)?);
+        }
+        if add_special && self.add_eos {
+            ids.extend(self.eos);
+        }
+        Ok(ids)
+    }
+
+    /// The texts of the control tokens (those only special parsing reads as
+    /// tokens) that occur in `text`, longest first.
+    pub fn control_texts_in(&self, text: &str) -> Vec<&str> {
+        let mut found: Vec<&str> = self
+            .specials
+            .occurring(text)
+            .into_iter()
+            .filter(|&id| self.attrs[id as usize].needs_parse_special())
+            .map(|id| self.tokens[id as usize].as_str())
+            .collect();
+        found.sort_by_key(|t| std::cmp::Reverse(t.len()));
+        found
     }
 
     /// llama.cpp's `tokenizer_st_partition`: cut special tokens out of the text,
@@ -1216,12 +1261,12 @@ fn read_json_opt(path: &Path) -> Result<serde_json::Value> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A byte-level BPE vocabulary: the 256 byte characters, a few merges, and
     /// control / user-defined tokens.
-    fn tiny_bpe() -> Tokenizer {
+    pub(crate) fn tiny_bpe() -> Tokenizer {
         let (chars, _) = byte_level_chars();
         let mut tokens: Vec<String> = chars.iter().map(|c| c.to_string()).collect();
         let merges = [

@@ -354,9 +354,9 @@ fn run(cli: Cli) -> Result<()> {
                 Some((v, encoded))
             };
             // Each image's slot goes before the prompt's text.
-            let prompt = match &vision {
-                Some((v, encoded)) => format!("{}{prompt}", v.slot.repeat(encoded.len())),
-                None => prompt,
+            let slots = match &vision {
+                Some((v, encoded)) => v.slot.repeat(encoded.len()),
+                None => String::new(),
             };
             let ids = if chat {
                 let mut messages = Vec::new();
@@ -372,9 +372,16 @@ fn run(cli: Cli) -> Result<()> {
                     None => None,
                 };
                 let arch = m.model.info().arch.clone();
-                chat_prompt(&m.tokenizer, &messages, override_src.as_deref(), &arch)?
+                chat_prompt(
+                    &m.tokenizer,
+                    &messages,
+                    &slots,
+                    override_src.as_deref(),
+                    &arch,
+                )?
             } else {
-                m.tokenizer.encode(&prompt, true, true)?
+                m.tokenizer
+                    .encode(&format!("{slots}{prompt}"), true, true)?
             };
             // Defaults, then a folder's generation_config.json, then the flags.
             let mut sampling = SamplingParams::default();
@@ -462,10 +469,12 @@ fn run(cli: Cli) -> Result<()> {
 
 /// Renders messages through a chat template and tokenizes the result: the
 /// `--chat-template` file, else the model's own, else the architecture's
-/// standard one (Gemma 3 GGUF conversions often carry none).
+/// standard one (Gemma 3 GGUF conversions often carry none). `slots` (the
+/// image placeholders) go before the last message's text.
 fn chat_prompt(
     tok: &Tokenizer,
     messages: &[ChatMessage],
+    slots: &str,
     override_src: Option<&str>,
     arch: &str,
 ) -> Result<Vec<u32>> {
@@ -484,8 +493,19 @@ fn chat_prompt(
     let template = ChatTemplate::new(src)?;
     let bos = tok.bos_id().and_then(|b| tok.token_text(b)).unwrap_or("");
     let eos = tok.eos_id().and_then(|e| tok.token_text(e)).unwrap_or("");
-    let text = template.render(messages, true, bos, eos, None)?;
-    Ok(embody_engine::generate::encode_chat(tok, &text)?)
+    // Control-token text typed into a message stays text, as in the daemon.
+    let mut guard = embody_engine::message_text::MessageText::new(tok, &template);
+    let mut messages = messages
+        .iter()
+        .map(|m| guard.message(m))
+        .collect::<embody_engine::Result<Vec<_>>>()?;
+    // The image slots are markup: placed after the guard, before the last
+    // message's text.
+    if let Some(last) = messages.last_mut() {
+        last.content.insert_str(0, slots);
+    }
+    let text = template.render(&messages, true, bos, eos, None)?;
+    Ok(guard.encode(&text)?)
 }
 
 fn inspect(path: &Path) -> Result<()> {

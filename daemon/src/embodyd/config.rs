@@ -67,6 +67,12 @@ pub struct ModelConfig {
     pub context_length: usize,
     /// Most tokens in one forward pass; longer prompts are prefilled in chunks. Default: 512.
     pub max_batch_tokens: usize,
+    /// Read control-token text inside messages and tool definitions (such as
+    /// `<|im_end|>`) as the control token, as transformers and llama.cpp do.
+    /// Off, message text is plain text, so it cannot close its own turn or
+    /// forge another; only the chat template's markup makes control tokens.
+    /// Default: false.
+    pub special_tokens_in_messages: bool,
 }
 
 /// `[cache]`
@@ -202,6 +208,7 @@ impl Default for ModelConfig {
             threads: 0,
             context_length: 4096,
             max_batch_tokens: 512,
+            special_tokens_in_messages: false,
         }
     }
 }
@@ -401,6 +408,7 @@ impl Config {
             threads: self.model.threads,
             context_length: self.model.context_length,
             max_batch_tokens: self.model.max_batch_tokens,
+            special_tokens_in_messages: self.model.special_tokens_in_messages,
             kv_cache_mb: self.cache.kv_cache_mb,
             block_size: self.cache.block_size,
             prefix_cache: self.cache.prefix_cache,
@@ -554,7 +562,7 @@ mod tests {
             );
             fields += 1;
         }
-        assert_eq!(fields, 51, "every field appears in the shipped config");
+        assert_eq!(fields, 52, "every field appears in the shipped config");
     }
 
     #[test]
