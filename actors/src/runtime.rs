@@ -23,7 +23,7 @@ use crate::cache::CacheMsg;
 use crate::cameras::Cameras;
 use crate::config::{Limits, RuntimeConfig};
 use crate::device::{DeviceError, ModelSource};
-use crate::shared::{lock, EventTx, Pending, Shared};
+use crate::shared::{lock, EventTx, NotQueued, Pending, Shared};
 use crate::supervisor::{Supervisor, SupervisorArgs, SupervisorMsg};
 use crate::vision::{VisionError, VisionMsg};
 use crate::{call, Children, RuntimeError};
@@ -185,6 +185,7 @@ impl Drop for EventStream {
         if !self.done {
             self.shared.cancel(self.id);
         }
+        self.shared.streams.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -251,6 +252,7 @@ impl Runtime {
     pub async fn submit(&self, req: Request) -> EventStream {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = unbounded_channel();
+        self.inner.shared.streams.fetch_add(1, Ordering::SeqCst);
         let mut stream = EventStream {
             id,
             rx,
@@ -280,10 +282,7 @@ impl Runtime {
         let shared = &self.inner.shared;
         let bad = |m: String| Event::error(ErrorCode::BadRequest, m);
         if shared.draining.load(Ordering::SeqCst) || shared.stopping.load(Ordering::SeqCst) {
-            return Err(Event::error(
-                ErrorCode::Unavailable,
-                "embodyd is shutting down and takes no new requests",
-            ));
+            return Err(Event::error(ErrorCode::Unavailable, SHUTTING_DOWN));
         }
         let limits = shared.limits();
         let raw = req.prompt.take();
@@ -427,15 +426,18 @@ impl Runtime {
             logprobs,
             tx,
         };
-        shared.enqueue(pending, limits.max_queued).map_err(|n| {
-            Event::error(
-                ErrorCode::Overloaded,
-                format!(
-                    "{n} requests are already queued (max_queued = {}); retry later",
-                    limits.max_queued
+        shared
+            .enqueue(pending, limits.max_queued)
+            .map_err(|why| match why {
+                NotQueued::Full(n) => Event::error(
+                    ErrorCode::Overloaded,
+                    format!(
+                        "{n} requests are already queued (max_queued = {}); retry later",
+                        limits.max_queued
+                    ),
                 ),
-            )
-        })?;
+                NotQueued::Closed => Event::error(ErrorCode::Unavailable, SHUTTING_DOWN),
+            })?;
         Ok(parse_calls.then_some(format))
     }
 
@@ -568,12 +570,26 @@ impl Runtime {
         }
     }
 
+    /// Waits up to `within` for every event stream to be dropped: each door
+    /// drops a request's stream once it has delivered the terminal event (or
+    /// its client is gone). Returns how many are still open.
+    pub async fn streams_closed(&self, within: Duration) -> usize {
+        let start = Instant::now();
+        loop {
+            let open = self.inner.shared.streams.load(Ordering::SeqCst);
+            if open == 0 || start.elapsed() >= within {
+                return open;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Stops the actors. Requests still queued or running end with an
     /// `unavailable` error.
     pub async fn shutdown(&self) {
         let shared = &self.inner.shared;
         shared.draining.store(true, Ordering::SeqCst);
-        shared.fail_queued(
+        shared.close_queue(
             ErrorCode::Unavailable,
             "embodyd stopped before this request ran",
         );
@@ -600,6 +616,9 @@ impl Runtime {
         }
     }
 }
+
+/// The refusal of a request that arrives while the daemon stops.
+const SHUTTING_DOWN: &str = "embodyd is shutting down and takes no new requests";
 
 /// Most alternatives a request may ask log-probabilities of.
 const MAX_TOP_LOGPROBS: u32 = 20;

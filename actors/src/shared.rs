@@ -7,7 +7,7 @@
 //! and given its terminal error.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -43,6 +43,17 @@ pub(crate) struct Inbox {
     pub cancels: Vec<u64>,
     /// A fault to inject (tests only).
     pub fault: Option<embody_protocol::Fault>,
+    /// Set when the runtime stops: nothing more is queued.
+    pub closed: bool,
+}
+
+/// Why a request was not queued.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum NotQueued {
+    /// This many requests are already waiting.
+    Full(usize),
+    /// The runtime is stopping.
+    Closed,
 }
 
 /// Counters the decoder publishes after each step.
@@ -74,6 +85,9 @@ pub(crate) struct Shared {
     last_beat_ms: AtomicU64,
     /// Whether a decoder thread is running now.
     pub decoder_up: AtomicBool,
+    /// Event streams handed out and not yet dropped: requests whose door
+    /// has not finished delivering their events.
+    pub streams: AtomicUsize,
 }
 
 /// Locks a mutex, recovering the data if a thread panicked while holding it:
@@ -98,6 +112,7 @@ impl Shared {
             start: Instant::now(),
             last_beat_ms: AtomicU64::new(0),
             decoder_up: AtomicBool::new(false),
+            streams: AtomicUsize::new(0),
         }
     }
 
@@ -141,11 +156,14 @@ impl Shared {
     /// Adds a request behind every queued request of the same or higher
     /// priority. Refuses it when the queue is at its bound, returning the
     /// queue's length.
-    pub fn enqueue(&self, p: Pending, max_queued: usize) -> Result<(), usize> {
+    pub fn enqueue(&self, p: Pending, max_queued: usize) -> Result<(), NotQueued> {
         let mut inbox = lock(&self.inbox);
+        if inbox.closed {
+            return Err(NotQueued::Closed);
+        }
         let n = inbox.queue.len();
         if n >= max_queued {
-            return Err(n);
+            return Err(NotQueued::Full(n));
         }
         let at = inbox
             .queue
@@ -221,7 +239,22 @@ impl Shared {
 
     /// Ends every queued request with an error event.
     pub fn fail_queued(&self, code: ErrorCode, message: &str) -> usize {
-        let queued: Vec<Pending> = lock(&self.inbox).queue.drain(..).collect();
+        self.end_queued(code, message, false)
+    }
+
+    /// Ends every queued request with this error and queues nothing more:
+    /// a request still being admitted is refused when it arrives, so every
+    /// request gets its terminal event.
+    pub fn close_queue(&self, code: ErrorCode, message: &str) -> usize {
+        self.end_queued(code, message, true)
+    }
+
+    fn end_queued(&self, code: ErrorCode, message: &str, close: bool) -> usize {
+        let queued: Vec<Pending> = {
+            let mut inbox = lock(&self.inbox);
+            inbox.closed |= close;
+            inbox.queue.drain(..).collect()
+        };
         for p in &queued {
             let _ = p.tx.send(Event::error(code, message));
         }

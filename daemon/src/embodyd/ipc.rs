@@ -29,7 +29,7 @@ use embody_client::framing::{read_frame, write_frame, ReadError};
 use embody_protocol::wire::{ErrorBody, Frame};
 use embody_protocol::{ErrorCode, Event};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, watch, Notify, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Notify, Semaphore};
 
 use embody_actors::metrics::{self, Tracker};
 
@@ -42,6 +42,22 @@ pub const MAX_REQUESTS: usize = 256;
 pub const IDLE_EVICT_AFTER: Duration = Duration::from_secs(5);
 /// How long a new client waits for an evicted connection's place.
 const EVICT_WAIT: Duration = Duration::from_secs(2);
+
+/// A frame for a connection's writer; `written` hears when it is written
+/// (or dropped with the connection).
+struct Outgoing {
+    frame: Frame,
+    written: Option<oneshot::Sender<()>>,
+}
+
+impl From<Frame> for Outgoing {
+    fn from(frame: Frame) -> Self {
+        Self {
+            frame,
+            written: None,
+        }
+    }
+}
 
 /// Server settings.
 #[derive(Clone, Debug)]
@@ -221,12 +237,16 @@ async fn connection(
     started: Instant,
 ) {
     let (mut rd, mut wr) = stream.into_split();
-    let (out, mut out_rx) = mpsc::channel::<Frame>(OUT_QUEUE);
+    let (out, mut out_rx) = mpsc::channel::<Outgoing>(OUT_QUEUE);
     let write_timeout = opts.write_timeout;
     let who = peer.to_string();
     let writer = tokio::spawn(async move {
-        while let Some(frame) = out_rx.recv().await {
-            match tokio::time::timeout(write_timeout, write_frame(&mut wr, &frame)).await {
+        while let Some(Outgoing { frame, written }) = out_rx.recv().await {
+            let result = tokio::time::timeout(write_timeout, write_frame(&mut wr, &frame)).await;
+            if let Some(w) = written {
+                let _ = w.send(());
+            }
+            match result {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     tracing::debug!("client gone: {e}");
@@ -255,7 +275,7 @@ async fn connection(
                 let _ = out.try_send(Frame::Error(ErrorBody {
                     code: ErrorCode::Overloaded,
                     message: "closed while idle: every connection was taken and a new client needed one (ipc.max_connections)".into(),
-                }));
+                }).into());
                 break;
             }
         };
@@ -276,10 +296,13 @@ async fn connection(
                 };
                 tracing::warn!(peer, "bad frame, closing the connection: {e}");
                 let _ = out
-                    .send(Frame::Error(ErrorBody {
-                        code,
-                        message: e.to_string(),
-                    }))
+                    .send(
+                        Frame::Error(ErrorBody {
+                            code,
+                            message: e.to_string(),
+                        })
+                        .into(),
+                    )
                     .await;
                 break;
             }
@@ -310,7 +333,7 @@ async fn connection(
                         id: client_id,
                         event,
                     };
-                    if out.send(frame).await.is_err() {
+                    if out.send(frame.into()).await.is_err() {
                         break;
                     }
                     continue;
@@ -334,18 +357,24 @@ async fn connection(
                         if let Some(outcome) = metrics::outcome(&event) {
                             tracker.finish(outcome);
                         }
-                        if out
-                            .send(Frame::Event {
-                                id: client_id,
-                                event,
-                            })
-                            .await
-                            .is_err()
-                        {
+                        // The stream is held until its last event is written:
+                        // the daemon waits for open streams before it exits.
+                        let (written, wrote) = if terminal {
+                            let (tx, rx) = oneshot::channel();
+                            (Some(tx), Some(rx))
+                        } else {
+                            (None, None)
+                        };
+                        let frame = Frame::Event {
+                            id: client_id,
+                            event,
+                        };
+                        if out.send(Outgoing { frame, written }).await.is_err() {
                             // The connection is gone: dropping the stream cancels it.
                             break;
                         }
-                        if terminal {
+                        if let Some(wrote) = wrote {
+                            let _ = wrote.await;
                             break;
                         }
                     }
@@ -381,7 +410,7 @@ async fn connection(
                         }),
                     },
                 };
-                if out.send(frame).await.is_err() {
+                if out.send(frame.into()).await.is_err() {
                     break;
                 }
             }
@@ -401,7 +430,7 @@ async fn connection(
                         }),
                     },
                 };
-                if out.send(frame).await.is_err() {
+                if out.send(frame.into()).await.is_err() {
                     break;
                 }
             }
@@ -420,7 +449,7 @@ async fn connection(
                         message: e.to_string(),
                     }),
                 };
-                if out.send(Frame::Ack { id, error }).await.is_err() {
+                if out.send(Frame::Ack { id, error }.into()).await.is_err() {
                     break;
                 }
             }
@@ -431,10 +460,13 @@ async fn connection(
                 );
                 tracing::warn!(peer, "bad frame, closing the connection: {message}");
                 let _ = out
-                    .send(Frame::Error(ErrorBody {
-                        code: ErrorCode::BadFrame,
-                        message,
-                    }))
+                    .send(
+                        Frame::Error(ErrorBody {
+                            code: ErrorCode::BadFrame,
+                            message,
+                        })
+                        .into(),
+                    )
                     .await;
                 break;
             }

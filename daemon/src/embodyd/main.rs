@@ -5,7 +5,8 @@
 //!
 //! Signals: SIGTERM and SIGINT stop admitting requests (HTTP answers 503
 //! while the drain lasts), let those in flight finish up to
-//! `service.drain_timeout_ms`, then exit 0. SIGHUP re-reads the
+//! `service.drain_timeout_ms`, end the rest with an `unavailable` error that
+//! each door delivers before it closes, then exit 0. SIGHUP re-reads the
 //! configuration file and applies what can change while running.
 
 mod config;
@@ -283,6 +284,14 @@ async fn run(cli: Cli, mut cfg: Config, log: logging::LogHandle) -> Result<()> {
             report.left
         );
     }
+    // Every request left ends with an `unavailable` error, and the doors
+    // get to deliver it before they close: no request ends without a
+    // terminal event on any interface.
+    runtime.shutdown().await;
+    let open = runtime.streams_closed(DELIVERY_GRACE).await;
+    if open > 0 {
+        tracing::warn!("{open} requests' last events were not delivered within {DELIVERY_GRACE:?}");
+    }
     if let Some(a) = adapters {
         a.stop().await;
     }
@@ -294,10 +303,13 @@ async fn run(cli: Cli, mut cfg: Config, log: logging::LogHandle) -> Result<()> {
             Ok(Ok(())) => {}
         }
     }
-    runtime.shutdown().await;
     tracing::info!("stopped");
     Ok(())
 }
+
+/// How long the doors get, after the last requests have ended, to deliver
+/// their terminal events before they close.
+const DELIVERY_GRACE: Duration = Duration::from_secs(2);
 
 fn notify_or_warn(n: &Notifier, state: &str) {
     if let Err(e) = n.notify(state) {
