@@ -56,8 +56,12 @@ pub struct Limits {
     pub default_max_tokens: u32,
     /// Most tokens a request may ask for.
     pub max_tokens_limit: u32,
-    /// The decoder is unhealthy when its loop has not turned for this long.
+    /// The decoder is unhealthy when its loop has not turned for this long,
+    /// and the supervisor restarts it.
     pub stall_timeout: Duration,
+    /// Every request ends with a `timeout` error when it has not finished
+    /// this long after it arrived; none means no deadline but the request's own.
+    pub request_timeout: Option<Duration>,
     /// Accept injected faults (panics, wedges) in the decoder. For tests only.
     pub fault_injection: bool,
 }
@@ -69,6 +73,7 @@ impl Default for Limits {
             default_max_tokens: 256,
             max_tokens_limit: 4096,
             stall_timeout: Duration::from_secs(20),
+            request_timeout: None,
             fault_injection: false,
         }
     }

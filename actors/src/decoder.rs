@@ -180,6 +180,7 @@ impl DecoderThread {
             ),
             None => tracing::debug!(generation = self.generation, "decoder thread left"),
         }
+        shared.thread_left(self.generation);
         let _ = self.actor.send_message(DecoderMsg::ThreadExited {
             generation: self.generation,
             failure,

@@ -17,11 +17,12 @@ use embody_protocol::{Event, FinishReason, Status};
 /// requests and perception tasks; ros2: prompts of the ROS 2 node).
 pub const INTERFACES: [&str; 4] = ["http", "ipc", "zenoh", "ros2"];
 /// How a request ended.
-pub const OUTCOMES: [&str; 6] = [
+pub const OUTCOMES: [&str; 7] = [
     "ok",
     "client_error",
     "overloaded",
     "unavailable",
+    "timeout",
     "server_error",
     "cancelled",
 ];
@@ -31,6 +32,7 @@ pub fn outcome_of_status(status: u16) -> &'static str {
     match status {
         429 => "overloaded",
         503 => "unavailable",
+        504 => "timeout",
         s if s >= 500 => "server_error",
         s if s >= 400 => "client_error",
         _ => "ok",

@@ -79,6 +79,8 @@ pub struct EventStream {
     shared: Arc<Shared>,
     tools: Option<ToolCallParser>,
     ready: VecDeque<Event>,
+    /// When the request is ended with a `timeout` error, and the limit in ms.
+    deadline: Option<(tokio::time::Instant, u64)>,
 }
 
 impl EventStream {
@@ -96,7 +98,21 @@ impl EventStream {
             if self.done {
                 return None;
             }
-            let ev = self.rx.recv().await.unwrap_or_else(|| {
+            let ev = match self.deadline {
+                None => self.rx.recv().await,
+                Some((at, ms)) => match tokio::time::timeout_at(at, self.rx.recv()).await {
+                    Ok(ev) => ev,
+                    Err(_) => {
+                        // Queued or running, it goes; what it sends after this is dropped.
+                        self.shared.cancel(self.id);
+                        Some(Event::error(
+                            ErrorCode::Timeout,
+                            format!("the request did not finish within its deadline of {ms} ms (timeout_ms, or decoder.request_timeout_ms)"),
+                        ))
+                    }
+                },
+            };
+            let ev = ev.unwrap_or_else(|| {
                 // Every path that drops a request sends its terminal event first;
                 // this is the last line of defence against a stream that hangs.
                 Event::error(ErrorCode::Internal, "the request ended without a result")
@@ -253,6 +269,13 @@ impl Runtime {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = unbounded_channel();
         self.inner.shared.streams.fetch_add(1, Ordering::SeqCst);
+        let limit = [
+            req.timeout_ms.map(Duration::from_millis),
+            self.inner.shared.limits().request_timeout,
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         let mut stream = EventStream {
             id,
             rx,
@@ -260,6 +283,7 @@ impl Runtime {
             shared: self.inner.shared.clone(),
             tools: None,
             ready: VecDeque::new(),
+            deadline: limit.map(|d| (tokio::time::Instant::now() + d, d.as_millis() as u64)),
         };
         match self.admit(id, req, tx.clone()).await {
             Ok(format) => stream.tools = format.map(ToolCallParser::new),

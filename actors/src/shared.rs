@@ -88,6 +88,8 @@ pub(crate) struct Shared {
     /// Event streams handed out and not yet dropped: requests whose door
     /// has not finished delivering their events.
     pub streams: AtomicUsize,
+    /// Generations of decoder threads given up for wedged and not yet gone.
+    abandoned: Mutex<Vec<u64>>,
 }
 
 /// Locks a mutex, recovering the data if a thread panicked while holding it:
@@ -113,6 +115,7 @@ impl Shared {
             last_beat_ms: AtomicU64::new(0),
             decoder_up: AtomicBool::new(false),
             streams: AtomicUsize::new(0),
+            abandoned: Mutex::new(Vec::new()),
         }
     }
 
@@ -134,6 +137,25 @@ impl Shared {
     pub fn since_beat(&self) -> Duration {
         let now = self.start.elapsed().as_millis() as u64;
         Duration::from_millis(now.saturating_sub(self.last_beat_ms.load(Ordering::Relaxed)))
+    }
+
+    /// Gives up the decoder thread of `generation` (wedged): it is left to
+    /// leave on its own, if it ever does. Returns how many such threads are
+    /// still alive, this one included.
+    pub fn abandon(&self, generation: u64) -> usize {
+        let mut a = lock(&self.abandoned);
+        a.push(generation);
+        a.len()
+    }
+
+    /// Decoder threads given up and still alive.
+    pub fn abandoned(&self) -> usize {
+        lock(&self.abandoned).len()
+    }
+
+    /// A decoder thread leaves: it is no longer counted as abandoned.
+    pub fn thread_left(&self, generation: u64) {
+        lock(&self.abandoned).retain(|&g| g != generation);
     }
 
     /// Health is progress: the decoder loop turned within the stall timeout.

@@ -69,6 +69,8 @@ pub(crate) struct SupervisorState {
     ids: Vec<(ActorId, ChildKind)>,
     restarts: std::collections::HashMap<ChildKind, Restarts>,
     stopping: bool,
+    /// A wedge past `MAX_ABANDONED` has been logged.
+    wedge_reported: bool,
 }
 
 pub(crate) enum SupervisorMsg {
@@ -80,6 +82,21 @@ pub(crate) enum SupervisorMsg {
     Restart(ChildKind),
     /// Stop the children and then the supervisor.
     Shutdown(RpcReplyPort<()>),
+    /// Look for a wedged decoder (sent to itself periodically).
+    Watch,
+}
+
+/// The stop reason of a decoder replaced for making no progress.
+const WEDGED: &str = "no progress within the stall timeout";
+
+/// Wedged decoder threads that may be alive at once (each holds its KV
+/// cache): past this, the supervisor stops replacing the decoder and leaves
+/// the restart to the service manager's watchdog.
+const MAX_ABANDONED: usize = 2;
+
+/// How often the supervisor looks for a wedged decoder.
+fn watch_period(shared: &Shared) -> Duration {
+    (shared.limits().stall_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
 }
 
 impl Supervisor {
@@ -148,6 +165,55 @@ impl Supervisor {
         r.started = Instant::now();
         r.steps_at_start = steps;
         Ok(())
+    }
+
+    /// Replaces a decoder that has made no progress for the stall timeout:
+    /// its requests end with `decoder_restarted`, its thread is left to leave
+    /// when it can, and a new decoder (a new thread, model instance and KV
+    /// cache) takes the queue after the usual backoff.
+    fn watch(&self, state: &mut SupervisorState) {
+        let shared = state.shared.clone();
+        if shared.healthy() {
+            state.wedge_reported = false;
+            return;
+        }
+        let since = shared.since_beat();
+        if shared.abandoned() >= MAX_ABANDONED {
+            if !state.wedge_reported {
+                state.wedge_reported = true;
+                tracing::error!(
+                    "the decoder has made no progress for {} ms and {MAX_ABANDONED} replaced decoders are still wedged; leaving the restart to the service manager's watchdog",
+                    since.as_millis()
+                );
+            }
+            return;
+        }
+        let Some(decoder) = lock(&state.children).decoder.take() else {
+            // Already being restarted.
+            return;
+        };
+        let generation = shared.generation.load(Ordering::SeqCst);
+        let alive = shared.abandon(generation);
+        shared.decoder_up.store(false, Ordering::SeqCst);
+        // Counted before any request hears of it, as for a failed thread.
+        shared.restarts.fetch_add(1, Ordering::SeqCst);
+        let failed = shared.fail_inflight(
+            Some(generation),
+            ErrorCode::DecoderRestarted,
+            &format!(
+                "the decoder made no progress for {} ms (supervisor.stall_timeout_ms) while running this request; it is being replaced, send the request again",
+                since.as_millis()
+            ),
+        );
+        tracing::error!(
+            failed_requests = failed,
+            wedged_threads = alive,
+            "the decoder has made no progress for {} ms; replacing it",
+            since.as_millis()
+        );
+        // The actor's stop retires the thread's generation; the supervision
+        // event that follows schedules the new decoder.
+        decoder.stop(Some(WEDGED.into()));
     }
 
     fn schedule_restart(
@@ -376,6 +442,7 @@ impl Actor for Supervisor {
             vision: Some(vision),
             decoder: Some(decoder),
         };
+        myself.send_after(watch_period(&args.shared), || SupervisorMsg::Watch);
         let now = Instant::now();
         let restarts = ids
             .iter()
@@ -400,6 +467,7 @@ impl Actor for Supervisor {
             ids,
             restarts,
             stopping: false,
+            wedge_reported: false,
         })
     }
 
@@ -415,6 +483,13 @@ impl Actor for Supervisor {
             }
             SupervisorMsg::Source(reply) => {
                 let _ = reply.send(state.source.clone());
+            }
+            SupervisorMsg::Watch => {
+                if state.stopping {
+                    return Ok(());
+                }
+                self.watch(state);
+                myself.send_after(watch_period(&state.shared), || SupervisorMsg::Watch);
             }
             SupervisorMsg::Restart(kind) => {
                 if state.stopping {
@@ -466,18 +541,19 @@ impl Actor for Supervisor {
         state: &mut SupervisorState,
     ) -> Result<(), ActorProcessingErr> {
         // Overrides ractor's default, which stops the supervisor when a child dies.
-        let mut counted = false;
-        let (cell, failure) = match event {
+        let (cell, failure, counted) = match event {
+            // A failed decoder thread has counted itself; count other failures here.
             SupervisionEvent::ActorFailed(cell, err) => {
-                // A failed decoder thread has counted itself; count other failures here.
-                counted = err.downcast_ref::<DecoderFailed>().is_some();
-                (cell, Some(err.to_string()))
+                let counted = err.downcast_ref::<DecoderFailed>().is_some();
+                (cell, Some(err.to_string()), counted)
             }
             SupervisionEvent::ActorTerminated(cell, _, reason) => {
                 if state.stopping {
                     return Ok(());
                 }
-                (cell, reason.or(Some("stopped".into())))
+                // A decoder replaced for a wedge was counted by `watch`.
+                let counted = reason.as_deref() == Some(WEDGED);
+                (cell, reason.or(Some("stopped".into())), counted)
             }
             _ => return Ok(()),
         };

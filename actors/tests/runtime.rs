@@ -293,19 +293,26 @@ async fn health_follows_decoder_progress() {
     let dir = TempDir::new("embody-actors");
     let mut cfg = config(write_tiny_model(dir.path()));
     cfg.limits.stall_timeout = Duration::from_millis(200);
+    // The wedged decoder is replaced after this backoff.
+    cfg.restart_backoff = Duration::from_millis(1000);
     let rt = Runtime::start(cfg).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(rt.health().healthy, "an idle decoder is healthy");
-    rt.inject_fault(Fault::WedgeDecoder { ms: 800 }).unwrap();
+    rt.inject_fault(Fault::WedgeDecoder { ms: 5000 }).unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let h = rt.health();
     assert!(
         !h.healthy && h.since_progress >= Duration::from_millis(200),
         "{h:?}"
     );
-    assert!(!rt.status().await.unwrap().healthy);
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    assert!(rt.health().healthy, "healthy again after the wedge");
+    let st = rt.status().await.unwrap();
+    assert!(!st.healthy && !st.ready, "{st:?}");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(rt.health().healthy, "healthy again once replaced");
+    let st = rt.status().await.unwrap();
+    assert!(st.ready && st.decoder_restarts == 1, "{st:?}");
+    let a = collect(rt.submit(greedy("a", 4)).await).await;
+    assert!(finished(&a).is_some(), "the new decoder serves: {a:?}");
     rt.shutdown().await;
 }
 

@@ -376,6 +376,11 @@ pub struct Request {
     /// Higher runs first; equal priorities run in arrival order.
     #[serde(default)]
     pub priority: i32,
+    /// End the request with a [`ErrorCode::Timeout`] error when it has not
+    /// finished this many ms after it arrived (queueing included); the
+    /// daemon's `decoder.request_timeout_ms` applies when it is shorter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
 }
 
 impl Request {
@@ -395,6 +400,7 @@ impl Request {
             logprobs: None,
             prompt: None,
             priority: 0,
+            timeout_ms: None,
         }
     }
 
@@ -412,6 +418,12 @@ impl Request {
     /// Sets the sampling parameters.
     pub fn sampling(mut self, sampling: SamplingParams) -> Self {
         self.sampling = sampling;
+        self
+    }
+
+    /// Sets the request's deadline, counted from its arrival.
+    pub fn timeout(mut self, t: std::time::Duration) -> Self {
+        self.timeout_ms = Some(t.as_millis().max(1) as u64);
         self
     }
 }
@@ -461,6 +473,9 @@ pub enum ErrorCode {
     DecoderRestarted,
     /// The daemon does not allow the operation (a switch is off).
     Forbidden,
+    /// The request ran past its deadline (its `timeout_ms`, or the
+    /// daemon's `decoder.request_timeout_ms`) and was ended.
+    Timeout,
     /// A bug or an unexpected condition in the daemon.
     Internal,
     /// A code this version does not know (from a newer peer).
@@ -481,6 +496,7 @@ impl ErrorCode {
             ErrorCode::ModelError => "model_error",
             ErrorCode::DecoderRestarted => "decoder_restarted",
             ErrorCode::Forbidden => "forbidden",
+            ErrorCode::Timeout => "timeout",
             ErrorCode::Internal => "internal",
             ErrorCode::Unknown => "unknown",
         }

@@ -66,6 +66,10 @@ pub struct ChatCompletionRequest {
     /// Not supported; refused unless empty.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logit_bias: Option<serde_json::Map<String, Value>>,
+    /// embodyd's extension: end the request with a `timeout` error when it
+    /// has not finished this many ms after it arrived (queueing included).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
     /// Return the log-probability of each output token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<bool>,
@@ -394,6 +398,10 @@ pub struct CompletionRequest {
     /// Options of a streamed answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream_options: Option<StreamOptions>,
+    /// embodyd's extension: end the request with a `timeout` error when it
+    /// has not finished this many ms after it arrived (queueing included).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
     /// Log-probabilities of each token and of this many alternatives (0 to 5).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<u32>,
@@ -565,6 +573,17 @@ fn max_tokens(value: Option<u32>, param: &str) -> Result<Option<u32>> {
     }
 }
 
+/// A request's own deadline: at least 1 ms when given.
+fn check_timeout(ms: Option<u64>) -> Result<Option<u64>> {
+    match ms {
+        Some(0) => Err(ConversionError::new(
+            "timeout_ms",
+            "timeout_ms must be at least 1 (leave it out for no deadline)",
+        )),
+        ms => Ok(ms),
+    }
+}
+
 /// Whether a tool name is one OpenAI accepts: `[A-Za-z0-9_-]{1,64}`.
 fn valid_tool_name(name: &str) -> bool {
     (1..=64).contains(&name.len())
@@ -672,6 +691,7 @@ impl ChatCompletionRequest {
         req.tools = tools;
         req.tool_choice = tool_choice;
         req.logprobs = logprobs;
+        req.timeout_ms = check_timeout(self.timeout_ms)?;
         Ok(req)
     }
 }
@@ -1028,6 +1048,7 @@ impl CompletionRequest {
         .into_params()?;
         let mut req = Request::new(Vec::new());
         req.prompt = Some(prompt);
+        req.timeout_ms = check_timeout(self.timeout_ms)?;
         req.sampling = sampling;
         req.max_tokens = Some(max_tokens(self.max_tokens, "max_tokens")?.unwrap_or(16));
         req.stop = stops(self.stop)?;
@@ -1403,6 +1424,7 @@ pub fn error_type(code: ErrorCode) -> &'static str {
         ErrorCode::Overloaded => "rate_limit_error",
         ErrorCode::Forbidden => "permission_error",
         ErrorCode::Unavailable | ErrorCode::DecoderRestarted => "service_unavailable",
+        ErrorCode::Timeout => "timeout_error",
         ErrorCode::ModelError | ErrorCode::Internal | ErrorCode::Unknown => "server_error",
     }
 }
@@ -1417,6 +1439,7 @@ pub fn http_status(code: ErrorCode) -> u16 {
         ErrorCode::Forbidden => 403,
         ErrorCode::Overloaded => 429,
         ErrorCode::Unavailable | ErrorCode::DecoderRestarted => 503,
+        ErrorCode::Timeout => 504,
         ErrorCode::ModelError | ErrorCode::Internal | ErrorCode::Unknown => 500,
     }
 }

@@ -1,6 +1,6 @@
 //! The real `embodyd` under a stand-in for systemd: a Unix datagram socket as
 //! `$NOTIFY_SOCKET` receives READY, WATCHDOG while the decoder makes progress
-//! (none while it is wedged), and STOPPING on SIGTERM, after which in-flight
+//! (none while it is wedged, until the supervisor has replaced it), and STOPPING on SIGTERM, after which in-flight
 //! requests drain and the process exits 0.
 
 use std::os::unix::net::{UnixDatagram, UnixStream};
@@ -79,9 +79,11 @@ async fn ready_watchdog_only_while_progressing_and_stopping() {
     let models = TempDir::new("embodyd-tiny");
     let tiny = write_tiny_model(models.path());
     let systemd = Systemd::new();
+    // A long restart backoff keeps the replaced decoder down for a while, so
+    // that the withheld watchdog can be seen.
     let config = test_config(
         &tiny,
-        "[supervisor]\nstall_timeout_ms = 600\n\n[testing]\nfault_injection = true\n",
+        "[supervisor]\nstall_timeout_ms = 600\nrestart_backoff_ms = 2000\n\n[testing]\nfault_injection = true\n",
     );
     // systemd's WatchdogSec=400ms: the daemon feeds it every 200 ms.
     let mut d = Daemon::spawn(
@@ -100,28 +102,36 @@ async fn ready_watchdog_only_while_progressing_and_stopping() {
     let fed = watchdogs(&systemd.collect(Duration::from_millis(1500)));
     assert!(fed >= 4, "{fed} WATCHDOG=1 in 1.5 s");
 
-    // Wedge the decoder for 3 s: once the 600 ms stall timeout passes, no more.
+    // Wedge the decoder for 6 s: once the 600 ms stall timeout passes, no
+    // more watchdog, and the supervisor replaces the decoder (2 s later).
     let client = Client::connect(&d.socket).await.unwrap();
     client
-        .inject_fault(Fault::WedgeDecoder { ms: 3000 })
+        .inject_fault(Fault::WedgeDecoder { ms: 6000 })
         .await
         .unwrap();
     let wedged_at = Instant::now();
     systemd.collect(Duration::from_millis(1000));
     let during = systemd.collect(Duration::from_millis(1400));
     assert!(
-        wedged_at.elapsed() < Duration::from_millis(3000),
-        "the check ran past the wedge"
+        wedged_at.elapsed() < Duration::from_millis(2600),
+        "the check ran past the replacement"
     );
     assert_eq!(watchdogs(&during), 0, "fed while wedged: {during:?}");
     let st = client.status().await.unwrap();
-    assert!(!st.healthy && st.ready, "{st:?}");
+    assert!(!st.healthy && !st.ready, "{st:?}");
 
-    // The wedge ends: progress, and the watchdog, resume.
+    // The new decoder makes progress long before the wedge would end: the
+    // watchdog resumes.
     systemd.wait_for("WATCHDOG=1", Duration::from_secs(5));
-    assert!(client.status().await.unwrap().healthy);
+    assert!(
+        wedged_at.elapsed() < Duration::from_millis(6000),
+        "recovered only when the wedge ended"
+    );
+    let st = client.status().await.unwrap();
+    assert!(st.healthy && st.ready && st.decoder_restarts == 1, "{st:?}");
     let log = d.log();
     assert!(log.contains("withholding the watchdog"), "{log}");
+    assert!(log.contains("replacing it"), "{log}");
     assert!(log.contains("feeding the watchdog"), "{log}");
 
     d.signal(libc::SIGTERM);

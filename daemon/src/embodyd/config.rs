@@ -103,6 +103,10 @@ pub struct DecoderConfig {
     pub default_max_tokens: u32,
     /// Most tokens a request may ask for. Default: 4096.
     pub max_tokens_limit: u32,
+    /// Every request ends with a "timeout" error when it has not finished
+    /// this long after it arrived (queueing included), in ms; 0 means none
+    /// but the request's own `timeout_ms`. Default: 0.
+    pub request_timeout_ms: u64,
 }
 
 /// `[supervisor]`
@@ -114,8 +118,9 @@ pub struct SupervisorConfig {
     pub restart_backoff_ms: u64,
     /// Longest wait between restarts, in ms. Default: 10000.
     pub restart_backoff_max_ms: u64,
-    /// The daemon is unhealthy (and stops feeding the systemd watchdog) when
-    /// the decoder has made no progress for this long, in ms. Default: 20000.
+    /// When the decoder has made no progress for this long, in ms, the daemon
+    /// is unhealthy (and stops feeding the systemd watchdog) and the
+    /// supervisor replaces the decoder in-process. Default: 20000.
     pub stall_timeout_ms: u64,
     /// Time limit of requests between actors, in ms. Default: 5000.
     pub call_timeout_ms: u64,
@@ -231,6 +236,7 @@ impl Default for DecoderConfig {
             max_queued: 64,
             default_max_tokens: 256,
             max_tokens_limit: 4096,
+            request_timeout_ms: 0,
         }
     }
 }
@@ -438,6 +444,8 @@ impl Config {
             default_max_tokens: self.decoder.default_max_tokens,
             max_tokens_limit: self.decoder.max_tokens_limit,
             stall_timeout: Duration::from_millis(self.supervisor.stall_timeout_ms),
+            request_timeout: (self.decoder.request_timeout_ms > 0)
+                .then(|| Duration::from_millis(self.decoder.request_timeout_ms)),
             fault_injection: self.testing.fault_injection,
         }
     }
@@ -562,7 +570,7 @@ mod tests {
             );
             fields += 1;
         }
-        assert_eq!(fields, 52, "every field appears in the shipped config");
+        assert_eq!(fields, 53, "every field appears in the shipped config");
     }
 
     #[test]
