@@ -60,6 +60,8 @@ install -d -m755 "$root/var/lib/embodyd/models"
 doc="$root/usr/share/doc/embodyd"
 install -Dm644 README.md "$doc/README.md"
 for f in docs/*.md; do install -Dm644 "$f" "$doc/$(basename "$f")"; done
+# The hardened zenoh configuration, to copy to /etc/embodyd (docs/SECURITY.md).
+install -Dm644 configs/zenoh-secure.json5 "$doc/examples/zenoh-secure.json5"
 # Debug info stays in the build; the package carries the code.
 strip_tool=strip
 [ "$ARCH" = arm64 ] && strip_tool=aarch64-linux-gnu-strip

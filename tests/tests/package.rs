@@ -84,6 +84,9 @@ fn the_package_installs_a_daemon_that_serves_its_own_config() {
     assert!(root.join("var/lib/embodyd/models").is_dir());
     assert!(root.join("usr/share/doc/embodyd/README.md").is_file());
     assert!(root.join("usr/share/doc/embodyd/architecture.md").is_file());
+    assert!(root
+        .join("usr/share/doc/embodyd/examples/zenoh-secure.json5")
+        .is_file());
     let conffiles = std::fs::read_to_string(ctrl.join("conffiles")).unwrap();
     assert_eq!(conffiles.trim(), "/etc/embodyd/embodyd.toml");
 
