@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A fuzzing campaign on the parsers: scripts/fuzz.sh [target] [seconds]  (default: gguf, 300; targets: gguf, hf, ipc_frame, cdr, openai_request, image)
+# A fuzzing campaign on the parsers: scripts/fuzz.sh [target] [seconds]  (default: gguf, 300; targets: gguf, hf, ipc_frame, cdr, openai_request, image, tokenizer, chat_template, camera, zenoh_chat)
 # Needs nightly (installed here) and cargo-fuzz, which this script installs.
 # New inputs land in fuzz/corpus/<target>; crashes in fuzz/artifacts/<target>.
 set -euo pipefail

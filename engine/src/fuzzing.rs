@@ -105,3 +105,88 @@ pub fn image(bytes: &[u8]) -> bool {
     assert!(px.patches.iter().all(|v| v.is_finite()), "finite values");
     true
 }
+
+/// The body of the tokenizer fuzz target: the first byte picks the flags, the
+/// rest is text (invalid UTF-8 replaced). Whatever the text, every id is in
+/// the vocabulary and decoding gives the text back, with special parsing on
+/// or off; and as a user message's content, the text cannot add a control
+/// token to the prompt ([`crate::message_text`]). Never panics otherwise.
+pub fn tokenizer(bytes: &[u8]) {
+    use crate::chat_template::{ChatMessage, ChatTemplate};
+    use crate::message_text::MessageText;
+
+    static TOK: std::sync::OnceLock<(Tokenizer, ChatTemplate)> = std::sync::OnceLock::new();
+    let (tok, template) = TOK.get_or_init(|| {
+        let chatml = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+        (
+            crate::tokenizer::tiny_bpe(),
+            ChatTemplate::new(chatml).expect("the template compiles"),
+        )
+    });
+    let Some((&flags, rest)) = bytes.split_first() else {
+        return;
+    };
+    let text = String::from_utf8_lossy(rest);
+    let parse_special = flags & 1 != 0;
+    let ids = tok
+        .encode(&text, false, parse_special)
+        .expect("a byte-level vocabulary encodes any text");
+    assert!(ids.iter().all(|&id| (id as usize) < tok.vocab_size()));
+    assert_eq!(
+        tok.decode(&ids, false).expect("decodes"),
+        text,
+        "round trip"
+    );
+
+    let msgs = [ChatMessage::new("user", text.as_ref())];
+    let rendered = template.render(&msgs, true, "", "", None).expect("renders");
+    let mut guard = MessageText::new(tok, template);
+    let Ok(guarded) = guard.message(&msgs[0]) else {
+        // Only for more distinct private-use characters than placeholders.
+        return;
+    };
+    let text_of_guarded = template
+        .render(&[guarded], true, "", "", None)
+        .expect("renders");
+    let ids = guard.encode(&text_of_guarded).expect("encodes");
+    assert_eq!(tok.decode(&ids, false).expect("decodes"), rendered);
+    let controls = |id: u32| tok.token_text(id).is_some_and(|t| t.starts_with("<|im_"));
+    assert_eq!(
+        ids.iter().filter(|&&id| controls(id)).count(),
+        3,
+        "the template's own control tokens, none of the text's"
+    );
+}
+
+/// The body of the chat template fuzz target: arbitrary JSON (when it parses)
+/// as the messages and tools, rendered with the real templates of the test
+/// models. Errors are fine (a template's `raise_exception`, a missing
+/// field); a panic or a hang is not.
+pub fn chat_template(bytes: &[u8]) {
+    use crate::chat_template::{ChatMessage, ChatTemplate};
+
+    static TEMPLATES: std::sync::OnceLock<Vec<ChatTemplate>> = std::sync::OnceLock::new();
+    let templates = TEMPLATES.get_or_init(|| {
+        [
+            include_str!("../tests/fixtures/templates/smollm2-135m-instruct.jinja"),
+            include_str!("../tests/fixtures/templates/qwen2.5-coder-0.5b-instruct.jinja"),
+            include_str!("../tests/fixtures/templates/gemma-3-it.jinja"),
+        ]
+        .iter()
+        .map(|s| ChatTemplate::new(s).expect("the test templates compile"))
+        .collect()
+    });
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(bytes) else {
+        return;
+    };
+    let messages: Vec<ChatMessage> = match value.get("messages") {
+        Some(m) => serde_json::from_value(m.clone()).unwrap_or_default(),
+        None => Vec::new(),
+    };
+    let extra = value
+        .get("tools")
+        .map(|t| serde_json::json!({ "tools": t }));
+    for t in templates {
+        let _ = t.render(&messages, true, "<s>", "</s>", extra.as_ref());
+    }
+}

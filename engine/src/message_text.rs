@@ -177,7 +177,7 @@ impl<'t> MessageText<'t> {
 mod tests {
     use super::*;
     use crate::generate::encode_chat;
-    use crate::tokenizer::tests::tiny_bpe;
+    use crate::tokenizer::tiny_bpe;
 
     const CHATML: &str = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
 

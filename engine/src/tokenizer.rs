@@ -1260,39 +1260,40 @@ fn read_json_opt(path: &Path) -> Result<serde_json::Value> {
     }
 }
 
-#[cfg(test)]
-pub(crate) mod tests {
-    use super::*;
-
-    /// A byte-level BPE vocabulary: the 256 byte characters, a few merges, and
-    /// control / user-defined tokens.
-    pub(crate) fn tiny_bpe() -> Tokenizer {
-        let (chars, _) = byte_level_chars();
-        let mut tokens: Vec<String> = chars.iter().map(|c| c.to_string()).collect();
-        let merges = [
-            "h e", "l l", "he ll", "hell o", "Ġ w", "o r", "l d", "Ġw or", "Ġwor ld",
-        ];
-        for m in merges {
-            tokens.push(m.replace(' ', ""));
-        }
-        tokens.extend(["<|im_start|>", "<|im_end|>", "<tool>"].map(String::from));
-        let mut types = vec![1; tokens.len()];
-        let n = types.len();
-        types[n - 3] = 3;
-        types[n - 2] = 3;
-        types[n - 1] = 4;
-        Tokenizer::from_vocab(GgufVocab {
-            model: "gpt2".into(),
-            pre: Some("gpt-2".into()),
-            tokens,
-            token_types: Some(types),
-            merges: Some(merges.map(String::from).to_vec()),
-            bos_token_id: Some(n as u32 - 3),
-            eos_token_id: Some(n as u32 - 2),
-            ..Default::default()
-        })
-        .unwrap()
+/// A byte-level BPE vocabulary for tests and the fuzz targets: the 256 byte
+/// characters, a few merges, the control tokens `<|im_start|>` and
+/// `<|im_end|>`, and the user-defined token `<tool>`.
+pub(crate) fn tiny_bpe() -> Tokenizer {
+    let (chars, _) = byte_level_chars();
+    let mut tokens: Vec<String> = chars.iter().map(|c| c.to_string()).collect();
+    let merges = [
+        "h e", "l l", "he ll", "hell o", "Ġ w", "o r", "l d", "Ġw or", "Ġwor ld",
+    ];
+    for m in merges {
+        tokens.push(m.replace(' ', ""));
     }
+    tokens.extend(["<|im_start|>", "<|im_end|>", "<tool>"].map(String::from));
+    let mut types = vec![1; tokens.len()];
+    let n = types.len();
+    types[n - 3] = 3;
+    types[n - 2] = 3;
+    types[n - 1] = 4;
+    Tokenizer::from_vocab(GgufVocab {
+        model: "gpt2".into(),
+        pre: Some("gpt-2".into()),
+        tokens,
+        token_types: Some(types),
+        merges: Some(merges.map(String::from).to_vec()),
+        bos_token_id: Some(n as u32 - 3),
+        eos_token_id: Some(n as u32 - 2),
+        ..Default::default()
+    })
+    .expect("a well-formed vocabulary")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
 
     fn id(tok: &Tokenizer, text: &str) -> u32 {
         tok.tokens.iter().position(|t| t == text).unwrap() as u32

@@ -641,3 +641,47 @@ pub fn vision_fixture(name: &str) -> VisionFixture {
         generated,
     }
 }
+
+/// POSTs a JSON `body` to `path` on the HTTP API at `addr` (`host:port`) with
+/// `Connection: close`, and returns the raw response (status line, headers,
+/// body) as far as it came.
+pub fn http_post(addr: &str, path: &str, body: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connecting to the HTTP API");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(120)))
+        .unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("sending the request");
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    String::from_utf8_lossy(&raw).into_owned()
+}
+
+/// A zenoh session for a test: `mode` ("peer" or "client"), listening on
+/// `listen` and connecting to `connect` (ports on 127.0.0.1), no scouting.
+pub async fn zenoh_session(
+    mode: &str,
+    listen: Option<u16>,
+    connect: Option<u16>,
+) -> zenoh::Session {
+    let endpoints = |p: Option<u16>| match p {
+        Some(p) => format!("[\"tcp/127.0.0.1:{p}\"]"),
+        None => "[]".into(),
+    };
+    let mut c = zenoh::Config::default();
+    for (k, v) in [
+        ("mode", format!("\"{mode}\"")),
+        ("listen/endpoints", endpoints(listen)),
+        ("connect/endpoints", endpoints(connect)),
+        ("scouting/multicast/enabled", "false".to_string()),
+    ] {
+        c.insert_json5(k, &v).expect("a valid zenoh setting");
+    }
+    zenoh::open(c)
+        .await
+        .expect("the test's zenoh session opens")
+}

@@ -4,11 +4,10 @@
 //! an `unavailable` error for what the deadline cut — before the daemon closes
 //! its doors and exits 0.
 
-use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use embody_client::{Client, ErrorCode, Event, Request};
-use embody_tests::{free_port, smollm2, test_config, Daemon};
+use embody_tests::{free_port, http_post, smollm2, test_config, zenoh_session, Daemon};
 
 const PER_DOOR: usize = 16;
 const PROMPT: &str = "Write a very long story about a robot that explores the sea.";
@@ -65,17 +64,7 @@ fn over_http(addr: String) -> End {
         "stream": true,
     })
     .to_string();
-    let mut s = std::net::TcpStream::connect(&addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    write!(
-        s,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut raw = Vec::new();
-    let _ = s.read_to_end(&mut raw);
-    let out = String::from_utf8_lossy(&raw);
+    let out = http_post(&addr, "/v1/chat/completions", &body);
     // A chunked body that ended properly, its last event [DONE].
     let whole = out.ends_with("\r\n0\r\n\r\n") && out.contains("data: [DONE]");
     if out.starts_with("HTTP/1.1 503 ") && out.contains("unavailable") {
@@ -95,19 +84,6 @@ fn over_http(addr: String) -> End {
         (true, false) if out.contains("\"finish_reason\":\"") => End::Finished,
         (true, false) => End::Lost("no finish reason".into()),
     }
-}
-
-async fn session(port: u16) -> zenoh::Session {
-    let mut c = zenoh::Config::default();
-    for (k, v) in [
-        ("mode", "\"peer\"".to_string()),
-        ("listen/endpoints", format!("[\"tcp/127.0.0.1:{port}\"]")),
-        ("connect/endpoints", "[]".to_string()),
-        ("scouting/multicast/enabled", "false".to_string()),
-    ] {
-        c.insert_json5(k, &v).unwrap();
-    }
-    zenoh::open(c).await.unwrap()
 }
 
 fn request_json(id: Option<usize>) -> String {
@@ -173,7 +149,7 @@ async fn sigterm_past_the_deadline_ends_every_request_on_every_door() {
              [zenoh]\nlisten = [\"tcp/127.0.0.1:{daemon_port}\"]\nconnect = [\"tcp/127.0.0.1:{test_port}\"]\nnode = \"drain\"\n"
         ),
     );
-    let s = session(test_port).await;
+    let s = zenoh_session("peer", Some(test_port), None).await;
     let mut d = Daemon::start(&config);
     // The daemon's queryable is visible once its session has joined ours.
     let start = Instant::now();

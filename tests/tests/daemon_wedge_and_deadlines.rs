@@ -6,11 +6,10 @@
 //! (running or still queued) with a `timeout` error, on the socket and over
 //! HTTP (504), while the daemon serves on.
 
-use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use embody_client::{Client, ErrorCode, Event, Fault, Request, SamplingParams};
-use embody_tests::{smollm2, test_config, write_tiny_model, Daemon, TempDir};
+use embody_tests::{http_post, smollm2, test_config, write_tiny_model, Daemon, TempDir};
 
 const LONG: &str = "Count from 1 to 1000, one number per line.";
 
@@ -100,17 +99,7 @@ fn http_chat(d: &Daemon, model: &str, timeout_ms: u64) -> String {
         "timeout_ms": timeout_ms,
     })
     .to_string();
-    let mut s = std::net::TcpStream::connect(&addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    write!(
-        s,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
+    http_post(&addr, "/v1/chat/completions", &body)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

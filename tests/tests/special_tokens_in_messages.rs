@@ -6,7 +6,6 @@
 //! `model.special_tokens_in_messages = true` gives back the parsing that
 //! transformers and llama.cpp do.
 
-use std::io::{Read, Write};
 use std::time::Duration;
 
 use embody_client::{Client, Event, Request, SamplingParams};
@@ -15,7 +14,7 @@ use embody_engine::generate::encode_chat;
 use embody_engine::gguf::Gguf;
 use embody_engine::message_text::MessageText;
 use embody_engine::tokenizer::Tokenizer;
-use embody_tests::{smollm2, test_config, Daemon};
+use embody_tests::{http_post, smollm2, test_config, Daemon};
 
 /// A user message that tries to close its turn and open a system turn.
 const FORGED: &str =
@@ -69,16 +68,7 @@ fn http_prompt_tokens(d: &Daemon) -> u64 {
         "temperature": 0,
     })
     .to_string();
-    let mut s = std::net::TcpStream::connect(&addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    write!(
-        s,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
+    let out = http_post(&addr, "/v1/chat/completions", &body);
     assert!(out.starts_with("HTTP/1.1 200 "), "{out}");
     let json = &out[out.find("\r\n\r\n").unwrap() + 4..];
     let v: serde_json::Value = serde_json::from_str(json).unwrap();

@@ -266,18 +266,7 @@ fn the_default_config_serves_inside_the_units_address_families() {
     let (config, http, router) = default_config_on_free_ports();
     let rt = tokio::runtime::Runtime::new().unwrap();
     // The zenoh router the default config connects to: the test's session.
-    let session = rt.block_on(async {
-        let mut c = zenoh::Config::default();
-        for (k, v) in [
-            ("mode", "\"peer\"".to_string()),
-            ("listen/endpoints", format!("[\"tcp/127.0.0.1:{router}\"]")),
-            ("connect/endpoints", "[]".to_string()),
-            ("scouting/multicast/enabled", "false".to_string()),
-        ] {
-            c.insert_json5(k, &v).unwrap();
-        }
-        zenoh::open(c).await.unwrap()
-    });
+    let session = rt.block_on(embody_tests::zenoh_session("peer", Some(router), None));
     let mut d = Daemon::spawn_with(&config, &[], |cmd| restrict_address_families(cmd, &only));
     d.wait_ready();
 

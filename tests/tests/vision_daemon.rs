@@ -113,15 +113,7 @@ max_age_ms = 5000
         ),
     );
     let d = Daemon::start(&config);
-    let mut c = zenoh::Config::default();
-    for (k, v) in [
-        ("mode", "\"client\"".to_string()),
-        ("connect/endpoints", format!("[\"tcp/127.0.0.1:{listen}\"]")),
-        ("scouting/multicast/enabled", "false".to_string()),
-    ] {
-        c.insert_json5(k, &v).unwrap();
-    }
-    let s = zenoh::open(c).await.unwrap();
+    let s = embody_tests::zenoh_session("client", None, Some(listen)).await;
     let results = s
         .declare_subscriber("embody/eyes/tasks/look")
         .await

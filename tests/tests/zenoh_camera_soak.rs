@@ -89,17 +89,7 @@ period_ms = 500
     let d = Daemon::start(&config.replace("threads = 2", "threads = 1"));
     let pid = d.pid();
 
-    let mut c = zenoh::Config::default();
-    for (k, v) in [
-        ("mode", "\"client\"".to_string()),
-        ("connect/endpoints", format!("[\"tcp/127.0.0.1:{listen}\"]")),
-        ("scouting/multicast/enabled", "false".to_string()),
-    ] {
-        c.insert_json5(k, &v).unwrap();
-    }
-    let s = zenoh::open(c)
-        .await
-        .expect("a local client reaches the daemon");
+    let s = embody_tests::zenoh_session("client", None, Some(listen)).await;
     let watch = s
         .declare_subscriber(format!("{PREFIX}/tasks/watch"))
         .await
@@ -282,15 +272,7 @@ period_ms = 500
 
     // The endpoint that was dead all along comes up (a router started after
     // the daemon): the daemon, still retrying in the background, connects.
-    let mut c = zenoh::Config::default();
-    for (k, v) in [
-        ("mode", "\"peer\"".to_string()),
-        ("listen/endpoints", format!("[\"tcp/127.0.0.1:{dead}\"]")),
-        ("scouting/multicast/enabled", "false".to_string()),
-    ] {
-        c.insert_json5(k, &v).unwrap();
-    }
-    let late = zenoh::open(c).await.unwrap();
+    let late = embody_tests::zenoh_session("peer", Some(dead), None).await;
     let start = Instant::now();
     loop {
         let replies = late

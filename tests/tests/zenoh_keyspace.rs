@@ -8,27 +8,11 @@
 use std::time::{Duration, Instant};
 
 use embody_protocol::{ErrorCode, Event, Status};
-use embody_tests::{free_port, test_config, write_tiny_model, Daemon, TempDir};
+use embody_tests::{free_port, test_config, write_tiny_model, zenoh_session, Daemon, TempDir};
 use zenoh::query::ConsolidationMode;
 use zenoh::sample::SampleKind;
 
 const PREFIX: &str = "embody/zt";
-
-/// The test's own session: listens on `port`, which the daemon connects to.
-async fn session(port: u16) -> zenoh::Session {
-    let mut c = zenoh::Config::default();
-    for (k, v) in [
-        ("mode", "\"peer\"".to_string()),
-        ("listen/endpoints", format!("[\"tcp/127.0.0.1:{port}\"]")),
-        ("connect/endpoints", "[]".to_string()),
-        ("scouting/multicast/enabled", "false".to_string()),
-    ] {
-        c.insert_json5(k, &v).unwrap();
-    }
-    zenoh::open(c)
-        .await
-        .expect("the test's zenoh session opens")
-}
 
 fn config(model: &std::path::Path, test_port: u16) -> String {
     let daemon_port = free_port();
@@ -122,7 +106,7 @@ async fn the_zenoh_key_space_serves_chat_status_cameras_and_liveliness() {
     let models = TempDir::new("zenoh-tiny");
     let model = write_tiny_model(models.path());
     let port = free_port();
-    let s = session(port).await;
+    let s = zenoh_session("peer", Some(port), None).await;
     let alive = s
         .liveliness()
         .declare_subscriber(format!("{PREFIX}/alive"))

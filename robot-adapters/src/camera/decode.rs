@@ -138,6 +138,44 @@ pub fn decode(
     }
 }
 
+/// The body of the camera fuzz target and its corpus replay: the first byte
+/// picks the camera's format (raw RGB/BGR 8x6, JPEG, PNG, ROS 2 Image,
+/// ROS 2 CompressedImage), the rest is the message. A frame that is accepted
+/// is within the camera's limits and its image decodes; nothing panics.
+pub fn exercise(data: &[u8]) {
+    let Some((&pick, payload)) = data.split_first() else {
+        return;
+    };
+    let format = [
+        CameraFormat::Rgb8,
+        CameraFormat::Bgr8,
+        CameraFormat::Jpeg,
+        CameraFormat::Png,
+        CameraFormat::Ros2Image,
+        CameraFormat::Ros2CompressedImage,
+    ][usize::from(pick) % 6];
+    let cfg = CameraConfig {
+        name: "fuzz".into(),
+        key: "fuzz".into(),
+        format,
+        width: 8,
+        height: 6,
+        max_bytes: 1 << 20,
+        max_dimension: 256,
+    };
+    if let Ok(frame) = decode(&cfg, payload, SystemTime::UNIX_EPOCH) {
+        assert!(
+            frame.width <= 256 && frame.height <= 256,
+            "within the limits"
+        );
+        let decoded = image::load_from_memory(&frame.image.data).expect("a frame decodes");
+        assert_eq!(
+            (decoded.width(), decoded.height()),
+            (frame.width, frame.height)
+        );
+    }
+}
+
 /// Checks and decodes a JPEG or PNG; the frame keeps the original bytes.
 fn encoded(
     cfg: &CameraConfig,
@@ -151,6 +189,13 @@ fn encoded(
         "JPEG"
     };
     let err = |why: String| FrameError::Decode { format: name, why };
+    // Requests decode a frame by its leading bytes: a frame a lenient decoder
+    // reads without them would fail there instead of here.
+    if image::guess_format(data).ok() != Some(format) {
+        return Err(err(format!(
+            "the data does not start as a {name} file does"
+        )));
+    }
     let max = cfg.max_dimension;
     // Header first: the dimensions decide whether pixels are allocated at all.
     let (width, height) = ImageReader::with_format(Cursor::new(data), format)
@@ -189,6 +234,9 @@ fn ros_image(
     stamp: SystemTime,
 ) -> Result<Frame, FrameError> {
     let (w, h, max) = (img.width, img.height, cfg.max_dimension);
+    if w == 0 || h == 0 {
+        return Err(FrameError::Layout(format!("the image is empty ({w}x{h})")));
+    }
     if w > max || h > max {
         return Err(FrameError::TooBig {
             width: w,

@@ -9,7 +9,7 @@ use embody_actors::Cameras;
 use zenoh::bytes::ZBytes;
 use zenoh::pubsub::Subscriber;
 
-use super::decode::decode;
+use super::decode::{decode, FrameError};
 use crate::config::CameraConfig;
 use crate::Error;
 
@@ -100,7 +100,16 @@ fn run(cfg: &CameraConfig, mb: &Mailbox, cameras: &Cameras) {
             }
         };
         let bytes = payload.to_bytes();
-        match decode(cfg, &bytes, arrived) {
+        // A decoder bug must cost one frame, not the camera: the thread lives on.
+        let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            decode(cfg, &bytes, arrived)
+        }))
+        .unwrap_or_else(|_| {
+            Err(FrameError::Layout(
+                "the frame made the decoder fail (a bug; the frame is dropped)".into(),
+            ))
+        });
+        match decoded {
             Ok(frame) => {
                 if cameras.put(&cfg.name, frame).is_ok() && !last_error.is_empty() {
                     tracing::info!(camera = %cfg.name, "camera frames are accepted again");
