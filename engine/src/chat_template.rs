@@ -60,7 +60,10 @@ impl ChatMessage {
 /// A compiled chat template.
 pub struct ChatTemplate {
     env: Environment<'static>,
-    source: String,
+    /// Characters of the supplementary private-use planes (15 and 16) in
+    /// the template's text, found once: never placeholders of
+    /// [`crate::message_text`].
+    private_use: Vec<char>,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -99,13 +102,16 @@ impl ChatTemplate {
             .map_err(template_err)?;
         Ok(Self {
             env,
-            source: source.to_owned(),
+            private_use: source
+                .chars()
+                .filter(|&c| crate::message_text::in_planes(c))
+                .collect(),
         })
     }
 
-    /// The template's text.
-    pub fn source(&self) -> &str {
-        &self.source
+    /// The template's own characters of planes 15 and 16.
+    pub fn private_use(&self) -> &[char] {
+        &self.private_use
     }
 
     /// Renders a conversation. `bos_token`/`eos_token` are the model's token

@@ -28,7 +28,7 @@ const FIRST: u32 = 0xF_0000;
 /// The last character of plane 16.
 const LAST: u32 = 0x10_FFFF;
 
-fn in_planes(c: char) -> bool {
+pub(crate) fn in_planes(c: char) -> bool {
     u32::from(c) >= FIRST
 }
 
@@ -55,11 +55,7 @@ impl<'t> MessageText<'t> {
             swapped: Vec::new(),
             by_text: HashMap::new(),
             by_char: HashMap::new(),
-            reserved: template
-                .source()
-                .chars()
-                .filter(|&c| in_planes(c))
-                .collect(),
+            reserved: template.private_use().iter().copied().collect(),
             next: FIRST,
         }
     }
