@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use embody_client::{Client, ErrorCode, Event, Fault, Request, SamplingParams};
-use embody_tests::{http_post, smollm2, test_config, write_tiny_model, Daemon, TempDir};
+use embody_tests::{http_post, smollm2, test_config, Daemon};
 
 const LONG: &str = "Count from 1 to 1000, one number per line.";
 
@@ -106,10 +106,10 @@ fn http_chat(d: &Daemon, model: &str, timeout_ms: u64) -> String {
 async fn deadlines_end_running_and_queued_requests() {
     // Requests that cannot finish in time: the decoder is wedged (for less
     // than the stall timeout, so it is not replaced) while they run or wait.
-    // The tiny model: a first token in time even on a busy machine.
-    let models = TempDir::new("embodyd-tiny");
+    // SmolLM2 counts on for thousands of tokens, so the running request is
+    // still running when the wedge strikes, however late the fault arrives.
     let config = test_config(
-        &write_tiny_model(models.path()),
+        &smollm2(),
         "[decoder]\nmax_running = 1\nrequest_timeout_ms = 2500\n\n[testing]\nfault_injection = true\n",
     );
     let d = Daemon::start(&config);
@@ -149,7 +149,7 @@ async fn deadlines_end_running_and_queued_requests() {
     );
 
     // Over HTTP: 504 with the `timeout` code.
-    let r = http_chat(&d, "tiny", 300);
+    let r = http_chat(&d, "SmolLM2-135M-Instruct.Q4_1.gguf", 300);
     assert!(r.starts_with("HTTP/1.1 504 "), "{r}");
     assert!(r.contains("\"code\":\"timeout\""), "{r}");
 
