@@ -62,6 +62,8 @@ install -Dm644 README.md "$doc/README.md"
 for f in docs/*.md; do install -Dm644 "$f" "$doc/$(basename "$f")"; done
 # The hardened zenoh configuration, to copy to /etc/embodyd (docs/SECURITY.md).
 install -Dm644 configs/zenoh-secure.json5 "$doc/examples/zenoh-secure.json5"
+# The unit's drop-in for GPU backends (docs/gpu.md).
+install -Dm644 configs/embodyd-gpu.conf "$doc/examples/embodyd-gpu.conf"
 # Debug info stays in the build; the package carries the code.
 strip_tool=strip
 [ "$ARCH" = arm64 ] && strip_tool=aarch64-linux-gnu-strip

@@ -6,14 +6,24 @@ cd "$(dirname "$0")/.."
 
 # systemd-analyze checks the shipped unit (tests/tests/unit_sandbox.rs);
 # scripts/package.sh reads the binaries' needs with readelf (binutils).
+# The Vulkan backend's tests run on Mesa's lavapipe (a Vulkan driver on the
+# CPU) through the Vulkan loader.
 need=()
 command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v readelf >/dev/null || need+=(binutils)
+vulkan=(libvulkan1 mesa-vulkan-drivers)
+for p in "${vulkan[@]}"; do
+    dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
+done
 if [ ${#need[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo=sudo
     $sudo apt-get update && $sudo apt-get install -y --no-install-recommends "${need[@]}"
 fi
+
+lavapipe="/usr/share/vulkan/icd.d/lvp_icd.$(uname -m).json"
+python3 scripts/check-packages.py --packages "${vulkan[@]}" \
+    --files "$lavapipe" "$(ldconfig -p | awk '/libvulkan.so.1 /{print $NF; exit}')"
 
 # The real models (idempotent: verified files are not fetched again).
 scripts/fetch-models.sh all

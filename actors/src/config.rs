@@ -15,6 +15,8 @@ pub struct RuntimeConfig {
     pub mmproj: Option<PathBuf>,
     /// The backend that runs the model.
     pub backend: BackendKind,
+    /// The GPU of a GPU backend (an index or part of its name); none takes the first.
+    pub device: Option<String>,
     /// Compute threads; 0 means one per core.
     pub threads: usize,
     /// Longest context to serve, in tokens; 0 means the model's own.
@@ -85,6 +87,7 @@ impl Default for RuntimeConfig {
             model_path: PathBuf::new(),
             mmproj: None,
             backend: BackendKind::Cpu,
+            device: None,
             threads: 0,
             context_length: 4096,
             max_batch_tokens: 512,

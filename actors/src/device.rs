@@ -24,6 +24,8 @@ pub(crate) struct DeviceArgs {
     /// llama.cpp's vision projector for a GGUF vision-language model.
     pub mmproj: Option<PathBuf>,
     pub backend: BackendKind,
+    /// The GPU of a GPU backend (an index or part of its name).
+    pub device: Option<String>,
     pub threads: usize,
     pub opts: LoadOptions,
     pub special_tokens_in_messages: bool,
@@ -98,7 +100,9 @@ impl ModelSource {
         };
         let tool_format = ToolFormat::for_template(template_src.unwrap_or(""));
         let template = template_src.map(ChatTemplate::new).transpose()?;
-        let backend: Arc<dyn Backend> = backend::create(args.backend, args.threads)?.into();
+        let backend: Arc<dyn Backend> =
+            backend::create(args.backend, args.threads, args.device.as_deref())?.into();
+        tracing::info!("backend: {}", backend.describe());
         let mut opts = args.opts;
         let trained = files.trained_context();
         if opts.context_length == 0 || trained.is_some_and(|t| opts.context_length > t) {
@@ -160,9 +164,9 @@ impl ModelSource {
             .map_err(Clone::clone)
     }
 
-    /// The backend's name and thread count.
-    pub fn backend(&self) -> (&'static str, usize) {
-        (self.backend.name(), self.backend.threads())
+    /// The backend (with its device, for a GPU) and its thread count.
+    pub fn backend(&self) -> (String, usize) {
+        (self.backend.describe(), self.backend.threads())
     }
 }
 
@@ -238,7 +242,7 @@ impl Actor for DeviceActor {
             arch = %source.info.arch,
             context = source.info.context_length,
             weights_mib = source.weights_bytes >> 20,
-            backend,
+            backend = %backend,
             threads,
             "model loaded from {}",
             source.path.display()

@@ -301,7 +301,7 @@ impl Supervisor {
                 weights_bytes: memory.map_or(src.weights_bytes, |m| m.weights_bytes),
                 vision: src.vision.is_some(),
             },
-            backend: backend.to_string(),
+            backend,
             threads: threads as u32,
             // Counted where requests change hands, so a client that has just
             // received an event sees a count that already includes it.
@@ -392,6 +392,7 @@ impl Actor for Supervisor {
             model_path: cfg.model_path.clone(),
             mmproj: cfg.mmproj.clone(),
             backend: cfg.backend,
+            device: cfg.device.clone(),
             threads: cfg.threads,
             special_tokens_in_messages: cfg.special_tokens_in_messages,
             opts: embody_engine::models::LoadOptions {

@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use crate::kv_cache::{BlockTable, KvCache};
+use crate::kv_cache::BlockTable;
 use crate::models::{Logits, Model, SeqBatch};
 use crate::Result;
 
@@ -33,7 +33,9 @@ pub fn run(
 ) -> Result<BenchResult> {
     let info = model.info().clone();
     let total = prompt_tokens + gen_tokens;
-    let mut kv = KvCache::new(info.kv, info.kv.blocks_for_tokens(total));
+    let blocks = info.kv.blocks_for_tokens(total);
+    // In the backend's memory (a GPU's, for a GPU backend).
+    let mut kv = model.kv_cache(blocks, if info.kv.window.is_some() { blocks } else { 0 })?;
     let mut logits = vec![0f32; info.vocab_size];
     // A spread of ids, avoiding 0..16 where control tokens usually sit.
     let prompt: Vec<u32> = (0..prompt_tokens)

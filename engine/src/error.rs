@@ -75,6 +75,9 @@ pub enum Error {
     /// A backend was requested that this build does not include.
     #[error("backend '{0}' is not compiled into this build")]
     NotCompiled(&'static str),
+    /// A GPU device could not be opened or used (no driver, no memory).
+    #[error("GPU device: {0}")]
+    Device(String),
     /// An image a request sent cannot be used (the sender's mistake).
     #[error("{0}")]
     Image(#[from] crate::vision::ImageError),

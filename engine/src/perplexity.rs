@@ -3,7 +3,7 @@
 //! adds one), cut into non-overlapping chunks of `ctx` tokens whose first token
 //! is replaced by BOS, and only the second half of each chunk is scored.
 
-use crate::kv_cache::{BlockTable, KvCache};
+use crate::kv_cache::BlockTable;
 use crate::models::{Logits, Model, SeqBatch};
 use crate::{Error, Result};
 
@@ -50,7 +50,8 @@ pub fn perplexity(
     }
     let vocab = info.vocab_size;
     let step = info.max_batch_tokens;
-    let mut kv = KvCache::new(info.kv, info.kv.blocks_for_tokens(ctx));
+    let blocks = info.kv.blocks_for_tokens(ctx);
+    let mut kv = model.kv_cache(blocks, if info.kv.window.is_some() { blocks } else { 0 })?;
     let mut logits = vec![0f32; step * vocab];
     let mut chunk = vec![0u32; ctx];
     let first = ctx / 2;

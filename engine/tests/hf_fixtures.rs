@@ -814,3 +814,21 @@ fn gemma3_vision_language_checkpoint_loads_its_language_model() {
     assert!(check_folder("gemma3", &d) < tolerance("gemma3"));
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// The Vulkan backend runs every family within the same transformers
+/// bounds, its KV cache in device memory.
+#[cfg(feature = "vulkan")]
+#[test]
+fn vulkan_backend_matches_transformers() {
+    use embody_engine::backend::vulkan::VulkanBackend;
+    let gpu: Arc<dyn Backend> = Arc::new(VulkanBackend::new(None).expect("a Vulkan device"));
+    for name in FAMILIES {
+        let e = expected(name);
+        let mut m = load_on(name, gpu.clone());
+        let window = if m.info().kv.window.is_some() { 64 } else { 0 };
+        let mut kv = m.kv_cache(64, window).unwrap();
+        let rel = prefill_and_decode(name, m.as_mut(), &mut kv, &e);
+        eprintln!("{name} (vulkan): max |logit error| = {rel:.2e} x std");
+        assert!(rel < tolerance(name), "{name} vulkan: {rel:.2e} x std");
+    }
+}

@@ -125,21 +125,32 @@ fn the_package_installs_a_daemon_that_serves_its_own_config() {
         run(Command::new("sh").arg("-n").arg(&path));
     }
 
-    // systemd reads the installed unit (pointed at the installed binary).
-    let checked = dir.path().join("embodyd.service");
+    // systemd reads the installed unit (pointed at the installed binary),
+    // alone and with the GPU drop-in from the examples applied.
     let installed = root.join("usr/bin/embodyd");
-    std::fs::write(&checked, unit.replace(program, installed.to_str().unwrap())).unwrap();
-    let out = Command::new("systemd-analyze")
-        .arg("verify")
-        .arg(&checked)
-        .output()
-        .expect("systemd-analyze (scripts/test.sh installs it)");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && err.trim().is_empty(),
-        "systemd-analyze verify: {}\n{err}",
-        out.status
-    );
+    let unit_here = unit.replace(program, installed.to_str().unwrap());
+    let gpu = std::fs::read_to_string(root.join("usr/share/doc/embodyd/examples/embodyd-gpu.conf"))
+        .expect("the GPU drop-in among the examples");
+    assert!(gpu.contains("MemoryDenyWriteExecute=no") && gpu.contains("PrivateDevices=no"));
+    for (sub, text) in [
+        ("plain", unit_here.clone()),
+        ("gpu", format!("{unit_here}\n{gpu}")),
+    ] {
+        let checked = dir.path().join(sub).join("embodyd.service");
+        std::fs::create_dir_all(checked.parent().unwrap()).unwrap();
+        std::fs::write(&checked, text).unwrap();
+        let out = Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(&checked)
+            .output()
+            .expect("systemd-analyze (scripts/test.sh installs it)");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && err.trim().is_empty(),
+            "systemd-analyze verify ({sub}): {}\n{err}",
+            out.status
+        );
+    }
 
     // The installed daemon on the installed config (the test's model and
     // free ports; no zenoh router is running, which the daemon rides out).

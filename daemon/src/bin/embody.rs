@@ -45,6 +45,10 @@ struct ModelArgs {
     /// Backend: cpu, reference (the scalar oracle: slow), cuda or vulkan.
     #[arg(long, default_value = "cpu")]
     backend: String,
+    /// The GPU of a GPU backend: its index or part of its name (default:
+    /// the first GPU).
+    #[arg(long)]
+    device: Option<String>,
     /// llama.cpp's vision projector GGUF (`mmproj`) for a GGUF
     /// vision-language model (a Hugging Face folder carries its own).
     #[arg(long)]
@@ -192,7 +196,8 @@ fn load(args: &ModelArgs, ctx: usize) -> Result<Loaded> {
     let kind: BackendKind = args.backend.parse()?;
     let files = ModelFiles::open(&args.model)?;
     let tokenizer = files.tokenizer()?;
-    let backend: Arc<dyn backend::Backend> = backend::create(kind, args.threads)?.into();
+    let backend: Arc<dyn backend::Backend> =
+        backend::create(kind, args.threads, args.device.as_deref())?.into();
     let opts = LoadOptions {
         context_length: serving_ctx(&files, ctx)?,
         ..LoadOptions::default()

@@ -61,6 +61,10 @@ pub struct ModelConfig {
     /// The backend: "cpu", "reference" (the scalar oracle, slow), "cuda" or
     /// "vulkan". Default: "cpu".
     pub backend: String,
+    /// The GPU a GPU backend runs on: its index or part of its name, as the
+    /// driver reports it (`embody status` shows the one chosen); empty takes
+    /// the first GPU. Default: "".
+    pub device: String,
     /// Compute threads; 0 means one per core. Default: 0.
     pub threads: usize,
     /// Longest context served, in tokens; 0 means the model's own. Default: 4096.
@@ -210,6 +214,7 @@ impl Default for ModelConfig {
             path: "SmolLM2-135M-Instruct.Q4_1.gguf".into(),
             mmproj: None,
             backend: "cpu".into(),
+            device: String::new(),
             threads: 0,
             context_length: 4096,
             max_batch_tokens: 512,
@@ -411,6 +416,7 @@ impl Config {
             model_path: self.model_path(),
             mmproj: self.model.mmproj.as_deref().map(resolve_model),
             backend: self.model.backend.parse().unwrap_or_default(),
+            device: Some(self.model.device.clone()).filter(|d| !d.is_empty()),
             threads: self.model.threads,
             context_length: self.model.context_length,
             max_batch_tokens: self.model.max_batch_tokens,
@@ -570,7 +576,7 @@ mod tests {
             );
             fields += 1;
         }
-        assert_eq!(fields, 53, "every field appears in the shipped config");
+        assert_eq!(fields, 54, "every field appears in the shipped config");
     }
 
     #[test]

@@ -11,6 +11,8 @@ pub mod cpu;
 pub mod host;
 pub mod memory;
 pub mod reference;
+#[cfg(feature = "vulkan")]
+pub mod vulkan;
 
 pub use memory::{Buf, Weight, Workspace};
 
@@ -118,6 +120,12 @@ pub trait Backend: Send + Sync {
 
     /// Threads (or streams) the backend runs on.
     fn threads(&self) -> usize;
+
+    /// The backend and, for a device backend, the device it runs on
+    /// ("vulkan: NVIDIA Orin"), for status and logs.
+    fn describe(&self) -> String {
+        self.name().to_string()
+    }
 
     /// A buffer of `len` zeros.
     fn alloc(&self, len: usize) -> Result<Buf>;
@@ -313,12 +321,19 @@ impl std::str::FromStr for BackendKind {
     }
 }
 
-/// Creates a backend; `threads` of 0 means one per available core.
-pub fn create(kind: BackendKind, threads: usize) -> Result<Box<dyn Backend>> {
+/// Creates a backend; `threads` of 0 means one per available core. A GPU
+/// backend opens the device `device` names (an index or part of its name),
+/// else the first GPU.
+pub fn create(kind: BackendKind, threads: usize, device: Option<&str>) -> Result<Box<dyn Backend>> {
+    #[cfg(not(feature = "vulkan"))]
+    let _ = device;
     match kind {
         BackendKind::Cpu => Ok(Box::new(cpu::CpuBackend::new(threads))),
         BackendKind::Reference => Ok(Box::new(reference::ReferenceBackend)),
         BackendKind::Cuda => Err(Error::NotCompiled("cuda")),
+        #[cfg(feature = "vulkan")]
+        BackendKind::Vulkan => Ok(Box::new(vulkan::VulkanBackend::new(device)?)),
+        #[cfg(not(feature = "vulkan"))]
         BackendKind::Vulkan => Err(Error::NotCompiled("vulkan")),
     }
 }

@@ -1,0 +1,196 @@
+// Products with a weight stored in a GGUF type, and token embedding rows
+// taken from one. build.rs prepends, per type, `const QTYPE: u32` (the
+// GGUF type id), `const BLOCK: u32` (values per block) and `const BYTES:
+// u32` (bytes per block); the driver folds the type switch away.
+//
+// Weights keep the file's bytes unchanged (blocks need not be 4-byte
+// aligned): values are read through byte offsets into a u32 array.
+
+struct Params {
+    // Rows of this chunk of the weight, and values per row.
+    rows: u32,
+    cols: u32,
+    // Token rows of x (or ids to embed).
+    n: u32,
+    // The chunk's first row in the whole weight.
+    row0: u32,
+    // Bytes per weight row.
+    row_bytes: u32,
+    // Values per row of y (the whole weight's rows, for products).
+    y_stride: u32,
+    // 1: y += product; 0: y = product.
+    add: u32,
+    // Embedding: the first row of y written, and the scale (0: none).
+    out_row: u32,
+    scale: f32,
+}
+
+var<immediate> pc: Params;
+
+@group(0) @binding(0) var<storage, read> w: array<u32>;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> y: array<f32>;
+@group(0) @binding(3) var<storage, read> ids: array<u32>;
+
+fn byte_at(off: u32) -> u32 {
+    return (w[off >> 2u] >> ((off & 3u) * 8u)) & 0xffu;
+}
+
+fn bits16_at(off: u32) -> u32 {
+    return byte_at(off) | (byte_at(off + 1u) << 8u);
+}
+
+fn half_at(off: u32) -> f32 {
+    return unpack2x16float(bits16_at(off)).x;
+}
+
+fn u32_at(off: u32) -> u32 {
+    return bits16_at(off) | (bits16_at(off + 2u) << 16u);
+}
+
+fn i8_of(b: u32) -> f32 {
+    return f32(bitcast<i32>(b << 24u) >> 24u);
+}
+
+// The 6-bit scale (`which` 0) or min (1) of sub-block j of a Q4_K/Q5_K block
+// whose scales start at `s` (ggml's get_scale_min_k4).
+fn scale_min_k4(s: u32, j: u32, which: u32) -> f32 {
+    if (j < 4u) {
+        return f32(byte_at(s + j + 4u * which) & 63u);
+    }
+    let lo = select(byte_at(s + j + 4u) & 0xfu, byte_at(s + j + 4u) >> 4u, which == 1u);
+    let hi = byte_at(s + j - 4u + 4u * which) >> 6u;
+    return f32(lo | (hi << 4u));
+}
+
+// Value jj of the block at byte offset `base`.
+fn deq(base: u32, jj: u32) -> f32 {
+    switch QTYPE {
+        case 0u: { // F32
+            return bitcast<f32>(u32_at(base));
+        }
+        case 1u: { // F16
+            return half_at(base);
+        }
+        case 30u: { // BF16
+            return bitcast<f32>(bits16_at(base) << 16u);
+        }
+        case 2u: { // Q4_0
+            let b = byte_at(base + 2u + (jj & 15u));
+            let q = select(b & 0xfu, b >> 4u, jj >= 16u);
+            return (f32(q) - 8.0) * half_at(base);
+        }
+        case 3u: { // Q4_1
+            let b = byte_at(base + 4u + (jj & 15u));
+            let q = select(b & 0xfu, b >> 4u, jj >= 16u);
+            return f32(q) * half_at(base) + half_at(base + 2u);
+        }
+        case 6u: { // Q5_0
+            let b = byte_at(base + 6u + (jj & 15u));
+            let lo = select(b & 0xfu, b >> 4u, jj >= 16u);
+            let q = lo | (((u32_at(base + 2u) >> jj) & 1u) << 4u);
+            return (f32(q) - 16.0) * half_at(base);
+        }
+        case 7u: { // Q5_1
+            let b = byte_at(base + 8u + (jj & 15u));
+            let lo = select(b & 0xfu, b >> 4u, jj >= 16u);
+            let q = lo | (((u32_at(base + 4u) >> jj) & 1u) << 4u);
+            return f32(q) * half_at(base) + half_at(base + 2u);
+        }
+        case 8u: { // Q8_0
+            return i8_of(byte_at(base + 2u + jj)) * half_at(base);
+        }
+        case 12u, 13u: { // Q4_K, Q5_K
+            let j = jj / 32u;
+            let qs = select(16u, 48u, QTYPE == 13u);
+            let b = byte_at(base + qs + (jj / 64u) * 32u + (jj & 31u));
+            var q = select(b & 0xfu, b >> 4u, (jj & 63u) >= 32u);
+            if (QTYPE == 13u) {
+                q = q | (((byte_at(base + 16u + (jj & 31u)) >> j) & 1u) << 4u);
+            }
+            let d = half_at(base) * scale_min_k4(base + 4u, j, 0u);
+            let m = half_at(base + 2u) * scale_min_k4(base + 4u, j, 1u);
+            return d * f32(q) - m;
+        }
+        case 14u: { // Q6_K
+            let half = jj / 128u;
+            let k = jj & 127u;
+            let row = k / 32u;
+            let l = k & 31u;
+            let ql = byte_at(base + half * 64u + (row & 1u) * 32u + l);
+            let low = select(ql & 0xfu, ql >> 4u, row >= 2u);
+            let high = (byte_at(base + 128u + half * 32u + l) >> (2u * row)) & 3u;
+            let q = f32(low | (high << 4u)) - 32.0;
+            return half_at(base + 208u) * i8_of(byte_at(base + 192u + jj / 16u)) * q;
+        }
+        default: {
+            return 0.0;
+        }
+    }
+}
+
+const TOK: u32 = 4u;
+var<workgroup> part: array<f32, 256>;
+
+// y[t][row0 + r] (+)= w.row(r) · x[t]: one workgroup per weight row and
+// TOK token rows; each thread takes whole blocks.
+@compute @workgroup_size(64)
+fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) l: vec3<u32>) {
+    let r = wg.z * 32768u + wg.x;
+    let t0 = wg.y * TOK;
+    let valid = r < pc.rows;
+    var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
+    if (valid) {
+        let nb = pc.cols / BLOCK;
+        let row = r * pc.row_bytes;
+        for (var b = l.x; b < nb; b += 64u) {
+            let base = row + b * BYTES;
+            let c0 = b * BLOCK;
+            for (var jj = 0u; jj < BLOCK; jj++) {
+                let v = deq(base, jj);
+                for (var t = 0u; t < TOK; t++) {
+                    if (t0 + t < pc.n) {
+                        acc[t] += v * x[(t0 + t) * pc.cols + c0 + jj];
+                    }
+                }
+            }
+        }
+    }
+    for (var t = 0u; t < TOK; t++) {
+        part[t * 64u + l.x] = acc[t];
+    }
+    workgroupBarrier();
+    for (var s = 32u; s > 0u; s >>= 1u) {
+        if (l.x < s) {
+            for (var t = 0u; t < TOK; t++) {
+                part[t * 64u + l.x] += part[t * 64u + l.x + s];
+            }
+        }
+        workgroupBarrier();
+    }
+    if (valid && l.x < TOK && t0 + l.x < pc.n) {
+        let at = (t0 + l.x) * pc.y_stride + pc.row0 + r;
+        let v = part[l.x * 64u];
+        y[at] = select(v, y[at] + v, pc.add == 1u);
+    }
+}
+
+// y[out_row + t] = scale · w.row(ids[t]) for the ids in this chunk's rows.
+@compute @workgroup_size(64)
+fn embed(@builtin(global_invocation_id) g: vec3<u32>) {
+    let c = g.x;
+    let t = g.y;
+    if (c >= pc.cols || t >= pc.n) {
+        return;
+    }
+    let id = ids[t];
+    if (id < pc.row0 || id >= pc.row0 + pc.rows) {
+        return;
+    }
+    let base = (id - pc.row0) * pc.row_bytes + (c / BLOCK) * BYTES;
+    var v = deq(base, c % BLOCK);
+    if (pc.scale != 0.0) {
+        v *= pc.scale;
+    }
+    y[(pc.out_row + t) * pc.cols + c] = v;
+}
