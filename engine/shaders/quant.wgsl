@@ -63,8 +63,13 @@ fn scale_min_k4(s: u32, j: u32, which: u32) -> f32 {
     return f32(lo | (hi << 4u));
 }
 
-// Value jj of the block at byte offset `base`.
-fn deq(base: u32, jj: u32) -> f32 {
+// Values per sub-block: the span over which one scale and offset hold.
+const SUB: u32 = select(select(32u, 16u, QTYPE == 14u), 1u, BLOCK == 1u);
+
+// The integer level of value jj of the block at byte offset `base` (for
+// float types, the value itself): value = level * p.x + p.y, with `p` from
+// `sub_params` of its sub-block.
+fn level(base: u32, jj: u32) -> f32 {
     switch QTYPE {
         case 0u: { // F32
             return bitcast<f32>(u32_at(base));
@@ -75,42 +80,27 @@ fn deq(base: u32, jj: u32) -> f32 {
         case 30u: { // BF16
             return bitcast<f32>(bits16_at(base) << 16u);
         }
-        case 2u: { // Q4_0
-            let b = byte_at(base + 2u + (jj & 15u));
-            let q = select(b & 0xfu, b >> 4u, jj >= 16u);
-            return (f32(q) - 8.0) * half_at(base);
+        case 2u, 3u: { // Q4_0, Q4_1
+            let b = byte_at(base + select(2u, 4u, QTYPE == 3u) + (jj & 15u));
+            return f32(select(b & 0xfu, b >> 4u, jj >= 16u));
         }
-        case 3u: { // Q4_1
-            let b = byte_at(base + 4u + (jj & 15u));
-            let q = select(b & 0xfu, b >> 4u, jj >= 16u);
-            return f32(q) * half_at(base) + half_at(base + 2u);
-        }
-        case 6u: { // Q5_0
-            let b = byte_at(base + 6u + (jj & 15u));
+        case 6u, 7u: { // Q5_0, Q5_1
+            let hi = select(2u, 4u, QTYPE == 7u);
+            let b = byte_at(base + hi + 4u + (jj & 15u));
             let lo = select(b & 0xfu, b >> 4u, jj >= 16u);
-            let q = lo | (((u32_at(base + 2u) >> jj) & 1u) << 4u);
-            return (f32(q) - 16.0) * half_at(base);
-        }
-        case 7u: { // Q5_1
-            let b = byte_at(base + 8u + (jj & 15u));
-            let lo = select(b & 0xfu, b >> 4u, jj >= 16u);
-            let q = lo | (((u32_at(base + 4u) >> jj) & 1u) << 4u);
-            return f32(q) * half_at(base) + half_at(base + 2u);
+            return f32(lo | (((u32_at(base + hi) >> jj) & 1u) << 4u));
         }
         case 8u: { // Q8_0
-            return i8_of(byte_at(base + 2u + jj)) * half_at(base);
+            return i8_of(byte_at(base + 2u + jj));
         }
         case 12u, 13u: { // Q4_K, Q5_K
-            let j = jj / 32u;
             let qs = select(16u, 48u, QTYPE == 13u);
             let b = byte_at(base + qs + (jj / 64u) * 32u + (jj & 31u));
             var q = select(b & 0xfu, b >> 4u, (jj & 63u) >= 32u);
             if (QTYPE == 13u) {
-                q = q | (((byte_at(base + 16u + (jj & 31u)) >> j) & 1u) << 4u);
+                q = q | (((byte_at(base + 16u + (jj & 31u)) >> (jj / 32u)) & 1u) << 4u);
             }
-            let d = half_at(base) * scale_min_k4(base + 4u, j, 0u);
-            let m = half_at(base + 2u) * scale_min_k4(base + 4u, j, 1u);
-            return d * f32(q) - m;
+            return f32(q);
         }
         case 14u: { // Q6_K
             let half = jj / 128u;
@@ -120,8 +110,7 @@ fn deq(base: u32, jj: u32) -> f32 {
             let ql = byte_at(base + half * 64u + (row & 1u) * 32u + l);
             let low = select(ql & 0xfu, ql >> 4u, row >= 2u);
             let high = (byte_at(base + 128u + half * 32u + l) >> (2u * row)) & 3u;
-            let q = f32(low | (high << 4u)) - 32.0;
-            return half_at(base + 208u) * i8_of(byte_at(base + 192u + jj / 16u)) * q;
+            return f32(low | (high << 4u));
         }
         default: {
             return 0.0;
@@ -129,49 +118,77 @@ fn deq(base: u32, jj: u32) -> f32 {
     }
 }
 
-const TOK: u32 = 4u;
-var<workgroup> part: array<f32, 256>;
+// Scale and offset of sub-block s of the block at `base`.
+fn sub_params(base: u32, s: u32) -> vec2<f32> {
+    switch QTYPE {
+        case 2u: {
+            let d = half_at(base);
+            return vec2<f32>(d, -8.0 * d);
+        }
+        case 6u: {
+            let d = half_at(base);
+            return vec2<f32>(d, -16.0 * d);
+        }
+        case 3u, 7u: {
+            return vec2<f32>(half_at(base), half_at(base + 2u));
+        }
+        case 8u: {
+            return vec2<f32>(half_at(base), 0.0);
+        }
+        case 12u, 13u: {
+            let d = half_at(base) * scale_min_k4(base + 4u, s, 0u);
+            let m = half_at(base + 2u) * scale_min_k4(base + 4u, s, 1u);
+            return vec2<f32>(d, -m);
+        }
+        case 14u: {
+            let d = half_at(base + 208u) * i8_of(byte_at(base + 192u + s));
+            return vec2<f32>(d, -32.0 * d);
+        }
+        default: {
+            return vec2<f32>(1.0, 0.0);
+        }
+    }
+}
 
-// y[t][row0 + r] (+)= w.row(r) · x[t]: one workgroup per weight row and
-// TOK token rows; each thread takes whole blocks.
+// Value jj of the block at byte offset `base`.
+fn deq(base: u32, jj: u32) -> f32 {
+    let p = sub_params(base, jj / SUB);
+    return level(base, jj) * p.x + p.y;
+}
+
+const TOK: u32 = 4u;
+
+// y[t][row0 + r] (+)= w.row(r) · x[t]: one invocation per weight row and
+// TOK token rows, so no invocation waits on another (no barriers, no
+// workgroup memory), whatever the device's subgroup size.
 @compute @workgroup_size(64)
-fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) l: vec3<u32>) {
-    let r = wg.z * 32768u + wg.x;
-    let t0 = wg.y * TOK;
-    let valid = r < pc.rows;
+fn matmul(@builtin(global_invocation_id) g: vec3<u32>) {
+    let r = g.x;
+    let t0 = g.y * TOK;
+    if (r >= pc.rows) {
+        return;
+    }
+    let nt = min(TOK, pc.n - t0);
     var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
-    if (valid) {
-        let nb = pc.cols / BLOCK;
-        let row = r * pc.row_bytes;
-        for (var b = l.x; b < nb; b += 64u) {
-            let base = row + b * BYTES;
-            let c0 = b * BLOCK;
-            for (var jj = 0u; jj < BLOCK; jj++) {
-                let v = deq(base, jj);
-                for (var t = 0u; t < TOK; t++) {
-                    if (t0 + t < pc.n) {
-                        acc[t] += v * x[(t0 + t) * pc.cols + c0 + jj];
-                    }
+    let nb = pc.cols / BLOCK;
+    let row = r * pc.row_bytes;
+    for (var b = 0u; b < nb; b++) {
+        let base = row + b * BYTES;
+        let c0 = b * BLOCK;
+        for (var s = 0u; s < BLOCK / SUB; s++) {
+            let p = sub_params(base, s);
+            for (var e = 0u; e < SUB; e++) {
+                let jj = s * SUB + e;
+                let v = level(base, jj) * p.x + p.y;
+                for (var t = 0u; t < nt; t++) {
+                    acc[t] += v * x[(t0 + t) * pc.cols + c0 + jj];
                 }
             }
         }
     }
-    for (var t = 0u; t < TOK; t++) {
-        part[t * 64u + l.x] = acc[t];
-    }
-    workgroupBarrier();
-    for (var s = 32u; s > 0u; s >>= 1u) {
-        if (l.x < s) {
-            for (var t = 0u; t < TOK; t++) {
-                part[t * 64u + l.x] += part[t * 64u + l.x + s];
-            }
-        }
-        workgroupBarrier();
-    }
-    if (valid && l.x < TOK && t0 + l.x < pc.n) {
-        let at = (t0 + l.x) * pc.y_stride + pc.row0 + r;
-        let v = part[l.x * 64u];
-        y[at] = select(v, y[at] + v, pc.add == 1u);
+    for (var t = 0u; t < nt; t++) {
+        let at = (t0 + t) * pc.y_stride + pc.row0 + r;
+        y[at] = select(acc[t], y[at] + acc[t], pc.add == 1u);
     }
 }
 

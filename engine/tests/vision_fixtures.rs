@@ -382,3 +382,29 @@ fn the_mmproj_conversion_encodes_as_the_folder_does() {
         assert!(err <= 2e-5, "{name} image {k}: encoder error {err}");
     }
 }
+
+/// The vision encoders on the Vulkan backend (window attention, 2D rotary
+/// embeddings, LayerNorm and RMSNorm blocks, the patch merger) within the
+/// CPU's bounds of transformers' rows.
+#[cfg(feature = "vulkan")]
+#[test]
+fn encoder_rows_match_transformers_on_vulkan() {
+    use embody_engine::backend::vulkan::VulkanBackend;
+    let gpu: Arc<dyn Backend> = Arc::new(VulkanBackend::new(None).expect("a Vulkan device"));
+    for (name, family) in FAMILIES {
+        let folder = HfFolder::open(&dir(name)).unwrap();
+        let enc = VisionEncoder::load_hf(&folder, family, gpu.clone()).unwrap();
+        let e = Expected::load(name);
+        for (k, bytes) in images(name).iter().enumerate() {
+            let px = enc.processor().process(bytes).unwrap();
+            let rows = enc.encode(&px).unwrap();
+            let want = e.floats(&format!("img{k}_embeds"));
+            let err = max_abs_diff(&rows, &want) / std_dev(&want);
+            println!("{name} image {k} (vulkan): encoder error {err:.2e} of the rows' deviation");
+            assert!(
+                err <= tolerance(name).0,
+                "{name} image {k} on Vulkan: encoder error {err}"
+            );
+        }
+    }
+}

@@ -374,7 +374,7 @@ fn paged_attention_matches_the_reference() {
             let mut kv = be.kv_cache(layout, 32, 32).unwrap();
             let mut ws = be.workspace(16, nh * hd, 64);
             // Interleaved allocations scatter each table's blocks.
-            let mut tables = vec![BlockTable::new(), BlockTable::new(), BlockTable::new()];
+            let mut tables = [BlockTable::new(), BlockTable::new(), BlockTable::new()];
             for step in 1..=4 {
                 for (t, &(old, new)) in tables.iter_mut().zip(&shape) {
                     t.reserve(&mut kv, ((old + new) * step / 4).max(1)).unwrap();

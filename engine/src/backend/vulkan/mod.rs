@@ -67,7 +67,7 @@ impl VulkanBackend {
                 0,
                 0,
             ];
-            let groups = [rows.min(WRAP), (n as u32).div_ceil(4), rows.div_ceil(WRAP)];
+            let groups = [rows.div_ceil(64), (n as u32).div_ceil(4), 1];
             let bind = [c.buf.bind(), x, y];
             self.gpu.dispatch(dw.matmul, &bind, &params, groups);
         }
@@ -323,7 +323,7 @@ impl Backend for VulkanBackend {
         n_blocks: usize,
         n_window_blocks: usize,
     ) -> Result<KvCache> {
-        if layout.head_dim % 2 != 0 || layout.head_dim > 512 {
+        if !layout.head_dim.is_multiple_of(2) || layout.head_dim > 512 {
             return Err(Error::Device(format!(
                 "the Vulkan backend's attention takes even head widths up to 512, not {}",
                 layout.head_dim
