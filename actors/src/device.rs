@@ -81,7 +81,14 @@ impl ModelSource {
     /// Opens the file, creates the backend and builds one model instance, so
     /// that every error a model file can raise shows at startup.
     pub fn load(args: &DeviceArgs) -> Result<Self, embody_engine::Error> {
-        let files = ModelFiles::open(&args.model_path)?;
+        // A GPU backend copies the weights to the device: the host only maps
+        // the file (its pages given back as each weight is uploaded) instead
+        // of keeping a copy of its own.
+        let files = if args.backend.on_device() {
+            ModelFiles::open_mapped(&args.model_path)?
+        } else {
+            ModelFiles::open(&args.model_path)?
+        };
         let tokenizer = files.tokenizer()?;
         // The files' own template, else the architecture's standard one
         // (Gemma 3 conversions often carry none).

@@ -150,6 +150,14 @@ impl Bytes {
     }
 }
 
+impl Bytes {
+    /// Gives back the memory of the view's mapped pages (their bytes were
+    /// copied elsewhere, to a GPU); a later read faults them back in.
+    pub fn release(&self) {
+        self.file.release(self.range.clone());
+    }
+}
+
 impl Deref for Bytes {
     type Target = [u8];
     fn deref(&self) -> &[u8] {

@@ -476,6 +476,29 @@ fn segment_attention_and_logits_match_the_reference() {
     close(&out, &want, 1e-5, "soft-capped logits");
 }
 
+/// A cache whose layer does not fit one binding is refused with the sizes,
+/// not made and then misused.
+#[test]
+fn memory_beyond_the_device_is_a_clear_error() {
+    let be = gpu();
+    let layout = KvLayout {
+        n_layers: 1,
+        n_kv_heads: 8,
+        head_dim: 128,
+        block_size: 16,
+        window: None,
+    };
+    // Blocks of 32 KiB: more than 128 MiB for one layer's keys.
+    let e = be
+        .kv_cache(layout, 4100, 0)
+        .err()
+        .expect("too large for one binding");
+    let msg = e.to_string();
+    assert!(msg.contains("exceeds the largest storage buffer"), "{msg}");
+    let e = be.alloc(1 << 30).expect_err("a 4 GiB buffer");
+    assert!(e.to_string().contains("MiB"), "{e}");
+}
+
 #[test]
 fn a_device_that_is_not_there_is_named_in_the_error() {
     let e = VulkanBackend::new(Some("no-such-gpu"))

@@ -18,7 +18,7 @@ use embody_engine::backend::vulkan::VulkanBackend;
 use embody_engine::backend::Backend;
 use embody_engine::kv_cache::BlockTable;
 use embody_engine::models::{LoadOptions, Logits, Model, ModelFiles, SeqBatch};
-use embody_tests::{http_post, model, smollm2, Daemon};
+use embody_tests::{http_post, model, smollm2, status, Daemon};
 
 const TOKENS: usize = 16;
 
@@ -136,5 +136,10 @@ fn the_daemon_streams_a_chat_on_vulkan() {
     assert!(
         log.contains("vulkan") && log.contains("llvmpipe"),
         "the device in the load log: {log}"
+    );
+    let st = status(&d.socket).unwrap();
+    assert!(
+        st.backend.starts_with("vulkan: llvmpipe"),
+        "the device in the status: {st:?}"
     );
 }

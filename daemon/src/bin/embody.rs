@@ -194,7 +194,12 @@ struct Loaded {
 
 fn load(args: &ModelArgs, ctx: usize) -> Result<Loaded> {
     let kind: BackendKind = args.backend.parse()?;
-    let files = ModelFiles::open(&args.model)?;
+    // A GPU backend holds the weights itself: the file is only mapped.
+    let files = if kind.on_device() {
+        ModelFiles::open_mapped(&args.model)?
+    } else {
+        ModelFiles::open(&args.model)?
+    };
     let tokenizer = files.tokenizer()?;
     let backend: Arc<dyn backend::Backend> =
         backend::create(kind, args.threads, args.device.as_deref())?.into();
@@ -252,6 +257,7 @@ fn run(cli: Cli) -> Result<()> {
             if json {
                 let v = serde_json::json!({
                     "model": model.model.display().to_string(),
+                    "backend": m.backend.describe(),
                     "threads": m.threads,
                     "prompt_tokens": prompt_tokens,
                     "gen_tokens": gen_tokens,
@@ -263,6 +269,7 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{v}");
             } else {
                 println!("model          {}", model.model.display());
+                println!("backend        {}", m.backend.describe());
                 println!("threads        {}", m.threads);
                 println!(
                     "prefill        {:.1} tok/s ({prompt_tokens} tokens)",

@@ -306,6 +306,14 @@ pub enum BackendKind {
     Vulkan,
 }
 
+impl BackendKind {
+    /// Whether the backend keeps the weights in a device's own memory, so
+    /// the host needs them only while they are uploaded.
+    pub fn on_device(self) -> bool {
+        matches!(self, Self::Cuda | Self::Vulkan)
+    }
+}
+
 impl std::str::FromStr for BackendKind {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {

@@ -297,6 +297,8 @@ impl Backend for VulkanBackend {
             chunks.push(Chunk { row0, rows, buf });
             row0 += rows;
         }
+        // The file's pages were read once; the device holds the weight now.
+        t.data.release();
         let dw = DevWeight {
             chunks,
             row_bytes,
