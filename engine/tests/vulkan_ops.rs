@@ -510,3 +510,42 @@ fn a_device_that_is_not_there_is_named_in_the_error() {
         "{msg}"
     );
 }
+
+/// Two threads on one device (the decoder and the vision encoder share the
+/// backend): one looks rows up by token id while the other keeps forcing
+/// submissions; every lookup reads its own ids.
+#[test]
+fn threads_sharing_the_device_keep_their_own_data() {
+    let be = std::sync::Arc::new(gpu());
+    let cols = 64;
+    let (t, deq) = tensor(GgmlType::Q8_0, 50, cols, 11);
+    let w = be.weight(t).unwrap();
+    let other = {
+        let be = be.clone();
+        std::thread::spawn(move || {
+            let mut b = be.upload(values(1000, 1)).unwrap();
+            let (v, mut out) = (values(1000, 2), vec![0.0; 1000]);
+            for _ in 0..300 {
+                // Staged host data, then a submission.
+                be.write(&mut b, 0, &v);
+                be.read(&b, 0, &mut out);
+                assert_eq!(out, v);
+            }
+        })
+    };
+    let mut x = be.alloc(8 * cols).unwrap();
+    for round in 0..300u32 {
+        let ids: Vec<u32> = (0..8).map(|i| (round * 7 + i * 3) % 50).collect();
+        be.embed_rows(&w, &ids, None, &mut x, 0);
+        let got = host(be.as_ref(), &x);
+        for (r, &id) in ids.iter().enumerate() {
+            let want = &deq[id as usize * cols..(id as usize + 1) * cols];
+            assert_eq!(
+                &got[r * cols..(r + 1) * cols],
+                want,
+                "round {round}, row {r}"
+            );
+        }
+    }
+    other.join().unwrap();
+}

@@ -71,6 +71,20 @@ impl Drop for GpuBuf {
     }
 }
 
+/// What a kernel's binding holds: a range of a buffer, or values from the
+/// host (token ids, block tables) to stage for it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Bind<'a> {
+    Buf(Binding),
+    Data(&'a [u32]),
+}
+
+impl From<Binding> for Bind<'_> {
+    fn from(b: Binding) -> Self {
+        Bind::Buf(b)
+    }
+}
+
 /// A range of a buffer given to a kernel.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Binding {
@@ -515,23 +529,6 @@ impl Gpu {
         Ok((raw.buffer, at, unsafe { raw.ptr.add(at as usize) }))
     }
 
-    /// `data` in host-visible memory, bound as it is for a kernel to read.
-    pub(crate) fn constants(&self, data: &[u32]) -> Binding {
-        let mut rec = self.lock();
-        let bytes = std::mem::size_of_val(data) as u64;
-        let (buffer, offset, ptr) = self
-            .stage(&mut rec, bytes)
-            .expect("host-visible memory for a kernel's constants");
-        // SAFETY: `ptr` has room for `bytes` bytes; nothing reads it before submission.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr().cast::<u8>(), ptr, bytes as usize) };
-        rec.pending += 1;
-        Binding {
-            buffer,
-            offset,
-            range: bytes.max(4),
-        }
-    }
-
     /// Copies `data` into `dst` from byte `at`, in order with the recorded kernels.
     pub(crate) fn upload(&self, dst: &GpuBuf, at: u64, data: &[u8]) -> Result<()> {
         if data.is_empty() {
@@ -727,27 +724,52 @@ impl Gpu {
     }
 
     /// Records kernel `name` over `groups` workgroups, binding `bindings`
-    /// in order (0, 1, …) and pushing `params`.
+    /// in order (0, 1, …) and pushing `params`. Host data among the
+    /// bindings is staged under the same lock as the recording, so no
+    /// submission by another thread reuses its memory in between.
     pub(crate) fn dispatch(
         &self,
         name: &'static str,
-        bindings: &[Binding],
+        bindings: &[Bind<'_>],
         params: &[u32],
         groups: [u32; 3],
     ) {
         if groups.contains(&0) {
             return;
         }
+        let bytes: Vec<u8> = params.iter().flat_map(|w| w.to_le_bytes()).collect();
+        assert!(
+            bytes.len() <= PUSH_BYTES as usize,
+            "{name}: too many parameters"
+        );
         let pipeline = self.pipeline(name);
-        let infos: Vec<[vk::DescriptorBufferInfo; 1]> = bindings
-            .iter()
-            .map(|b| {
-                [vk::DescriptorBufferInfo::default()
-                    .buffer(b.buffer)
-                    .offset(b.offset)
-                    .range(b.range.min(self.max_range))]
-            })
-            .collect();
+        let mut rec = self.lock();
+        let mut infos: Vec<[vk::DescriptorBufferInfo; 1]> = Vec::with_capacity(bindings.len());
+        for b in bindings {
+            let b = match *b {
+                Bind::Buf(b) => b,
+                Bind::Data(data) => {
+                    let len = std::mem::size_of_val(data) as u64;
+                    let (buffer, offset, ptr) = self
+                        .stage(&mut rec, len)
+                        .expect("host-visible memory for a kernel's data");
+                    // SAFETY: `ptr` has room for `len` bytes; the kernel
+                    // reads them when the submission runs.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(data.as_ptr().cast::<u8>(), ptr, len as usize)
+                    };
+                    Binding {
+                        buffer,
+                        offset,
+                        range: len.max(4),
+                    }
+                }
+            };
+            infos.push([vk::DescriptorBufferInfo::default()
+                .buffer(b.buffer)
+                .offset(b.offset)
+                .range(b.range.min(self.max_range))]);
+        }
         let writes: Vec<_> = infos
             .iter()
             .enumerate()
@@ -758,12 +780,6 @@ impl Gpu {
                     .buffer_info(info)
             })
             .collect();
-        let bytes: Vec<u8> = params.iter().flat_map(|w| w.to_le_bytes()).collect();
-        assert!(
-            bytes.len() <= PUSH_BYTES as usize,
-            "{name}: too many parameters"
-        );
-        let mut rec = self.lock();
         // SAFETY: recording under the lock with live buffers and a pipeline
         // of this device's layout.
         unsafe {

@@ -13,7 +13,7 @@ mod gpu;
 
 use std::sync::Arc;
 
-use gpu::{Binding, Gpu, GpuBuf};
+use gpu::{Bind, Binding, Gpu, GpuBuf};
 
 use crate::backend::memory::{Buf, Weight, Workspace};
 use crate::backend::{Activation, AttnParams, AttnSeq, Backend, HeadNorms, MatIn, MatOut};
@@ -69,7 +69,8 @@ impl VulkanBackend {
             ];
             let groups = [rows.div_ceil(64), (n as u32).div_ceil(4), 1];
             let bind = [c.buf.bind(), x, y];
-            self.gpu.dispatch(dw.matmul, &bind, &params, groups);
+            self.gpu
+                .dispatch(dw.matmul, &bind.map(Bind::from), &params, groups);
         }
     }
 
@@ -108,7 +109,7 @@ impl VulkanBackend {
         let n = n as u32;
         self.gpu.dispatch(
             "rms_norm",
-            &[a, b, w],
+            &[a, b, w].map(Bind::from),
             &params,
             [n.min(WRAP), n.div_ceil(WRAP), 1],
         );
@@ -128,7 +129,7 @@ impl VulkanBackend {
     ) {
         let params = [len as u32, width as u32, mode, 0, 0, 0, 0, 0, f0.to_bits()];
         self.gpu
-            .dispatch("eltwise", &[a, a, c, d], &params, grid(len));
+            .dispatch("eltwise", &[a, a, c, d].map(Bind::from), &params, grid(len));
     }
 }
 
@@ -370,7 +371,6 @@ impl Backend for VulkanBackend {
             return;
         }
         let dw = weight(w);
-        let ids_b = self.gpu.constants(ids);
         let n = ids.len() as u32;
         for c in &dw.chunks {
             let params = [
@@ -384,7 +384,8 @@ impl Backend for VulkanBackend {
                 row as u32,
                 scale.unwrap_or(0.0).to_bits(),
             ];
-            let bind = [c.buf.bind(), c.buf.bind(), dev(x).bind(), ids_b];
+            let b = c.buf.bind().into();
+            let bind = [b, b, dev(x).bind().into(), Bind::Data(ids)];
             self.gpu.dispatch(
                 dw.embed,
                 &bind,
@@ -468,7 +469,8 @@ impl Backend for VulkanBackend {
         ];
         let heads = (qd + kvd) / head_dim;
         let bind = [dev(q).bind(), dev(k).bind(), a, nq, a, nk];
-        self.gpu.dispatch("rope", &bind, &params, grid(n * heads));
+        self.gpu
+            .dispatch("rope", &bind.map(Bind::from), &params, grid(n * heads));
     }
 
     fn kv_write(&self, kv: &mut KvCache, layer: usize, seqs: &[AttnSeq<'_>], k: &Buf, v: &Buf) {
@@ -485,7 +487,6 @@ impl Backend for VulkanBackend {
         if slots.is_empty() {
             return;
         }
-        let meta = self.gpu.constants(&slots);
         let (kc, vc) = layer_kv(kv, layer);
         let params = [
             slots.len() as u32,
@@ -494,7 +495,8 @@ impl Backend for VulkanBackend {
             l.head_dim as u32,
         ];
         let (kb, vb) = (dev(k).bind(), dev(v).bind());
-        let bind = [kb, kb, vb, kc.bind(), vc.bind(), meta];
+        let (kc, vc) = (kc.bind().into(), vc.bind().into());
+        let bind = [kb.into(), kb.into(), vb.into(), kc, vc, Bind::Data(&slots)];
         let pairs = slots.len() * l.n_kv_heads * l.head_dim / 2;
         self.gpu.dispatch("kv_write", &bind, &params, grid(pairs));
     }
@@ -525,7 +527,6 @@ impl Backend for VulkanBackend {
                 row += 1;
             }
         }
-        let meta = self.gpu.constants(&meta);
         let (kc, vc) = layer_kv(kv, p.layer);
         let params = [
             n as u32,
@@ -536,7 +537,9 @@ impl Backend for VulkanBackend {
             p.scale.to_bits(),
         ];
         let qb = dev(q).bind();
-        let bind = [qb, qb, qb, kc.bind(), vc.bind(), meta, dev(out).bind()];
+        let (q, o) = (Bind::from(qb), dev(out).bind().into());
+        let (kc, vc) = (kc.bind().into(), vc.bind().into());
+        let bind = [q, q, q, kc, vc, Bind::Data(&meta), o];
         self.gpu
             .dispatch("attention", &bind, &params, [p.n_heads as u32, n as u32, 1]);
     }
@@ -612,7 +615,7 @@ impl Backend for VulkanBackend {
         let n = n as u32;
         self.gpu.dispatch(
             "layer_norm",
-            &bind,
+            &bind.map(Bind::from),
             &params,
             [n.min(WRAP), n.div_ceil(WRAP), 1],
         );
@@ -658,7 +661,6 @@ impl Backend for VulkanBackend {
                 meta[2 * i + 1] = s.end as u32;
             }
         }
-        let meta = self.gpu.constants(&meta);
         let params = [
             rows as u32,
             head_dim as u32,
@@ -671,7 +673,8 @@ impl Backend for VulkanBackend {
             scale.to_bits(),
         ];
         let o = dev(out).bind();
-        let bind = [o, o, dev(q).bind(), dev(k).bind(), meta, dev(v).bind()];
+        let (o, q, k, v) = (o.into(), dev(q).bind().into(), dev(k).bind(), dev(v).bind());
+        let bind = [o, o, q, k.into(), Bind::Data(&meta), v.into()];
         self.gpu.dispatch(
             "attend_dense",
             &bind,
