@@ -47,7 +47,10 @@ pub(crate) struct ModelSource {
     files: ModelFiles,
     /// The image side of a vision-language model.
     pub vision: Option<Arc<VisionModel>>,
-    backend: Arc<dyn Backend>,
+    /// The backend, replaced by a fresh one when its device is lost.
+    backend: Mutex<Arc<dyn Backend>>,
+    /// How to open the backend again: kind, threads, device.
+    backend_args: (BackendKind, usize, Option<String>),
     opts: LoadOptions,
     pub tokenizer: Arc<Tokenizer>,
     pub template: Option<ChatTemplate>,
@@ -134,7 +137,8 @@ impl ModelSource {
             path: args.model_path.clone(),
             files,
             vision,
-            backend,
+            backend: Mutex::new(backend),
+            backend_args: (args.backend, args.threads, args.device.clone()),
             opts,
             tokenizer: Arc::new(tokenizer),
             template,
@@ -150,12 +154,22 @@ impl ModelSource {
     }
 
     /// A model instance for a decoder: the one built at load, then new ones
-    /// over the same mapped weights.
+    /// over the same mapped weights. A GPU lost since (the decoder that
+    /// used it failed) is opened again first, and the weights uploaded to it.
     pub fn instantiate(&self) -> Result<Box<dyn Model>, embody_engine::Error> {
         if let Some(m) = lock(&self.first).take() {
             return Ok(m);
         }
-        self.files.load(self.backend.clone(), self.opts)
+        let backend = {
+            let mut b = lock(&self.backend);
+            if b.is_lost() {
+                tracing::warn!("the device of {} was lost: opening it again", b.describe());
+                let (kind, threads, device) = &self.backend_args;
+                *b = backend::create(*kind, *threads, device.as_deref())?.into();
+            }
+            b.clone()
+        };
+        self.files.load(backend, self.opts)
     }
 
     /// The grammar compiler for constrained decoding. Building it walks the
@@ -173,7 +187,8 @@ impl ModelSource {
 
     /// The backend (with its device, for a GPU) and its thread count.
     pub fn backend(&self) -> (String, usize) {
-        (self.backend.describe(), self.backend.threads())
+        let b = lock(&self.backend);
+        (b.describe(), b.threads())
     }
 }
 

@@ -156,7 +156,7 @@ fn deq(base: u32, jj: u32) -> f32 {
     return level(base, jj) * p.x + p.y;
 }
 
-const TOK: u32 = 4u;
+const TOK: u32 = 8u;
 
 // y[t][row0 + r] (+)= w.row(r) · x[t]: one invocation per weight row and
 // TOK token rows, so no invocation waits on another (no barriers, no
@@ -169,7 +169,7 @@ fn matmul(@builtin(global_invocation_id) g: vec3<u32>) {
         return;
     }
     let nt = min(TOK, pc.n - t0);
-    var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
+    var acc = array<f32, TOK>();
     let nb = pc.cols / BLOCK;
     let row = r * pc.row_bytes;
     for (var b = 0u; b < nb; b++) {

@@ -143,3 +143,40 @@ fn the_daemon_streams_a_chat_on_vulkan() {
         "the device in the status: {st:?}"
     );
 }
+
+/// A device lost mid-request (made to act lost by the test hook at its
+/// third read-back) fails the request it held with a terminal error; the
+/// next decoder opens the device again and serves.
+#[test]
+fn a_lost_device_is_opened_again() {
+    let config = format!(
+        "[model]\npath = \"{}\"\nbackend = \"vulkan\"\n\n[cache]\nkv_cache_mb = 64\n\n[supervisor]\nstall_timeout_ms = 120000\nrestart_backoff_ms = 50\n\n[zenoh]\nenabled = false\n",
+        smollm2().display()
+    );
+    let mut d = Daemon::spawn(&config, &[("EMBODY_TEST_VULKAN_LOSE_AT_READ", "3")]);
+    d.wait_ready();
+    let addr = d.http_url().trim_start_matches("http://").to_string();
+    let chat = |max_tokens: u32| {
+        let body = serde_json::json!({
+            "model": "SmolLM2-135M-Instruct.Q4_1.gguf",
+            "messages": [{"role": "user", "content": "Name three colours."}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+        });
+        http_post(&addr, "/v1/chat/completions", &body.to_string())
+    };
+    let r = chat(6);
+    assert!(!r.starts_with("HTTP/1.1 200 "), "{r}");
+    assert!(r.contains("decoder_restarted"), "{r}");
+    d.wait_ready();
+    let r = chat(4);
+    assert!(
+        r.starts_with("HTTP/1.1 200 "),
+        "served after the device was opened again: {r}"
+    );
+    let st = status(&d.socket).unwrap();
+    assert_eq!(st.decoder_restarts, 1, "{st:?}");
+    assert!(st.backend.starts_with("vulkan: llvmpipe"), "{st:?}");
+    let log = d.log();
+    assert!(log.contains("was lost: opening it again"), "{log}");
+}

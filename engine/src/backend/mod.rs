@@ -127,6 +127,12 @@ pub trait Backend: Send + Sync {
         self.name().to_string()
     }
 
+    /// Whether the device failed (a lost GPU): nothing more runs on this
+    /// backend, and a fresh one must be made.
+    fn is_lost(&self) -> bool {
+        false
+    }
+
     /// A buffer of `len` zeros.
     fn alloc(&self, len: usize) -> Result<Buf>;
 

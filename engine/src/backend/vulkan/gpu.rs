@@ -4,6 +4,7 @@
 //! wait, at the logits.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ash::vk;
@@ -126,7 +127,17 @@ pub(crate) struct Gpu {
     layout: vk::PipelineLayout,
     pipelines: Mutex<HashMap<&'static str, vk::Pipeline>>,
     rec: Mutex<Recorder>,
+    /// A submission failed: nothing more is recorded or run here.
+    lost: AtomicBool,
+    /// Results read back so far, and the read at which a test has this
+    /// device act lost (`EMBODY_TEST_VULKAN_LOSE_AT_READ`).
+    reads: AtomicU64,
+    lose_at: Option<u64>,
 }
+
+/// Whether the test hook has made a device act lost in this process: it
+/// strikes once, so the device opened again after it works.
+static TEST_LOSS_DONE: AtomicBool = AtomicBool::new(false);
 
 fn vk_err(what: &str) -> impl Fn(vk::Result) -> Error + '_ {
     move |e| Error::Device(format!("{what}: {e}"))
@@ -349,6 +360,12 @@ impl Gpu {
             set_layout,
             layout,
             pipelines: Mutex::new(HashMap::new()),
+            lost: AtomicBool::new(false),
+            reads: AtomicU64::new(0),
+            lose_at: std::env::var("EMBODY_TEST_VULKAN_LOSE_AT_READ")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .filter(|_| !TEST_LOSS_DONE.load(Ordering::SeqCst)),
             rec: Mutex::new(Recorder {
                 pool,
                 cb,
@@ -366,6 +383,25 @@ impl Gpu {
 
     fn lock(&self) -> MutexGuard<'_, Recorder> {
         self.rec.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether a submission has failed.
+    pub(crate) fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::SeqCst)
+    }
+
+    /// The recorder, for recording: a lost device takes no more commands
+    /// (its command buffer is in no state to record into).
+    fn recorder(&self) -> MutexGuard<'_, Recorder> {
+        if self.is_lost() {
+            panic!("the Vulkan device '{}' was lost", self.name);
+        }
+        self.lock()
+    }
+
+    fn fail(&self, what: impl std::fmt::Display) -> ! {
+        self.lost.store(true, Ordering::SeqCst);
+        panic!("the Vulkan device '{}' failed: {what}", self.name);
     }
 
     fn begin(&self, rec: &mut Recorder) {
@@ -492,7 +528,7 @@ impl Gpu {
             )));
         }
         let raw = self.raw(bytes, false)?;
-        let mut rec = self.lock();
+        let mut rec = self.recorder();
         // SAFETY: recording into the recorder's command buffer under its lock.
         unsafe {
             self.device
@@ -534,7 +570,7 @@ impl Gpu {
         if data.is_empty() {
             return Ok(());
         }
-        let mut rec = self.lock();
+        let mut rec = self.recorder();
         let (src, offset, ptr) = self.stage(&mut rec, data.len() as u64)?;
         // SAFETY: `ptr` has room for the data; the copy is recorded under the lock.
         unsafe {
@@ -559,7 +595,7 @@ impl Gpu {
         if bytes == 0 {
             return;
         }
-        let mut rec = self.lock();
+        let mut rec = self.recorder();
         let region = vk::BufferCopy::default()
             .src_offset(from)
             .dst_offset(to)
@@ -575,7 +611,7 @@ impl Gpu {
         if out.is_empty() {
             return;
         }
-        let mut rec = self.lock();
+        let mut rec = self.recorder();
         let bytes = out.len() as u64;
         if rec.readback.as_ref().is_none_or(|r| r.size < bytes) {
             if let Some(old) = rec.readback.take() {
@@ -608,6 +644,10 @@ impl Gpu {
             );
         }
         rec.pending += 1;
+        let n = self.reads.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.lose_at == Some(n) && !TEST_LOSS_DONE.swap(true, Ordering::SeqCst) {
+            self.fail("VK_ERROR_DEVICE_LOST (EMBODY_TEST_VULKAN_LOSE_AT_READ)");
+        }
         self.submit(&mut rec);
         // SAFETY: the copy has completed (the fence was waited for), and the
         // memory is coherent.
@@ -616,7 +656,7 @@ impl Gpu {
 
     /// Runs everything recorded so far and waits for it.
     pub(crate) fn flush(&self) {
-        let mut rec = self.lock();
+        let mut rec = self.recorder();
         self.submit(&mut rec);
     }
 
@@ -641,8 +681,9 @@ impl Gpu {
                 .and_then(|()| self.device.wait_for_fences(&[rec.fence], true, u64::MAX));
             if let Err(e) = r {
                 // Nothing recorded can be trusted after a lost device: the
-                // decoder's thread ends, and its requests with it.
-                panic!("the Vulkan device '{}' failed: {e}", self.name);
+                // decoder's thread ends, and its requests with it; the
+                // device is opened again for the next decoder.
+                self.fail(e);
             }
             self.device
                 .reset_fences(&[rec.fence])
@@ -743,7 +784,7 @@ impl Gpu {
             "{name}: too many parameters"
         );
         let pipeline = self.pipeline(name);
-        let mut rec = self.lock();
+        let mut rec = self.recorder();
         let mut infos: Vec<[vk::DescriptorBufferInfo; 1]> = Vec::with_capacity(bindings.len());
         for b in bindings {
             let b = match *b {

@@ -27,6 +27,10 @@ use crate::{Error, Result};
 /// limit Vulkan allows is 65535.
 const WRAP: u32 = 32768;
 
+/// Token rows one invocation of a product takes (`TOK` in quant.wgsl): each
+/// weight block is dequantized once for them.
+const TOK: u32 = 8;
+
 /// A backend on one Vulkan device.
 pub struct VulkanBackend {
     gpu: Arc<Gpu>,
@@ -67,7 +71,7 @@ impl VulkanBackend {
                 0,
                 0,
             ];
-            let groups = [rows.div_ceil(64), (n as u32).div_ceil(4), 1];
+            let groups = [rows.div_ceil(64), (n as u32).div_ceil(TOK), 1];
             let bind = [c.buf.bind(), x, y];
             self.gpu
                 .dispatch(dw.matmul, &bind.map(Bind::from), &params, groups);
@@ -263,6 +267,10 @@ impl Backend for VulkanBackend {
 
     fn describe(&self) -> String {
         format!("vulkan: {}", self.gpu.name)
+    }
+
+    fn is_lost(&self) -> bool {
+        self.gpu.is_lost()
     }
 
     fn alloc(&self, len: usize) -> Result<Buf> {
