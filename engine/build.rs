@@ -15,19 +15,20 @@ mod shaders {
     use std::fmt::Write as _;
     use std::path::Path;
 
-    /// GGUF types the weight kernels read: name, type id, values and bytes per block.
+    /// GGUF types the weight kernels read: name, type id, values per block
+    /// and bytes per block as the backend stores it (padded to whole words).
     const TYPES: [(&str, u32, u32, u32); 11] = [
         ("f32", 0, 1, 4),
         ("f16", 1, 1, 2),
         ("bf16", 30, 1, 2),
-        ("q4_0", 2, 32, 18),
+        ("q4_0", 2, 32, 20),
         ("q4_1", 3, 32, 20),
-        ("q5_0", 6, 32, 22),
+        ("q5_0", 6, 32, 24),
         ("q5_1", 7, 32, 24),
-        ("q8_0", 8, 32, 34),
+        ("q8_0", 8, 32, 36),
         ("q4_k", 12, 256, 144),
         ("q5_k", 13, 256, 176),
-        ("q6_k", 14, 256, 210),
+        ("q6_k", 14, 256, 212),
     ];
 
     pub fn build() {

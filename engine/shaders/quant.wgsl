@@ -3,8 +3,10 @@
 // GGUF type id), `const BLOCK: u32` (values per block) and `const BYTES:
 // u32` (bytes per block); the driver folds the type switch away.
 //
-// Weights keep the file's bytes unchanged (blocks need not be 4-byte
-// aligned): values are read through byte offsets into a u32 array.
+// Weights keep the file's bytes, each block padded to whole 4-byte words
+// where the file's is not (Q4_0, Q5_0 and Q8_0 get two bytes after their
+// scale, Q6_K two at its end; the backend repacks them at upload), so the
+// common types are read a word at a time.
 
 struct Params {
     // Rows of this chunk of the weight, and values per row.
@@ -81,17 +83,16 @@ fn level(base: u32, jj: u32) -> f32 {
             return bitcast<f32>(bits16_at(base) << 16u);
         }
         case 2u, 3u: { // Q4_0, Q4_1
-            let b = byte_at(base + select(2u, 4u, QTYPE == 3u) + (jj & 15u));
+            let b = byte_at(base + 4u + (jj & 15u));
             return f32(select(b & 0xfu, b >> 4u, jj >= 16u));
         }
         case 6u, 7u: { // Q5_0, Q5_1
-            let hi = select(2u, 4u, QTYPE == 7u);
-            let b = byte_at(base + hi + 4u + (jj & 15u));
+            let b = byte_at(base + 8u + (jj & 15u));
             let lo = select(b & 0xfu, b >> 4u, jj >= 16u);
-            return f32(lo | (((u32_at(base + hi) >> jj) & 1u) << 4u));
+            return f32(lo | (((w[(base >> 2u) + 1u] >> jj) & 1u) << 4u));
         }
         case 8u: { // Q8_0
-            return i8_of(byte_at(base + 2u + jj));
+            return i8_of(byte_at(base + 4u + jj));
         }
         case 12u, 13u: { // Q4_K, Q5_K
             let qs = select(16u, 48u, QTYPE == 13u);
@@ -175,6 +176,57 @@ fn matmul(@builtin(global_invocation_id) g: vec3<u32>) {
     for (var b = 0u; b < nb; b++) {
         let base = row + b * BYTES;
         let c0 = b * BLOCK;
+        let wb = base >> 2u;
+        // Whole words: four 8-bit or eight 4-bit levels per load.
+        if (QTYPE == 2u || QTYPE == 3u) {
+            let p = sub_params(base, 0u);
+            for (var k = 0u; k < 4u; k++) {
+                let word = w[wb + 1u + k];
+                for (var i = 0u; i < 4u; i++) {
+                    let lo = f32((word >> (8u * i)) & 0xfu) * p.x + p.y;
+                    let hi = f32((word >> (8u * i + 4u)) & 0xfu) * p.x + p.y;
+                    let c = c0 + 4u * k + i;
+                    for (var t = 0u; t < nt; t++) {
+                        let xr = (t0 + t) * pc.cols;
+                        acc[t] += lo * x[xr + c] + hi * x[xr + c + 16u];
+                    }
+                }
+            }
+            continue;
+        }
+        if (QTYPE == 8u) {
+            let d = half_at(base);
+            for (var k = 0u; k < 8u; k++) {
+                let word = w[wb + 1u + k];
+                for (var i = 0u; i < 4u; i++) {
+                    let v = f32(bitcast<i32>(word << (24u - 8u * i)) >> 24u) * d;
+                    let c = c0 + 4u * k + i;
+                    for (var t = 0u; t < nt; t++) {
+                        acc[t] += v * x[(t0 + t) * pc.cols + c];
+                    }
+                }
+            }
+            continue;
+        }
+        if (QTYPE == 12u) {
+            for (var ch = 0u; ch < 4u; ch++) {
+                let pl = sub_params(base, 2u * ch);
+                let ph = sub_params(base, 2u * ch + 1u);
+                for (var k = 0u; k < 8u; k++) {
+                    let word = w[wb + 4u + ch * 8u + k];
+                    for (var i = 0u; i < 4u; i++) {
+                        let lo = f32((word >> (8u * i)) & 0xfu) * pl.x + pl.y;
+                        let hi = f32((word >> (8u * i + 4u)) & 0xfu) * ph.x + ph.y;
+                        let c = c0 + ch * 64u + 4u * k + i;
+                        for (var t = 0u; t < nt; t++) {
+                            let xr = (t0 + t) * pc.cols;
+                            acc[t] += lo * x[xr + c] + hi * x[xr + c + 32u];
+                        }
+                    }
+                }
+            }
+            continue;
+        }
         for (var s = 0u; s < BLOCK / SUB; s++) {
             let p = sub_params(base, s);
             for (var e = 0u; e < SUB; e++) {

@@ -159,6 +159,33 @@ struct Chunk {
     buf: GpuBuf,
 }
 
+/// Bytes a block of `ty` takes on the device: the file's, padded to whole
+/// 4-byte words (as quant.wgsl reads them).
+fn padded_block(ty: GgmlType) -> usize {
+    if ty.block_size() == 1 {
+        // Floats: rows of even length are whole words already.
+        ty.type_size()
+    } else {
+        ty.type_size().next_multiple_of(4)
+    }
+}
+
+/// `bytes` (whole blocks of `ty`, `from` bytes each) with each block padded
+/// to `to` bytes: Q4_0, Q5_0 and Q8_0 get the padding after their f16
+/// scale, so that what follows starts on a word; other types at the end.
+fn pad_blocks(ty: GgmlType, bytes: &[u8], from: usize, to: usize) -> Vec<u8> {
+    let head = match ty {
+        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => 2,
+        _ => from,
+    };
+    let mut out = vec![0u8; bytes.len() / from * to];
+    for (src, dst) in bytes.chunks_exact(from).zip(out.chunks_exact_mut(to)) {
+        dst[..head].copy_from_slice(&src[..head]);
+        dst[to - (from - head)..].copy_from_slice(&src[head..]);
+    }
+    out
+}
+
 /// The kernels of a GGUF type: (product, embedding).
 fn kernels(ty: GgmlType) -> Option<(&'static str, &'static str)> {
     Some(match ty {
@@ -292,13 +319,22 @@ impl Backend for VulkanBackend {
                 t.ty.name()
             ))
         })?;
-        let row_bytes = t.row_bytes();
+        let (src_block, block) = (t.ty.type_size(), padded_block(t.ty));
+        let row_bytes = t.cols() / t.ty.block_size() * block;
         let per_chunk = ((self.gpu.max_range as usize) / row_bytes.max(1)).max(1);
         let mut chunks = Vec::new();
         let mut row0 = 0;
         while row0 < t.rows() {
             let rows = per_chunk.min(t.rows() - row0);
-            let bytes = &t.data[row0 * row_bytes..(row0 + rows) * row_bytes];
+            let src_row = t.row_bytes();
+            let bytes = &t.data[row0 * src_row..(row0 + rows) * src_row];
+            let padded;
+            let bytes = if block == src_block {
+                bytes
+            } else {
+                padded = pad_blocks(t.ty, bytes, src_block, block);
+                &padded[..]
+            };
             let buf = self.buf(bytes.len() as u64)?;
             self.gpu.upload(&buf, 0, bytes)?;
             // The staging copy is freed as soon as it has run.
