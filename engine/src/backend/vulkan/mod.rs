@@ -2,8 +2,8 @@
 //! [`Backend`] as a compute shader on a Vulkan device (a GPU, or Mesa's
 //! lavapipe on the CPU).
 //!
-//! Weights keep their GGUF bytes in device memory and are dequantized in
-//! the kernels; activations are f32, the KV cache f16 in device memory
+//! Weights keep their GGUF bytes in device memory (blocks padded to whole
+//! words) and are dequantized in the kernels; activations are f32, the KV cache f16 in device memory
 //! read through the block tables. Operations record into one command
 //! buffer; it runs when the host needs a value back (the logits, a
 //! [`Backend::read`]), so a decode step is one submission. The CPU does
