@@ -484,6 +484,14 @@ impl HfFolder {
         v
     }
 
+    /// A tensor's dtype as the file names it ("BF16"), its shape (outermost
+    /// first, as the file writes it) and its bytes; whatever the dtype, so
+    /// that a listing shows tensors the models cannot read too.
+    pub fn tensor_info(&self, name: &str) -> Option<(String, &[usize], usize)> {
+        let e = self.tensors.get(name)?;
+        Some((format!("{:?}", e.dtype), &e.shape, e.range.len()))
+    }
+
     /// The file that holds `name`, or where it would be listed.
     pub fn tensor_path(&self, name: &str) -> &Path {
         match self.tensors.get(name) {

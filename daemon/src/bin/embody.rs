@@ -148,9 +148,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// List a GGUF file's metadata and tensors.
+    /// List a GGUF file's metadata and tensors, or a Hugging Face folder's
+    /// configuration, weight files and tensors.
     Inspect {
-        /// The GGUF file.
+        /// The GGUF file or model folder.
         file: PathBuf,
     },
     /// Print the token ids of a text, one line, comma-separated.
@@ -521,6 +522,9 @@ fn chat_prompt(
 }
 
 fn inspect(path: &Path) -> Result<()> {
+    if path.is_dir() {
+        return inspect_folder(path);
+    }
     let g = Gguf::open_mapped(path)?;
     let mut out = std::io::stdout().lock();
     writeln!(out, "{}: GGUF v{}", path.display(), g.version())?;
@@ -540,6 +544,62 @@ fn inspect(path: &Path) -> Result<()> {
             t.shape,
             t.size
         )?;
+    }
+    writeln!(out, "total tensor bytes: {total}")?;
+    Ok(())
+}
+
+/// The configuration fields a reader of a model folder looks for first.
+const CONFIG_SUMMARY: [&str; 10] = [
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "vocab_size",
+    "max_position_embeddings",
+    "rope_theta",
+    "torch_dtype",
+];
+
+fn inspect_folder(dir: &Path) -> Result<()> {
+    let f = embody_engine::hf::HfFolder::open_mapped(dir)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}: Hugging Face folder", dir.display())?;
+    writeln!(out, "architecture: {}", f.architecture()?)?;
+    let config = f.config_json();
+    // Text settings may sit under `text_config` (vision-language models).
+    let text = config.get("text_config").unwrap_or(config);
+    writeln!(out, "config:")?;
+    for key in CONFIG_SUMMARY {
+        if let Some(v) = text.get(key).or_else(|| config.get(key)) {
+            writeln!(out, "  {key} = {v}")?;
+        }
+    }
+    if let Some(v) = config.get("vision_config") {
+        let depth = v.get("depth").or_else(|| v.get("num_hidden_layers"));
+        let width = v.get("embed_dim").or_else(|| v.get("hidden_size"));
+        let show = |x: Option<&serde_json::Value>| x.map_or("?".to_string(), |v| v.to_string());
+        writeln!(
+            out,
+            "  vision_config: {} layers, width {}",
+            show(depth),
+            show(width)
+        )?;
+    }
+    writeln!(out, "weight files ({}):", f.files().len())?;
+    for file in f.files() {
+        let name = file.file_name().unwrap_or_default().to_string_lossy();
+        writeln!(out, "  {name}")?;
+    }
+    let names = f.tensor_names();
+    writeln!(out, "tensors ({}):", names.len())?;
+    let mut total = 0usize;
+    for name in names {
+        let (dtype, shape, bytes) = f.tensor_info(name).context("a listed tensor")?;
+        total += bytes;
+        writeln!(out, "  {name:<40} {dtype:<5} {shape:?} {bytes} bytes")?;
     }
     writeln!(out, "total tensor bytes: {total}")?;
     Ok(())
