@@ -30,32 +30,19 @@ fn flat(g: vec3<u32>, nw: vec3<u32>) -> u32 {
     return g.y * nw.x * 64u + g.x;
 }
 
-fn sum64(v: f32, i: u32) -> f32 {
+// The sum (or the largest) of one value from each of the 64 invocations.
+fn reduce(v: f32, i: u32, is_max: bool) -> f32 {
     red[i] = v;
     workgroupBarrier();
     for (var s = 32u; s > 0u; s >>= 1u) {
         if (i < s) {
-            red[i] += red[i + s];
+            red[i] = select(red[i] + red[i + s], max(red[i], red[i + s]), is_max);
         }
         workgroupBarrier();
     }
-    let total = red[0];
+    let r = red[0];
     workgroupBarrier();
-    return total;
-}
-
-fn max64(v: f32, i: u32) -> f32 {
-    red[i] = v;
-    workgroupBarrier();
-    for (var s = 32u; s > 0u; s >>= 1u) {
-        if (i < s) {
-            red[i] = max(red[i], red[i + s]);
-        }
-        workgroupBarrier();
-    }
-    let m = red[0];
-    workgroupBarrier();
-    return m;
+    return r;
 }
 
 // RMSNorm of row wg.x, weight c. mode 0: a in place; 1: a's row into b;
@@ -72,7 +59,7 @@ fn rms_norm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) 
             ss += v * v;
         }
     }
-    let total = sum64(ss, l.x);
+    let total = reduce(ss, l.x, false);
     if (!valid) {
         return;
     }
@@ -106,7 +93,7 @@ fn layer_norm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id
             s += a[o + i];
         }
     }
-    let mean = sum64(s, l.x) / f32(pc.d);
+    let mean = reduce(s, l.x, false) / f32(pc.d);
     var v = 0.0;
     if (valid) {
         for (var i = l.x; i < pc.d; i += 64u) {
@@ -114,7 +101,7 @@ fn layer_norm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id
             v += x * x;
         }
     }
-    let var_ = sum64(v, l.x) / f32(pc.d);
+    let var_ = reduce(v, l.x, false) / f32(pc.d);
     if (!valid) {
         return;
     }
@@ -261,10 +248,10 @@ fn attend_dense(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
             }
             sc = dot * pc.f0;
         }
-        let m_new = max(m, max64(sc, l.x));
+        let m_new = max(m, reduce(sc, l.x, true));
         let p = select(0.0, exp(sc - m_new), j < end);
         probs[l.x] = p;
-        let ps = sum64(p, l.x);
+        let ps = reduce(p, l.x, false);
         let corr = exp(m - m_new);
         s = s * corr + ps;
         let last = min(64u, end - j0);

@@ -130,23 +130,29 @@ fn pixel_values_match_transformers_image_processor() {
     }
 }
 
-#[test]
-fn encoder_rows_match_transformers() {
+/// Every fixture's encoder on `backend` reproduces transformers' rows.
+fn check_encoder_rows(backend: Arc<dyn Backend>, label: &str) {
     for (name, family) in FAMILIES {
-        let enc = encoder(name, family);
+        let folder = HfFolder::open(&dir(name)).unwrap();
+        let enc = VisionEncoder::load_hf(&folder, family, backend.clone()).unwrap();
         let e = Expected::load(name);
         for (k, bytes) in images(name).iter().enumerate() {
             let px = enc.processor().process(bytes).unwrap();
             let rows = enc.encode(&px).unwrap();
             let want = e.floats(&format!("img{k}_embeds"));
             let err = max_abs_diff(&rows, &want) / std_dev(&want);
-            println!("{name} image {k}: encoder error {err:.2e} of the rows' deviation");
+            println!("{name} image {k} ({label}): encoder error {err:.2e} of the rows' deviation");
             assert!(
                 err <= tolerance(name).0,
-                "{name} image {k}: encoder error {err}"
+                "{name} image {k} ({label}): encoder error {err}"
             );
         }
     }
+}
+
+#[test]
+fn encoder_rows_match_transformers() {
+    check_encoder_rows(backend(), "cpu");
 }
 
 /// A prompt with its images laid in.
@@ -390,21 +396,6 @@ fn the_mmproj_conversion_encodes_as_the_folder_does() {
 #[test]
 fn encoder_rows_match_transformers_on_vulkan() {
     use embody_engine::backend::vulkan::VulkanBackend;
-    let gpu: Arc<dyn Backend> = Arc::new(VulkanBackend::new(None).expect("a Vulkan device"));
-    for (name, family) in FAMILIES {
-        let folder = HfFolder::open(&dir(name)).unwrap();
-        let enc = VisionEncoder::load_hf(&folder, family, gpu.clone()).unwrap();
-        let e = Expected::load(name);
-        for (k, bytes) in images(name).iter().enumerate() {
-            let px = enc.processor().process(bytes).unwrap();
-            let rows = enc.encode(&px).unwrap();
-            let want = e.floats(&format!("img{k}_embeds"));
-            let err = max_abs_diff(&rows, &want) / std_dev(&want);
-            println!("{name} image {k} (vulkan): encoder error {err:.2e} of the rows' deviation");
-            assert!(
-                err <= tolerance(name).0,
-                "{name} image {k} on Vulkan: encoder error {err}"
-            );
-        }
-    }
+    let gpu = VulkanBackend::new(None).expect("a Vulkan device");
+    check_encoder_rows(Arc::new(gpu), "vulkan");
 }
