@@ -59,6 +59,8 @@ fn the_package_installs_a_daemon_that_serves_its_own_config() {
     assert_eq!(field("Architecture").trim(), arch.trim());
     let depends = field("Depends");
     assert!(depends.starts_with("libc6 (>= 2."), "Depends: {depends}");
+    // The Vulkan loader is opened at run time, so readelf does not see it.
+    assert_eq!(field("Recommends").trim(), "libvulkan1");
 
     // Every file belongs to root: the embodyd user exists only after install.
     let listing = run(Command::new("dpkg-deb").arg("-c").arg(&deb));
