@@ -48,11 +48,12 @@ mod shaders {
                 emit(&src, entry, &format!("{entry}_{name}"), out, &mut list);
             }
         }
-        let ops = read("ops.wgsl");
+        let common = read("common.wgsl");
+        let ops = format!("{common}\n{}", read("ops.wgsl"));
         for entry in ["rms_norm", "layer_norm", "eltwise", "rope", "attend_dense"] {
             emit(&ops, entry, entry, out, &mut list);
         }
-        let kv = read("kv.wgsl");
+        let kv = format!("{common}\n{}", read("kv.wgsl"));
         for entry in ["kv_write", "attention"] {
             emit(&kv, entry, entry, out, &mut list);
         }

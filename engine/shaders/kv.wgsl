@@ -37,24 +37,9 @@ fn kv_write(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups
     vc[dst] = pack2x16float(vec2<f32>(vin[src], vin[src + 1u]));
 }
 
-var<workgroup> red: array<f32, 64>;
 var<workgroup> qrow: array<f32, 512>;
 var<workgroup> probs: array<f32, 64>;
 var<workgroup> slots: array<u32, 64>;
-
-fn reduce(v: f32, i: u32, is_max: bool) -> f32 {
-    red[i] = v;
-    workgroupBarrier();
-    for (var s = 32u; s > 0u; s >>= 1u) {
-        if (i < s) {
-            red[i] = select(red[i] + red[i + s], max(red[i], red[i + s]), is_max);
-        }
-        workgroupBarrier();
-    }
-    let r = red[0];
-    workgroupBarrier();
-    return r;
-}
 
 // Query head wg.x of token row wg.y over its visible positions: info
 // holds (position, first visible position, offset of the sequence's block

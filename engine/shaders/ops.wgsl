@@ -23,26 +23,9 @@ var<immediate> pc: Params;
 @group(0) @binding(4) var<storage, read> info: array<u32>;
 @group(0) @binding(5) var<storage, read> e: array<f32>;
 
-var<workgroup> red: array<f32, 64>;
-
 // The index of this invocation in a 2D grid of 64-wide workgroups.
 fn flat(g: vec3<u32>, nw: vec3<u32>) -> u32 {
     return g.y * nw.x * 64u + g.x;
-}
-
-// The sum (or the largest) of one value from each of the 64 invocations.
-fn reduce(v: f32, i: u32, is_max: bool) -> f32 {
-    red[i] = v;
-    workgroupBarrier();
-    for (var s = 32u; s > 0u; s >>= 1u) {
-        if (i < s) {
-            red[i] = select(red[i] + red[i + s], max(red[i], red[i + s]), is_max);
-        }
-        workgroupBarrier();
-    }
-    let r = red[0];
-    workgroupBarrier();
-    return r;
 }
 
 // RMSNorm of row wg.x, weight c. mode 0: a in place; 1: a's row into b;
