@@ -9,8 +9,15 @@ use embody_engine::backend::BackendKind;
 /// configuration; [`Default`] holds the documented defaults.
 #[derive(Clone, Debug)]
 pub struct RuntimeConfig {
+    /// The name requests use to pick this model; empty means the file's name
+    /// without its extension.
+    pub name: String,
     /// The model: a GGUF file or a Hugging Face folder.
     pub model_path: PathBuf,
+    /// Load the model when the runtime starts; otherwise on its first request.
+    pub load_at_start: bool,
+    /// Unload the model after this long without requests; none means never.
+    pub keep_alive: Option<Duration>,
     /// llama.cpp's vision projector GGUF for a GGUF vision-language model.
     pub mmproj: Option<PathBuf>,
     /// The backend that runs the model.
@@ -84,7 +91,10 @@ impl Default for Limits {
 impl Default for RuntimeConfig {
     fn default() -> Self {
         Self {
+            name: String::new(),
             model_path: PathBuf::new(),
+            load_at_start: true,
+            keep_alive: None,
             mmproj: None,
             backend: BackendKind::Cpu,
             device: None,

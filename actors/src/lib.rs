@@ -43,7 +43,9 @@ mod config;
 mod decoder;
 mod device;
 pub mod metrics;
+mod models;
 mod runtime;
+mod served;
 mod shared;
 mod supervisor;
 mod vision;
@@ -56,6 +58,7 @@ use ractor::{ActorRef, RpcReplyPort};
 
 pub use cameras::{Attached, CameraError, CameraStats, Cameras, Frame};
 pub use config::{Limits, RuntimeConfig};
+pub use models::{default_name, memory_estimate, PathResolver, RuntimeOptions};
 pub use runtime::{DrainReport, EventStream, Health, Runtime};
 
 /// Errors of the runtime itself (a request's failures arrive as events).

@@ -1,50 +1,52 @@
 //! [`Runtime`], the handle every interface uses: submit a request and read its
-//! stream of events, cancel, query status and health, drain and stop.
+//! stream of events, cancel, query status and health, load and unload
+//! models, drain and stop.
+//!
+//! A runtime serves one or more models, each with its own supervisor and
+//! actors ([`Served`]); requests pick one by name ([`Request::model`]) and
+//! the first configured model answers those that name none. The registry of
+//! models and their life (load, swap, unload, idle unload, the memory
+//! budget) is in `models.rs`.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use embody_engine::chat_template::ChatMessage;
-use embody_engine::constraint::{Constraint, GrammarSpec};
-use embody_engine::message_text::MessageText;
-use embody_engine::tool_calls::{
-    call_grammar, json_format_messages, ForcedCall, Piece, ToolCallParser, ToolFormat,
-};
-use embody_engine::vision::prompt::{lay_out, Laid};
-use embody_engine::vision::EncodedImage;
-use embody_protocol::openai::ResponseFormat;
-use embody_protocol::{ErrorCode, Event, Fault, Message, Request, Status, ToolChoice};
-use ractor::{Actor, ActorRef};
+use embody_engine::tool_calls::{Piece, ToolCallParser};
+use embody_protocol::{ErrorCode, Event, Fault, ModelEntry, Request, Status};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use tokio::sync::{broadcast, Notify};
 
-use crate::cache::CacheMsg;
 use crate::cameras::Cameras;
 use crate::config::{Limits, RuntimeConfig};
-use crate::device::{DeviceError, ModelSource};
-use crate::shared::{lock, EventTx, NotQueued, Pending, Shared};
-use crate::supervisor::{Supervisor, SupervisorArgs, SupervisorMsg};
-use crate::vision::{VisionError, VisionMsg};
-use crate::{call, Children, RuntimeError};
+use crate::models::{Registry, RuntimeOptions};
+use crate::served::{Stopped, SHUTTING_DOWN};
+use crate::shared::{lock, Shared};
+use crate::RuntimeError;
 
 /// The handle to a running runtime. Cheap to clone; every clone talks to the
 /// same actors.
 #[derive(Clone)]
 pub struct Runtime {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
-struct Inner {
-    supervisor: ActorRef<SupervisorMsg>,
-    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
-    shared: Arc<Shared>,
-    children: Arc<Mutex<Children>>,
-    source: Arc<ModelSource>,
+pub(crate) struct Inner {
+    pub models: Mutex<Registry>,
+    /// Woken at every change of a model's state (loads waited on).
+    pub changed: Notify,
+    pub events: broadcast::Sender<ModelEntry>,
+    pub options: RuntimeOptions,
+    pub limits: Mutex<Limits>,
+    pub draining: AtomicBool,
+    /// Event streams handed out and not yet dropped: requests whose door
+    /// has not finished delivering their events.
+    streams: Arc<AtomicUsize>,
     next_id: AtomicU64,
-    call_timeout: Duration,
-    cameras: Arc<Cameras>,
+    pub cameras: Arc<Cameras>,
     metrics: Arc<crate::metrics::Metrics>,
+    pub idle_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// Whether the decoder makes progress: what the systemd watchdog follows.
@@ -76,7 +78,9 @@ pub struct EventStream {
     id: u64,
     rx: UnboundedReceiver<Event>,
     done: bool,
-    shared: Arc<Shared>,
+    /// The model's queue; none for a request refused before one was chosen.
+    shared: Option<Arc<Shared>>,
+    streams: Arc<AtomicUsize>,
     tools: Option<ToolCallParser>,
     ready: VecDeque<Event>,
     /// When the request is ended with a `timeout` error, and the limit in ms.
@@ -104,7 +108,9 @@ impl EventStream {
                     Ok(ev) => ev,
                     Err(_) => {
                         // Queued or running, it goes; what it sends after this is dropped.
-                        self.shared.cancel(self.id);
+                        if let Some(shared) = &self.shared {
+                            shared.cancel(self.id);
+                        }
                         Some(Event::error(
                             ErrorCode::Timeout,
                             format!("the request did not finish within its deadline of {ms} ms (timeout_ms, or decoder.request_timeout_ms)"),
@@ -198,10 +204,10 @@ fn call_id() -> String {
 
 impl Drop for EventStream {
     fn drop(&mut self) {
-        if !self.done {
-            self.shared.cancel(self.id);
+        if let Some(shared) = self.shared.as_ref().filter(|_| !self.done) {
+            shared.cancel(self.id);
         }
-        self.shared.streams.fetch_sub(1, Ordering::SeqCst);
+        self.streams.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -213,79 +219,94 @@ impl std::fmt::Debug for EventStream {
             .finish()
     }
 }
-
 impl Runtime {
-    /// Starts the supervisor and its children: loads the model, plans the KV
-    /// cache and starts the decoder. Must run inside a tokio runtime.
+    /// Starts the runtime with one model: loads it, plans its KV cache and
+    /// starts its decoder. Must run inside a tokio runtime.
     pub async fn start(cfg: RuntimeConfig) -> Result<Self, RuntimeError> {
-        let shared = Arc::new(Shared::new(cfg.limits.clone()));
-        let children = Arc::new(Mutex::new(Children::default()));
-        let call_timeout = cfg.call_timeout;
-        let args = SupervisorArgs {
-            cfg,
-            shared: shared.clone(),
-            children: children.clone(),
-        };
-        let (supervisor, task) =
-            Actor::spawn(None, Supervisor, args)
-                .await
-                .map_err(|e| match e {
-                    ractor::SpawnErr::StartupFailed(inner) => match inner.downcast::<DeviceError>()
-                    {
-                        Ok(d) => RuntimeError::Model {
-                            path: d.path,
-                            source: d.source,
-                        },
-                        Err(other) => RuntimeError::Start(other.to_string()),
-                    },
-                    other => RuntimeError::Start(other.to_string()),
-                })?;
-        let source = call(
-            &supervisor,
-            SupervisorMsg::Source,
-            call_timeout,
-            "supervisor",
-        )
-        .await?;
-        Ok(Self {
-            inner: Arc::new(Inner {
-                supervisor,
-                task: Mutex::new(Some(task)),
-                shared,
-                children,
-                source,
-                next_id: AtomicU64::new(1),
-                call_timeout,
-                cameras: Arc::new(Cameras::new()),
-                metrics: Arc::default(),
-            }),
-        })
+        Self::start_models(vec![cfg], RuntimeOptions::default()).await
     }
 
-    /// Submits a request. The answer is always a stream: a request that is
-    /// refused (invalid, images on a text-only model, a full queue, a
-    /// draining daemon) gets a stream of one [`Event::Error`].
+    /// Starts the runtime with these models (the first is the default);
+    /// those with `load_at_start` are loaded now, and if one fails the
+    /// runtime does not start. Must run inside a tokio runtime.
+    pub async fn start_models(
+        models: Vec<RuntimeConfig>,
+        options: RuntimeOptions,
+    ) -> Result<Self, RuntimeError> {
+        let Some(first) = models.first() else {
+            return Err(RuntimeError::Start("no model is configured".into()));
+        };
+        let limits = first.limits.clone();
+        let rt = Self {
+            inner: Arc::new(Inner {
+                models: Mutex::new(Registry::new(&models)?),
+                changed: Notify::new(),
+                events: broadcast::channel(64).0,
+                options,
+                limits: Mutex::new(limits),
+                draining: AtomicBool::new(false),
+                streams: Arc::default(),
+                next_id: AtomicU64::new(1),
+                cameras: Arc::new(Cameras::new()),
+                metrics: Arc::default(),
+                idle_task: Mutex::new(None),
+            }),
+        };
+        let preload = rt.preloaded_names();
+        for name in preload {
+            if let Err(e) = rt.load_configured(&name).await {
+                rt.shutdown().await;
+                return Err(e);
+            }
+        }
+        rt.start_idle_unloader();
+        Ok(rt)
+    }
+
+    /// Submits a request to the model it names (or the default one). The
+    /// answer is always a stream: a request that is refused (invalid, an
+    /// unknown model, images on a text-only model, a full queue, a draining
+    /// daemon) gets a stream of one [`Event::Error`]. A request naming a
+    /// configured model that is not loaded waits for it to load.
     pub async fn submit(&self, req: Request) -> EventStream {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = unbounded_channel();
-        self.inner.shared.streams.fetch_add(1, Ordering::SeqCst);
-        let limit = [
-            req.timeout_ms.map(Duration::from_millis),
-            self.inner.shared.limits().request_timeout,
-        ]
-        .into_iter()
-        .flatten()
-        .min();
+        self.inner.streams.fetch_add(1, Ordering::SeqCst);
         let mut stream = EventStream {
             id,
             rx,
             done: false,
-            shared: self.inner.shared.clone(),
+            shared: None,
+            streams: self.inner.streams.clone(),
             tools: None,
             ready: VecDeque::new(),
-            deadline: limit.map(|d| (tokio::time::Instant::now() + d, d.as_millis() as u64)),
+            deadline: None,
         };
-        match self.admit(id, req, tx.clone()).await {
+        let arrived = tokio::time::Instant::now();
+        let served = if self.inner.draining.load(Ordering::SeqCst) {
+            Err(Event::error(ErrorCode::Unavailable, SHUTTING_DOWN))
+        } else {
+            self.pick(req.model.as_deref(), req.timeout_ms).await
+        };
+        let served = match served {
+            Ok(s) => s,
+            Err(refusal) => {
+                tracing::debug!(id, "request refused: {refusal:?}");
+                let _ = tx.send(refusal);
+                return stream;
+            }
+        };
+        *lock(&served.last_used) = Instant::now();
+        let limit = [
+            req.timeout_ms.map(Duration::from_millis),
+            served.limits().request_timeout,
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        stream.deadline = limit.map(|d| (arrived + d, d.as_millis() as u64));
+        stream.shared = Some(served.shared.clone());
+        match served.admit(id, req, tx.clone()).await {
             Ok(format) => stream.tools = format.map(ToolCallParser::new),
             Err(refusal) => {
                 tracing::debug!(id, "request refused: {refusal:?}");
@@ -293,208 +314,6 @@ impl Runtime {
             }
         }
         stream
-    }
-
-    /// Checks, renders and queues a request; returns the tool call format to
-    /// parse its answer with, if it offered tools.
-    async fn admit(
-        &self,
-        id: u64,
-        mut req: Request,
-        tx: EventTx,
-    ) -> Result<Option<ToolFormat>, Event> {
-        let shared = &self.inner.shared;
-        let bad = |m: String| Event::error(ErrorCode::BadRequest, m);
-        if shared.draining.load(Ordering::SeqCst) || shared.stopping.load(Ordering::SeqCst) {
-            return Err(Event::error(ErrorCode::Unavailable, SHUTTING_DOWN));
-        }
-        let limits = shared.limits();
-        let raw = req.prompt.take();
-        match (&raw, req.messages.is_empty()) {
-            (None, true) => return Err(bad("a request needs at least one message".into())),
-            (Some(_), false) => {
-                return Err(bad(
-                    "a request has either messages or a raw prompt, not both".into(),
-                ))
-            }
-            _ => {}
-        }
-        // Text past what the context can hold is refused before it is
-        // rendered or tokenized (both cost many times the text's size).
-        let text = prompt_text_bytes(raw.as_deref(), &req.messages, req.tools.as_ref());
-        let max_text = self.inner.source.max_prompt_bytes;
-        if text > max_text {
-            return Err(bad(format!(
-                "the prompt's text is {text} bytes; no text over {max_text} bytes fits this model's \
-                 context of {} tokens: shorten the conversation",
-                self.inner.source.info.context_length
-            )));
-        }
-        let logprobs = match req.logprobs {
-            Some(n) if n > MAX_TOP_LOGPROBS => {
-                return Err(bad(format!(
-                    "logprobs asks for {n} alternatives; at most {MAX_TOP_LOGPROBS}"
-                )))
-            }
-            n => n.map(|n| n as usize),
-        };
-        let format = self.inner.source.tool_format;
-        let (tools, forced) = tool_setup(req.tools.take(), req.tool_choice.take())?;
-        let grammar = match (&forced, &tools) {
-            (Some(f), Some(t)) => Some(call_grammar(format, t, f).ok_or_else(|| {
-                bad("tool_choice names a function that is not among the tools".into())
-            })?),
-            _ => None,
-        };
-        let grammar = match (grammar, req.response_format.take()) {
-            (Some(_), Some(_)) => {
-                return Err(bad(
-                    "response_format cannot be combined with a required tool call".into(),
-                ))
-            }
-            (Some(g), None) => Some(g),
-            (None, Some(f)) => response_grammar(f)?,
-            (None, None) => None,
-        };
-        let max_tokens = match req.max_tokens {
-            None => limits.default_max_tokens,
-            Some(0) => return Err(bad("max_tokens must be at least 1".into())),
-            Some(n) if n > limits.max_tokens_limit => {
-                return Err(bad(format!(
-                    "max_tokens = {n} is over this daemon's limit of {}",
-                    limits.max_tokens_limit
-                )))
-            }
-            Some(n) => n,
-        };
-        let mut images = req.images;
-        if !req.cameras.is_empty() {
-            let now = SystemTime::now();
-            for cam in &req.cameras {
-                let attached = self
-                    .inner
-                    .cameras
-                    .attach(cam, now)
-                    .map_err(|e| bad(e.to_string()))?;
-                tracing::debug!(
-                    id,
-                    camera = %cam.name,
-                    age_ms = attached.age.as_millis() as u64,
-                    "camera frame attached"
-                );
-                images.push(attached.frame.image.clone());
-            }
-        }
-        let sampling = req.sampling;
-        sampling.validate().map_err(|e| bad(e.to_string()))?;
-        // Encoding is the costly step: after every cheap check.
-        let encoded = if images.is_empty() {
-            Vec::new()
-        } else {
-            self.encode_images(images).await?
-        };
-        let source = self.inner.source.clone();
-        let messages = req.messages;
-        let parse_calls = tools.is_some();
-        // Rendering and tokenizing a long prompt, and compiling a grammar, are
-        // CPU work: not on an async worker.
-        let (prompt, constraint) = tokio::task::spawn_blocking(move || {
-            let tokens = match raw {
-                Some(text) => source
-                    .tokenizer
-                    .encode(&text, true, true)
-                    .map_err(|e| e.to_string())?,
-                None => render_prompt(
-                    &source,
-                    &messages,
-                    encoded.len(),
-                    tools.as_ref(),
-                    forced.as_ref(),
-                )?,
-            };
-            let prompt = match &source.vision {
-                Some(v) if !encoded.is_empty() => {
-                    lay_out(&tokens, v.image_token, &encoded, source.info.mrope).map_err(|e| {
-                        match e {
-                            embody_engine::Error::InvalidRequest(m) => m,
-                            e => e.to_string(),
-                        }
-                    })?
-                }
-                _ => Laid {
-                    tokens,
-                    ..Laid::default()
-                },
-            };
-            let constraint = grammar.map(|g| compile(&source, &g)).transpose()?;
-            Ok::<_, String>((prompt, constraint))
-        })
-        .await
-        .map_err(|e| Event::error(ErrorCode::Internal, format!("prompt rendering failed: {e}")))?
-        .map_err(bad)?;
-        let context = self.inner.source.info.context_length;
-        if prompt.tokens.len() >= context {
-            return Err(bad(format!(
-                "the prompt is {} tokens, the context holds {context}: shorten the conversation",
-                prompt.tokens.len()
-            )));
-        }
-        let pending = Pending {
-            id,
-            prompt,
-            sampling,
-            max_tokens: max_tokens as usize,
-            stop: req.stop,
-            priority: req.priority,
-            constraint,
-            logprobs,
-            tx,
-        };
-        shared
-            .enqueue(pending, limits.max_queued)
-            .map_err(|why| match why {
-                NotQueued::Full(n) => Event::error(
-                    ErrorCode::Overloaded,
-                    format!(
-                        "{n} requests are already queued (max_queued = {}); retry later",
-                        limits.max_queued
-                    ),
-                ),
-                NotQueued::Closed => Event::error(ErrorCode::Unavailable, SHUTTING_DOWN),
-            })?;
-        Ok(parse_calls.then_some(format))
-    }
-
-    /// The rows of each image, from the vision actor (its cache, or its encoder).
-    async fn encode_images(
-        &self,
-        images: Vec<embody_protocol::Image>,
-    ) -> Result<Vec<EncodedImage>, Event> {
-        let vision = lock(&self.inner.children).vision.clone();
-        let Some(vision) = vision else {
-            return Err(Event::error(
-                ErrorCode::Unavailable,
-                "the vision actor is restarting; retry shortly",
-            ));
-        };
-        // Encoding a large image takes longer than an ordinary call.
-        let timeout = self.inner.call_timeout.max(ENCODE_TIMEOUT);
-        let result = call(
-            &vision,
-            |reply| VisionMsg::Encode { images, reply },
-            timeout,
-            "vision",
-        )
-        .await
-        .map_err(|e| Event::error(ErrorCode::Internal, e.to_string()))?;
-        result.map_err(|e| {
-            let code = match e {
-                VisionError::Unsupported { .. } => ErrorCode::VisionUnsupported,
-                VisionError::BadImage { .. } => ErrorCode::BadRequest,
-                VisionError::Failed { .. } => ErrorCode::ModelError,
-            };
-            Event::error(code, e.to_string())
-        })
     }
 
     /// The camera registry: interfaces that receive frames store them here,
@@ -513,85 +332,104 @@ impl Runtime {
     /// ends with [`Event::Finished`] and reason `cancelled`. Returns whether
     /// the request was still live.
     pub fn cancel(&self, id: u64) -> bool {
-        self.inner.shared.cancel(id)
+        self.all_served().iter().any(|s| s.shared.cancel(id))
     }
 
-    /// The daemon's status. Answers while the decoder restarts.
+    /// The daemon's status: the default model's figures at the top, and
+    /// every model in [`Status::models`]. Answers while a decoder restarts.
     pub async fn status(&self) -> Result<Status, RuntimeError> {
-        call(
-            &self.inner.supervisor,
-            SupervisorMsg::Status,
-            self.inner.call_timeout,
-            "supervisor",
-        )
-        .await
-    }
-
-    /// Drops every cached prompt prefix that no running request uses, and
-    /// returns the KV blocks dropped. Their memory goes back to the pool on
-    /// the decoder's next turn.
-    pub async fn flush_cache(&self) -> Result<u64, RuntimeError> {
-        let cache = lock(&self.inner.children).cache.clone();
-        let cache = cache.ok_or(RuntimeError::ActorGone("cache"))?;
-        let blocks = call(&cache, CacheMsg::Flush, self.inner.call_timeout, "cache").await?;
-        Ok(blocks as u64)
-    }
-
-    /// Whether the decoder makes progress.
-    pub fn health(&self) -> Health {
-        let shared = &self.inner.shared;
-        Health {
-            healthy: shared.healthy(),
-            since_progress: shared.since_beat(),
+        let served = self.serving();
+        let mut top = None;
+        let mut figures = Vec::with_capacity(served.len());
+        for (name, s) in &served {
+            let st = s.status().await?;
+            if top.is_none() {
+                top = Some(st.clone());
+            }
+            figures.push((name.clone(), st));
         }
+        let mut status = top.unwrap_or_else(|| Status {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            healthy: true,
+            rss_bytes: crate::device::resident_bytes(),
+            ..Status::default()
+        });
+        let draining = self.inner.draining.load(Ordering::SeqCst);
+        status.draining = draining;
+        status.ready &= !draining;
+        status.models = self.entries(&figures);
+        Ok(status)
+    }
+
+    /// Drops every cached prompt prefix that no running request uses, on
+    /// every model, and returns the KV blocks dropped. Their memory goes back
+    /// to the pool on each decoder's next turn.
+    pub async fn flush_cache(&self) -> Result<u64, RuntimeError> {
+        let mut blocks = 0;
+        for (_, s) in self.serving() {
+            blocks += s.flush_cache().await?;
+        }
+        Ok(blocks)
+    }
+
+    /// Whether every served model's decoder makes progress.
+    pub fn health(&self) -> Health {
+        let mut health = Health {
+            healthy: true,
+            since_progress: Duration::ZERO,
+        };
+        for (_, s) in self.serving() {
+            let h = s.health();
+            health.healthy &= h.healthy;
+            health.since_progress = health.since_progress.max(h.since_progress);
+        }
+        health
     }
 
     /// The limits in force.
     pub fn limits(&self) -> Limits {
-        self.inner.shared.limits()
+        lock(&self.inner.limits).clone()
     }
 
-    /// Replaces the limits; they apply to requests admitted from now on.
+    /// Replaces the limits of every model; they apply to requests admitted
+    /// from now on, and to models loaded later.
     pub fn set_limits(&self, limits: Limits) {
-        *lock(&self.inner.shared.limits) = limits;
+        for s in self.all_served() {
+            s.set_limits(limits.clone());
+        }
+        *lock(&self.inner.limits) = limits;
     }
 
-    /// Injects a fault into the decoder. Refused unless the limits'
-    /// `fault_injection` switch is on.
+    /// Injects a fault into the default model's decoder. Refused unless the
+    /// limits' `fault_injection` switch is on.
     pub fn inject_fault(&self, fault: Fault) -> Result<(), RuntimeError> {
-        let shared = &self.inner.shared;
-        if !shared.limits().fault_injection {
-            return Err(RuntimeError::FaultInjectionOff);
-        }
-        tracing::warn!(?fault, "fault injection requested");
-        lock(&shared.inbox).fault = Some(fault);
-        shared.wake.notify_all();
-        Ok(())
+        let served = self.serving();
+        let (_, s) = served.first().ok_or(RuntimeError::ActorGone("decoder"))?;
+        s.inject_fault(fault)
     }
 
     /// Stops admitting requests and waits up to `deadline` for those queued
-    /// and running to finish. New requests are refused as `unavailable` from
-    /// the first moment.
+    /// and running on every model to finish. New requests are refused as
+    /// `unavailable` from the first moment.
     pub async fn drain(&self, deadline: Duration) -> DrainReport {
-        let shared = &self.inner.shared;
-        shared.draining.store(true, Ordering::SeqCst);
-        let start = Instant::now();
-        loop {
-            let left = shared.queued() + shared.inflight();
-            if left == 0 {
-                return DrainReport {
-                    complete: true,
-                    left,
-                };
-            }
-            if start.elapsed() >= deadline {
-                return DrainReport {
-                    complete: false,
-                    left,
-                };
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        self.inner.draining.store(true, Ordering::SeqCst);
+        let mut drains = tokio::task::JoinSet::new();
+        for s in self.all_served() {
+            drains.spawn(async move { s.drain(deadline).await });
         }
+        let mut report = DrainReport {
+            complete: true,
+            left: 0,
+        };
+        while let Some(r) = drains.join_next().await {
+            let r = r.unwrap_or(DrainReport {
+                complete: false,
+                left: 0,
+            });
+            report.complete &= r.complete;
+            report.left += r.left;
+        }
+        report
     }
 
     /// Waits up to `within` for every event stream to be dropped: each door
@@ -600,7 +438,7 @@ impl Runtime {
     pub async fn streams_closed(&self, within: Duration) -> usize {
         let start = Instant::now();
         loop {
-            let open = self.inner.shared.streams.load(Ordering::SeqCst);
+            let open = self.inner.streams.load(Ordering::SeqCst);
             if open == 0 || start.elapsed() >= within {
                 return open;
             }
@@ -608,211 +446,17 @@ impl Runtime {
         }
     }
 
-    /// Stops the actors. Requests still queued or running end with an
-    /// `unavailable` error.
+    /// Stops every model's actors. Requests still queued or running end with
+    /// an `unavailable` error.
     pub async fn shutdown(&self) {
-        let shared = &self.inner.shared;
-        shared.draining.store(true, Ordering::SeqCst);
-        shared.close_queue(
-            ErrorCode::Unavailable,
-            "embodyd stopped before this request ran",
-        );
-        let timeout = self.inner.call_timeout;
-        if let Err(e) = call(
-            &self.inner.supervisor,
-            SupervisorMsg::Shutdown,
-            timeout,
-            "supervisor",
-        )
-        .await
-        {
-            tracing::warn!("supervisor did not stop cleanly: {e}");
+        self.inner.draining.store(true, Ordering::SeqCst);
+        if let Some(task) = lock(&self.inner.idle_task).take() {
+            task.abort();
         }
-        // A thread that did not leave (wedged) keeps its requests: end them here.
-        shared.fail_inflight(
-            None,
-            ErrorCode::Unavailable,
-            "embodyd stopped before this request finished",
-        );
-        let task = lock(&self.inner.task).take();
-        if let Some(task) = task {
-            let _ = tokio::time::timeout(timeout, task).await;
+        let mut stops = tokio::task::JoinSet::new();
+        for s in self.all_served() {
+            stops.spawn(async move { s.shutdown(Stopped::Daemon).await });
         }
+        while stops.join_next().await.is_some() {}
     }
-}
-
-/// The refusal of a request that arrives while the daemon stops.
-const SHUTTING_DOWN: &str = "embodyd is shutting down and takes no new requests";
-
-/// Most alternatives a request may ask log-probabilities of.
-const MAX_TOP_LOGPROBS: u32 = 20;
-
-/// The tools to show the model and the call it must make: `none` hides the
-/// tools, `required` and a named function force a call.
-fn tool_setup(
-    tools: Option<serde_json::Value>,
-    choice: Option<ToolChoice>,
-) -> Result<(Option<serde_json::Value>, Option<ForcedCall>), Event> {
-    let bad = |m: &str| Event::error(ErrorCode::BadRequest, m);
-    let tools = tools.filter(|t| !t.is_null() && t.as_array().is_none_or(|a| !a.is_empty()));
-    if tools.as_ref().is_some_and(|t| !t.is_array()) {
-        return Err(bad("tools must be a list of tools"));
-    }
-    let forced = match choice.unwrap_or_default() {
-        ToolChoice::None => return Ok((None, None)),
-        ToolChoice::Auto => None,
-        ToolChoice::Required => Some(ForcedCall::Any),
-        ToolChoice::Function { name } => Some(ForcedCall::Named(name)),
-    };
-    if forced.is_some() && tools.is_none() {
-        return Err(bad(
-            "tool_choice asks for a tool call but no tools are given",
-        ));
-    }
-    Ok((tools, forced))
-}
-
-/// The grammar of an OpenAI `response_format`; `None` for free text.
-fn response_grammar(format: serde_json::Value) -> Result<Option<GrammarSpec>, Event> {
-    let format: ResponseFormat = serde_json::from_value(format).map_err(|e| {
-        Event::error(
-            ErrorCode::BadRequest,
-            format!("response_format is not one of text, json_object, json_schema: {e}"),
-        )
-    })?;
-    Ok(match format {
-        ResponseFormat::Text => None,
-        ResponseFormat::JsonObject => Some(GrammarSpec::JsonSchema(
-            serde_json::json!({"type": "object"}),
-        )),
-        ResponseFormat::JsonSchema { json_schema } => Some(GrammarSpec::JsonSchema(
-            json_schema.schema.unwrap_or_else(|| serde_json::json!({})),
-        )),
-    })
-}
-
-/// Compiles a grammar against the model's tokenizer.
-fn compile(src: &ModelSource, spec: &GrammarSpec) -> Result<Constraint, String> {
-    let what = match spec {
-        GrammarSpec::JsonSchema(_) => "the JSON schema",
-        GrammarSpec::Lark(_) => "the tool call grammar",
-    };
-    src.grammars()?
-        .compile(spec)
-        .map_err(|e| format!("{what} cannot be enforced: {e}"))
-}
-
-/// A protocol message as chat templates read it (tool calls in OpenAI's shape).
-fn chat_message(m: &Message) -> ChatMessage {
-    let mut c = ChatMessage::new(m.role.as_str(), m.content.clone());
-    c.tool_calls = m
-        .tool_calls
-        .iter()
-        .map(|t| {
-            serde_json::json!({
-                "id": t.id,
-                "type": "function",
-                "function": {"name": t.name, "arguments": t.arguments}
-            })
-        })
-        .collect();
-    c.tool_call_id = m.tool_call_id.clone();
-    c.name = m.name.clone();
-    c
-}
-
-/// Longest wait for the vision actor to encode a request's images.
-const ENCODE_TIMEOUT: Duration = Duration::from_secs(300);
-
-/// Renders the conversation with the model's chat template and tokenizes it,
-/// with one image slot per image at the start of the last user message (where
-/// the images of a request go; the placeholders are expanded after
-/// tokenization). Templates without tool support get the tools in a system
-/// prompt block. Unless the model is configured otherwise, control-token text
-/// in the messages and tools stays text.
-fn render_prompt(
-    src: &ModelSource,
-    messages: &[Message],
-    images: usize,
-    tools: Option<&serde_json::Value>,
-    forced: Option<&ForcedCall>,
-) -> Result<Vec<u32>, String> {
-    let Some(template) = &src.template else {
-        return Err("the model file has no chat template (tokenizer.chat_template), so chat requests cannot be formatted".into());
-    };
-    let mut messages: Vec<ChatMessage> = messages.iter().map(chat_message).collect();
-    let tok = &src.tokenizer;
-    let bos = tok.bos_id().and_then(|b| tok.token_text(b)).unwrap_or("");
-    let eos = tok.eos_id().and_then(|e| tok.token_text(e)).unwrap_or("");
-    let mut guard = MessageText::new(tok, template);
-    let mut guarded_tools = None;
-    if !src.special_tokens_in_messages {
-        let err = |e: embody_engine::Error| e.to_string();
-        messages = messages
-            .iter()
-            .map(|m| guard.message(m))
-            .collect::<Result<_, _>>()
-            .map_err(err)?;
-        guarded_tools = tools.map(|t| guard.value(t)).transpose().map_err(err)?;
-    }
-    let tools = guarded_tools.as_ref().or(tools);
-    // The slots are the template's markup: placed after the guard.
-    if let Some(v) = src.vision.as_ref().filter(|_| images > 0) {
-        let Some(last_user) = messages.iter_mut().rev().find(|m| m.role == "user") else {
-            return Err("images need a user message to go with".into());
-        };
-        last_user.content = format!("{}{}", v.slot.repeat(images), last_user.content);
-    }
-    let mut extra = None;
-    let json_format = src.tool_format == ToolFormat::Json;
-    let has_tool_turns = messages
-        .iter()
-        .any(|m| m.role == "tool" || !m.tool_calls.is_empty());
-    if json_format && (tools.is_some() || has_tool_turns) {
-        messages = json_format_messages(&messages, tools, forced);
-    } else if let Some(t) = tools {
-        extra = Some(serde_json::json!({ "tools": t }));
-    }
-    let text = template
-        .render(&messages, true, bos, eos, extra.as_ref())
-        .map_err(|e| e.to_string())?;
-    guard.encode(&text).map_err(|e| e.to_string())
-}
-
-/// Bytes of the text a request puts in its prompt: the raw prompt or the
-/// messages (their content, names and tool-call arguments), and the tool
-/// definitions.
-fn prompt_text_bytes(
-    raw: Option<&str>,
-    messages: &[embody_protocol::Message],
-    tools: Option<&serde_json::Value>,
-) -> usize {
-    /// Counts what serde would write, without keeping it.
-    struct Count(usize);
-    impl std::io::Write for Count {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0 += b.len();
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let json = |v: &serde_json::Value| {
-        let mut c = Count(0);
-        let _ = serde_json::to_writer(&mut c, v);
-        c.0
-    };
-    let messages: usize = messages
-        .iter()
-        .map(|m| {
-            let calls: usize = m
-                .tool_calls
-                .iter()
-                .map(|c| c.name.len() + json(&c.arguments))
-                .sum();
-            m.content.len() + m.name.as_ref().map_or(0, String::len) + calls
-        })
-        .sum();
-    raw.map_or(0, str::len) + messages + tools.map_or(0, json)
 }

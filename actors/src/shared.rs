@@ -7,7 +7,7 @@
 //! and given its terminal error.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -85,9 +85,6 @@ pub(crate) struct Shared {
     last_beat_ms: AtomicU64,
     /// Whether a decoder thread is running now.
     pub decoder_up: AtomicBool,
-    /// Event streams handed out and not yet dropped: requests whose door
-    /// has not finished delivering their events.
-    pub streams: AtomicUsize,
     /// Generations of decoder threads given up for wedged and not yet gone.
     abandoned: Mutex<Vec<u64>>,
 }
@@ -114,7 +111,6 @@ impl Shared {
             start: Instant::now(),
             last_beat_ms: AtomicU64::new(0),
             decoder_up: AtomicBool::new(false),
-            streams: AtomicUsize::new(0),
             abandoned: Mutex::new(Vec::new()),
         }
     }

@@ -319,6 +319,7 @@ impl Supervisor {
             decoder_restarts: shared.restarts.load(Ordering::Relaxed),
             rss_bytes: memory.map_or_else(resident_bytes, |m| m.rss_bytes),
             uptime_ms: shared.uptime().as_millis() as u64,
+            models: Vec::new(),
         }
     }
 }

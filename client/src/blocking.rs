@@ -20,7 +20,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::{ClientError, Event, Fault, Request, Status};
+use crate::{ClientError, Event, Fault, ModelSpec, Request, Status};
 
 /// A blocking connection to embodyd.
 pub struct Client {
@@ -73,6 +73,16 @@ impl Client {
     /// Drops the unused cached prompt prefixes (see [`crate::Client::flush_cache`]).
     pub fn flush_cache(&self) -> Result<u64, ClientError> {
         self.rt.block_on(self.inner.flush_cache())
+    }
+
+    /// Loads or replaces a model (see [`crate::Client::load_model`]).
+    pub fn load_model(&self, spec: ModelSpec) -> Result<(), ClientError> {
+        self.rt.block_on(self.inner.load_model(spec))
+    }
+
+    /// Unloads a model (see [`crate::Client::unload_model`]).
+    pub fn unload_model(&self, name: &str) -> Result<(), ClientError> {
+        self.rt.block_on(self.inner.unload_model(name))
     }
 
     /// Makes the daemon's decoder fail (tests only; see [`crate::Client::inject_fault`]).

@@ -44,8 +44,8 @@ use std::time::Duration;
 pub use embody_protocol::wire::ErrorBody;
 use embody_protocol::wire::Frame;
 pub use embody_protocol::{
-    ErrorCode, Event, Fault, FinishReason, Image, Message, Request, Role, SamplingParams, Status,
-    Usage,
+    ErrorCode, Event, Fault, FinishReason, Image, Message, ModelEntry, ModelSpec, ModelState,
+    Request, Role, SamplingParams, Status, Usage,
 };
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot};
@@ -357,6 +357,33 @@ impl Client {
             Reply::Flushed(blocks, None) => Ok(blocks),
             Reply::Flushed(_, e) | Reply::Ack(e) => Err(refused(e)),
             Reply::Status(_) => Err(refused(None)),
+        }
+    }
+
+    /// Loads a model, or replaces the one served under its name; returns
+    /// once it serves. A load over the daemon's memory budget is refused
+    /// with [`ErrorCode::OutOfMemory`]; a failed replacement leaves the old
+    /// copy serving.
+    pub async fn load_model(&self, spec: ModelSpec) -> Result<(), ClientError> {
+        let id = self.conn.id();
+        match self.conn.request(id, Frame::LoadModel { id, spec }).await? {
+            Reply::Ack(None) => Ok(()),
+            Reply::Ack(Some(e)) => Err(refused(Some(e))),
+            Reply::Status(_) | Reply::Flushed(..) => Err(refused(None)),
+        }
+    }
+
+    /// Unloads a model once the requests it holds have finished.
+    pub async fn unload_model(&self, name: &str) -> Result<(), ClientError> {
+        let id = self.conn.id();
+        let frame = Frame::UnloadModel {
+            id,
+            name: name.to_string(),
+        };
+        match self.conn.request(id, frame).await? {
+            Reply::Ack(None) => Ok(()),
+            Reply::Ack(Some(e)) => Err(refused(Some(e))),
+            Reply::Status(_) | Reply::Flushed(..) => Err(refused(None)),
         }
     }
 

@@ -381,6 +381,11 @@ pub struct Request {
     /// daemon's `decoder.request_timeout_ms` applies when it is shorter.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
+    /// The model to run it on, by the name the daemon serves it under (its
+    /// `[[models]]` name, file name or the model's own name); none takes the
+    /// daemon's default model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
 }
 
 impl Request {
@@ -401,6 +406,7 @@ impl Request {
             prompt: None,
             priority: 0,
             timeout_ms: None,
+            model: None,
         }
     }
 
@@ -424,6 +430,12 @@ impl Request {
     /// Sets the request's deadline, counted from its arrival.
     pub fn timeout(mut self, t: std::time::Duration) -> Self {
         self.timeout_ms = Some(t.as_millis().max(1) as u64);
+        self
+    }
+
+    /// Names the model to run on.
+    pub fn on_model(mut self, name: impl Into<String>) -> Self {
+        self.model = Some(name.into());
         self
     }
 }
@@ -478,6 +490,10 @@ pub enum ErrorCode {
     Timeout,
     /// A bug or an unexpected condition in the daemon.
     Internal,
+    /// The request names a model the daemon does not serve.
+    ModelNotFound,
+    /// A model load was refused: its memory is over the daemon's budget.
+    OutOfMemory,
     /// A code this version does not know (from a newer peer).
     #[serde(other)]
     Unknown,
@@ -498,6 +514,8 @@ impl ErrorCode {
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::Timeout => "timeout",
             ErrorCode::Internal => "internal",
+            ErrorCode::ModelNotFound => "model_not_found",
+            ErrorCode::OutOfMemory => "out_of_memory",
             ErrorCode::Unknown => "unknown",
         }
     }
@@ -624,6 +642,114 @@ pub struct Status {
     pub rss_bytes: u64,
     /// Milliseconds since the daemon started.
     pub uptime_ms: u64,
+    /// Every model the daemon knows, in its configured order (the first is
+    /// the default): those served, loading, failed and unloaded. The fields
+    /// above describe the default model.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<ModelEntry>,
+}
+
+/// Where a model is in its life in the daemon.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelState {
+    /// Being loaded (or, while another copy serves, being replaced).
+    Loading,
+    /// Serving requests.
+    Ready,
+    /// Finishing the requests it holds before it is unloaded; takes no new ones.
+    Draining,
+    /// Known (configured or loaded before) and not in memory.
+    #[default]
+    Unloaded,
+    /// Its last load failed; `error` says why.
+    Failed,
+    /// A state this version does not know (from a newer peer).
+    #[serde(other)]
+    Unknown,
+}
+
+impl ModelState {
+    /// The state as it appears on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelState::Loading => "loading",
+            ModelState::Ready => "ready",
+            ModelState::Draining => "draining",
+            ModelState::Unloaded => "unloaded",
+            ModelState::Failed => "failed",
+            ModelState::Unknown => "unknown",
+        }
+    }
+}
+
+/// One model in [`Status::models`] and in the daemon's model events.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelEntry {
+    /// The name requests use (`model`).
+    pub name: String,
+    /// Where it is.
+    pub state: ModelState,
+    /// The model file or folder.
+    pub path: String,
+    /// The architecture, once loaded ("llama").
+    pub arch: String,
+    /// The backend and device that run it.
+    pub backend: String,
+    /// Longest context served, in tokens (0 until loaded).
+    pub context_length: u32,
+    /// Accepts images.
+    pub vision: bool,
+    /// Its chat template can offer tools.
+    pub tools: bool,
+    /// Requests decoding now.
+    pub running: u32,
+    /// Requests waiting for a decoding slot.
+    pub queued: u32,
+    /// Memory counted against the daemon's budget: weights, KV cache and
+    /// image cache, in bytes.
+    pub memory_bytes: u64,
+    /// Unloaded after this many ms without requests; 0 means never.
+    pub keep_alive_ms: u64,
+    /// Why its last load failed, if it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A model to load at run time (HTTP `POST /v1/models`, IPC, zenoh, `embody
+/// load`). Fields left out take the daemon's `[model]` and `[cache]` settings.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelSpec {
+    /// The name requests will use. Loading under the name of a served model
+    /// replaces it: requests running on the old one finish there.
+    pub name: String,
+    /// A GGUF file, a Hugging Face folder, or a Hugging Face id
+    /// (`org/name[@revision][:QUANT]`) found in the local Hugging Face
+    /// cache. Empty: the configured entry of that name.
+    pub path: String,
+    /// llama.cpp's vision projector GGUF that goes with a GGUF model.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mmproj: Option<String>,
+    /// "cpu", "vulkan", ...
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+    /// The GPU of a GPU backend: an index or part of its name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// Compute threads; 0 means one per core.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub threads: Option<usize>,
+    /// Longest context, in tokens; 0 means the model's own.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub context_length: Option<usize>,
+    /// Memory for its KV cache, in MiB.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kv_cache_mb: Option<usize>,
+    /// Unload after this many ms without requests; 0 means never.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep_alive_ms: Option<u64>,
 }
 
 /// The loaded model, as [`Status`] reports it.

@@ -692,6 +692,7 @@ impl ChatCompletionRequest {
         req.tool_choice = tool_choice;
         req.logprobs = logprobs;
         req.timeout_ms = check_timeout(self.timeout_ms)?;
+        req.model = Some(self.model.clone()).filter(|m| !m.is_empty());
         Ok(req)
     }
 }
@@ -1049,6 +1050,7 @@ impl CompletionRequest {
         let mut req = Request::new(Vec::new());
         req.prompt = Some(prompt);
         req.timeout_ms = check_timeout(self.timeout_ms)?;
+        req.model = Some(self.model.clone()).filter(|m| !m.is_empty());
         req.sampling = sampling;
         req.max_tokens = Some(max_tokens(self.max_tokens, "max_tokens")?.unwrap_or(16));
         req.stop = stops(self.stop)?;
@@ -1420,8 +1422,9 @@ pub fn error_type(code: ErrorCode) -> &'static str {
         ErrorCode::BadRequest
         | ErrorCode::BadFrame
         | ErrorCode::UnsupportedVersion
-        | ErrorCode::VisionUnsupported => "invalid_request_error",
-        ErrorCode::Overloaded => "rate_limit_error",
+        | ErrorCode::VisionUnsupported
+        | ErrorCode::ModelNotFound => "invalid_request_error",
+        ErrorCode::Overloaded | ErrorCode::OutOfMemory => "rate_limit_error",
         ErrorCode::Forbidden => "permission_error",
         ErrorCode::Unavailable | ErrorCode::DecoderRestarted => "service_unavailable",
         ErrorCode::Timeout => "timeout_error",
@@ -1437,6 +1440,8 @@ pub fn http_status(code: ErrorCode) -> u16 {
         | ErrorCode::UnsupportedVersion
         | ErrorCode::VisionUnsupported => 400,
         ErrorCode::Forbidden => 403,
+        ErrorCode::ModelNotFound => 404,
+        ErrorCode::OutOfMemory => 507,
         ErrorCode::Overloaded => 429,
         ErrorCode::Unavailable | ErrorCode::DecoderRestarted => 503,
         ErrorCode::Timeout => 504,

@@ -26,7 +26,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{ErrorCode, Event, Fault, Request, Status};
+use crate::{ErrorCode, Event, Fault, ModelSpec, Request, Status};
 
 /// The first four bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"EMBD";
@@ -55,6 +55,10 @@ pub enum FrameKind {
     Fault = 4,
     /// Client → daemon: drop the unused cached prefixes.
     FlushCache = 5,
+    /// Client → daemon: load (or replace) a model.
+    LoadModel = 6,
+    /// Client → daemon: unload a model.
+    UnloadModel = 7,
     /// Daemon → client: one event of a request's stream.
     Event = 16,
     /// Daemon → client: the answer to a status query.
@@ -77,6 +81,8 @@ impl FrameKind {
             3 => FrameKind::Status,
             4 => FrameKind::Fault,
             5 => FrameKind::FlushCache,
+            6 => FrameKind::LoadModel,
+            7 => FrameKind::UnloadModel,
             16 => FrameKind::Event,
             17 => FrameKind::StatusReply,
             18 => FrameKind::Ack,
@@ -117,6 +123,22 @@ pub enum Frame {
     FlushCache {
         /// Caller-chosen id of the flush.
         id: u64,
+    },
+    /// Load a model, or replace the one served under its name; the
+    /// [`Frame::Ack`] reply carries the same id once it serves (or failed).
+    LoadModel {
+        /// Caller-chosen id of the load.
+        id: u64,
+        /// The model.
+        spec: ModelSpec,
+    },
+    /// Unload a model once the requests it holds have finished; the
+    /// [`Frame::Ack`] reply carries the same id.
+    UnloadModel {
+        /// Caller-chosen id of the unload.
+        id: u64,
+        /// The model's name.
+        name: String,
     },
     /// One event of request `id`'s stream.
     Event {
@@ -171,6 +193,8 @@ impl Frame {
             Frame::Status { .. } => FrameKind::Status,
             Frame::Fault { .. } => FrameKind::Fault,
             Frame::FlushCache { .. } => FrameKind::FlushCache,
+            Frame::LoadModel { .. } => FrameKind::LoadModel,
+            Frame::UnloadModel { .. } => FrameKind::UnloadModel,
             Frame::FlushReply { .. } => FrameKind::FlushReply,
             Frame::Event { .. } => FrameKind::Event,
             Frame::StatusReply { .. } => FrameKind::StatusReply,
@@ -335,6 +359,20 @@ struct FaultBody {
     fault: Fault,
 }
 
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoadBody {
+    id: u64,
+    spec: ModelSpec,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UnloadBody {
+    id: u64,
+    name: String,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct EventBody {
@@ -431,6 +469,14 @@ pub fn decode_body(header: &Header, meta: &[u8], attachments: &[u8]) -> Result<F
         FrameKind::FlushCache => Frame::FlushCache {
             id: json::<IdBody>(meta, bad)?.id,
         },
+        FrameKind::LoadModel => {
+            let LoadBody { id, spec } = json(meta, bad)?;
+            Frame::LoadModel { id, spec }
+        }
+        FrameKind::UnloadModel => {
+            let UnloadBody { id, name } = json(meta, bad)?;
+            Frame::UnloadModel { id, name }
+        }
         FrameKind::FlushReply => {
             let FlushReplyBody { id, blocks, error } = json(meta, bad)?;
             Frame::FlushReply { id, blocks, error }
@@ -515,6 +561,14 @@ pub fn encode(frame: &Frame) -> Result<Vec<u8>, FrameError> {
         Frame::Fault { id, fault } => serde_json::to_vec(&FaultBody {
             id: *id,
             fault: *fault,
+        }),
+        Frame::LoadModel { id, spec } => serde_json::to_vec(&LoadBody {
+            id: *id,
+            spec: spec.clone(),
+        }),
+        Frame::UnloadModel { id, name } => serde_json::to_vec(&UnloadBody {
+            id: *id,
+            name: name.clone(),
         }),
         Frame::Event { id, event } => serde_json::to_vec(&EventOut { id: *id, event }),
         Frame::StatusReply { id, status } => serde_json::to_vec(&StatusOut { id: *id, status }),
@@ -665,6 +719,19 @@ mod tests {
                 message: "bad".into(),
             }),
             Frame::FlushCache { id: 4 },
+            Frame::LoadModel {
+                id: 5,
+                spec: crate::ModelSpec {
+                    name: "planner".into(),
+                    path: "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF:Q4_1".into(),
+                    kv_cache_mb: Some(64),
+                    ..Default::default()
+                },
+            },
+            Frame::UnloadModel {
+                id: 6,
+                name: "planner".into(),
+            },
             Frame::FlushReply {
                 id: 4,
                 blocks: 63,

@@ -7,6 +7,9 @@
 //! | `<prefix>/alive` | liveliness token | present while the daemon serves |
 //! | `<prefix>/requests` | subscriber | a chat request with an `id` |
 //! | `<prefix>/responses/<id>` | publications | the events of that request |
+//! | `<prefix>/models/load` | queryable | `protocol::ModelSpec` in, the model's `ModelEntry` out once it serves |
+//! | `<prefix>/models/unload` | queryable | `{"name": ...}` in, the `ModelEntry` out once it is unloaded |
+//! | `<prefix>/models/events` | publications | a `ModelEntry` at each change of a model's state |
 //!
 //! Streamed replies all carry the key `<prefix>/chat`, so a querier must turn
 //! reply consolidation off or it keeps only the last of them.
@@ -27,6 +30,15 @@ pub(crate) struct KeySpace {
     _chat: Queryable<()>,
     _status: Queryable<()>,
     _requests: Subscriber<()>,
+    _load: Queryable<()>,
+    _unload: Queryable<()>,
+    events: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for KeySpace {
+    fn drop(&mut self) {
+        self.events.abort();
+    }
 }
 
 impl KeySpace {
@@ -78,18 +90,66 @@ impl KeySpace {
             .await
             .map_err(zerr(format!("subscribing to {requests_key}")))?;
 
+        let load_key = format!("{prefix}/models/load");
+        let (rt, h, reply_key) = (runtime.clone(), handle.clone(), load_key.clone());
+        let load = session
+            .declare_queryable(load_key.clone())
+            .callback(move |query| {
+                let (rt, key) = (rt.clone(), reply_key.clone());
+                h.spawn(async move { serve_load(&rt, query, &key).await });
+            })
+            .await
+            .map_err(zerr(format!("declaring the queryable {load_key}")))?;
+
+        let unload_key = format!("{prefix}/models/unload");
+        let (rt, h, reply_key) = (runtime.clone(), handle.clone(), unload_key.clone());
+        let unload = session
+            .declare_queryable(unload_key.clone())
+            .callback(move |query| {
+                let (rt, key) = (rt.clone(), reply_key.clone());
+                h.spawn(async move { serve_unload(&rt, query, &key).await });
+            })
+            .await
+            .map_err(zerr(format!("declaring the queryable {unload_key}")))?;
+
+        let events_key = format!("{prefix}/models/events");
+        let mut changes = runtime.model_events();
+        let publisher = session.clone();
+        let events = handle.spawn(async move {
+            use tokio::sync::broadcast::error::RecvError;
+            loop {
+                match changes.recv().await {
+                    Ok(entry) => {
+                        let json = serde_json::to_vec(&entry).expect("a model entry serializes");
+                        if let Err(e) = publisher.put(&events_key, json).await {
+                            tracing::warn!("publishing on {events_key} failed: {e}");
+                        }
+                    }
+                    Err(RecvError::Lagged(n)) => {
+                        tracing::warn!("{n} model events were not published (too many at once)")
+                    }
+                    Err(RecvError::Closed) => return,
+                }
+            }
+        });
+
         let alive_key = format!("{prefix}/alive");
         let alive = session
             .liveliness()
             .declare_token(alive_key.clone())
             .await
             .map_err(zerr(format!("declaring the liveliness token {alive_key}")))?;
-        tracing::info!("zenoh key space {prefix}/{{chat,status,requests,responses/*,alive}}");
+        tracing::info!(
+            "zenoh key space {prefix}/{{chat,status,requests,responses/*,alive,models/{{load,unload,events}}}}"
+        );
         Ok(Self {
             alive: Some(alive),
             _chat: chat,
             _status: status,
             _requests: requests,
+            _load: load,
+            _unload: unload,
+            events,
         })
     }
 
@@ -145,6 +205,67 @@ async fn serve_status(rt: &Runtime, query: Query, key: &str) {
     if let Err(e) = result {
         tracing::debug!("a zenoh status reply failed: {e}");
     }
+}
+
+/// The answer to a model load or unload: the entry, or an error body
+/// (`{"code", "message"}`) as the reply's error.
+async fn reply_model(
+    query: &Query,
+    key: &str,
+    result: Result<embody_protocol::ModelEntry, embody_protocol::wire::ErrorBody>,
+) {
+    let sent = match result {
+        Ok(entry) => {
+            let json = serde_json::to_vec(&entry).expect("a model entry serializes");
+            query.reply(key, json).await
+        }
+        Err(e) => {
+            let json = serde_json::to_vec(&e).expect("an error serializes");
+            query.reply_err(json).await
+        }
+    };
+    if let Err(e) = sent {
+        tracing::debug!("a zenoh model reply failed: {e}");
+    }
+}
+
+fn payload_of(query: &Query) -> Vec<u8> {
+    query
+        .payload()
+        .map(|p| p.to_bytes().into_owned())
+        .unwrap_or_default()
+}
+
+fn bad(message: String) -> embody_protocol::wire::ErrorBody {
+    embody_protocol::wire::ErrorBody {
+        code: ErrorCode::BadRequest,
+        message,
+    }
+}
+
+async fn serve_load(rt: &Runtime, query: Query, key: &str) {
+    let result = match serde_json::from_slice::<embody_protocol::ModelSpec>(&payload_of(&query)) {
+        Ok(spec) => rt.load(spec).await,
+        Err(e) => Err(bad(format!(
+            "a model load is a JSON object with name, path and optional settings: {e}"
+        ))),
+    };
+    reply_model(&query, key, result).await;
+}
+
+async fn serve_unload(rt: &Runtime, query: Query, key: &str) {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Unload {
+        name: String,
+    }
+    let result = match serde_json::from_slice::<Unload>(&payload_of(&query)) {
+        Ok(u) => rt.unload(&u.name).await,
+        Err(e) => Err(bad(format!(
+            "a model unload is a JSON object {{\"name\": ...}}: {e}"
+        ))),
+    };
+    reply_model(&query, key, result).await;
 }
 
 /// A request published on `<prefix>/requests`: the chat fields and an `id`

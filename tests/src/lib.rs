@@ -646,13 +646,20 @@ pub fn vision_fixture(name: &str) -> VisionFixture {
 /// `Connection: close`, and returns the raw response (status line, headers,
 /// body) as far as it came.
 pub fn http_post(addr: &str, path: &str, body: &str) -> String {
+    http_request(addr, "POST", path, body)
+}
+
+/// Sends `method` to `path` on the HTTP API at `addr` (`host:port`) with a
+/// JSON `body` (may be empty) and `Connection: close`, and returns the raw
+/// response as far as it came.
+pub fn http_request(addr: &str, method: &str, path: &str, body: &str) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).expect("connecting to the HTTP API");
     s.set_read_timeout(Some(std::time::Duration::from_secs(120)))
         .unwrap();
     write!(
         s,
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
     .expect("sending the request");

@@ -63,6 +63,10 @@ enum Command {
     Status(daemon_cmds::StatusArgs),
     /// Drop a running embodyd's cached prompt prefixes (their KV memory is freed).
     FlushCache(daemon_cmds::FlushArgs),
+    /// Load a model into a running embodyd, or replace the one served under its name.
+    Load(daemon_cmds::LoadArgs),
+    /// Unload a model from a running embodyd once its requests have finished.
+    Unload(daemon_cmds::UnloadArgs),
     /// Generate text from a prompt, streaming only the generated text to stdout.
     Generate {
         #[command(flatten)]
@@ -154,6 +158,19 @@ enum Command {
         /// The GGUF file or model folder.
         file: PathBuf,
     },
+    /// Requantize a GGUF file's weights, typed per tensor as llama-quantize
+    /// types them (llama.cpp loads the result).
+    Quantize {
+        /// The GGUF file to read (F32, F16, BF16 or any quantized type).
+        #[arg(long, short = 'm')]
+        model: PathBuf,
+        /// Q8_0, Q4_0, Q4_K (= Q4_K_M), Q4_K_S, Q5_K (= Q5_K_M), Q5_K_S or Q6_K.
+        #[arg(long = "type", short = 't')]
+        ty: String,
+        /// The GGUF file to write.
+        #[arg(long, short = 'o')]
+        out: PathBuf,
+    },
     /// Print the token ids of a text, one line, comma-separated.
     Tokenize {
         /// A GGUF model file or a Hugging Face model folder.
@@ -244,7 +261,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Chat(a) => daemon_cmds::chat(a),
         Command::Status(a) => daemon_cmds::status(a),
         Command::FlushCache(a) => daemon_cmds::flush_cache(a),
+        Command::Load(a) => daemon_cmds::load(a),
+        Command::Unload(a) => daemon_cmds::unload(a),
         Command::Inspect { file } => inspect(&file),
+        Command::Quantize { model, ty, out } => quantize(&model, &ty, &out),
         Command::Bench {
             model,
             prompt_tokens,
@@ -602,5 +622,33 @@ fn inspect_folder(dir: &Path) -> Result<()> {
         writeln!(out, "  {name:<40} {dtype:<5} {shape:?} {bytes} bytes")?;
     }
     writeln!(out, "total tensor bytes: {total}")?;
+    Ok(())
+}
+
+/// `embody quantize`: writes the requantized file and says what it holds.
+fn quantize(model: &Path, ty: &str, out: &Path) -> Result<()> {
+    let recipe: embody_engine::quantize::Recipe = ty.parse()?;
+    if model.is_dir() {
+        bail!(
+            "{} is a folder: quantize reads GGUF files (convert a Hugging Face folder with llama.cpp's convert_hf_to_gguf.py first)",
+            model.display()
+        );
+    }
+    let start = std::time::Instant::now();
+    let (bytes, report) = embody_engine::quantize::quantize_gguf(model, recipe)?;
+    std::fs::write(out, &bytes).with_context(|| format!("writing {}", out.display()))?;
+    let types: Vec<String> = report
+        .types
+        .iter()
+        .map(|(t, n)| format!("{n} {}", t.name()))
+        .collect();
+    eprintln!(
+        "wrote {} ({} MiB of tensors from {} MiB; {}) in {:.1} s",
+        out.display(),
+        report.bytes_out >> 20,
+        report.bytes_in >> 20,
+        types.join(", "),
+        start.elapsed().as_secs_f64()
+    );
     Ok(())
 }

@@ -1,5 +1,6 @@
-//! `embody chat` and `embody status`: the CLI as a client of a running
-//! embodyd, through `embody-client`. Both find the socket the way the daemon
+//! `embody chat`, `embody status`, `embody load` and `embody unload`: the
+//! CLI as a client of a running embodyd, through `embody-client`. They find
+//! the socket the way the daemon
 //! chose it ($RUNTIME_DIRECTORY, $XDG_RUNTIME_DIR, /run/embodyd), unless
 //! `--socket` or `$EMBODY_SOCKET` names it.
 
@@ -8,7 +9,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use embody_client::blocking::Client;
-use embody_client::{Event, Image, Message, Request, SamplingParams, Status};
+use embody_client::{Event, Image, Message, ModelSpec, Request, SamplingParams, Status};
 
 /// Where the daemon is.
 #[derive(clap::Args)]
@@ -51,8 +52,92 @@ pub struct ChatArgs {
     /// An image file to send with the message (repeatable; PNG, JPEG or WebP).
     #[arg(long)]
     image: Vec<PathBuf>,
+    /// The model to ask, by name (default: the daemon's first model).
+    #[arg(long, short = 'm')]
+    model: Option<String>,
     #[command(flatten)]
     conn: ConnArgs,
+}
+
+/// `embody load`
+#[derive(clap::Args)]
+pub struct LoadArgs {
+    /// The name requests will use; loading under a served model's name
+    /// replaces it (its running requests finish on the old copy).
+    name: String,
+    /// A GGUF file, a Hugging Face folder or id (org/name[@revision][:QUANT]);
+    /// none reloads the configured model of that name.
+    path: Option<String>,
+    /// llama.cpp's vision projector GGUF for a GGUF vision-language model.
+    #[arg(long)]
+    mmproj: Option<String>,
+    /// The backend (cpu, vulkan, ...; default: the daemon's [model] backend).
+    #[arg(long)]
+    backend: Option<String>,
+    /// The GPU of a GPU backend: an index or part of its name.
+    #[arg(long)]
+    device: Option<String>,
+    /// Compute threads (0: one per core).
+    #[arg(long, short = 't')]
+    threads: Option<usize>,
+    /// Longest context, in tokens (0: the model's own).
+    #[arg(long)]
+    context_length: Option<usize>,
+    /// KV cache memory, in MiB.
+    #[arg(long)]
+    kv_cache_mb: Option<usize>,
+    /// Unload after this many ms without requests (0: never).
+    #[arg(long)]
+    keep_alive_ms: Option<u64>,
+    #[command(flatten)]
+    conn: ConnArgs,
+}
+
+/// `embody unload`
+#[derive(clap::Args)]
+pub struct UnloadArgs {
+    /// The model's name.
+    name: String,
+    #[command(flatten)]
+    conn: ConnArgs,
+}
+
+/// Loads (or replaces) a model in the running daemon.
+pub fn load(a: LoadArgs) -> Result<()> {
+    let spec = ModelSpec {
+        name: a.name.clone(),
+        path: a.path.unwrap_or_default(),
+        mmproj: a.mmproj,
+        backend: a.backend,
+        device: a.device,
+        threads: a.threads,
+        context_length: a.context_length,
+        kv_cache_mb: a.kv_cache_mb,
+        keep_alive_ms: a.keep_alive_ms,
+    };
+    let client = a.conn.connect()?;
+    client.load_model(spec)?;
+    let st = client.status()?;
+    match st.models.iter().find(|m| m.name == a.name) {
+        Some(m) => println!(
+            "{} {} ({}, {} context, {} MiB) {}",
+            m.name,
+            m.state.as_str(),
+            m.arch,
+            m.context_length,
+            m.memory_bytes >> 20,
+            m.path
+        ),
+        None => println!("{} loaded", a.name),
+    }
+    Ok(())
+}
+
+/// Unloads a model from the running daemon.
+pub fn unload(a: UnloadArgs) -> Result<()> {
+    a.conn.connect()?.unload_model(&a.name)?;
+    println!("{} unloaded", a.name);
+    Ok(())
 }
 
 /// `embody flush-cache`
@@ -101,6 +186,7 @@ pub fn chat(a: ChatArgs) -> Result<()> {
     }
     messages.push(Message::user(a.prompt));
     let mut req = Request::new(messages);
+    req.model = a.model;
     req.max_tokens = a.max_tokens;
     req.stop = a.stop;
     req.sampling = SamplingParams {
@@ -199,4 +285,35 @@ fn print_status(st: &Status) {
         mib(st.model.weights_bytes)
     );
     println!("uptime    {:.1} s", st.uptime_ms as f64 / 1000.0);
+    if st.models.len() > 1
+        || st
+            .models
+            .iter()
+            .any(|m| m.state != embody_client::ModelState::Ready)
+    {
+        println!("models");
+        for m in &st.models {
+            let mut caps = vec!["text"];
+            if m.vision {
+                caps.push("vision");
+            }
+            if m.tools {
+                caps.push("tools");
+            }
+            println!(
+                "  {:<20} {:<9} {:<12} {} context, {} running, {} queued, {} MiB  {}{}",
+                m.name,
+                m.state.as_str(),
+                caps.join("+"),
+                m.context_length,
+                m.running,
+                m.queued,
+                mib(m.memory_bytes),
+                m.path,
+                m.error
+                    .as_deref()
+                    .map_or(String::new(), |e| format!("  ({e})"))
+            );
+        }
+    }
 }

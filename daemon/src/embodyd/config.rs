@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use embody_actors::{Limits, RuntimeConfig};
+use embody_actors::{Limits, RuntimeConfig, RuntimeOptions};
 use embody_robot_adapters::{AdaptersConfig, CameraConfig, Ros2Config, TaskConfig, ZenohConfig};
 
 /// The whole configuration.
@@ -44,6 +44,38 @@ pub struct Config {
     pub cameras: Vec<CameraConfig>,
     /// Periodic perception tasks.
     pub tasks: Vec<TaskConfig>,
+    /// Several models in one daemon; none means the one of `[model]`.
+    pub models: Vec<ModelsEntry>,
+}
+
+/// One `[[models]]` entry: a model served under `name`. Fields left out take
+/// the `[model]` and `[cache]` values.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelsEntry {
+    /// The name requests use (`model`).
+    pub name: String,
+    /// A GGUF file, a Hugging Face folder or a Hugging Face id, as `model.path`.
+    pub path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mmproj: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threads: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_length: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_batch_tokens: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_cache_mb: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_alive_ms: Option<u64>,
+    /// Load at start (true) or on the first request that names it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preload: Option<bool>,
 }
 
 /// `[model]`
@@ -77,6 +109,9 @@ pub struct ModelConfig {
     /// forge another; only the chat template's markup makes control tokens.
     /// Default: false.
     pub special_tokens_in_messages: bool,
+    /// Unload the model after this many ms without requests (a request
+    /// loads it again); 0 means never. Default: 0.
+    pub keep_alive_ms: u64,
 }
 
 /// `[cache]`
@@ -185,6 +220,10 @@ pub struct ServiceConfig {
     /// On SIGTERM or SIGINT, requests in flight may finish for this long, in ms;
     /// those still running then end with an "unavailable" error. Default: 10000.
     pub drain_timeout_ms: u64,
+    /// Most memory the loaded models may take together (weights, KV caches,
+    /// image caches), in MiB; a load over it is refused. 0 means no limit.
+    /// Default: 0.
+    pub memory_budget_mb: u64,
 }
 
 /// `[log]`
@@ -219,6 +258,7 @@ impl Default for ModelConfig {
             context_length: 4096,
             max_batch_tokens: 512,
             special_tokens_in_messages: false,
+            keep_alive_ms: 0,
         }
     }
 }
@@ -288,6 +328,7 @@ impl Default for ServiceConfig {
     fn default() -> Self {
         Self {
             drain_timeout_ms: 10_000,
+            memory_budget_mb: 0,
         }
     }
 }
@@ -384,6 +425,25 @@ impl Config {
         if self.http.header_timeout_ms == 0 {
             bail!("http.header_timeout_ms must be at least 1");
         }
+        let mut names = std::collections::HashSet::new();
+        for m in &self.models {
+            if m.name.is_empty() || m.path.is_empty() {
+                bail!("every [[models]] entry needs a name and a path");
+            }
+            if !names.insert(m.name.as_str()) {
+                bail!("two [[models]] entries are named {:?}", m.name);
+            }
+            if let Some(b) = &m.backend {
+                b.parse::<embody_engine::backend::BackendKind>()
+                    .map_err(|e| anyhow::anyhow!("[[models]] {:?} backend: {e}", m.name))?;
+            }
+            if m.kv_cache_mb == Some(0) || m.max_batch_tokens == Some(0) {
+                bail!(
+                    "[[models]] {:?}: kv_cache_mb and max_batch_tokens must be at least 1",
+                    m.name
+                );
+            }
+        }
         self.adapters()
             .validate()
             .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -410,10 +470,75 @@ impl Config {
         resolve_model(&self.model.path)
     }
 
-    /// What the actor runtime needs.
-    pub fn runtime(&self) -> RuntimeConfig {
+    /// The models to serve: the `[[models]]` entries, or the one of
+    /// `[model]` (named `http.model_id`, else after its file). Paths are
+    /// looked up here, so a model that cannot be found stops the start with
+    /// a message naming it.
+    pub fn runtime_models(&self) -> Result<Vec<RuntimeConfig>> {
+        let base = self.runtime_base();
+        if self.models.is_empty() {
+            let mut cfg = base;
+            let at =
+                locate_model(&self.model.path).map_err(|e| anyhow::anyhow!("model.path: {e}"))?;
+            cfg.name = self.http.model_id.clone();
+            cfg.model_path = at.path;
+            cfg.mmproj = self
+                .model
+                .mmproj
+                .as_deref()
+                .map(resolve_model)
+                .or(at.mmproj);
+            return Ok(vec![cfg]);
+        }
+        self.models
+            .iter()
+            .map(|m| {
+                let mut cfg = base.clone();
+                let at = locate_model(&m.path)
+                    .map_err(|e| anyhow::anyhow!("[[models]] {:?}: {e}", m.name))?;
+                cfg.name = m.name.clone();
+                cfg.model_path = at.path;
+                cfg.mmproj = m.mmproj.as_deref().map(resolve_model).or(at.mmproj);
+                if let Some(b) = &m.backend {
+                    cfg.backend = b.parse().unwrap_or_default();
+                }
+                if let Some(d) = &m.device {
+                    cfg.device = Some(d.clone()).filter(|d| !d.is_empty());
+                }
+                cfg.threads = m.threads.unwrap_or(cfg.threads);
+                cfg.context_length = m.context_length.unwrap_or(cfg.context_length);
+                cfg.max_batch_tokens = m.max_batch_tokens.unwrap_or(cfg.max_batch_tokens);
+                cfg.kv_cache_mb = m.kv_cache_mb.unwrap_or(cfg.kv_cache_mb);
+                if let Some(k) = m.keep_alive_ms {
+                    cfg.keep_alive = (k > 0).then(|| Duration::from_millis(k));
+                }
+                cfg.load_at_start = m.preload.unwrap_or(true);
+                Ok(cfg)
+            })
+            .collect()
+    }
+
+    /// What the runtime as a whole needs beside each model's settings.
+    pub fn runtime_options(&self) -> RuntimeOptions {
+        RuntimeOptions {
+            memory_budget: (self.service.memory_budget_mb > 0)
+                .then_some(self.service.memory_budget_mb << 20),
+            unload_drain: Duration::from_millis(self.service.drain_timeout_ms),
+            resolve_path: Some(std::sync::Arc::new(|p: &str| {
+                locate_model(p).map(|at| at.path)
+            })),
+        }
+    }
+
+    /// The `[model]`, `[cache]`, `[decoder]` and `[supervisor]` settings
+    /// every model starts from.
+    fn runtime_base(&self) -> RuntimeConfig {
         RuntimeConfig {
+            name: String::new(),
             model_path: self.model_path(),
+            load_at_start: true,
+            keep_alive: (self.model.keep_alive_ms > 0)
+                .then(|| Duration::from_millis(self.model.keep_alive_ms)),
             mmproj: self.model.mmproj.as_deref().map(resolve_model),
             backend: self.model.backend.parse().unwrap_or_default(),
             device: Some(self.model.device.clone()).filter(|d| !d.is_empty()),
@@ -433,7 +558,6 @@ impl Config {
         }
     }
 
-    /// The robot interfaces' sections.
     pub fn adapters(&self) -> AdaptersConfig {
         AdaptersConfig {
             zenoh: self.zenoh.clone(),
@@ -461,6 +585,12 @@ impl Config {
         let mut out = Vec::new();
         if self.model != new.model {
             out.push("[model]");
+        }
+        if self.models != new.models {
+            out.push("[[models]] (or load and unload them at run time)");
+        }
+        if self.service.memory_budget_mb != new.service.memory_budget_mb {
+            out.push("service.memory_budget_mb");
         }
         if self.cache != new.cache {
             out.push("[cache]");
@@ -507,6 +637,41 @@ fn home() -> PathBuf {
     std::env::var_os("HOME")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/root"))
+}
+
+/// Where a configured model is, and the vision projector its Hugging Face
+/// repository carries.
+pub struct Located {
+    pub path: PathBuf,
+    pub mmproj: Option<PathBuf>,
+}
+
+/// A model's path as configured: `~/` is the home folder, an absolute path
+/// is itself, a relative one is looked up in the models folder and, when it
+/// is not there and reads as a Hugging Face id (`org/name[@revision][:QUANT]`),
+/// in the local Hugging Face cache.
+pub fn locate_model(p: &str) -> std::result::Result<Located, String> {
+    let path = resolve_model(p);
+    let id = (!path.exists() && !p.starts_with("~/") && !Path::new(p).is_absolute())
+        .then(|| embody_engine::hub_cache::HubId::parse(p))
+        .flatten();
+    match id {
+        None => Ok(Located { path, mmproj: None }),
+        Some(id) => {
+            let cache = embody_engine::hub_cache::cache_dir();
+            embody_engine::hub_cache::resolve(&id, &cache)
+                .map(|r| Located {
+                    path: r.path,
+                    mmproj: r.mmproj,
+                })
+                .map_err(|e| {
+                    format!(
+                        "{p} is neither in the models folder {} nor in the Hugging Face cache: {e}",
+                        models_dir().display()
+                    )
+                })
+        }
+    }
 }
 
 fn resolve_model(p: &str) -> PathBuf {
@@ -576,7 +741,7 @@ mod tests {
             );
             fields += 1;
         }
-        assert_eq!(fields, 54, "every field appears in the shipped config");
+        assert_eq!(fields, 56, "every field appears in the shipped config");
     }
 
     #[test]

@@ -434,6 +434,24 @@ async fn connection(
                     break;
                 }
             }
+            // A load takes seconds: it runs beside the connection's other
+            // requests, and its answer comes when it is done.
+            Frame::LoadModel { id, spec } => {
+                let (rt, out) = (rt.clone(), out.clone());
+                forwarders.spawn(async move {
+                    tracing::info!(model = %spec.name, path = %spec.path, "model load asked");
+                    let error = rt.load(spec).await.err();
+                    let _ = out.send(Frame::Ack { id, error }.into()).await;
+                });
+            }
+            Frame::UnloadModel { id, name } => {
+                let (rt, out) = (rt.clone(), out.clone());
+                forwarders.spawn(async move {
+                    tracing::info!(model = %name, "model unload asked");
+                    let error = rt.unload(&name).await.err();
+                    let _ = out.send(Frame::Ack { id, error }.into()).await;
+                });
+            }
             Frame::Fault { id, fault } => {
                 let error = match rt.inject_fault(fault) {
                     Ok(()) => {

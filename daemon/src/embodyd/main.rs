@@ -140,12 +140,17 @@ async fn run(cli: Cli, mut cfg: Config, log: logging::LogHandle) -> Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;
 
+    let models = cfg.runtime_models()?;
+    let names: Vec<String> = models
+        .iter()
+        .map(|m| format!("{}", m.model_path.display()))
+        .collect();
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         "starting; model {}",
-        cfg.model_path().display()
+        names.join(", ")
     );
-    let start = Runtime::start(cfg.runtime());
+    let start = Runtime::start_models(models, cfg.runtime_options());
     let runtime = tokio::select! {
         r = start => r.map_err(|e| match e {
             RuntimeError::Model { ref path, .. } if !path.exists() => anyhow::anyhow!(
@@ -194,7 +199,6 @@ async fn run(cli: Cli, mut cfg: Config, log: logging::LogHandle) -> Result<()> {
         let opts = http::HttpOptions {
             api_key: Some(cfg.http.api_key.clone()).filter(|k| !k.is_empty()),
             max_body_bytes: cfg.http.max_body_bytes,
-            model_id: cfg.http.model_id.clone(),
             max_connections: cfg.http.max_connections,
             header_timeout: Duration::from_millis(cfg.http.header_timeout_ms),
             allowed_hosts: cfg.http.allowed_hosts.clone(),
@@ -213,9 +217,15 @@ async fn run(cli: Cli, mut cfg: Config, log: logging::LogHandle) -> Result<()> {
     };
 
     let status = runtime.status().await?;
+    let others = status.models.len().saturating_sub(1);
     let summary = format!(
-        "serving {} ({}, {} context, {} backend, {} threads) on {}{}",
+        "serving {}{} ({}, {} context, {} backend, {} threads) on {}{}",
         status.model.name,
+        if others > 0 {
+            format!(" and {others} more model(s)")
+        } else {
+            String::new()
+        },
         status.model.arch,
         status.model.context_length,
         status.backend,

@@ -320,6 +320,17 @@ impl BackendKind {
     }
 }
 
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Cpu => "cpu",
+            Self::Reference => "reference",
+            Self::Cuda => "cuda",
+            Self::Vulkan => "vulkan",
+        })
+    }
+}
+
 impl std::str::FromStr for BackendKind {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {

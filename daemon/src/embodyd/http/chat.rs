@@ -38,6 +38,7 @@ pub(crate) async fn handle(
     }
     let (stream, include_usage) = (chat.is_stream(), chat.include_usage());
     let logprobs = chat.logprobs.unwrap_or(false);
+    let model = chat.model.clone();
     let req = match chat.into_request() {
         Ok(r) => r,
         Err(e) => {
@@ -57,7 +58,7 @@ pub(crate) async fn handle(
                 id,
                 object: "chat.completion.chunk".into(),
                 created: unix_now(),
-                model: st.model_id.clone(),
+                model: model.clone(),
                 system_fingerprint: None,
                 choices: Vec::new(),
                 usage: include_usage.then_some(None),
@@ -127,7 +128,7 @@ pub(crate) async fn handle(
         id,
         object: "chat.completion".into(),
         created: unix_now(),
-        model: st.model_id.clone(),
+        model: model.clone(),
         choices: vec![ChatChoice {
             index: 0,
             message: AssistantMessage {

@@ -33,6 +33,7 @@ pub(crate) async fn handle(
     };
     let (stream, include_usage) = (c.is_stream(), c.include_usage());
     let logprobs = c.logprobs.is_some();
+    let model = c.model.clone();
     let req = match c.into_request() {
         Ok(r) => r,
         Err(e) => {
@@ -49,7 +50,7 @@ pub(crate) async fn handle(
         id: new_id("cmpl"),
         object: "text_completion".into(),
         created: unix_now(),
-        model: st.model_id.clone(),
+        model: model.clone(),
         choices: Vec::new(),
         usage: None,
         system_fingerprint: None,

@@ -52,8 +52,6 @@ pub struct HttpOptions {
     pub api_key: Option<String>,
     /// Most bytes of a request body.
     pub max_body_bytes: usize,
-    /// The model id requests name; empty means the model file's stem.
-    pub model_id: String,
     /// Most connections at once; more get 503 and are closed.
     pub max_connections: usize,
     /// Time for a request's line and headers, from the connection's opening
@@ -70,11 +68,6 @@ pub(crate) struct AppState {
     rt: Runtime,
     metrics: Arc<Metrics>,
     opts: HttpOptions,
-    /// The id `/v1/models` lists.
-    model_id: String,
-    /// Names a request's `model` may use: the id, the model's own name and
-    /// the file name.
-    aliases: Vec<String>,
     /// Unix seconds when the server started.
     created: u64,
 }
@@ -90,10 +83,13 @@ impl AppState {
                 Some("model"),
             ));
         }
-        if self.aliases.iter().any(|a| a == model) {
+        if self.rt.knows_model(model) {
             Ok(())
         } else {
-            Err(ApiError::unknown_model(model, &self.model_id))
+            Err(ApiError::unknown_model(
+                model,
+                &self.rt.model_names().join(", "),
+            ))
         }
     }
 }
@@ -181,26 +177,9 @@ pub async fn serve(
     mut stop: watch::Receiver<bool>,
     grace: Duration,
 ) -> Result<()> {
-    let status = rt.status().await?;
-    let path = std::path::Path::new(&status.model.path);
-    let stem = path
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| status.model.name.clone());
-    let model_id = if opts.model_id.is_empty() {
-        stem.clone()
-    } else {
-        opts.model_id.clone()
-    };
-    let mut aliases = vec![model_id.clone(), stem, status.model.name.clone()];
-    if let Some(f) = path.file_name() {
-        aliases.push(f.to_string_lossy().into_owned());
-    }
     let state = Arc::new(AppState {
         rt,
         metrics,
-        model_id,
-        aliases,
         created: unix_now(),
         opts,
     });
@@ -324,8 +303,9 @@ fn router(state: Shared) -> Router {
     let api = Router::new()
         .route("/v1/chat/completions", post(chat::handle))
         .route("/v1/completions", post(completions::handle))
-        .route("/v1/models", get(models))
-        .route("/v1/models/{id}", get(model))
+        .route("/v1/models", get(models).post(load_model))
+        .route("/v1/models/{id}", get(model).delete(unload_model))
+        .route("/v1/models/{id}/status", get(model_status))
         .route("/flush_cache", post(flush_cache))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
@@ -514,20 +494,27 @@ async fn flush_cache(State(st): State<Shared>) -> Result<Json<serde_json::Value>
     Ok(Json(serde_json::json!({ "freed_blocks": freed })))
 }
 
-fn model_object(st: &AppState) -> ModelObject {
+fn model_object(st: &AppState, id: String) -> ModelObject {
     ModelObject {
-        id: st.model_id.clone(),
+        id,
         object: "model".into(),
         created: st.created,
         owned_by: "embodyd".into(),
     }
 }
 
-/// `GET /v1/models`.
+/// `GET /v1/models`: every model the daemon knows (one not loaded now is
+/// loaded by the first request that names it); `embody status` and
+/// `GET /v1/models/{id}/status` show their states.
 async fn models(State(st): State<Shared>) -> Json<ModelList> {
     Json(ModelList {
         object: "list".into(),
-        data: vec![model_object(&st)],
+        data: st
+            .rt
+            .model_names()
+            .into_iter()
+            .map(|id| model_object(&st, id))
+            .collect(),
     })
 }
 
@@ -537,7 +524,55 @@ async fn model(
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Result<Json<ModelObject>, ApiError> {
     st.check_model(&id)?;
-    Ok(Json(model_object(&st)))
+    Ok(Json(model_object(&st, id)))
+}
+
+/// `GET /v1/models/{id}/status`: the model's state, capabilities and load.
+async fn model_status(
+    State(st): State<Shared>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<embody_protocol::ModelEntry>, ApiError> {
+    st.check_model(&id)?;
+    let status =
+        st.rt.status().await.map_err(|e| {
+            ApiError::from_code(ErrorCode::Unavailable, format!("status failed: {e}"))
+        })?;
+    let entry = st.rt.model_entry(&id).map(|e| e.name);
+    status
+        .models
+        .into_iter()
+        .find(|m| Some(&m.name) == entry.as_ref())
+        .map(Json)
+        .ok_or_else(|| ApiError::unknown_model(&id, &st.rt.model_names().join(", ")))
+}
+
+/// `POST /v1/models`: loads a model (a [`embody_protocol::ModelSpec`]), or
+/// replaces the one served under its name; answers once it serves.
+async fn load_model(
+    State(st): State<Shared>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Json<embody_protocol::ModelEntry>, ApiError> {
+    let spec: embody_protocol::ModelSpec = parse_body(body)?;
+    let entry = st
+        .rt
+        .load(spec)
+        .await
+        .map_err(|e| ApiError::from_code(e.code, e.message))?;
+    Ok(Json(entry))
+}
+
+/// `DELETE /v1/models/{id}`: unloads a model once its running requests
+/// have finished; answers when its memory is free.
+async fn unload_model(
+    State(st): State<Shared>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<embody_protocol::ModelEntry>, ApiError> {
+    let entry = st
+        .rt
+        .unload(&id)
+        .await
+        .map_err(|e| ApiError::from_code(e.code, e.message))?;
+    Ok(Json(entry))
 }
 
 async fn not_found(req: HttpRequest) -> ApiError {
