@@ -348,8 +348,11 @@ impl Runtime {
             }
             figures.push((name.clone(), st));
         }
+        // With every model unloaded (idle, or loaded on first use) the daemon
+        // still serves: the next request loads its model.
         let mut status = top.unwrap_or_else(|| Status {
             version: env!("CARGO_PKG_VERSION").to_string(),
+            ready: true,
             healthy: true,
             rss_bytes: crate::device::resident_bytes(),
             ..Status::default()

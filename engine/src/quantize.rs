@@ -7,9 +7,9 @@
 //! `weight`; norms, biases and other vectors stay as they are. A row whose
 //! length is not a whole number of 256-value super-blocks cannot take a
 //! K-quant, and falls back as llama.cpp falls back (Q4_K → Q5_0, Q5_K → Q5_1,
-//! Q6_K → Q8_0). The layer counts of the recipe follow llama-quantize's
-//! order of tensors, which is by name: its "layer 2" of the down projections
-//! is `blk.10`, and so is ours.
+//! Q6_K → Q8_0). Tensors are taken, counted for the recipe's per-layer
+//! choices, and written in llama-quantize's order: those outside the blocks
+//! first, then block by block, each group by name.
 
 use std::path::Path;
 
@@ -93,6 +93,15 @@ fn use_more_bits(i: usize, n: usize) -> bool {
     i < n / 8 || i >= 7 * n / 8 || (i as isize - (n / 8) as isize) % 3 == 2
 }
 
+/// The block a tensor belongs to (`blk.N.`), -1 outside the blocks: the
+/// first key of llama.cpp's order of weights.
+fn block_of(name: &str) -> i64 {
+    name.strip_prefix("blk.")
+        .and_then(|rest| rest.split('.').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(-1)
+}
+
 /// Where a tensor sits, for the recipe.
 struct Counts {
     layers: usize,
@@ -172,10 +181,11 @@ pub fn quantize_gguf(input: &Path, recipe: Recipe) -> Result<(Vec<u8>, Report)> 
         ffn_down: 0,
     };
     let mut report = Report::default();
-    // llama-quantize takes the tensors in name order (blk.0, blk.1, blk.10,
-    // ...), counts layers for its recipe in that order, and writes them so.
+    // llama-quantize takes the tensors in its loader's order (those outside
+    // the blocks by name, then block by block, each by name), counts layers
+    // for its recipe in that order, and writes them so.
     let mut infos: Vec<_> = g.tensors().iter().collect();
-    infos.sort_by(|a, b| a.name.cmp(&b.name));
+    infos.sort_by_key(|t| (block_of(&t.name), t.name.clone()));
     let mut tensors = Vec::with_capacity(infos.len());
     for info in infos {
         let t = g.tensor(&info.name)?;
@@ -220,8 +230,9 @@ pub fn quantize_gguf(input: &Path, recipe: Recipe) -> Result<(Vec<u8>, Report)> 
         .filter(|(k, _)| k != "general.file_type" && k != "general.quantization_version")
         .cloned()
         .collect();
-    meta.push(("general.file_type".into(), Value::U32(recipe.file_type())));
+    // Appended in llama-quantize's order, so the files are the same bytes.
     meta.push(("general.quantization_version".into(), Value::U32(2)));
+    meta.push(("general.file_type".into(), Value::U32(recipe.file_type())));
     Ok((write(&meta, &tensors), report))
 }
 

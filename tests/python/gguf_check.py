@@ -17,7 +17,14 @@ from gguf import quants
 
 src, ours = GGUFReader(sys.argv[1]), GGUFReader(sys.argv[2])
 src_t = {t.name: t for t in src.tensors}
-assert [t.name for t in ours.tensors] == sorted(t.name for t in src.tensors), "the same tensors, by name as llama-quantize writes them"
+def llama_order(name):
+    """llama.cpp's loader order: outside the blocks first, then by block, then by name."""
+    parts = name.split(".")
+    return (int(parts[1]) if parts[0] == "blk" else -1, name)
+
+
+assert [t.name for t in ours.tensors] == sorted((t.name for t in src.tensors), key=llama_order), \
+    "the same tensors, in the order llama-quantize writes them"
 src_keys = set(src.fields) - {"general.file_type", "general.quantization_version"}
 assert src_keys <= set(ours.fields), src_keys - set(ours.fields)
 
