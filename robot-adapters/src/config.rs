@@ -126,6 +126,9 @@ pub struct Ros2Config {
     pub answer_topic: String,
     /// Attach this camera's latest frame to every prompt; empty: none. Default: "".
     pub prompt_camera: String,
+    /// The model that answers the prompts (a `[[models]]` name); empty: the
+    /// daemon's first model. Default: "".
+    pub prompt_model: String,
     /// Most tokens of an answer; 0: the daemon's default. Default: 0.
     pub max_tokens: u32,
 }
@@ -140,6 +143,7 @@ impl Default for Ros2Config {
             prompt_topic: "/embodyd/prompt".into(),
             answer_topic: "/embodyd/answer".into(),
             prompt_camera: String::new(),
+            prompt_model: String::new(),
             max_tokens: 0,
         }
     }
@@ -237,6 +241,10 @@ pub struct TaskConfig {
     /// the request's `response_format`. Empty: free text.
     #[serde(default)]
     pub schema: String,
+    /// The model that runs the task (a `[[models]]` name); empty: the
+    /// daemon's first model.
+    #[serde(default)]
+    pub model: String,
 }
 
 fn default_period_ms() -> u64 {
@@ -400,6 +408,7 @@ mod tests {
             max_tokens: 8,
             max_age_ms: 1000,
             schema: String::new(),
+            model: String::new(),
         }
     }
 

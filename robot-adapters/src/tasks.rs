@@ -202,6 +202,7 @@ async fn run_once(
                 .sampling(SamplingParams::greedy());
             req.images.push(f.image.clone());
             req.response_format = response_format;
+            req.model = Some(cfg.model.clone()).filter(|m| !m.is_empty());
             let outcome = ask(rt, req, "zenoh").await;
             result.text = outcome.text;
             result.completion_tokens = outcome.usage.completion_tokens;

@@ -444,6 +444,19 @@ impl Config {
                 );
             }
         }
+        if !self.models.is_empty() {
+            let named = std::iter::once(("ros2.prompt_model", &self.ros2.prompt_model))
+                .chain(self.tasks.iter().map(|t| ("[[tasks]] model", &t.model)));
+            for (what, model) in named {
+                if !model.is_empty() && !names.contains(model.as_str()) {
+                    let known: Vec<&str> = self.models.iter().map(|m| m.name.as_str()).collect();
+                    bail!(
+                        "{what} names no [[models]] entry: {model:?} (known: {})",
+                        known.join(", ")
+                    );
+                }
+            }
+        }
         self.adapters()
             .validate()
             .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -741,7 +754,31 @@ mod tests {
             );
             fields += 1;
         }
-        assert_eq!(fields, 56, "every field appears in the shipped config");
+        assert_eq!(fields, 57, "every field appears in the shipped config");
+    }
+
+    #[test]
+    fn models_entries_parse_and_what_names_them_is_checked() {
+        let text = "[model]\nthreads = 3\n\n[[models]]\nname = \"a\"\npath = \"/m/a.gguf\"\n\n\
+                    [[models]]\nname = \"b\"\npath = \"/m/b.gguf\"\nthreads = 1\nkeep_alive_ms = 500\npreload = false\n";
+        let cfg = Config::parse(text, "x.toml").unwrap();
+        let models = cfg.runtime_models().unwrap();
+        assert_eq!(models.len(), 2);
+        assert_eq!((models[0].name.as_str(), models[0].threads), ("a", 3));
+        assert_eq!(models[1].model_path, PathBuf::from("/m/b.gguf"));
+        assert_eq!(models[1].threads, 1);
+        assert_eq!(models[1].keep_alive, Some(Duration::from_millis(500)));
+        assert!(models[0].load_at_start && !models[1].load_at_start);
+
+        let twice = format!("{text}\n[[models]]\nname = \"a\"\npath = \"/m/c.gguf\"\n");
+        let e = format!("{:#}", Config::parse(&twice, "x.toml").unwrap_err());
+        assert!(e.contains("two [[models]] entries are named \"a\""), "{e}");
+        let wrong = format!("{text}\n[ros2]\nprompt_model = \"c\"\n");
+        let e = format!("{:#}", Config::parse(&wrong, "x.toml").unwrap_err());
+        assert!(
+            e.contains("ros2.prompt_model names no [[models]] entry: \"c\" (known: a, b)"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -189,6 +189,7 @@ async fn answer(rt: &Runtime, out: &RosPublisher, cfg: &Ros2Config, payload: &[u
         }
     };
     let mut req = Request::user(prompt);
+    req.model = Some(cfg.prompt_model.clone()).filter(|m| !m.is_empty());
     if cfg.max_tokens > 0 {
         req.max_tokens = Some(cfg.max_tokens);
     }
