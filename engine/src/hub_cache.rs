@@ -73,6 +73,18 @@ impl HubId {
             Some(_) => return None,
             None => (rest, "main".to_string()),
         };
+        // A revision names a file under refs/ (branches may hold '/'): it
+        // must not climb out of it.
+        let revision_ok = !revision.starts_with('/')
+            && revision
+                .split('/')
+                .all(|p| !p.is_empty() && p != "." && p != "..")
+            && revision
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
+        if !revision_ok {
+            return None;
+        }
         let (org, name) = repo.split_once('/')?;
         let part = |p: &str| {
             !p.is_empty()
@@ -281,6 +293,8 @@ mod tests {
             (id.repo.as_str(), id.revision.as_str(), id.quant),
             ("Qwen/Qwen2-VL-2B-Instruct", "main", None)
         );
+        let id = HubId::parse("org/name@refs/pr/1").unwrap();
+        assert_eq!(id.revision, "refs/pr/1");
         let id = HubId::parse("bartowski/SmolLM2-135M-Instruct-GGUF@v1.0:q4_k_m").unwrap();
         assert_eq!(id.revision, "v1.0");
         assert_eq!(id.quant.as_deref(), Some("q4_k_m"));
@@ -293,6 +307,9 @@ mod tests {
             "org/",
             "org/name@",
             "org/na me",
+            "org/name@../../../etc/passwd",
+            "org/name@/etc/passwd",
+            "org/name@a//b",
         ] {
             assert_eq!(HubId::parse(not_an_id), None, "{not_an_id}");
         }

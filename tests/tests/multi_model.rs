@@ -179,6 +179,25 @@ fn two_models_are_served_swapped_under_load_and_bounded_by_the_budget() {
     let (_, list) = call(&a, "GET", "/v1/models", "");
     assert_eq!(list["data"].as_array().unwrap().len(), 2, "{list}");
 
+    // A malformed load is a 400 that names the problem, and nothing changes.
+    for body in [
+        r#"{"name": 5}"#,
+        r#"{"name": "x", "pathh": "y"}"#,
+        "not json",
+        r#"{"name": "bad name!", "path": "m.gguf"}"#,
+    ] {
+        let (code, err) = call(&a, "POST", "/v1/models", body);
+        assert_eq!(code, 400, "{body}: {err}");
+        assert!(
+            err["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{err}"
+        );
+    }
+    let (code, _) = call(&a, "DELETE", "/v1/models/nope", "");
+    assert_eq!(code, 404);
+
     // An unload frees the model; the next request loads it again.
     let (code, e) = call(&a, "DELETE", "/v1/models/gemma", "");
     assert_eq!(code, 200, "{e}");
