@@ -81,6 +81,9 @@ pub(crate) struct Registry {
     template: RuntimeConfig,
 }
 
+/// How often models are checked against their keep_alive.
+const IDLE_CHECK: Duration = Duration::from_millis(200);
+
 /// Longest wait of a request for its model to load, when it sets no deadline.
 const LOAD_WAIT: Duration = Duration::from_secs(300);
 
@@ -678,11 +681,11 @@ impl Runtime {
                     let entry = reg.entry(i);
                     drop(reg);
                     self.changed(entry);
-                    (s, i)
+                    s
                 }
             }
         };
-        let (s, _) = served;
+        let s = served;
         s.drain(self.inner.options.unload_drain).await;
         s.shutdown(Stopped::Model).await;
         let mut reg = lock(&self.inner.models);
@@ -704,14 +707,9 @@ impl Runtime {
     /// Starts the task that unloads models idle for longer than their
     /// `keep_alive`.
     pub(crate) fn start_idle_unloader(&self) {
-        let any = lock(&self.inner.models)
-            .slots
-            .iter()
-            .any(|s| s.cfg.keep_alive.is_some());
         let weak: Weak<Inner> = Arc::downgrade(&self.inner);
         let task = tokio::spawn(async move {
-            let mut tick =
-                tokio::time::interval(Duration::from_millis(if any { 200 } else { 1000 }));
+            let mut tick = tokio::time::interval(IDLE_CHECK);
             loop {
                 tick.tick().await;
                 let Some(inner) = weak.upgrade() else { return };
