@@ -30,6 +30,9 @@ pub struct RuntimeConfig {
     pub context_length: usize,
     /// Most tokens in one forward pass (longer prompts are prefilled in chunks).
     pub max_batch_tokens: usize,
+    /// Quantize a Hugging Face folder's float weight matrices to this type
+    /// as they load; none keeps them as stored.
+    pub quantize: Option<embody_engine::quant::GgmlType>,
     /// Read control-token text inside messages (`<|im_end|>`) as the control
     /// token, as transformers and llama.cpp do. Off: messages are plain text
     /// and only the chat template's markup makes control tokens.
@@ -101,6 +104,7 @@ impl Default for RuntimeConfig {
             threads: 0,
             context_length: 4096,
             max_batch_tokens: 512,
+            quantize: None,
             special_tokens_in_messages: false,
             kv_cache_mb: 256,
             block_size: embody_engine::kv_cache::DEFAULT_BLOCK_SIZE,

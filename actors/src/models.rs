@@ -10,6 +10,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use embody_engine::backend::BackendKind;
+use embody_engine::quant::GgmlType;
 use embody_protocol::wire::ErrorBody;
 use embody_protocol::{ErrorCode, Event, ModelEntry, ModelSpec, ModelState, Status};
 
@@ -506,6 +507,16 @@ impl Runtime {
                 return Err(bad("kv_cache_mb must be at least 1".into()));
             }
             cfg.kv_cache_mb = kv;
+        }
+        if let Some(q) = &spec.quantize {
+            cfg.quantize = match q.as_str() {
+                "" => None,
+                name => Some(GgmlType::weight_type(name).ok_or_else(|| {
+                    bad(format!(
+                        "quantize: {name:?} is not a weight type (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k)"
+                    ))
+                })?),
+            };
         }
         if let Some(k) = spec.keep_alive_ms {
             cfg.keep_alive = (k > 0).then(|| Duration::from_millis(k));

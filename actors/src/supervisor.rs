@@ -400,6 +400,7 @@ impl Actor for Supervisor {
                 max_batch_tokens: cfg.max_batch_tokens,
                 context_length: cfg.context_length,
                 block_size: cfg.block_size,
+                quantize: cfg.quantize,
             },
         };
         let (device, _) = Actor::spawn_linked(

@@ -832,3 +832,39 @@ fn vulkan_backend_matches_transformers() {
         assert!(rel < tolerance(name), "{name} vulkan: {rel:.2e} x std");
     }
 }
+
+/// `quantize = Q8_0` at load: each family's float weight matrices become
+/// Q8_0 as they load, and the logits stay next to transformers' (the error
+/// of 8-bit weights and activations, a small part of the logits' spread).
+#[test]
+fn weights_quantized_at_load_stay_next_to_transformers() {
+    for name in FAMILIES {
+        let e = expected(name);
+        let opts = LoadOptions {
+            max_batch_tokens: 64,
+            block_size: BLOCK,
+            quantize: Some(embody_engine::quant::GgmlType::Q8_0),
+            ..Default::default()
+        };
+        let mut m = load_hf_dir(&dir(name), Arc::new(CpuBackend::new(2)), opts).unwrap();
+        let ours = run_once(m.as_mut(), &e.b, &[], Positions::Sequential).unwrap();
+        let exact = run_once(load(name).as_mut(), &e.b, &[], Positions::Sequential).unwrap();
+        // Random weights leave near-ties that 8-bit weights may flip, so the
+        // logits are compared value by value.
+        let worst = |a: &[f32], b: &[f32]| {
+            assert_eq!(a.len(), b.len());
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max)
+        };
+        let err = worst(&ours, &e.b_logits) / e.std;
+        let moved = worst(&ours, &exact) / e.std;
+        eprintln!("{name}: Q8_0 at load, max |logit error| = {err:.2e} x std (moved {moved:.2e})");
+        assert!(
+            err < 0.15,
+            "{name}: Q8_0 weights moved the logits {err:.2e} x std"
+        );
+        assert!(moved > 0.0, "{name}: the weights were not quantized");
+    }
+}

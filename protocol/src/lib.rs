@@ -747,6 +747,9 @@ pub struct ModelSpec {
     /// Memory for its KV cache, in MiB.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kv_cache_mb: Option<usize>,
+    /// Quantize a Hugging Face folder's float weights as they load ("q8_0").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quantize: Option<String>,
     /// Unload after this many ms without requests; 0 means never.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub keep_alive_ms: Option<u64>,

@@ -292,6 +292,36 @@ fn hugging_face_ids_resolve_in_the_local_cache_as_huggingface_hub_finds_them() {
         );
         assert_eq!(code, 200, "{name}: {answer}");
     }
+    // The folder again, its weights quantized to Q8_0 as they load.
+    let (code, e) = call(
+        &a,
+        "POST",
+        "/v1/models",
+        r#"{"name": "folder-q8", "path": "embody-test/tiny-llama", "quantize": "q8_0"}"#,
+    );
+    assert_eq!(code, 200, "{e}");
+    let (code, answer) = call(
+        &a,
+        "POST",
+        "/v1/chat/completions",
+        &chat_body("folder-q8", "hi", 3, false),
+    );
+    assert_eq!(code, 200, "{answer}");
+    let (code, err) = call(
+        &a,
+        "POST",
+        "/v1/models",
+        r#"{"name": "folder-q3", "path": "embody-test/tiny-llama", "quantize": "q3_k"}"#,
+    );
+    assert_eq!(code, 400, "{err}");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not a weight type"),
+        "{err}"
+    );
+
     // An id the cache lacks is named in the refusal; nothing is fetched.
     let (code, err) = call(
         &a,

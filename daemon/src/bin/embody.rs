@@ -53,6 +53,10 @@ struct ModelArgs {
     /// vision-language model (a Hugging Face folder carries its own).
     #[arg(long)]
     mmproj: Option<PathBuf>,
+    /// Quantize a Hugging Face folder's float weight matrices as they load
+    /// (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k).
+    #[arg(long)]
+    quantize: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -221,8 +225,19 @@ fn load(args: &ModelArgs, ctx: usize) -> Result<Loaded> {
     let tokenizer = files.tokenizer()?;
     let backend: Arc<dyn backend::Backend> =
         backend::create(kind, args.threads, args.device.as_deref())?.into();
+    let quantize = match args.quantize.as_deref() {
+        None | Some("") => None,
+        Some(q) => Some(
+            embody_engine::quant::GgmlType::weight_type(q).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--quantize {q:?}: q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k or q6_k"
+                )
+            })?,
+        ),
+    };
     let opts = LoadOptions {
         context_length: serving_ctx(&files, ctx)?,
+        quantize,
         ..LoadOptions::default()
     };
     let threads = backend.threads();

@@ -89,6 +89,9 @@ pub struct LoadArgs {
     /// Unload after this many ms without requests (0: never).
     #[arg(long)]
     keep_alive_ms: Option<u64>,
+    /// Quantize a Hugging Face folder's float weights as they load (q8_0, ...).
+    #[arg(long)]
+    quantize: Option<String>,
     #[command(flatten)]
     conn: ConnArgs,
 }
@@ -114,6 +117,7 @@ pub fn load(a: LoadArgs) -> Result<()> {
         context_length: a.context_length,
         kv_cache_mb: a.kv_cache_mb,
         keep_alive_ms: a.keep_alive_ms,
+        quantize: a.quantize,
     };
     let client = a.conn.connect()?;
     client.load_model(spec)?;

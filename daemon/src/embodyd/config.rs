@@ -73,6 +73,8 @@ pub struct ModelsEntry {
     pub kv_cache_mb: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep_alive_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantize: Option<String>,
     /// Load at start (true) or on the first request that names it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preload: Option<bool>,
@@ -112,6 +114,10 @@ pub struct ModelConfig {
     /// Unload the model after this many ms without requests (a request
     /// loads it again); 0 means never. Default: 0.
     pub keep_alive_ms: u64,
+    /// Quantize a Hugging Face folder's float weight matrices as they load:
+    /// "q8_0" (or another weight type); empty keeps them as stored. GGUF
+    /// files keep their own types. Default: "".
+    pub quantize: String,
 }
 
 /// `[cache]`
@@ -259,6 +265,7 @@ impl Default for ModelConfig {
             max_batch_tokens: 512,
             special_tokens_in_messages: false,
             keep_alive_ms: 0,
+            quantize: String::new(),
         }
     }
 }
@@ -395,6 +402,16 @@ impl Config {
             .backend
             .parse::<embody_engine::backend::BackendKind>()
             .map_err(|e| anyhow::anyhow!("model.backend: {e}"))?;
+        let quantize = std::iter::once(("model.quantize", &self.model.quantize)).chain(
+            self.models
+                .iter()
+                .filter_map(|m| Some(("[[models]] quantize", m.quantize.as_ref()?))),
+        );
+        for (what, q) in quantize {
+            if !q.is_empty() && weight_type(q).is_none() {
+                bail!("{what}: {q:?} is not a weight type (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k)");
+            }
+        }
         if self.model.max_batch_tokens == 0 {
             bail!("model.max_batch_tokens must be at least 1");
         }
@@ -525,6 +542,9 @@ impl Config {
                 if let Some(k) = m.keep_alive_ms {
                     cfg.keep_alive = (k > 0).then(|| Duration::from_millis(k));
                 }
+                if let Some(q) = &m.quantize {
+                    cfg.quantize = weight_type(q);
+                }
                 cfg.load_at_start = m.preload.unwrap_or(true);
                 Ok(cfg)
             })
@@ -558,6 +578,7 @@ impl Config {
             threads: self.model.threads,
             context_length: self.model.context_length,
             max_batch_tokens: self.model.max_batch_tokens,
+            quantize: weight_type(&self.model.quantize),
             special_tokens_in_messages: self.model.special_tokens_in_messages,
             kv_cache_mb: self.cache.kv_cache_mb,
             block_size: self.cache.block_size,
@@ -639,6 +660,11 @@ impl Config {
 }
 
 /// The models folder: `$EMBODY_MODELS`, else `~/.cache/embody/models`.
+/// The weight type a `quantize` setting names; none for "".
+fn weight_type(name: &str) -> Option<embody_engine::quant::GgmlType> {
+    embody_engine::quant::GgmlType::weight_type(name)
+}
+
 pub fn models_dir() -> PathBuf {
     std::env::var_os("EMBODY_MODELS")
         .filter(|v| !v.is_empty())
@@ -754,7 +780,7 @@ mod tests {
             );
             fields += 1;
         }
-        assert_eq!(fields, 57, "every field appears in the shipped config");
+        assert_eq!(fields, 58, "every field appears in the shipped config");
     }
 
     #[test]
@@ -773,6 +799,19 @@ mod tests {
         let twice = format!("{text}\n[[models]]\nname = \"a\"\npath = \"/m/c.gguf\"\n");
         let e = format!("{:#}", Config::parse(&twice, "x.toml").unwrap_err());
         assert!(e.contains("two [[models]] entries are named \"a\""), "{e}");
+        let e = format!(
+            "{:#}",
+            Config::parse("[model]\nquantize = \"q3\"\n", "x.toml").unwrap_err()
+        );
+        assert!(
+            e.contains("model.quantize: \"q3\" is not a weight type"),
+            "{e}"
+        );
+        let q = Config::parse("[model]\nquantize = \"Q8_0\"\n", "x.toml").unwrap();
+        assert_eq!(
+            q.runtime_models().unwrap()[0].quantize,
+            Some(embody_engine::quant::GgmlType::Q8_0)
+        );
         let wrong = format!("{text}\n[ros2]\nprompt_model = \"c\"\n");
         let e = format!("{:#}", Config::parse(&wrong, "x.toml").unwrap_err());
         assert!(

@@ -29,6 +29,7 @@ use crate::backend::Backend;
 use crate::gguf::Gguf;
 use crate::hf::HfFolder;
 use crate::kv_cache::{BlockTable, KvLayout, LayerSet, SlidingWindow};
+use crate::quant::GgmlType;
 use crate::tensor::QTensor;
 use crate::{Error, Result};
 
@@ -172,6 +173,10 @@ pub struct LoadOptions {
     pub context_length: usize,
     /// Tokens per KV block.
     pub block_size: usize,
+    /// Quantize a Hugging Face folder's float weight matrices to this type
+    /// as they load (Q8_0 halves BF16 weights' memory); GGUF files keep
+    /// their own types.
+    pub quantize: Option<GgmlType>,
 }
 
 impl Default for LoadOptions {
@@ -180,6 +185,7 @@ impl Default for LoadOptions {
             max_batch_tokens: 512,
             context_length: 0,
             block_size: crate::kv_cache::DEFAULT_BLOCK_SIZE,
+            quantize: None,
         }
     }
 }
@@ -242,10 +248,12 @@ pub fn load_hf(
     opts: LoadOptions,
 ) -> Result<Box<dyn Model>> {
     let arch = folder.architecture()?;
+    let quantize = opts.quantize;
     let mut src = Source::Hf {
         folder,
         prefix: "model.",
         config: "",
+        quantize,
     };
     let spec = match arch.as_str() {
         "LlamaForCausalLM" | "llama" => llama::spec(&src)?,
@@ -264,6 +272,7 @@ pub fn load_hf(
                 folder,
                 prefix,
                 config: "text_config",
+                quantize,
             };
             gemma3::spec(&src)?
         }
@@ -287,6 +296,7 @@ pub fn load_hf(
                 folder,
                 prefix,
                 config: if nested { "text_config" } else { "" },
+                quantize,
             };
             qwen2vl::spec(&src)?
         }
@@ -336,7 +346,35 @@ pub enum Source<'a> {
         /// Where the language model's fields sit in `config.json` (dotted; empty
         /// for the top level, `text_config` in vision-language checkpoints).
         config: &'a str,
+        /// The type float weight matrices are quantized to as they load.
+        quantize: Option<GgmlType>,
     },
+}
+
+/// A float weight matrix in `ty`, as llama-quantize would write it; vectors
+/// (norms, biases), quantized tensors and rows that are not whole blocks stay
+/// as they are.
+fn quantized(t: QTensor, ty: GgmlType) -> QTensor {
+    let float = matches!(t.ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16);
+    let Some(out_row) = ty.row_bytes(t.cols()) else {
+        return t;
+    };
+    if !float || t.shape.len() != 2 || !t.name.ends_with("weight") {
+        return t;
+    }
+    let mut out = vec![0u8; out_row * t.rows()];
+    let mut row = vec![0f32; t.cols()];
+    for (r, dst) in out.chunks_exact_mut(out_row).enumerate() {
+        crate::quant::reference::dequantize_row(t.ty, t.row(r), &mut row);
+        crate::quant::reference::quantize_row(ty, &row, dst);
+    }
+    let len = out.len();
+    QTensor {
+        name: t.name,
+        ty,
+        shape: t.shape,
+        data: crate::tensor::Bytes::new(Arc::new(crate::tensor::FileBytes::Owned(out)), 0..len),
+    }
 }
 
 impl Source<'_> {
@@ -397,7 +435,12 @@ impl Source<'_> {
                 ),
             });
         }
-        Ok(t)
+        match self {
+            Source::Hf {
+                quantize: Some(ty), ..
+            } => Ok(quantized(t, *ty)),
+            _ => Ok(t),
+        }
     }
 
     /// A vector of `len` values, converted to f32.

@@ -196,6 +196,24 @@ impl GgmlType {
         }
     }
 
+    /// A weight type weights may be quantized to as they load, by its name
+    /// (`q8_0`, `Q4_K`; any case); `None` for other names and for the
+    /// activation-only types.
+    pub fn weight_type(name: &str) -> Option<Self> {
+        [
+            Self::Q4_0,
+            Self::Q4_1,
+            Self::Q5_0,
+            Self::Q5_1,
+            Self::Q8_0,
+            Self::Q4_K,
+            Self::Q5_K,
+            Self::Q6_K,
+        ]
+        .into_iter()
+        .find(|t| t.name().eq_ignore_ascii_case(name))
+    }
+
     /// The name llama.cpp uses for the type.
     pub fn name(self) -> &'static str {
         match self {

@@ -391,10 +391,12 @@ impl VisionEncoder {
             "model.visual."
         };
         check_shape(&spec, &processor).map_err(|m| meta("depth", m))?;
+        // The encoder keeps its own weights' types.
         let src = Source::Hf {
             folder,
             prefix: "model.",
             config: "",
+            quantize: None,
         };
         Self::load(&src, Names::Hf(prefix), spec, processor, backend)
     }
