@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::gguf::writer::{write, TensorSpec};
 use crate::gguf::{Gguf, Value};
 use crate::quant::{reference, GgmlType};
+use crate::tensor::QTensor;
 
 /// A target of `embody quantize`, named as llama-quantize names them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -157,6 +158,19 @@ fn choose(
     Some(ty)
 }
 
+/// The rows of `t` read back to f32 and written in `ty`; `None` when a row
+/// is not a whole number of `ty`'s blocks.
+pub fn requantize(t: &QTensor, ty: GgmlType) -> Option<Vec<u8>> {
+    let out_row = ty.row_bytes(t.cols())?;
+    let mut out = vec![0u8; out_row * t.rows()];
+    let mut row = vec![0f32; t.cols()];
+    for (r, dst) in out.chunks_exact_mut(out_row).enumerate() {
+        reference::dequantize_row(t.ty, t.row(r), &mut row);
+        reference::quantize_row(ty, &row, dst);
+    }
+    Some(out)
+}
+
 /// What a quantization did.
 #[derive(Clone, Debug, Default)]
 pub struct Report {
@@ -195,20 +209,13 @@ pub fn quantize_gguf(input: &Path, recipe: Recipe) -> Result<(Vec<u8>, Report)> 
         let (ty, data) = match target {
             None => (t.ty, t.data.to_vec()),
             Some(ty) => {
-                let cols = t.cols();
-                let rows = t.rows();
-                let out_row = ty.row_bytes(cols).ok_or_else(|| {
+                let out = requantize(&t, ty).ok_or_else(|| {
                     Error::InvalidRequest(format!(
-                        "{}: rows of {cols} do not fit {ty:?}",
-                        info.name
+                        "{}: rows of {} do not fit {ty:?}",
+                        info.name,
+                        t.cols()
                     ))
                 })?;
-                let mut out = vec![0u8; out_row * rows];
-                let mut row = vec![0f32; cols];
-                for (r, dst) in out.chunks_exact_mut(out_row).enumerate() {
-                    reference::dequantize_row(t.ty, t.row(r), &mut row);
-                    reference::quantize_row(ty, &row, dst);
-                }
                 (ty, out)
             }
         };

@@ -356,18 +356,12 @@ pub enum Source<'a> {
 /// as they are.
 fn quantized(t: QTensor, ty: GgmlType) -> QTensor {
     let float = matches!(t.ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16);
-    let Some(out_row) = ty.row_bytes(t.cols()) else {
-        return t;
-    };
     if !float || t.shape.len() != 2 || !t.name.ends_with("weight") {
         return t;
     }
-    let mut out = vec![0u8; out_row * t.rows()];
-    let mut row = vec![0f32; t.cols()];
-    for (r, dst) in out.chunks_exact_mut(out_row).enumerate() {
-        crate::quant::reference::dequantize_row(t.ty, t.row(r), &mut row);
-        crate::quant::reference::quantize_row(ty, &row, dst);
-    }
+    let Some(out) = crate::quantize::requantize(&t, ty) else {
+        return t;
+    };
     let len = out.len();
     QTensor {
         name: t.name,
