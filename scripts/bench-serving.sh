@@ -8,7 +8,8 @@
 # the ratio. Not a test: run it on a machine as quiet as you can get.
 #
 # Usage: scripts/bench-serving.sh [MODEL.gguf]   (default: SmolLM2-135M-Instruct Q4_1)
-# Env: THREADS (2), ROUNDS (1), SHARED_TOKENS (64, tokens per request of load 2)
+# Env: THREADS (2), ROUNDS (1), SHARED_TOKENS (64, tokens per request of load 2),
+#      DRAFT_TOKENS (embodyd's model.draft_tokens; its default when unset)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS="${THREADS:-2}"; ROUNDS="${ROUNDS:-1}"; SHARED_TOKENS="${SHARED_TOKENS:-64}"
@@ -55,6 +56,7 @@ for round in $(seq "$ROUNDS"); do
 path = "$MODEL"
 threads = $THREADS
 context_length = 2048
+${DRAFT_TOKENS:+draft_tokens = $DRAFT_TOKENS}
 
 [cache]
 kv_cache_mb = 512

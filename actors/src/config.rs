@@ -45,6 +45,9 @@ pub struct RuntimeConfig {
     pub max_running: usize,
     /// Reuse the KV of prompt prefixes seen before, across requests.
     pub prefix_cache: bool,
+    /// Most tokens drafted per decoding step by prompt lookup (speculative
+    /// decoding); 0 turns it off.
+    pub draft_tokens: usize,
     /// Memory for the encoded rows of recent images, in MiB.
     pub image_cache_mb: usize,
     /// Limits that can change while the runtime runs.
@@ -110,6 +113,7 @@ impl Default for RuntimeConfig {
             block_size: embody_engine::kv_cache::DEFAULT_BLOCK_SIZE,
             max_running: 8,
             prefix_cache: true,
+            draft_tokens: 8,
             image_cache_mb: 64,
             limits: Limits::default(),
             restart_backoff: Duration::from_millis(100),

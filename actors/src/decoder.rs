@@ -23,6 +23,7 @@ use std::time::Duration;
 use embody_engine::generate::FinishReason as EngineFinish;
 use embody_engine::prefix_cache::SharedPrefixCache;
 use embody_engine::scheduler::{EventSink, Scheduler, SchedulerConfig, SeqEvent, SeqRequest};
+use embody_engine::speculate::Lookup;
 use embody_engine::tokenizer::Tokenizer;
 use embody_protocol::{ErrorCode, Event, Fault, FinishReason, TokenLogprob, TopLogprob, Usage};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -35,6 +36,8 @@ pub(crate) struct DecoderArgs {
     pub source: Arc<ModelSource>,
     pub kv_blocks: usize,
     pub max_running: usize,
+    /// Prompt-lookup drafting.
+    pub lookup: Lookup,
     /// The prefix cache, when sharing is on.
     pub prefix: Option<Arc<SharedPrefixCache>>,
 }
@@ -201,6 +204,7 @@ impl DecoderThread {
                 kv_blocks: self.args.kv_blocks,
                 max_running,
                 max_queued: max_running,
+                lookup: self.args.lookup,
             },
         )
         .map_err(|e| format!("making the KV cache: {e}"))?;
@@ -276,11 +280,19 @@ impl DecoderThread {
             }
             sched.release_flushed();
             if sched.has_work() {
+                let before = sched.stats();
                 if let Err(e) = sched.step() {
                     // The scheduler has ended the batch's requests with errors.
                     tracing::error!("forward pass failed: {e}");
                 }
+                let after = sched.stats();
                 shared.steps.fetch_add(1, Ordering::Relaxed);
+                let drafted = after.drafted - before.drafted;
+                if drafted > 0 {
+                    shared.drafted.fetch_add(drafted, Ordering::Relaxed);
+                    let accepted = after.accepted - before.accepted;
+                    shared.accepted.fetch_add(accepted, Ordering::Relaxed);
+                }
             }
             publish(shared, &sched);
         }

@@ -260,6 +260,18 @@ impl Metrics {
             );
             counter(
                 &mut out,
+                "embodyd_draft_tokens_total",
+                "Tokens drafted by prompt lookup (speculative decoding).",
+                s.draft_tokens,
+            );
+            counter(
+                &mut out,
+                "embodyd_draft_accepted_tokens_total",
+                "Drafted tokens the model confirmed.",
+                s.draft_accepted_tokens,
+            );
+            counter(
+                &mut out,
                 "embodyd_decoder_restarts_total",
                 "Times the decoder was restarted after a failure.",
                 s.decoder_restarts,

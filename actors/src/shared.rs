@@ -79,6 +79,9 @@ pub(crate) struct Shared {
     pub draining: AtomicBool,
     pub restarts: AtomicU64,
     pub steps: AtomicU64,
+    /// Tokens drafted, and drafted tokens confirmed, since the start.
+    pub drafted: AtomicU64,
+    pub accepted: AtomicU64,
     stats: Mutex<DecoderStats>,
     start: Instant,
     /// Milliseconds since `start` of the decoder loop's last turn.
@@ -107,6 +110,8 @@ impl Shared {
             draining: AtomicBool::new(false),
             restarts: AtomicU64::new(0),
             steps: AtomicU64::new(0),
+            drafted: AtomicU64::new(0),
+            accepted: AtomicU64::new(0),
             stats: Mutex::new(DecoderStats::default()),
             start: Instant::now(),
             last_beat_ms: AtomicU64::new(0),

@@ -18,6 +18,7 @@ use ractor::{
 };
 
 use embody_engine::prefix_cache::SharedPrefixCache;
+use embody_engine::speculate::Lookup;
 
 use crate::cache::{CacheActor, CacheArgs, CacheMsg, KvPlan};
 use crate::config::RuntimeConfig;
@@ -316,6 +317,8 @@ impl Supervisor {
             prefix_lookup_tokens: kv.map_or(0, |k| k.prefix.lookup_tokens),
             prefix_evicted_blocks: kv.map_or(0, |k| k.prefix.evicted_blocks),
             steps: shared.steps.load(Ordering::Relaxed),
+            draft_tokens: shared.drafted.load(Ordering::Relaxed),
+            draft_accepted_tokens: shared.accepted.load(Ordering::Relaxed),
             decoder_restarts: shared.restarts.load(Ordering::Relaxed),
             rss_bytes: memory.map_or_else(resident_bytes, |m| m.rss_bytes),
             uptime_ms: shared.uptime().as_millis() as u64,
@@ -345,6 +348,7 @@ fn decoder_args(
         source: src.clone(),
         kv_blocks: plan.blocks,
         max_running: cfg.max_running,
+        lookup: Lookup::tokens(cfg.draft_tokens),
         prefix: cfg.prefix_cache.then(|| prefix.clone()),
     }
 }

@@ -4,6 +4,7 @@
 
 use std::time::Instant;
 
+use crate::backend::Backend;
 use crate::kv_cache::BlockTable;
 use crate::models::{Logits, Model, SeqBatch};
 use crate::Result;
@@ -19,6 +20,9 @@ pub struct BenchResult {
     pub ttft_ms: f64,
     /// Peak resident memory of the process so far, in MiB.
     pub peak_rss_mb: f64,
+    /// Bytes of weights and KV one decode step reads (0 where the backend
+    /// does not count).
+    pub decode_bytes_per_token: f64,
 }
 
 /// Runs `prompt_tokens` of prefill then `gen_tokens` decode steps, `reps` times,
@@ -27,6 +31,7 @@ pub struct BenchResult {
 /// argmax so the work is that of greedy generation.
 pub fn run(
     model: &mut dyn Model,
+    backend: &dyn Backend,
     prompt_tokens: usize,
     gen_tokens: usize,
     reps: usize,
@@ -66,6 +71,7 @@ pub fn run(
         }
         let prefill = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
+        let read_before = backend.bytes_read();
         let mut first = 0.0;
         for g in 0..gen_tokens {
             let next = argmax(&logits);
@@ -83,14 +89,16 @@ pub fn run(
             }
         }
         let decode = t1.elapsed().as_secs_f64();
+        let read = (backend.bytes_read() - read_before) as f64 / gen_tokens.max(1) as f64;
         table.release(&mut kv);
         runs.push((
             prompt_tokens as f64 / prefill,
             gen_tokens as f64 / decode,
             (prefill + first) * 1e3,
+            read,
         ));
     }
-    let median = |f: fn(&(f64, f64, f64)) -> f64| {
+    let median = |f: fn(&(f64, f64, f64, f64)) -> f64| {
         let mut v: Vec<f64> = runs.iter().map(f).collect();
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
@@ -100,7 +108,41 @@ pub fn run(
         decode_tok_s: median(|r| r.1),
         ttft_ms: median(|r| r.2),
         peak_rss_mb: peak_rss_mb(),
+        decode_bytes_per_token: median(|r| r.3),
     })
+}
+
+/// The machine's streaming read bandwidth on `threads` threads, in bytes per
+/// second: each thread sums its share of a `bytes`-long buffer (make it
+/// several times the last-level cache), best of `reps` passes. The ceiling
+/// of a memory-bound decode: bytes per token times tokens per second cannot
+/// pass it.
+pub fn read_bandwidth(threads: usize, bytes: usize, reps: usize) -> f64 {
+    let threads = threads.max(1);
+    // Written, so every page is backed by memory rather than the zero page.
+    let buf: Vec<u64> = (0..bytes / 8).map(|i| i as u64).collect();
+    let per = buf.len().div_ceil(threads);
+    let mut best = 0f64;
+    for _ in 0..reps.max(1) {
+        let t = Instant::now();
+        std::thread::scope(|s| {
+            for part in buf.chunks(per) {
+                s.spawn(move || {
+                    // Eight independent sums: the loads, not an addition
+                    // chain, set the pace.
+                    let mut acc = [0u64; 8];
+                    for c in part.chunks_exact(8) {
+                        for (a, v) in acc.iter_mut().zip(c) {
+                            *a = a.wrapping_add(*v);
+                        }
+                    }
+                    std::hint::black_box(acc);
+                });
+            }
+        });
+        best = best.max((buf.len() * 8) as f64 / t.elapsed().as_secs_f64());
+    }
+    best
 }
 
 fn argmax(v: &[f32]) -> u32 {

@@ -34,6 +34,7 @@ pub mod quantize;
 pub mod radix;
 pub mod sampling;
 pub mod scheduler;
+pub mod speculate;
 pub mod tensor;
 pub mod tokenizer;
 pub mod tool_calls;

@@ -28,6 +28,7 @@ use crate::kv_cache::{BlockTable, KvCache};
 use crate::models::{EmbedRows, Logits, Model, Positions, SeqBatch};
 use crate::prefix_cache::{prefix_key, ImageSpan, Reuse, SharedPrefixCache};
 use crate::sampling::{token_logprobs, Sampler, SamplingParams, TokenLogprobs};
+use crate::speculate::{self, DraftLength, Lookup};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use crate::{Error, Result};
 
@@ -40,6 +41,8 @@ pub struct SchedulerConfig {
     pub max_running: usize,
     /// Most queued sequences; more are refused with [`Error::Overloaded`].
     pub max_queued: usize,
+    /// Prompt-lookup drafting of decoding sequences ([`Lookup::OFF`]: none).
+    pub lookup: Lookup,
 }
 
 /// One generation request, already tokenized.
@@ -126,6 +129,10 @@ pub struct SchedulerStats {
     pub steps: u64,
     /// Preemptions so far.
     pub preemptions: u64,
+    /// Tokens drafted by prompt lookup so far.
+    pub drafted: u64,
+    /// Drafted tokens the model confirmed.
+    pub accepted: u64,
 }
 
 struct Seq {
@@ -152,6 +159,9 @@ struct Seq {
     /// the id of the next token.
     pos: Vec<[u32; 3]>,
     next_pos: u32,
+    /// Drafted tokens at the end of `tokens` in the step under way.
+    drafted: usize,
+    draft_len: DraftLength,
 }
 
 impl Seq {
@@ -197,7 +207,8 @@ impl Scheduler {
         let blocks = cfg.kv_blocks.max(1);
         Ok(Self {
             kv: model.kv_cache(blocks, blocks)?,
-            logits: vec![0.0; max_running * info.vocab_size],
+            // A row per running sequence, and one per drafted token.
+            logits: vec![0.0; (max_running + cfg.lookup.max_draft) * info.vocab_size],
             model,
             tok,
             cfg: SchedulerConfig { max_running, ..cfg },
@@ -317,6 +328,8 @@ impl Scheduler {
                 p
             },
             next_pos: req.next_position,
+            drafted: 0,
+            draft_len: DraftLength::new(self.cfg.lookup.max_draft),
             sink,
             req,
         };
@@ -435,6 +448,17 @@ impl Scheduler {
         if plan.is_empty() {
             return Ok(());
         }
+        // Drafts ride along in the rest of the token budget; they never take
+        // blocks from another sequence.
+        let mut left = self.cfg.lookup.max_draft.min(budget - used);
+        for (i, take) in plan.iter_mut() {
+            if left == 0 {
+                break;
+            }
+            let k = self.draft_into(*i, left);
+            *take += k;
+            left -= k;
+        }
         plan.sort_unstable();
 
         let running = &self.running;
@@ -453,11 +477,17 @@ impl Scheduler {
         let seq = |&(i, take): &(usize, usize)| {
             let s = &running[i];
             let last = s.cached + take == s.tokens.len();
+            let logits = match (last, s.drafted) {
+                (false, _) => Logits::None,
+                (true, 0) => Logits::Last,
+                // Every drafted token is checked against the logits before it.
+                (true, _) => Logits::All,
+            };
             let mut b = SeqBatch::text(
                 &s.tokens[s.cached..s.cached + take],
                 s.cached,
                 &s.table,
-                if last { Logits::Last } else { Logits::None },
+                logits,
             );
             if !s.pos.is_empty() {
                 b.positions = Positions::MRope(&s.pos[s.cached..s.cached + take]);
@@ -498,6 +528,17 @@ impl Scheduler {
         let mut row = 0;
         for &(i, take) in plan.iter() {
             let s = &mut self.running[i];
+            if s.drafted > 0 {
+                let rows = &mut self.logits[row * vocab..(row + take) * vocab];
+                row += take;
+                let (accepted, reason) = verify_drafts(s, &self.tok, rows, vocab);
+                self.stats.drafted += take as u64 - 1;
+                self.stats.accepted += accepted as u64;
+                if let Some(reason) = reason {
+                    done.push((i, reason));
+                }
+                continue;
+            }
             // The sequences whose last token ran asked for logits.
             let want = s.cached + take == s.tokens.len();
             s.cached += take;
@@ -523,6 +564,45 @@ impl Scheduler {
             self.finish(s, reason);
         }
         Ok(())
+    }
+
+    /// Appends to decoding sequence `i`'s tokens what prompt lookup drafts
+    /// for it, at most `most` tokens and only as far as free blocks allow;
+    /// returns how many.
+    fn draft_into(&mut self, i: usize, most: usize) -> usize {
+        let lookup = self.cfg.lookup;
+        let s = &mut self.running[i];
+        if !s.started || s.pending() != 1 {
+            return 0;
+        }
+        // Each accepted draft is a generated token, and one more is sampled
+        // after the last: none may pass the sequence's limit.
+        let most = s
+            .draft_len
+            .get(most)
+            .min(MAX_DRAFT)
+            .min(s.limit.saturating_sub(s.generated + 1));
+        let range = speculate::draft(&s.tokens, &lookup, most);
+        let mut k = range.len();
+        if k == 0 {
+            return 0;
+        }
+        if s.table.reserve(&mut self.kv, s.cached + 1 + k).is_err() {
+            // What the blocks it holds have room for.
+            let room = s.table.blocks.len() * self.kv.layout().block_size;
+            k = k.min(room.saturating_sub(s.cached + 1));
+            if k == 0 || s.table.reserve(&mut self.kv, s.cached + 1 + k).is_err() {
+                return 0;
+            }
+        }
+        let from = range.start;
+        s.tokens.extend_from_within(from..from + k);
+        if !s.pos.is_empty() {
+            // Text after an image: the three streams move together.
+            s.pos.extend((0..k as u32).map(|j| [s.next_pos + j; 3]));
+        }
+        s.drafted = k;
+        k
     }
 
     /// Moves waiting sequences into the running set while slots and blocks
@@ -711,6 +791,44 @@ impl Scheduler {
             completion_tokens,
         });
     }
+}
+
+/// Most tokens one sequence drafts in one step.
+pub const MAX_DRAFT: usize = 32;
+
+/// Samples from each row of logits of a drafted step in turn, as decoding
+/// one token at a time would, for as long as the sampled token is the drafted
+/// one that produced the next row: the output is what sampling without
+/// drafts gives, whatever the sampler and grammar. Returns how many drafted
+/// tokens were confirmed, and why the sequence ends if it does.
+fn verify_drafts(
+    s: &mut Seq,
+    tok: &Tokenizer,
+    rows: &mut [f32],
+    vocab: usize,
+) -> (usize, Option<FinishReason>) {
+    let k = std::mem::take(&mut s.drafted);
+    let base = s.tokens.len() - k;
+    let mut drafts = [0u32; MAX_DRAFT];
+    drafts[..k].copy_from_slice(&s.tokens[base..]);
+    s.tokens.truncate(base);
+    if !s.pos.is_empty() {
+        s.pos.truncate(base);
+    }
+    let mut accepted = 0;
+    let mut reason = None;
+    for (j, logits) in rows.chunks_exact_mut(vocab).enumerate() {
+        reason = sample_one(s, tok, logits);
+        if reason.is_some() || j == k || s.tokens.last() != Some(&drafts[j]) {
+            break;
+        }
+        accepted += 1;
+    }
+    // The pending token and the confirmed drafts are in the cache; the
+    // positions after them are written over by the next step.
+    s.cached = base + accepted;
+    s.draft_len.update(k, accepted);
+    (accepted, reason)
 }
 
 /// Samples the next token of `s` and delivers its text; returns why the

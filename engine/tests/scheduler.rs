@@ -13,10 +13,15 @@ use embody_engine::models::{load_gguf, LoadOptions};
 use embody_engine::prefix_cache::SharedPrefixCache;
 use embody_engine::sampling::SamplingParams;
 use embody_engine::scheduler::{Scheduler, SchedulerConfig, SeqEvent, SeqRequest};
+use embody_engine::speculate::Lookup;
 use embody_engine::tokenizer::Tokenizer;
 use embody_engine::Error;
 
 fn scheduler(kv_blocks: usize, max_running: usize, max_batch: usize) -> Scheduler {
+    drafting(kv_blocks, max_running, max_batch, Lookup::OFF)
+}
+
+fn drafting(kv_blocks: usize, max_running: usize, max_batch: usize, lookup: Lookup) -> Scheduler {
     let g = Gguf::from_bytes("tiny.gguf", common::tiny_llama_gguf(3)).unwrap();
     let tok = Arc::new(Tokenizer::from_gguf(&g).unwrap());
     let opts = LoadOptions {
@@ -29,6 +34,7 @@ fn scheduler(kv_blocks: usize, max_running: usize, max_batch: usize) -> Schedule
         kv_blocks,
         max_running,
         max_queued: 64,
+        lookup,
     };
     Scheduler::new(model, tok, cfg).unwrap()
 }
@@ -459,4 +465,104 @@ fn requests_arriving_together_wait_for_the_first_prefill_and_reuse_it() {
     }
     // The first prefills the 40 shared positions (10 blocks); the rest reuse them.
     assert_eq!(pc.stats().hit_tokens, 3 * 40, "{:?}", pc.stats());
+}
+
+/// A prompt that repeats itself, so prompt lookup has drafts to offer.
+fn repetitive(id: u64, len: usize, max_tokens: usize, sampling: SamplingParams) -> SeqRequest {
+    let period = 3 + id as usize % 4;
+    SeqRequest {
+        prompt: (0..len)
+            .map(|i| 2 + ((i % period) as u32 * 5 + id as u32) % 26)
+            .collect(),
+        sampling,
+        ..request(id, len, max_tokens)
+    }
+}
+
+#[test]
+fn drafted_tokens_change_nothing_but_the_number_of_steps() {
+    let seeded = |seed| SamplingParams {
+        temperature: 0.9,
+        seed: Some(seed),
+        ..SamplingParams::default()
+    };
+    let reqs: Vec<SeqRequest> = (0..6)
+        .map(|i| {
+            let sampling = if i % 2 == 0 {
+                SamplingParams::greedy()
+            } else {
+                seeded(i)
+            };
+            repetitive(i, 9 + 5 * i as usize, 24, sampling)
+        })
+        .collect();
+    let mut results = Vec::new();
+    // Alone and batched, with a pool short enough to preempt, without and
+    // with drafts: every run gives every sequence the same tokens.
+    for (kv_blocks, max_running, lookup) in [
+        (64, 1, Lookup::OFF),
+        (64, 1, Lookup::tokens(6)),
+        (20, 6, Lookup::OFF),
+        (20, 6, Lookup::tokens(6)),
+        (64, 6, Lookup::tokens(32)),
+    ] {
+        let mut s = drafting(kv_blocks, max_running, 16, lookup);
+        let log = Log::default();
+        for r in &reqs {
+            submit(&mut s, &log, r.clone());
+        }
+        run(&mut s);
+        let st = s.stats();
+        assert_eq!(st.kv_blocks_used, 0, "{st:?}");
+        assert!(st.accepted <= st.drafted, "{st:?}");
+        if lookup.max_draft > 0 {
+            assert!(st.accepted > 0, "nothing drafted was confirmed: {st:?}");
+        } else {
+            assert_eq!(st.drafted, 0);
+        }
+        let tokens: Vec<Vec<u32>> = (0..6).map(|i| tokens_of(&log, i)).collect();
+        for (i, t) in tokens.iter().enumerate() {
+            assert_eq!(
+                finish_of(&log, i as u64).map(|f| f.2),
+                Some(t.len()),
+                "sequence {i}"
+            );
+        }
+        results.push((lookup.max_draft, max_running, st, tokens));
+    }
+    let (_, _, alone_plain, first) = &results[0];
+    let (_, _, alone_drafted, _) = &results[1];
+    assert!(
+        alone_drafted.steps < alone_plain.steps,
+        "drafts saved no forward pass: {alone_drafted:?} vs {alone_plain:?}"
+    );
+    for (draft, running, st, tokens) in &results[1..] {
+        for (i, (a, b)) in first.iter().zip(tokens).enumerate() {
+            assert_eq!(
+                a, b,
+                "sequence {i}, drafts of {draft}, {running} running: {st:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn drafts_stop_at_the_length_limit() {
+    // One token short of what drafting could produce in a step.
+    for max_tokens in [1, 2, 5, 7] {
+        let mut s = drafting(64, 1, 64, Lookup::tokens(8));
+        let log = Log::default();
+        submit(
+            &mut s,
+            &log,
+            repetitive(1, 12, max_tokens, SamplingParams::greedy()),
+        );
+        run(&mut s);
+        assert_eq!(tokens_of(&log, 1).len(), max_tokens);
+        assert_eq!(
+            finish_of(&log, 1),
+            Some((FinishReason::Length, 12, max_tokens))
+        );
+        assert_eq!(s.stats().kv_blocks_used, 0);
+    }
 }

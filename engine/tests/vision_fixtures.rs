@@ -17,6 +17,7 @@ use embody_engine::backend::Backend;
 use embody_engine::hf::HfFolder;
 use embody_engine::kv_cache::{BlockTable, KvCache};
 use embody_engine::models::{load_hf, EmbedRows, LoadOptions, Logits, Model, Positions, SeqBatch};
+use embody_engine::speculate::Lookup;
 use embody_engine::vision::prompt::{expand, positions, ImagePlace};
 use embody_engine::vision::{Family, VisionEncoder};
 use safetensors::SafeTensors;
@@ -296,6 +297,7 @@ fn the_scheduler_feeds_images_across_chunks_and_reuses_their_prefix() {
             kv_blocks: 256,
             max_running: 2,
             max_queued: 4,
+            lookup: Lookup::OFF,
         };
         let cache = SharedPrefixCache::new(4, true);
         let mut s = Scheduler::new(model, tok, cfg)

@@ -636,6 +636,12 @@ pub struct Status {
     pub prefix_evicted_blocks: u64,
     /// Forward passes run since the start.
     pub steps: u64,
+    /// Tokens drafted by prompt lookup (speculative decoding) since the start.
+    #[serde(default)]
+    pub draft_tokens: u64,
+    /// Drafted tokens the model confirmed: each saved a forward pass.
+    #[serde(default)]
+    pub draft_accepted_tokens: u64,
     /// Times the decoder was restarted after a failure.
     pub decoder_restarts: u64,
     /// Resident memory of the daemon, in bytes.

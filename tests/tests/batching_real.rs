@@ -11,6 +11,7 @@ use embody_engine::models::{load_gguf, LoadOptions};
 use embody_engine::prefix_cache::SharedPrefixCache;
 use embody_engine::sampling::SamplingParams;
 use embody_engine::scheduler::{Scheduler, SchedulerConfig, SeqEvent, SeqRequest};
+use embody_engine::speculate::Lookup;
 use embody_engine::tokenizer::Tokenizer;
 use embody_tests::model;
 
@@ -28,6 +29,10 @@ fn open(file: &str) -> Loaded {
 }
 
 fn scheduler(m: &Loaded, kv_blocks: usize, max_running: usize) -> Scheduler {
+    drafting(m, kv_blocks, max_running, Lookup::OFF)
+}
+
+fn drafting(m: &Loaded, kv_blocks: usize, max_running: usize, lookup: Lookup) -> Scheduler {
     let opts = LoadOptions {
         max_batch_tokens: 256,
         context_length: 2048,
@@ -38,6 +43,7 @@ fn scheduler(m: &Loaded, kv_blocks: usize, max_running: usize) -> Scheduler {
         kv_blocks,
         max_running,
         max_queued: 64,
+        lookup,
     };
     Scheduler::new(model, m.tok.clone(), cfg).unwrap()
 }
@@ -167,6 +173,23 @@ fn smollm2_cache_on_off_alone_and_batched_agree() {
         assert_eq!(&tokens(&log, id), e, "cache on, batch of 8: request {id}");
     }
     assert!(pc.stats().hit_tokens >= hits + 8 * 96);
+
+    // Drafts on (prompt lookup), cache on, all 8 at once into a cold cache.
+    let pc = SharedPrefixCache::new(16, true);
+    let mut s = drafting(&m, 256, 8, Lookup::tokens(8)).with_prefix_cache(pc);
+    let log = Log::default();
+    for (i, p) in prompts.iter().enumerate() {
+        submit(&mut s, &log, i as u64, p, n);
+    }
+    run(&mut s);
+    for (i, e) in expected.iter().enumerate() {
+        assert_eq!(
+            &tokens(&log, i as u64),
+            e,
+            "drafts on, batch of 8: request {i}"
+        );
+    }
+    assert!(s.stats().drafted > 0, "{:?}", s.stats());
 
     // Cache off, all 8 at once.
     let mut s = scheduler(&m, 256, 8);

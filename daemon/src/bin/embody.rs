@@ -19,7 +19,8 @@ use embody_engine::gguf::Gguf;
 use embody_engine::models::{self, LoadOptions, Model, ModelFiles};
 use embody_engine::perplexity::perplexity;
 use embody_engine::sampling::SamplingParams;
-use embody_engine::scheduler::{Scheduler, SchedulerConfig, SeqEvent, SeqRequest};
+use embody_engine::scheduler::{Scheduler, SchedulerConfig, SeqEvent, SeqRequest, MAX_DRAFT};
+use embody_engine::speculate::Lookup;
 use embody_engine::tokenizer::Tokenizer;
 use embody_engine::vision::prompt::{lay_out, Laid};
 
@@ -124,6 +125,11 @@ enum Command {
         /// vision-language models: placed before the prompt's text.
         #[arg(long)]
         image: Vec<PathBuf>,
+        /// Speculative decoding by prompt lookup: most tokens drafted per
+        /// step from earlier text (0: off, at most 32). The output does not
+        /// change.
+        #[arg(long, default_value_t = 8)]
+        draft_tokens: usize,
     },
     /// Perplexity of a text file, by llama.cpp's method (second half of each chunk).
     Perplexity {
@@ -289,7 +295,18 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let ctx = (prompt_tokens + gen_tokens).next_multiple_of(256);
             let mut m = load(&model, ctx)?;
-            let r = embody_engine::bench::run(m.model.as_mut(), prompt_tokens, gen_tokens, reps)?;
+            let r = embody_engine::bench::run(
+                m.model.as_mut(),
+                m.backend.as_ref(),
+                prompt_tokens,
+                gen_tokens,
+                reps,
+            )?;
+            // The wall decode runs against: the machine's read bandwidth on
+            // as many threads (host backends; a GPU's is its own).
+            let wall = (m.backend.bytes_read() > 0)
+                .then(|| embody_engine::bench::read_bandwidth(m.threads, 1 << 30, 5));
+            let reached = r.decode_bytes_per_token * r.decode_tok_s;
             if json {
                 let v = serde_json::json!({
                     "model": model.model.display().to_string(),
@@ -301,6 +318,9 @@ fn run(cli: Cli) -> Result<()> {
                     "decode_tok_s": r.decode_tok_s,
                     "ttft_ms": r.ttft_ms,
                     "peak_rss_mb": r.peak_rss_mb,
+                    "decode_bytes_per_token": r.decode_bytes_per_token,
+                    "decode_bytes_per_s": reached,
+                    "read_bandwidth_bytes_per_s": wall,
                 });
                 println!("{v}");
             } else {
@@ -317,6 +337,16 @@ fn run(cli: Cli) -> Result<()> {
                 );
                 println!("time to first  {:.1} ms", r.ttft_ms);
                 println!("peak RSS       {:.1} MiB", r.peak_rss_mb);
+                if let Some(wall) = wall {
+                    println!(
+                        "decode reads   {:.1} MB/token: {:.1} GB/s of the {:.1} GB/s the machine reads on {} threads ({:.0}%)",
+                        r.decode_bytes_per_token / 1e6,
+                        reached / 1e9,
+                        wall / 1e9,
+                        m.threads,
+                        100.0 * reached / wall
+                    );
+                }
             }
             Ok(())
         }
@@ -370,8 +400,12 @@ fn run(cli: Cli) -> Result<()> {
             seed,
             stop,
             ctx,
+            draft_tokens,
             image,
         } => {
+            if draft_tokens > MAX_DRAFT {
+                bail!("--draft-tokens is at most {MAX_DRAFT}");
+            }
             let m = load(&model, ctx)?;
             let vision = if image.is_empty() {
                 None
@@ -447,6 +481,7 @@ fn run(cli: Cli) -> Result<()> {
                 kv_blocks: info.kv.blocks_for_tokens(info.context_length),
                 max_running: 1,
                 max_queued: 1,
+                lookup: Lookup::tokens(draft_tokens),
             };
             let laid = match &vision {
                 Some((v, encoded)) => lay_out(&ids, v.image_token, encoded, info.mrope)?,
@@ -495,17 +530,32 @@ fn run(cli: Cli) -> Result<()> {
             while sched.has_work() {
                 sched.step()?;
             }
+            let total = started.elapsed();
             println!();
             let prefill_ms = prefill.get().map_or(0.0, |d| d.as_secs_f64() * 1e3);
+            let decode_s = (total.as_secs_f64() - prefill_ms / 1e3).max(1e-9);
+            let stats = sched.stats();
             for ev in rx.try_iter() {
                 match ev {
                     SeqEvent::Finished {
                         reason,
                         prompt_tokens,
                         completion_tokens,
-                    } => eprintln!(
-                        "[{prompt_tokens} prompt tokens prefilled in {prefill_ms:.0} ms, {completion_tokens} generated, finish: {reason:?}]"
-                    ),
+                    } => {
+                        // The first token comes with the prefill.
+                        let rate = completion_tokens.saturating_sub(1) as f64 / decode_s;
+                        let drafts = if draft_tokens > 0 {
+                            format!(
+                                ", {} of {} drafted tokens accepted",
+                                stats.accepted, stats.drafted
+                            )
+                        } else {
+                            String::new()
+                        };
+                        eprintln!(
+                            "[{prompt_tokens} prompt tokens prefilled in {prefill_ms:.0} ms, {completion_tokens} generated at {rate:.1} tok/s{drafts}, finish: {reason:?}]"
+                        )
+                    }
                     SeqEvent::Error { message } => bail!(message),
                     _ => {}
                 }

@@ -280,8 +280,8 @@ fn print_status(st: &Status) {
         st.prefix_hit_tokens, st.prefix_lookup_tokens, st.prefix_evicted_blocks
     );
     println!(
-        "decoder   {} steps, {} restarts",
-        st.steps, st.decoder_restarts
+        "decoder   {} steps, {} restarts, {} of {} drafted tokens accepted",
+        st.steps, st.decoder_restarts, st.draft_accepted_tokens, st.draft_tokens
     );
     println!(
         "memory    {} MiB resident, {} MiB of weights",

@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use embody_actors::{Limits, RuntimeConfig, RuntimeOptions};
+use embody_engine::scheduler::MAX_DRAFT;
 use embody_robot_adapters::{AdaptersConfig, CameraConfig, Ros2Config, TaskConfig, ZenohConfig};
 
 /// The whole configuration.
@@ -75,6 +76,8 @@ pub struct ModelsEntry {
     pub keep_alive_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantize: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draft_tokens: Option<usize>,
     /// Load at start (true) or on the first request that names it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preload: Option<bool>,
@@ -118,6 +121,9 @@ pub struct ModelConfig {
     /// "q8_0" (or another weight type); empty keeps them as stored. GGUF
     /// files keep their own types. Default: "".
     pub quantize: String,
+    /// Speculative decoding by prompt lookup: most tokens drafted per step
+    /// from the request's own text; 0 turns it off. Default: 8.
+    pub draft_tokens: usize,
 }
 
 /// `[cache]`
@@ -266,6 +272,7 @@ impl Default for ModelConfig {
             special_tokens_in_messages: false,
             keep_alive_ms: 0,
             quantize: String::new(),
+            draft_tokens: 8,
         }
     }
 }
@@ -412,6 +419,9 @@ impl Config {
                 bail!("{what}: {q:?} is not a weight type (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k)");
             }
         }
+        if self.model.draft_tokens > MAX_DRAFT {
+            bail!("model.draft_tokens must be at most {MAX_DRAFT}");
+        }
         if self.model.max_batch_tokens == 0 {
             bail!("model.max_batch_tokens must be at least 1");
         }
@@ -453,6 +463,12 @@ impl Config {
             if let Some(b) = &m.backend {
                 b.parse::<embody_engine::backend::BackendKind>()
                     .map_err(|e| anyhow::anyhow!("[[models]] {:?} backend: {e}", m.name))?;
+            }
+            if m.draft_tokens.is_some_and(|d| d > MAX_DRAFT) {
+                bail!(
+                    "[[models]] {:?}: draft_tokens must be at most {MAX_DRAFT}",
+                    m.name
+                );
             }
             if m.kv_cache_mb == Some(0) || m.max_batch_tokens == Some(0) {
                 bail!(
@@ -545,6 +561,7 @@ impl Config {
                 if let Some(q) = &m.quantize {
                     cfg.quantize = weight_type(q);
                 }
+                cfg.draft_tokens = m.draft_tokens.unwrap_or(cfg.draft_tokens);
                 cfg.load_at_start = m.preload.unwrap_or(true);
                 Ok(cfg)
             })
@@ -583,6 +600,7 @@ impl Config {
             kv_cache_mb: self.cache.kv_cache_mb,
             block_size: self.cache.block_size,
             prefix_cache: self.cache.prefix_cache,
+            draft_tokens: self.model.draft_tokens,
             image_cache_mb: self.cache.image_cache_mb,
             max_running: self.decoder.max_running,
             limits: self.limits(),
@@ -780,7 +798,7 @@ mod tests {
             );
             fields += 1;
         }
-        assert_eq!(fields, 58, "every field appears in the shipped config");
+        assert_eq!(fields, 59, "every field appears in the shipped config");
     }
 
     #[test]

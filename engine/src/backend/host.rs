@@ -7,6 +7,8 @@
 //! memory operations, the handle checks and the steps no host backend
 //! speeds up (copies, rotary angles, residual adds) are written once here.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use crate::backend::memory::{Buf, Weight, Workspace};
 use crate::backend::{Activation, AttnParams, AttnSeq, Backend, HeadNorms, MatIn, MatOut};
 use crate::kv_cache::{KvCache, KvLayout};
@@ -139,6 +141,13 @@ pub trait HostBackend: Send + Sync {
     /// A workspace for batches of up to `max_tokens` rows of at most `max_cols`
     /// elements, attending over at most `max_ctx` positions.
     fn workspace(&self, max_tokens: usize, max_cols: usize, max_ctx: usize) -> HostWorkspace;
+
+    /// Where the bytes of weights and KV read by this backend's operations
+    /// are counted ([`Backend::bytes_read`]); none for a backend that does
+    /// not count.
+    fn traffic(&self) -> Option<&AtomicU64> {
+        None
+    }
 
     /// `y[t][r] = w.row(r) · x[t]` for `t < n`: x is `[n, w.cols()]`, y is `[n, w.rows()]`.
     fn matmul(&self, w: &QTensor, x: &[f32], n: usize, y: &mut [f32], ws: &mut HostWorkspace) {
@@ -506,9 +515,20 @@ fn with_host_outs<R>(
 
 /// Every host backend's [`Backend`]: the handles opened to their values,
 /// and the operations called on the rows each one names.
+/// Adds `bytes` to the backend's count of bytes read, where it counts.
+fn count<T: HostBackend + ?Sized>(b: &T, bytes: usize) {
+    if let Some(t) = b.traffic() {
+        t.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+}
+
 impl<T: HostBackend> Backend for T {
     fn name(&self) -> &'static str {
         HostBackend::name(self)
+    }
+
+    fn bytes_read(&self) -> u64 {
+        self.traffic().map_or(0, |t| t.load(Ordering::Relaxed))
     }
 
     fn threads(&self) -> usize {
@@ -557,6 +577,7 @@ impl<T: HostBackend> Backend for T {
     fn embed_rows(&self, w: &Weight, ids: &[u32], scale: Option<f32>, x: &mut Buf, row: usize) {
         let d = w.cols();
         let x = &mut x.values_mut()[row * d..(row + ids.len()) * d];
+        count(self, ids.len() * w.tensor().row_bytes());
         HostBackend::embed_rows(self, w.tensor(), ids, scale, x);
     }
 
@@ -569,6 +590,7 @@ impl<T: HostBackend> Backend for T {
         let Some(k) = outs.first().map(|o| o.w.cols()) else {
             return;
         };
+        count(self, outs.iter().map(|o| o.w.tensor().data.len()).sum());
         let x = host_in(x, n, k);
         with_host_outs(outs, n, |outs| {
             HostBackend::matmul_group_in(self, x, n, outs, scratch(ws))
@@ -578,6 +600,7 @@ impl<T: HostBackend> Backend for T {
     fn matmul_add_in(&self, w: &Weight, x: MatIn<'_>, n: usize, y: &mut Buf, ws: &mut Workspace) {
         let x = host_in(x, n, w.cols());
         let y = &mut y.values_mut()[..n * w.rows()];
+        count(self, w.tensor().data.len());
         HostBackend::matmul_add_in(self, w.tensor(), x, n, y, scratch(ws));
     }
 
@@ -642,6 +665,13 @@ impl<T: HostBackend> Backend for T {
     ) {
         let len = seqs.iter().map(|s| s.n_tokens).sum::<usize>() * p.n_heads * p.head_dim;
         let (q, out) = (&q.values()[..len], &mut out.values_mut()[..len]);
+        // Each sequence's visible keys and values (f16), read once.
+        let visible = |s: &AttnSeq<'_>| {
+            let end = s.start_pos + s.n_tokens;
+            p.window.map_or(end, |w| end.min(w))
+        };
+        let per_position = 2 * p.n_kv_heads * p.head_dim * std::mem::size_of::<half::f16>();
+        count(self, seqs.iter().map(visible).sum::<usize>() * per_position);
         HostBackend::attention(self, p, q, kv, seqs, out, scratch(ws));
     }
 
@@ -667,6 +697,7 @@ impl<T: HostBackend> Backend for T {
     ) {
         let out = &mut out[..n * w.rows()];
         let x = &x.values()[..n * w.cols()];
+        count(self, w.tensor().data.len());
         HostBackend::matmul(self, w.tensor(), x, n, out, scratch(ws));
         if let Some(cap) = softcap {
             HostBackend::softcap(self, out, cap);

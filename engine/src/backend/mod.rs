@@ -127,6 +127,15 @@ pub trait Backend: Send + Sync {
         self.name().to_string()
     }
 
+    /// Bytes of weights and KV cache the backend's operations have read since
+    /// it was made (each weight matrix once per product, each sequence's
+    /// visible KV once per attention); 0 where the backend does not count.
+    /// Decode's bytes per token, against the machine's bandwidth, say how
+    /// close to the memory wall it runs.
+    fn bytes_read(&self) -> u64 {
+        0
+    }
+
     /// Whether the device failed (a lost GPU): nothing more runs on this
     /// backend, and a fresh one must be made.
     fn is_lost(&self) -> bool {

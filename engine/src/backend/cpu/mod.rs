@@ -9,7 +9,7 @@ pub(crate) mod attention;
 mod dense;
 pub mod pool;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use super::host::{HostBackend, HostIn, HostOut, HostWorkspace};
 use super::{AttnParams, AttnSeq};
@@ -106,6 +106,8 @@ impl<T> SharedMut<T> {
 /// The CPU backend.
 pub struct CpuBackend {
     pool: Pool,
+    /// Bytes of weights and KV read ([`Backend::bytes_read`]).
+    traffic: AtomicU64,
 }
 
 impl CpuBackend {
@@ -116,7 +118,10 @@ impl CpuBackend {
         } else {
             threads
         };
-        Self { pool: Pool::new(n) }
+        Self {
+            pool: Pool::new(n),
+            traffic: AtomicU64::new(0),
+        }
     }
 }
 
@@ -127,6 +132,10 @@ impl HostBackend for CpuBackend {
 
     fn name(&self) -> &'static str {
         "cpu"
+    }
+
+    fn traffic(&self) -> Option<&AtomicU64> {
+        Some(&self.traffic)
     }
 
     fn threads(&self) -> usize {
