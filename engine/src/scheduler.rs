@@ -16,6 +16,11 @@
 //! when the pool runs short (to evict unused prefixes before preempting
 //! anyone), never per token.
 //!
+//! With [`SchedulerConfig::lookup`] on, a decoding sequence may bring tokens
+//! drafted by prompt lookup ([`crate::speculate`]) into the step; they are
+//! checked against the rows they produce (`verify_drafts`), so the tokens
+//! are those of decoding one at a time, in fewer forward passes.
+//!
 //! The scheduler is synchronous and owns no thread; the daemon's decoder actor
 //! calls `step` on a dedicated OS thread.
 
@@ -449,8 +454,16 @@ impl Scheduler {
             return Ok(());
         }
         // Drafts ride along in the rest of the token budget; they never take
-        // blocks from another sequence.
-        let mut left = self.cfg.lookup.max_draft.min(budget - used);
+        // blocks from another sequence. A step of several decoding sequences
+        // already computes several rows per weight: drafts only fill it up to
+        // the rows one drafting sequence would have.
+        let decoding = plan.iter().filter(|&&(_, take)| take == 1).count();
+        let mut left = self
+            .cfg
+            .lookup
+            .max_draft
+            .min(budget - used)
+            .min((self.cfg.lookup.max_draft + 1).saturating_sub(decoding));
         for (i, take) in plan.iter_mut() {
             if left == 0 {
                 break;
@@ -579,7 +592,7 @@ impl Scheduler {
         // after the last: none may pass the sequence's limit.
         let most = s
             .draft_len
-            .get(most)
+            .next(most)
             .min(MAX_DRAFT)
             .min(s.limit.saturating_sub(s.generated + 1));
         let range = speculate::draft(&s.tokens, &lookup, most);

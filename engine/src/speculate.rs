@@ -64,21 +64,38 @@ pub fn draft(tokens: &[u32], lookup: &Lookup, max: usize) -> Range<usize> {
 
 /// How many tokens one sequence drafts next: it starts at the most allowed,
 /// halves after a draft the model rejects early and grows back as drafts are
-/// taken, so text that does not repeat costs little.
+/// taken; after drafts rejected outright it pauses for 2, 4, ... up to 32
+/// steps. Text that does not repeat costs little.
 #[derive(Clone, Copy, Debug)]
 pub struct DraftLength {
     len: usize,
     max: usize,
+    /// Steps left to pause, and drafts rejected outright in a row.
+    pause: u32,
+    misses: u32,
 }
+
+/// The longest pause after drafts rejected outright, in steps.
+const MAX_PAUSE: u32 = 32;
 
 impl DraftLength {
     /// Starts at `max`, the most it will ever be.
     pub fn new(max: usize) -> Self {
-        Self { len: max, max }
+        Self {
+            len: max,
+            max,
+            pause: 0,
+            misses: 0,
+        }
     }
 
-    /// Tokens to draft next, at most `max`.
-    pub fn get(&self, max: usize) -> usize {
+    /// Tokens to draft this step, at most `max`; 0 while paused. Call it
+    /// once per decoding step.
+    pub fn next(&mut self, max: usize) -> usize {
+        if self.pause > 0 {
+            self.pause -= 1;
+            return 0;
+        }
         self.len.min(max)
     }
 
@@ -86,6 +103,12 @@ impl DraftLength {
     pub fn update(&mut self, drafted: usize, accepted: usize) {
         if drafted == 0 {
             return;
+        }
+        if accepted == 0 {
+            self.misses += 1;
+            self.pause = (1u32 << self.misses.min(5)).min(MAX_PAUSE);
+        } else {
+            self.misses = 0;
         }
         self.len = if accepted == drafted {
             (self.len + 2).min(self.max)
@@ -127,24 +150,56 @@ mod tests {
         assert!(draft(&[1, 5, 2, 5], &l, 8).is_empty());
     }
 
+    /// Steps until `d` drafts again, and how many it drafts then.
+    fn resume(d: &mut DraftLength) -> (usize, usize) {
+        let mut steps = 0;
+        loop {
+            let n = d.next(8);
+            if n > 0 {
+                return (steps, n);
+            }
+            steps += 1;
+        }
+    }
+
     #[test]
     fn the_draft_length_follows_what_is_accepted() {
         let mut d = DraftLength::new(8);
-        assert_eq!(d.get(8), 8);
-        assert_eq!(d.get(3), 3);
-        d.update(8, 0);
-        assert_eq!(d.get(8), 4);
-        d.update(4, 0);
-        assert_eq!(d.get(8), 2);
-        d.update(2, 0);
+        assert_eq!(d.next(3), 3);
+        assert_eq!(d.next(8), 8);
+        d.update(8, 1);
+        assert_eq!(d.next(8), 4);
+        d.update(4, 1);
+        assert_eq!(d.next(8), 2);
+        d.update(2, 1);
         d.update(1, 0);
-        assert_eq!(d.get(8), 1);
+        // Rejected outright: a pause of 2 steps, then one token.
+        assert_eq!(resume(&mut d), (2, 1));
         d.update(1, 1);
         d.update(3, 3);
-        assert_eq!(d.get(8), 5);
+        assert_eq!(d.next(8), 5);
         d.update(5, 4);
-        assert_eq!(d.get(8), 5);
+        assert_eq!(d.next(8), 5);
         d.update(0, 0);
-        assert_eq!(d.get(8), 5);
+        assert_eq!(d.next(8), 5);
+    }
+
+    #[test]
+    fn drafts_rejected_outright_pause_drafting_longer_each_time() {
+        let mut d = DraftLength::new(4);
+        let mut pauses = Vec::new();
+        for _ in 0..7 {
+            let (steps, n) = resume(&mut d);
+            pauses.push(steps);
+            d.update(n, 0);
+        }
+        assert_eq!(pauses, [0, 2, 4, 8, 16, 32, 32]);
+        // One token taken ends the streak (and the whole draft grows by 2).
+        let (_, n) = resume(&mut d);
+        assert_eq!(n, 1);
+        d.update(1, 1);
+        assert_eq!(d.next(4), 3);
+        d.update(3, 0);
+        assert_eq!(resume(&mut d).0, 2);
     }
 }
