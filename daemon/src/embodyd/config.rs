@@ -802,6 +802,36 @@ mod tests {
     }
 
     #[test]
+    fn draft_tokens_reach_each_model_and_too_many_are_refused() {
+        let text =
+            "[model]\ndraft_tokens = 4\n\n[[models]]\nname = \"a\"\npath = \"/m/a.gguf\"\n\n\
+                    [[models]]\nname = \"b\"\npath = \"/m/b.gguf\"\ndraft_tokens = 0\n";
+        let cfg = Config::parse(text, "x.toml").unwrap();
+        let drafts: Vec<usize> = cfg
+            .runtime_models()
+            .unwrap()
+            .iter()
+            .map(|m| m.draft_tokens)
+            .collect();
+        assert_eq!(drafts, [4, 0]);
+        assert_eq!(ModelConfig::default().draft_tokens, 8);
+        let e = format!(
+            "{:#}",
+            Config::parse("[model]\ndraft_tokens = 33\n", "x.toml").unwrap_err()
+        );
+        assert!(e.contains("model.draft_tokens must be at most 32"), "{e}");
+        let e = format!(
+            "{:#}",
+            Config::parse(
+                &text.replace("draft_tokens = 0", "draft_tokens = 99"),
+                "x.toml"
+            )
+            .unwrap_err()
+        );
+        assert!(e.contains("\"b\": draft_tokens must be at most 32"), "{e}");
+    }
+
+    #[test]
     fn models_entries_parse_and_what_names_them_is_checked() {
         let text = "[model]\nthreads = 3\n\n[[models]]\nname = \"a\"\npath = \"/m/a.gguf\"\n\n\
                     [[models]]\nname = \"b\"\npath = \"/m/b.gguf\"\nthreads = 1\nkeep_alive_ms = 500\npreload = false\n";
