@@ -121,6 +121,25 @@ fn tokens(log: &Log, id: u64) -> Vec<u32> {
         .collect()
 }
 
+/// Submits every prompt at once, runs them to the end, and checks each
+/// request's tokens against `expected`.
+fn all_at_once_match(
+    s: &mut Scheduler,
+    prompts: &[Vec<u32>],
+    max_tokens: usize,
+    expected: &[Vec<u32>],
+    what: &str,
+) {
+    let log = Log::default();
+    for (i, p) in prompts.iter().enumerate() {
+        submit(s, &log, i as u64, p, max_tokens);
+    }
+    run(s);
+    for (i, e) in expected.iter().enumerate() {
+        assert_eq!(&tokens(&log, i as u64), e, "{what}: request {i}");
+    }
+}
+
 /// Each prompt alone, without a cache: the reference.
 fn alone(m: &Loaded, prompts: &[Vec<u32>], max_tokens: usize) -> Vec<Vec<u32>> {
     let mut s = scheduler(m, 256, 1);
@@ -177,34 +196,12 @@ fn smollm2_cache_on_off_alone_and_batched_agree() {
     // Drafts on (prompt lookup), cache on, all 8 at once into a cold cache.
     let pc = SharedPrefixCache::new(16, true);
     let mut s = drafting(&m, 256, 8, Lookup::tokens(8)).with_prefix_cache(pc);
-    let log = Log::default();
-    for (i, p) in prompts.iter().enumerate() {
-        submit(&mut s, &log, i as u64, p, n);
-    }
-    run(&mut s);
-    for (i, e) in expected.iter().enumerate() {
-        assert_eq!(
-            &tokens(&log, i as u64),
-            e,
-            "drafts on, batch of 8: request {i}"
-        );
-    }
+    all_at_once_match(&mut s, &prompts, n, &expected, "drafts on, batch of 8");
     assert!(s.stats().drafted > 0, "{:?}", s.stats());
 
     // Cache off, all 8 at once.
     let mut s = scheduler(&m, 256, 8);
-    let log = Log::default();
-    for (i, p) in prompts.iter().enumerate() {
-        submit(&mut s, &log, i as u64, p, n);
-    }
-    run(&mut s);
-    for (i, e) in expected.iter().enumerate() {
-        assert_eq!(
-            &tokens(&log, i as u64),
-            e,
-            "cache off, batch of 8: request {i}"
-        );
-    }
+    all_at_once_match(&mut s, &prompts, n, &expected, "cache off, batch of 8");
     assert_eq!(s.stats().kv_blocks_used, 0);
 }
 
