@@ -95,6 +95,7 @@ impl Actor for CacheActor {
             blocks,
             block_tokens = plan.block_tokens,
             mib = plan.bytes >> 20,
+            kv_cache_type = %args.layout.dtype,
             "KV cache planned"
         );
         Ok(CacheState {

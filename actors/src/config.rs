@@ -41,6 +41,8 @@ pub struct RuntimeConfig {
     pub kv_cache_mb: usize,
     /// Tokens per KV block.
     pub block_size: usize,
+    /// How the KV cache stores keys and values.
+    pub kv_type: embody_engine::kv_cache::KvType,
     /// Most requests decoding at once.
     pub max_running: usize,
     /// Reuse the KV of prompt prefixes seen before, across requests.
@@ -111,6 +113,7 @@ impl Default for RuntimeConfig {
             special_tokens_in_messages: false,
             kv_cache_mb: 256,
             block_size: embody_engine::kv_cache::DEFAULT_BLOCK_SIZE,
+            kv_type: Default::default(),
             max_running: 8,
             prefix_cache: true,
             draft_tokens: 8,

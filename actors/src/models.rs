@@ -508,6 +508,9 @@ impl Runtime {
             }
             cfg.kv_cache_mb = kv;
         }
+        if let Some(t) = &spec.kv_cache_type {
+            cfg.kv_type = t.parse().map_err(|e| bad(format!("kv_cache_type: {e}")))?;
+        }
         if let Some(q) = &spec.quantize {
             cfg.quantize = match q.as_str() {
                 "" => None,

@@ -312,6 +312,7 @@ impl Supervisor {
             kv_blocks_used: kv.map_or(stats.kv_blocks_used, |k| k.used) as u32,
             kv_blocks_total: kv.map_or(state.plan.blocks, |k| k.total) as u32,
             kv_block_tokens: state.plan.block_tokens as u32,
+            kv_cache_type: src.info.kv.dtype.name().into(),
             kv_blocks_cached: kv.map_or(0, |k| k.prefix.cached_blocks) as u32,
             prefix_hit_tokens: kv.map_or(0, |k| k.prefix.hit_tokens),
             prefix_lookup_tokens: kv.map_or(0, |k| k.prefix.lookup_tokens),
@@ -404,6 +405,7 @@ impl Actor for Supervisor {
                 max_batch_tokens: cfg.max_batch_tokens,
                 context_length: cfg.context_length,
                 block_size: cfg.block_size,
+                kv_type: cfg.kv_type,
                 quantize: cfg.quantize,
             },
         };

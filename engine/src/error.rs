@@ -72,6 +72,9 @@ pub enum Error {
         /// Blocks that were free.
         free: usize,
     },
+    /// The KV cache's storage type cannot serve this model or backend.
+    #[error("KV cache type: {0}")]
+    KvType(String),
     /// A backend was requested that this build does not include.
     #[error("backend '{0}' is not compiled into this build")]
     NotCompiled(&'static str),

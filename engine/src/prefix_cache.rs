@@ -331,6 +331,7 @@ mod tests {
             head_dim: 1,
             block_size: 2,
             window: None,
+            dtype: Default::default(),
         };
         KvCache::new(l, blocks)
     }

@@ -359,6 +359,7 @@ mod tests {
             head_dim: 1,
             block_size: BS,
             window: None,
+            dtype: Default::default(),
         };
         KvCache::new(l, blocks)
     }

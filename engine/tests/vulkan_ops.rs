@@ -359,6 +359,7 @@ fn paged_attention_matches_the_reference() {
             n_kv_heads: nkv,
             head_dim: hd,
             block_size: bs,
+            dtype: Default::default(),
             window: window.map(|size| SlidingWindow {
                 size,
                 layers: {
@@ -487,6 +488,7 @@ fn memory_beyond_the_device_is_a_clear_error() {
         head_dim: 128,
         block_size: 16,
         window: None,
+        dtype: Default::default(),
     };
     // Blocks of 32 KiB: more than 128 MiB for one layer's keys.
     let e = be
@@ -497,6 +499,16 @@ fn memory_beyond_the_device_is_a_clear_error() {
     assert!(msg.contains("exceeds the largest storage buffer"), "{msg}");
     let e = be.alloc(1 << 30).expect_err("a 4 GiB buffer");
     assert!(e.to_string().contains("MiB"), "{e}");
+    // Quantized KV runs on the CPU backend only, and says so.
+    let q8 = KvLayout {
+        dtype: embody_engine::kv_cache::KvType::Q8_0,
+        ..layout
+    };
+    let e = be.kv_cache(q8, 4, 0).err().expect("a q8_0 cache");
+    assert!(
+        e.to_string().contains("q8_0 runs on the CPU backend"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -625,6 +625,9 @@ pub struct Status {
     pub kv_blocks_total: u32,
     /// Tokens per KV block.
     pub kv_block_tokens: u32,
+    /// How the KV cache stores keys and values ("f16", "q8_0", "q4_0").
+    #[serde(default)]
+    pub kv_cache_type: String,
     /// KV blocks the prefix cache holds (counted in `kv_blocks_used`; freed
     /// when the pool needs them).
     pub kv_blocks_cached: u32,
@@ -753,6 +756,9 @@ pub struct ModelSpec {
     /// Memory for its KV cache, in MiB.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kv_cache_mb: Option<usize>,
+    /// How its KV cache stores keys and values ("f16", "q8_0", "q4_0").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kv_cache_type: Option<String>,
     /// Quantize a Hugging Face folder's float weights as they load ("q8_0").
     #[serde(skip_serializing_if = "Option::is_none")]
     pub quantize: Option<String>,

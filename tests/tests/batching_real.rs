@@ -2,11 +2,13 @@
 //! the same with the cache on or off, alone or inside a batch of 8
 //! mixed-length requests, and after preemption and resume. Gemma 3's
 //! sliding-window layers turn prefix sharing off, and its batches still agree.
+//! A quantized KV cache (q8_0, q4_0) keeps all of this exact too.
 
 use std::sync::{Arc, Mutex};
 
 use embody_engine::backend::cpu::CpuBackend;
 use embody_engine::gguf::Gguf;
+use embody_engine::kv_cache::KvType;
 use embody_engine::models::{load_gguf, LoadOptions};
 use embody_engine::prefix_cache::SharedPrefixCache;
 use embody_engine::sampling::SamplingParams;
@@ -33,9 +35,20 @@ fn scheduler(m: &Loaded, kv_blocks: usize, max_running: usize) -> Scheduler {
 }
 
 fn drafting(m: &Loaded, kv_blocks: usize, max_running: usize, lookup: Lookup) -> Scheduler {
+    storing(m, kv_blocks, max_running, lookup, KvType::F16)
+}
+
+fn storing(
+    m: &Loaded,
+    kv_blocks: usize,
+    max_running: usize,
+    lookup: Lookup,
+    kv_type: KvType,
+) -> Scheduler {
     let opts = LoadOptions {
         max_batch_tokens: 256,
         context_length: 2048,
+        kv_type,
         ..LoadOptions::default()
     };
     let model = load_gguf(&m.gguf, Arc::new(CpuBackend::new(2)), opts).expect("the model loads");
@@ -267,4 +280,72 @@ fn gemma3_shares_no_prefix_across_its_window_and_batches_agree() {
     assert!(!st.enabled, "sliding-window layers turn sharing off");
     assert_eq!((st.hit_tokens, st.cached_blocks), (0, 0));
     assert_eq!(s.stats().kv_blocks_used, 0);
+}
+
+/// A quantized cache on both families that use one: each request's tokens
+/// alone are the reference; the prefix cache (SmolLM2), batches of mixed
+/// lengths, drafts and Gemma 3's sliding-window pool give the same tokens.
+#[test]
+fn quantized_kv_cache_keeps_prefixes_batches_and_drafts_exact() {
+    let m = open(SMOL);
+    let prompts = prompts(&m.tok);
+    let n = 10;
+    for ty in [KvType::Q8_0, KvType::Q4_0] {
+        let mut s = storing(&m, 256, 1, Lookup::OFF, ty);
+        let log = Log::default();
+        for (i, p) in prompts.iter().enumerate() {
+            submit(&mut s, &log, i as u64, p, n);
+            run(&mut s);
+        }
+        let expected: Vec<Vec<u32>> = (0..prompts.len()).map(|i| tokens(&log, i as u64)).collect();
+        assert!(
+            expected.iter().filter(|t| !t.is_empty()).count() >= 4,
+            "{ty}: {expected:?}"
+        );
+
+        let pc = SharedPrefixCache::new(16, true);
+        let mut s = storing(&m, 256, 8, Lookup::OFF, ty).with_prefix_cache(pc.clone());
+        let log = Log::default();
+        for (i, p) in prompts.iter().enumerate() {
+            submit(&mut s, &log, i as u64, p, n);
+            run(&mut s);
+        }
+        for (i, e) in expected.iter().enumerate() {
+            assert_eq!(
+                &tokens(&log, i as u64),
+                e,
+                "{ty}, cache on, sequential: request {i}"
+            );
+        }
+        assert!(pc.stats().hit_tokens >= 7 * 96, "{ty}: {:?}", pc.stats());
+        all_at_once_match(
+            &mut s,
+            &prompts,
+            n,
+            &expected,
+            &format!("{ty}, warm cache, batch of 8"),
+        );
+
+        let mut s = storing(&m, 256, 8, Lookup::tokens(8), ty);
+        all_at_once_match(
+            &mut s,
+            &prompts,
+            n,
+            &expected,
+            &format!("{ty}, drafts on, batch of 8"),
+        );
+        assert!(s.stats().drafted > 0, "{ty}: {:?}", s.stats());
+    }
+
+    let g = open("gemma-3-270m-q4_k_m.gguf");
+    let three: Vec<Vec<u32>> = self::prompts(&g.tok).into_iter().take(3).collect();
+    let mut s = storing(&g, 256, 1, Lookup::OFF, KvType::Q8_0);
+    let log = Log::default();
+    for (i, p) in three.iter().enumerate() {
+        submit(&mut s, &log, i as u64, p, 8);
+        run(&mut s);
+    }
+    let expected: Vec<Vec<u32>> = (0..three.len()).map(|i| tokens(&log, i as u64)).collect();
+    let mut s = storing(&g, 256, 4, Lookup::OFF, KvType::Q8_0);
+    all_at_once_match(&mut s, &three, 8, &expected, "gemma 3, q8_0, batch of 3");
 }

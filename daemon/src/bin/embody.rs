@@ -58,6 +58,10 @@ struct ModelArgs {
     /// (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k).
     #[arg(long)]
     quantize: Option<String>,
+    /// How the KV cache stores keys and values: f16, q8_0 (half the memory)
+    /// or q4_0 (a quarter, less exact).
+    #[arg(long, default_value = "f16")]
+    kv_cache_type: embody_engine::kv_cache::KvType,
 }
 
 #[derive(Subcommand)]
@@ -244,6 +248,7 @@ fn load(args: &ModelArgs, ctx: usize) -> Result<Loaded> {
     let opts = LoadOptions {
         context_length: serving_ctx(&files, ctx)?,
         quantize,
+        kv_type: args.kv_cache_type,
         ..LoadOptions::default()
     };
     let threads = backend.threads();

@@ -86,6 +86,9 @@ pub struct LoadArgs {
     /// KV cache memory, in MiB.
     #[arg(long)]
     kv_cache_mb: Option<usize>,
+    /// How the KV cache stores keys and values (f16, q8_0, q4_0).
+    #[arg(long)]
+    kv_cache_type: Option<String>,
     /// Unload after this many ms without requests (0: never).
     #[arg(long)]
     keep_alive_ms: Option<u64>,
@@ -116,6 +119,7 @@ pub fn load(a: LoadArgs) -> Result<()> {
         threads: a.threads,
         context_length: a.context_length,
         kv_cache_mb: a.kv_cache_mb,
+        kv_cache_type: a.kv_cache_type,
         keep_alive_ms: a.keep_alive_ms,
         quantize: a.quantize,
     };
@@ -272,8 +276,12 @@ fn print_status(st: &Status) {
         st.running, st.queued, st.max_queued
     );
     println!(
-        "kv cache  {}/{} blocks of {} tokens, {} holding cached prefixes",
-        st.kv_blocks_used, st.kv_blocks_total, st.kv_block_tokens, st.kv_blocks_cached
+        "kv cache  {}/{} blocks of {} tokens ({}), {} holding cached prefixes",
+        st.kv_blocks_used,
+        st.kv_blocks_total,
+        st.kv_block_tokens,
+        st.kv_cache_type,
+        st.kv_blocks_cached
     );
     println!(
         "prefixes  {} of {} prompt tokens reused, {} blocks evicted",

@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use embody_actors::{Limits, RuntimeConfig, RuntimeOptions};
+use embody_engine::kv_cache::KvType;
 use embody_engine::scheduler::MAX_DRAFT;
 use embody_robot_adapters::{AdaptersConfig, CameraConfig, Ros2Config, TaskConfig, ZenohConfig};
 
@@ -78,6 +79,8 @@ pub struct ModelsEntry {
     pub quantize: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub draft_tokens: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_cache_type: Option<String>,
     /// Load at start (true) or on the first request that names it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preload: Option<bool>,
@@ -134,6 +137,11 @@ pub struct CacheConfig {
     pub kv_cache_mb: usize,
     /// Tokens per KV block. Default: 16.
     pub block_size: usize,
+    /// How the KV cache stores keys and values: "f16"; "q8_0" (about half
+    /// the memory per token, so twice the context or requests in the same
+    /// kv_cache_mb); "q4_0" (about a quarter, less exact). Quantized types
+    /// run on the CPU backend. Default: "f16".
+    pub kv_cache_type: String,
     /// Reuse the KV of prompt prefixes seen before, across requests and
     /// clients. Default: true.
     pub prefix_cache: bool,
@@ -282,6 +290,7 @@ impl Default for CacheConfig {
         Self {
             kv_cache_mb: 256,
             block_size: 16,
+            kv_cache_type: "f16".into(),
             prefix_cache: true,
             image_cache_mb: 64,
         }
@@ -421,6 +430,15 @@ impl Config {
         }
         if self.model.draft_tokens > MAX_DRAFT {
             bail!("model.draft_tokens must be at most {MAX_DRAFT}");
+        }
+        let kv_types = std::iter::once(("cache.kv_cache_type", &self.cache.kv_cache_type)).chain(
+            self.models
+                .iter()
+                .filter_map(|m| Some(("[[models]] kv_cache_type", m.kv_cache_type.as_ref()?))),
+        );
+        for (what, t) in kv_types {
+            t.parse::<KvType>()
+                .map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
         }
         if self.model.max_batch_tokens == 0 {
             bail!("model.max_batch_tokens must be at least 1");
@@ -562,6 +580,9 @@ impl Config {
                     cfg.quantize = weight_type(q);
                 }
                 cfg.draft_tokens = m.draft_tokens.unwrap_or(cfg.draft_tokens);
+                if let Some(t) = &m.kv_cache_type {
+                    cfg.kv_type = t.parse().unwrap_or_default();
+                }
                 cfg.load_at_start = m.preload.unwrap_or(true);
                 Ok(cfg)
             })
@@ -599,6 +620,7 @@ impl Config {
             special_tokens_in_messages: self.model.special_tokens_in_messages,
             kv_cache_mb: self.cache.kv_cache_mb,
             block_size: self.cache.block_size,
+            kv_type: self.cache.kv_cache_type.parse().unwrap_or_default(),
             prefix_cache: self.cache.prefix_cache,
             draft_tokens: self.model.draft_tokens,
             image_cache_mb: self.cache.image_cache_mb,
@@ -829,6 +851,30 @@ mod tests {
             .unwrap_err()
         );
         assert!(e.contains("\"b\": draft_tokens must be at most 32"), "{e}");
+    }
+
+    #[test]
+    fn kv_cache_type_reaches_each_model_and_unknown_types_are_refused() {
+        let text = "[cache]\nkv_cache_type = \"q8_0\"\n\n[[models]]\nname = \"a\"\n\
+                    path = \"/m/a.gguf\"\n\n[[models]]\nname = \"b\"\npath = \"/m/b.gguf\"\n\
+                    kv_cache_type = \"q4_0\"\n";
+        let cfg = Config::parse(text, "x.toml").unwrap();
+        let types: Vec<KvType> = cfg
+            .runtime_models()
+            .unwrap()
+            .iter()
+            .map(|m| m.kv_type)
+            .collect();
+        assert_eq!(types, [KvType::Q8_0, KvType::Q4_0]);
+        assert_eq!(CacheConfig::default().kv_cache_type, "f16");
+        let e = format!(
+            "{:#}",
+            Config::parse(&text.replace("\"q4_0\"", "\"int8\""), "x.toml").unwrap_err()
+        );
+        assert!(
+            e.contains("[[models]] kv_cache_type: unknown KV cache type 'int8'"),
+            "{e}"
+        );
     }
 
     #[test]

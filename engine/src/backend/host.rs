@@ -563,6 +563,7 @@ impl<T: HostBackend> Backend for T {
         n_blocks: usize,
         n_window_blocks: usize,
     ) -> Result<KvCache> {
+        layout.check()?;
         Ok(KvCache::with_window_blocks(
             layout,
             n_blocks,
@@ -665,12 +666,12 @@ impl<T: HostBackend> Backend for T {
     ) {
         let len = seqs.iter().map(|s| s.n_tokens).sum::<usize>() * p.n_heads * p.head_dim;
         let (q, out) = (&q.values()[..len], &mut out.values_mut()[..len]);
-        // Each sequence's visible keys and values (f16), read once.
+        // Each sequence's visible keys and values, read once.
         let visible = |s: &AttnSeq<'_>| {
             let end = s.start_pos + s.n_tokens;
             p.window.map_or(end, |w| end.min(w))
         };
-        let per_position = 2 * p.n_kv_heads * p.head_dim * std::mem::size_of::<half::f16>();
+        let per_position = 2 * p.n_kv_heads * kv.layout().row_bytes();
         count(self, seqs.iter().map(visible).sum::<usize>() * per_position);
         HostBackend::attention(self, p, q, kv, seqs, out, scratch(ws));
     }

@@ -124,6 +124,7 @@ impl HostBackend for ReferenceBackend {
         let (hd, width) = (p.head_dim, p.n_heads * p.head_dim);
         let group = p.n_heads / p.n_kv_heads;
         let bs = kv.layout().block_size;
+        let (mut kf, mut vf) = (vec![0f32; hd], vec![0f32; hd]);
         let mut row = 0;
         for s in seqs {
             let blocks = kv.blocks(p.layer, s.table);
@@ -134,14 +135,11 @@ impl HostBackend for ReferenceBackend {
                 for h in 0..p.n_heads {
                     let kvh = h / group;
                     let qh = &q[row * width + h * hd..][..hd];
-                    // Scores q·k, then their softmax.
+                    // Scores q·k, then their softmax, over what the cache kept.
                     let mut max = f32::NEG_INFINITY;
                     for (j, sc) in (first..=pos).zip(scores.iter_mut()) {
-                        let keys = kv.k_block(p.layer, blocks[j / bs], kvh);
-                        // Keys are stored transposed: element e of slot j at e * bs + j.
-                        let dot: f32 = (0..hd)
-                            .map(|e| qh[e] * keys[e * bs + j % bs].to_f32())
-                            .sum();
+                        kv.read(p.layer, blocks[j / bs], kvh, j % bs, &mut kf, &mut vf);
+                        let dot: f32 = qh.iter().zip(&kf).map(|(a, b)| a * b).sum();
                         *sc = dot * p.scale;
                         max = max.max(*sc);
                     }
@@ -153,10 +151,9 @@ impl HostBackend for ReferenceBackend {
                     let o = &mut out[row * width + h * hd..][..hd];
                     o.fill(0.0);
                     for (j, &sc) in (first..=pos).zip(scores.iter()) {
-                        let vals = kv.v_block(p.layer, blocks[j / bs], kvh);
-                        let v = &vals[(j % bs) * hd..][..hd];
-                        for (oe, ve) in o.iter_mut().zip(v) {
-                            *oe += sc / sum * ve.to_f32();
+                        kv.read(p.layer, blocks[j / bs], kvh, j % bs, &mut kf, &mut vf);
+                        for (oe, ve) in o.iter_mut().zip(&vf) {
+                            *oe += sc / sum * ve;
                         }
                     }
                 }

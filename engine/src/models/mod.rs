@@ -173,6 +173,8 @@ pub struct LoadOptions {
     pub context_length: usize,
     /// Tokens per KV block.
     pub block_size: usize,
+    /// How the KV cache stores keys and values.
+    pub kv_type: crate::kv_cache::KvType,
     /// Quantize a Hugging Face folder's float weight matrices to this type
     /// as they load (Q8_0 halves BF16 weights' memory); GGUF files keep
     /// their own types.
@@ -185,6 +187,7 @@ impl Default for LoadOptions {
             max_batch_tokens: 512,
             context_length: 0,
             block_size: crate::kv_cache::DEFAULT_BLOCK_SIZE,
+            kv_type: crate::kv_cache::KvType::F16,
             quantize: None,
         }
     }

@@ -309,6 +309,7 @@ impl Trunk {
                 head_dim: hd,
                 block_size: opts.block_size,
                 window,
+                dtype: opts.kv_type,
             },
             max_batch_tokens: t,
         };

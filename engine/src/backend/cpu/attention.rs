@@ -18,9 +18,10 @@ use half::f16;
 use super::{CpuBackend, SharedMut};
 use crate::backend::host::{HostBackend, HostWorkspace};
 use crate::backend::{AttnParams, AttnSeq};
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvCache, KvType};
 use crate::quant;
 
+mod quantized;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -151,6 +152,9 @@ pub(super) fn attention(
 }
 
 fn run_item(c: &Ctx<'_>, it: &Item, sc: &mut [f32]) {
+    if c.kv.layout().dtype != KvType::F16 {
+        return quantized::run_item(c, it, sc);
+    }
     #[cfg(target_arch = "x86_64")]
     {
         use quant::x86::Level;
@@ -517,6 +521,14 @@ fn fold_chunk(
         }
     }
     let e = softmax_step(&acc, scale, a, z, m, l, o);
+    add_weighted(&e, vf, a, z, o);
+}
+
+/// Adds lanes `a..=z` of a chunk's values (`vf[j * head_dim..]`), weighted
+/// by `e`, to one query's output `o`, lane after lane.
+#[inline(always)]
+fn add_weighted(e: &[f32; CHUNK], vf: &[f32], a: usize, z: usize, o: &mut [f32]) {
+    let hd = o.len();
     // Four 16-lane accumulators per pass over the lanes: four independent
     // multiply-add chains.
     let mut dc = 0;
@@ -558,6 +570,27 @@ fn softmax_step(
     l: &mut f32,
     o: &mut [f32],
 ) -> [f32; CHUNK] {
+    let (e, corr) = softmax_weights(acc, scale, a, z, m, l);
+    if corr != 1.0 {
+        for x in o.iter_mut() {
+            *x *= corr;
+        }
+    }
+    e
+}
+
+/// [`softmax_step`] without the output: returns the weights and the factor
+/// the output so far is to be multiplied by (exactly 1 when the maximum
+/// stays).
+#[inline(always)]
+fn softmax_weights(
+    acc: &[[f32; CHUNK]; 4],
+    scale: f32,
+    a: usize,
+    z: usize,
+    m: &mut f32,
+    l: &mut f32,
+) -> ([f32; CHUNK], f32) {
     let mut s = [0f32; CHUNK];
     for j in 0..CHUNK {
         s[j] = ((acc[0][j] + acc[1][j]) + (acc[2][j] + acc[3][j])) * scale;
@@ -583,20 +616,18 @@ fn softmax_step(
         w /= 2;
     }
     let sum = t[0];
+    let mut corr = 1.0;
     if *m != m_new {
-        let corr = if *m == f32::NEG_INFINITY {
+        corr = if *m == f32::NEG_INFINITY {
             0.0
         } else {
             exp_le0(*m - m_new)
         };
         *l *= corr;
-        for x in o.iter_mut() {
-            *x *= corr;
-        }
     }
     *l += sum;
     *m = m_new;
-    e
+    (e, corr)
 }
 
 /// Where a chunk's keys are: key dimension d of lane j at
@@ -748,7 +779,7 @@ fn exp_le0(x: f32) -> f32 {
 mod tests {
     use super::*;
     use crate::backend::host::HostBackend;
-    use crate::kv_cache::{BlockTable, KvLayout};
+    use crate::kv_cache::{rotation, BlockTable, KvLayout};
 
     #[test]
     fn exp_matches_std_over_the_softmax_range() {
@@ -772,26 +803,21 @@ mod tests {
         ((*seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
     }
 
-    /// Softmax attention in f64 over the f16-rounded cache.
-    #[allow(clippy::too_many_arguments)]
+    /// Softmax attention in f64 over what the cache kept of keys and values
+    /// (`keys[p]`, `vals[p]`: one head's, read back).
     fn naive(
         keys: &[Vec<f32>],
         vals: &[Vec<f32>],
         q: &[f32],
-        kvh: usize,
-        hd: usize,
         first: usize,
         last: usize,
         scale: f32,
     ) -> Vec<f64> {
-        let r = |x: f32| half::f16::from_f32(x).to_f32() as f64;
-        let kh = |p: usize| &keys[p][kvh * hd..(kvh + 1) * hd];
-        let vh = |p: usize| &vals[p][kvh * hd..(kvh + 1) * hd];
         let sc: Vec<f64> = (first..=last)
             .map(|p| {
                 q.iter()
-                    .zip(kh(p))
-                    .map(|(&a, &b)| a as f64 * r(b))
+                    .zip(&keys[p])
+                    .map(|(&a, &b)| a as f64 * b as f64)
                     .sum::<f64>()
                     * scale as f64
             })
@@ -799,11 +825,11 @@ mod tests {
         let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let w: Vec<f64> = sc.iter().map(|s| (s - mx).exp()).collect();
         let tot: f64 = w.iter().sum();
-        (0..hd)
+        (0..q.len())
             .map(|d| {
                 (first..=last)
                     .zip(&w)
-                    .map(|(p, w)| w * r(vh(p)[d]))
+                    .map(|(p, w)| w * vals[p][d] as f64)
                     .sum::<f64>()
                     / tot
             })
@@ -811,25 +837,28 @@ mod tests {
     }
 
     /// Random sequences in one batch (new tokens after cached ones), against
-    /// the f64 oracle, for the default and odd block sizes, windows and GQA;
-    /// then each sequence again token by token: the same bits.
-    #[test]
-    fn matches_naive_softmax_and_does_not_depend_on_the_batch() {
+    /// the f64 oracle over what the cache kept, within `tol`; then each
+    /// sequence again token by token: the same bits.
+    #[allow(clippy::too_many_arguments)]
+    fn check(
+        dtype: KvType,
+        bs: usize,
+        hd: usize,
+        n_heads: usize,
+        n_kv: usize,
+        window: Option<usize>,
+        threads: usize,
+        tol: f64,
+    ) {
         let mut seed = 7;
-        for (bs, hd, n_heads, n_kv, window, threads) in [
-            (16, 64, 6, 2, None, 2),
-            (16, 80, 3, 1, None, 2),
-            (16, 16, 4, 1, Some(21), 3),
-            (32, 16, 2, 2, None, 1),
-            (3, 12, 3, 1, Some(5), 2),
-            (5, 6, 2, 1, None, 2),
-        ] {
+        {
             let layout = KvLayout {
                 n_layers: 1,
                 n_kv_heads: n_kv,
                 head_dim: hd,
                 block_size: bs,
                 window: None,
+                dtype,
             };
             let mut kv = KvCache::new(layout, 96);
             let kvd = n_kv * hd;
@@ -886,12 +915,29 @@ mod tests {
                     let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
                     for h in 0..n_heads {
                         let qh = &q[row * row_len + h * hd..][..hd];
-                        let want = naive(&keys[si], &vals[si], qh, h / group, hd, first, pos, 0.3);
+                        let (mut kept_k, kept_v) = kept(&kv, &tables[si], h / group, pos);
+                        let mut qh = qh.to_vec();
+                        if let Some(ty) = dtype.block_type() {
+                            // The cache scores turned keys with the turned
+                            // query quantized to Q8_0: so does the oracle.
+                            let turn = |x: &mut [f32]| {
+                                if let Some(n) = rotation::key_block(hd) {
+                                    rotation::apply(x, n);
+                                }
+                            };
+                            turn(&mut qh);
+                            let mut row = vec![0u8; hd / 32 * 34];
+                            quant::quantize_row(quant::GgmlType::Q8_0, &qh, &mut row);
+                            quant::dequantize_row(quant::GgmlType::Q8_0, &row, &mut qh);
+                            kept_k.iter_mut().for_each(|k| turn(k));
+                            assert!(ty.block_size() == 32);
+                        }
+                        let want = naive(&kept_k, &kept_v, &qh, first, pos, 0.3);
                         let got = &out[row * row_len + h * hd..][..hd];
                         for (g, w) in got.iter().zip(&want) {
                             assert!(
-                                (*g as f64 - w).abs() < 2e-5,
-                                "bs {bs} seq {si} pos {pos} head {h}: {g} vs {w}"
+                                (*g as f64 - w).abs() < tol,
+                                "{dtype} bs {bs} seq {si} pos {pos} head {h}: {g} vs {w}"
                             );
                         }
                     }
@@ -916,10 +962,66 @@ mod tests {
                             .iter()
                             .zip(batched)
                             .all(|(a, b)| a.to_bits() == b.to_bits()),
-                        "bs {bs} seq {si} pos {pos}: alone differs from batched"
+                        "{dtype} bs {bs} seq {si} pos {pos}: alone differs from batched"
                     );
                     row += 1;
                 }
+            }
+        }
+    }
+
+    /// One head's keys and values at positions `0..=last`, as the cache kept them.
+    fn kept(
+        kv: &KvCache,
+        t: &BlockTable,
+        kvh: usize,
+        last: usize,
+    ) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+        let l = kv.layout();
+        (0..=last)
+            .map(|p| {
+                let (mut k, mut v) = (vec![0.0; l.head_dim], vec![0.0; l.head_dim]);
+                kv.read(
+                    0,
+                    t.blocks[p / l.block_size],
+                    kvh,
+                    p % l.block_size,
+                    &mut k,
+                    &mut v,
+                );
+                (k, v)
+            })
+            .unzip()
+    }
+
+    #[test]
+    fn matches_naive_softmax_and_does_not_depend_on_the_batch() {
+        for (bs, hd, n_heads, n_kv, window, threads) in [
+            (16, 64, 6, 2, None, 2),
+            (16, 80, 3, 1, None, 2),
+            (16, 16, 4, 1, Some(21), 3),
+            (32, 16, 2, 2, None, 1),
+            (3, 12, 3, 1, Some(5), 2),
+            (5, 6, 2, 1, None, 2),
+        ] {
+            check(KvType::F16, bs, hd, n_heads, n_kv, window, threads, 2e-5);
+        }
+    }
+
+    /// A quantized cache against the oracle over the kept keys and values,
+    /// scored with the query quantized as the cache quantizes it.
+    #[test]
+    fn quantized_cache_matches_naive_softmax_and_does_not_depend_on_the_batch() {
+        for ty in [KvType::Q8_0, KvType::Q4_0] {
+            for (bs, hd, n_heads, n_kv, window, threads) in [
+                (16, 64, 6, 2, None, 2),
+                (16, 32, 4, 1, Some(21), 3),
+                (32, 128, 2, 2, None, 1),
+                (16, 256, 4, 1, None, 2),
+                (5, 64, 3, 1, Some(9), 2),
+                (3, 32, 2, 1, None, 2),
+            ] {
+                check(ty, bs, hd, n_heads, n_kv, window, threads, 5e-5);
             }
         }
     }

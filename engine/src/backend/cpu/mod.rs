@@ -694,6 +694,7 @@ mod tests {
             head_dim: 2,
             block_size: 2,
             window: None,
+            dtype: Default::default(),
         };
         let mut kv = KvCache::new(layout, 4);
         let _hole = kv.allocate().unwrap();

@@ -17,7 +17,7 @@ use gpu::{Bind, Binding, Gpu, GpuBuf};
 
 use crate::backend::memory::{Buf, Weight, Workspace};
 use crate::backend::{Activation, AttnParams, AttnSeq, Backend, HeadNorms, MatIn, MatOut};
-use crate::kv_cache::{KvCache, KvLayout, KvMemory};
+use crate::kv_cache::{KvCache, KvLayout, KvMemory, KvType};
 use crate::ops::{RopeSpec, RopeStyle};
 use crate::quant::GgmlType;
 use crate::tensor::QTensor;
@@ -370,6 +370,12 @@ impl Backend for VulkanBackend {
         n_blocks: usize,
         n_window_blocks: usize,
     ) -> Result<KvCache> {
+        if layout.dtype != KvType::F16 {
+            return Err(Error::KvType(format!(
+                "the Vulkan backend keeps keys and values in f16; {} runs on the CPU backend",
+                layout.dtype
+            )));
+        }
         if !layout.head_dim.is_multiple_of(2) || layout.head_dim > 512 {
             return Err(Error::Device(format!(
                 "the Vulkan backend's attention takes even head widths up to 512, not {}",
