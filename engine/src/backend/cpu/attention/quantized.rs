@@ -611,6 +611,31 @@ mod x86 {
         }
     }
 
+    /// [`levels16`](super::levels16) by AVX2, in two halves.
+    #[inline(always)]
+    unsafe fn levels16_avx2(ty: KvType, qs: &[u8], within: usize) -> [__m256; 2] {
+        if ty == KvType::Q8_0 {
+            assert!(qs.len() >= within + 16);
+            let p = qs.as_ptr().add(within);
+            let half = |h: usize| {
+                let q = _mm_loadl_epi64(p.add(8 * h).cast());
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q))
+            };
+            [half(0), half(1)]
+        } else {
+            assert!(qs.len() >= 16);
+            let half = |h: usize| {
+                let mut q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(qs.as_ptr().add(8 * h).cast()));
+                if within != 0 {
+                    q = _mm256_srli_epi32::<4>(q);
+                }
+                let q = _mm256_and_si256(q, _mm256_set1_epi32(15));
+                _mm256_cvtepi32_ps(_mm256_sub_epi32(q, _mm256_set1_epi32(8)))
+            };
+            [half(0), half(1)]
+        }
+    }
+
     /// Eight slots at a time: Q8_0 keys made signed and multiplied by the
     /// query's magnitudes (`maddubs` cannot overflow then), Q4_0 nibbles as
     /// they are.
@@ -620,6 +645,80 @@ mod x86 {
         #[inline(always)]
         fn prefetch(data: &[u8]) {
             prefetch_lines(data)
+        }
+
+        /// [`Vnni::add_values`] in two halves of eight lanes.
+        #[inline(always)]
+        unsafe fn add_values<const NQ: usize>(
+            v: &Values<'_>,
+            hd: usize,
+            live: &[(usize, usize); NQ],
+            e: &[[f32; CHUNK]; NQ],
+            corr: &[f32; NQ],
+            o: &mut [&mut [f32]; NQ],
+        ) {
+            let (lo, hi) = live_lanes(live);
+            for o in o.iter() {
+                assert!(o.len() >= hd);
+            }
+            let gb = value_layout::group_bytes(v.ty, v.bs);
+            if let Some((data, off)) = v.block {
+                assert!(data.len() >= hd / 32 * gb && off + CHUNK <= v.bs);
+            }
+            let same = live.iter().all(|&x| x == live[0]);
+            let seen = |i: usize, j: usize| live[i].0 <= j && j <= live[i].1;
+            for g in 0..hd / 32 {
+                let mut bits = [0u16; CHUNK];
+                match v.block {
+                    Some((data, off)) => {
+                        let at = g * gb + 2 * off;
+                        for (j, b) in bits.iter_mut().enumerate() {
+                            *b = u16::from_le_bytes([data[at + 2 * j], data[at + 2 * j + 1]]);
+                        }
+                    }
+                    None => {
+                        for j in lo..=hi {
+                            bits[j] = v.scale_bits(g, j);
+                        }
+                    }
+                }
+                let mut w = [[0f32; CHUNK]; NQ];
+                for h in 0..2 {
+                    let d = _mm256_cvtph_ps(_mm_loadu_si128(bits.as_ptr().add(8 * h).cast()));
+                    for i in 0..NQ {
+                        let wi = _mm256_mul_ps(_mm256_loadu_ps(e[i].as_ptr().add(8 * h)), d);
+                        _mm256_storeu_ps(w[i].as_mut_ptr().add(8 * h), wi);
+                    }
+                }
+                for within in [0, 16] {
+                    let dc = 32 * g + within;
+                    let mut acc = [[_mm256_setzero_ps(); 2]; NQ];
+                    for i in 0..NQ {
+                        let c = _mm256_set1_ps(corr[i]);
+                        for h in 0..2 {
+                            let at = o[i].as_ptr().add(dc + 8 * h);
+                            acc[i][h] = _mm256_mul_ps(_mm256_loadu_ps(at), c);
+                        }
+                    }
+                    for j in lo..=hi {
+                        let x = levels16_avx2(v.ty, v.group(g, j), within);
+                        for i in 0..NQ {
+                            if !same && !seen(i, j) {
+                                continue;
+                            }
+                            let wi = _mm256_set1_ps(w[i][j]);
+                            for h in 0..2 {
+                                acc[i][h] = _mm256_fmadd_ps(wi, x[h], acc[i][h]);
+                            }
+                        }
+                    }
+                    for i in 0..NQ {
+                        for h in 0..2 {
+                            _mm256_storeu_ps(o[i].as_mut_ptr().add(dc + 8 * h), acc[i][h]);
+                        }
+                    }
+                }
+            }
         }
 
         #[inline(always)]
