@@ -75,6 +75,31 @@ pub fn embody(args: &[&str]) -> Output {
         .expect("running embody")
 }
 
+/// `embody perplexity` of `model` on the GPL text (`tests/fixtures/gpl-3.0.txt`),
+/// `chunks` chunks of 512 tokens, with `extra` arguments: the PPL figure.
+///
+/// # Panics
+/// If embody fails or prints no PPL line (its output is in the message).
+pub fn perplexity(model: &std::path::Path, chunks: u32, extra: &[&str]) -> f64 {
+    let text = repo_root().join("tests/fixtures/gpl-3.0.txt");
+    let chunks = chunks.to_string();
+    let mut args = vec!["perplexity", "-m", model.to_str().unwrap()];
+    args.extend(["-f", text.to_str().unwrap(), "--chunks", &chunks]);
+    args.extend(extra);
+    let o = embody(&args);
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(o.status.success(), "{all}");
+    all.lines()
+        .find_map(|l| l.strip_prefix("PPL = "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("a PPL line: {all}"))
+}
+
 /// A folder under the system temp dir, removed when dropped.
 pub struct TempDir(PathBuf);
 

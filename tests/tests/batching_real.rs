@@ -153,15 +153,19 @@ fn all_at_once_match(
     }
 }
 
-/// Each prompt alone, without a cache: the reference.
-fn alone(m: &Loaded, prompts: &[Vec<u32>], max_tokens: usize) -> Vec<Vec<u32>> {
-    let mut s = scheduler(m, 256, 1);
+/// Each prompt run to its end before the next is submitted: their tokens.
+fn one_by_one(s: &mut Scheduler, prompts: &[Vec<u32>], max_tokens: usize) -> Vec<Vec<u32>> {
     let log = Log::default();
     for (i, p) in prompts.iter().enumerate() {
-        submit(&mut s, &log, i as u64, p, max_tokens);
-        run(&mut s);
+        submit(s, &log, i as u64, p, max_tokens);
+        run(s);
     }
     (0..prompts.len()).map(|i| tokens(&log, i as u64)).collect()
+}
+
+/// Each prompt alone, without a cache: the reference.
+fn alone(m: &Loaded, prompts: &[Vec<u32>], max_tokens: usize) -> Vec<Vec<u32>> {
+    one_by_one(&mut scheduler(m, 256, 1), prompts, max_tokens)
 }
 
 #[test]
@@ -180,22 +184,15 @@ fn smollm2_cache_on_off_alone_and_batched_agree() {
     // Cache on, one request at a time: the later ones reuse the system text.
     let pc = SharedPrefixCache::new(16, true);
     let mut s = scheduler(&m, 256, 8).with_prefix_cache(pc.clone());
-    let log = Log::default();
-    for (i, p) in prompts.iter().enumerate() {
-        submit(&mut s, &log, i as u64, p, n);
-        run(&mut s);
-    }
-    for (i, e) in expected.iter().enumerate() {
-        assert_eq!(
-            &tokens(&log, i as u64),
-            e,
-            "cache on, sequential: request {i}"
-        );
+    let got = one_by_one(&mut s, &prompts, n);
+    for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+        assert_eq!(g, e, "cache on, sequential: request {i}");
     }
     let hits = pc.stats().hit_tokens;
     assert!(hits >= 7 * 96, "7 requests reuse 6 blocks or more: {hits}");
 
     // Cache on, all 8 at once, into a warm cache.
+    let log = Log::default();
     let ids = 100..108u64;
     for (id, p) in ids.clone().zip(&prompts) {
         submit(&mut s, &log, id, p, n);
@@ -291,13 +288,7 @@ fn quantized_kv_cache_keeps_prefixes_batches_and_drafts_exact() {
     let prompts = prompts(&m.tok);
     let n = 10;
     for ty in [KvType::Q8_0, KvType::Q4_0] {
-        let mut s = storing(&m, 256, 1, Lookup::OFF, ty);
-        let log = Log::default();
-        for (i, p) in prompts.iter().enumerate() {
-            submit(&mut s, &log, i as u64, p, n);
-            run(&mut s);
-        }
-        let expected: Vec<Vec<u32>> = (0..prompts.len()).map(|i| tokens(&log, i as u64)).collect();
+        let expected = one_by_one(&mut storing(&m, 256, 1, Lookup::OFF, ty), &prompts, n);
         assert!(
             expected.iter().filter(|t| !t.is_empty()).count() >= 4,
             "{ty}: {expected:?}"
@@ -305,17 +296,9 @@ fn quantized_kv_cache_keeps_prefixes_batches_and_drafts_exact() {
 
         let pc = SharedPrefixCache::new(16, true);
         let mut s = storing(&m, 256, 8, Lookup::OFF, ty).with_prefix_cache(pc.clone());
-        let log = Log::default();
-        for (i, p) in prompts.iter().enumerate() {
-            submit(&mut s, &log, i as u64, p, n);
-            run(&mut s);
-        }
-        for (i, e) in expected.iter().enumerate() {
-            assert_eq!(
-                &tokens(&log, i as u64),
-                e,
-                "{ty}, cache on, sequential: request {i}"
-            );
+        let got = one_by_one(&mut s, &prompts, n);
+        for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+            assert_eq!(g, e, "{ty}, cache on, sequential: request {i}");
         }
         assert!(pc.stats().hit_tokens >= 7 * 96, "{ty}: {:?}", pc.stats());
         all_at_once_match(
@@ -339,13 +322,11 @@ fn quantized_kv_cache_keeps_prefixes_batches_and_drafts_exact() {
 
     let g = open("gemma-3-270m-q4_k_m.gguf");
     let three: Vec<Vec<u32>> = self::prompts(&g.tok).into_iter().take(3).collect();
-    let mut s = storing(&g, 256, 1, Lookup::OFF, KvType::Q8_0);
-    let log = Log::default();
-    for (i, p) in three.iter().enumerate() {
-        submit(&mut s, &log, i as u64, p, 8);
-        run(&mut s);
-    }
-    let expected: Vec<Vec<u32>> = (0..three.len()).map(|i| tokens(&log, i as u64)).collect();
+    let expected = one_by_one(
+        &mut storing(&g, 256, 1, Lookup::OFF, KvType::Q8_0),
+        &three,
+        8,
+    );
     let mut s = storing(&g, 256, 4, Lookup::OFF, KvType::Q8_0);
     all_at_once_match(&mut s, &three, 8, &expected, "gemma 3, q8_0, batch of 3");
 }

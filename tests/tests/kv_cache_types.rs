@@ -3,34 +3,10 @@
 //! cache reaches; the daemon serves with one, says which in its status, and
 //! fits about twice the blocks of f16 in the same memory.
 
-use embody_tests::{bin, embody, repo_root, smollm2, Daemon};
+use embody_tests::{bin, embody, smollm2, Daemon};
 
 fn perplexity(kv: &str) -> f64 {
-    let text = repo_root().join("tests/fixtures/gpl-3.0.txt");
-    let o = embody(&[
-        "perplexity",
-        "-m",
-        smollm2().to_str().unwrap(),
-        "-f",
-        text.to_str().unwrap(),
-        "--chunks",
-        "4",
-        "-t",
-        "2",
-        "--kv-cache-type",
-        kv,
-    ]);
-    let all = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    assert!(o.status.success(), "{all}");
-    all.lines()
-        .find_map(|l| l.strip_prefix("PPL = "))
-        .and_then(|l| l.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("a PPL line: {all}"))
+    embody_tests::perplexity(&smollm2(), 4, &["-t", "2", "--kv-cache-type", kv])
 }
 
 #[test]

@@ -38,27 +38,7 @@ fn gguf_check(ours: &Path) -> serde_json::Value {
 }
 
 fn perplexity(model: &Path) -> f64 {
-    let text = repo_root().join("tests/fixtures/gpl-3.0.txt");
-    let o = embody(&[
-        "perplexity",
-        "-m",
-        model.to_str().unwrap(),
-        "-f",
-        text.to_str().unwrap(),
-        "--chunks",
-        "2",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let all = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    all.lines()
-        .find_map(|l| l.strip_prefix("PPL = "))
-        .and_then(|l| l.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("a PPL line: {all}"))
+    embody_tests::perplexity(model, 2, &[])
 }
 
 #[test]

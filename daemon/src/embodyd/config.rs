@@ -820,7 +820,7 @@ mod tests {
             );
             fields += 1;
         }
-        assert_eq!(fields, 59, "every field appears in the shipped config");
+        assert_eq!(fields, 60, "every field appears in the shipped config");
     }
 
     #[test]
